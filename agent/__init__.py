@@ -1,0 +1,1 @@
+"""The edge daemon: gRPC service, shard store, stage execution (torch), quantized kernels."""

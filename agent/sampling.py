@@ -1,0 +1,37 @@
+"""Choosing the next token from logits: greedy, or temperature + top-p with a seeded generator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0   # 0 = greedy (argmax)
+    top_p: float = 1.0         # nucleus mass kept; 1 = off
+    seed: int = 0              # seeds the session's generator
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None = None) -> int:
+    """Next token id from logits [vocab]."""
+    if s.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.to(torch.float64) / s.temperature, dim=-1)
+    if s.top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < s.top_p   # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def generator_for(s: Sampling) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(s.seed)
+    return g

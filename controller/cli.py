@@ -1,0 +1,175 @@
+"""The `edgefleet` command line.
+
+Errors a user can cause surface as one sentence on stderr and exit code 2; library code
+raises ValueError with that sentence, and `main()` turns it into the exit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger("edgefleet")
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "models" / "reference" / "edgefleet-ref-f16.gguf"
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None) -> None:  # one line, no traceback
+        err_console.print(f"[bold red]error:[/] {self.message}", highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="edgefleet")
+def cli(verbose: int) -> None:
+    """edgefleet: run one LLM across a fleet of small, unequal machines.
+
+    Placement and per-layer GGUF precision are chosen together by an integer program
+    under memory limits and an accuracy budget.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ------------------------------------------------------------------ model ...
+
+@cli.group()
+def model() -> None:
+    """Inspect GGUF models, build shards, measure per-layer sensitivity."""
+
+
+@model.command("info")
+@click.argument("model_path", metavar="MODEL.gguf", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def model_info(model_path: Path, as_json: bool) -> None:
+    """Architecture, layer count and per-layer tensor types of a GGUF model or shard."""
+    from agent import weights as W
+
+    reader = W.open_gguf(model_path)
+    cfg = W.read_config(reader)
+    first, last = W.stage_range(reader, cfg)
+    layer_types = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and t.name.endswith("ffn_down.weight"):
+            layer_types[int(t.name.split(".")[1])] = t.tensor_type.name
+    info = {"path": str(model_path), "config": cfg.__dict__, "layers": [first, last],
+            "layer_types": [layer_types[i] for i in sorted(layer_types)],
+            "tensor_bytes": int(sum(int(t.n_bytes) for t in reader.tensors))}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    table = Table(title=f"{model_path.name}: {cfg.arch}, {cfg.n_layer} layers, d={cfg.n_embd}, "
+                        f"heads {cfg.n_head}/{cfg.n_head_kv}, ffn {cfg.n_ff}, vocab {cfg.n_vocab}")
+    table.add_column("layers")
+    table.add_column("types")
+    table.add_column("tensor bytes", justify="right")
+    table.add_row(f"[{first}, {last})", ",".join(info["layer_types"]), f"{info['tensor_bytes']:,}")
+    console.print(table)
+
+
+@model.command("shard")
+@click.argument("master", metavar="MASTER.gguf", type=click.Path(path_type=Path))
+@click.option("--types", "types_spec", required=True,
+              help='Per-layer GGUF types: "Q4_K" for all, one per layer "Q8_0,Q4_K,...", or ranges "0-3:Q8_0,4-7:Q4_K".')
+@click.option("--layers", default=None, help="Layer range FIRST:LAST (LAST exclusive); default all layers.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output GGUF file.")
+def model_shard(master: Path, types_spec: str, layers: str | None, out: Path) -> None:
+    """Build a shard (or a whole mixed-precision model) from a master GGUF.
+
+    Quantization uses llama.cpp's own quantizers; a whole-model file loads in llama.cpp.
+    """
+    from agent import weights as W
+    from controller.shards import parse_types, write_shard
+
+    cfg = W.read_config(W.open_gguf(master))
+    types = parse_types(types_spec, cfg.n_layer)
+    first, last = 0, cfg.n_layer
+    if layers:
+        try:
+            a, b = layers.split(":")
+            first, last = int(a), int(b)
+        except ValueError:
+            raise ValueError(f"bad --layers {layers!r}; write FIRST:LAST, e.g. 0:4") from None
+    info = write_shard(master, out, types, first, last)
+    console.print(f"wrote {info.path} layers [{info.first}, {info.last}) "
+                  f"types {','.join(info.layer_types)}: {info.bytes:,} bytes, sha256 {info.sha256[:16]}…")
+
+
+@cli.command()
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=REFERENCE_MODEL, show_default=True,
+              help="Master GGUF to split.")
+@click.option("--types", "types_spec", default="0-2:Q8_0,3-5:Q4_K,6-7:Q6_K", show_default=True,
+              help="Per-layer GGUF types (same syntax as `model shard`).")
+@click.option("--stages", default=3, show_default=True, help="Number of pipeline stages.")
+@click.option("--prompt", default="The list type", show_default=True)
+@click.option("--max-tokens", default=48, show_default=True)
+def demo(model_path: Path, types_spec: str, stages: int, prompt: str, max_tokens: int) -> None:
+    """Split a model into mixed-precision shards and generate through the stages.
+
+    Runs the stages in this process (the multi-agent fleet demo needs the controller).
+    """
+    import tempfile
+    import time
+
+    from agent import weights as W
+    from agent.pipeline import LocalPipeline, split_evenly
+    from agent.tokenizer import Tokenizer
+    from controller.shards import file_sha256, parse_types, write_shard
+
+    cfg = W.read_config(W.open_gguf(model_path))
+    types = parse_types(types_spec, cfg.n_layer)
+    master_sha = file_sha256(model_path)
+    table = Table(title=f"{model_path.name} in {stages} stages")
+    for col in ("stage", "layers", "types", "shard bytes"):
+        table.add_column(col)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-demo-") as tmp:
+        shards = []
+        for i, (a, b) in enumerate(split_evenly(cfg.n_layer, stages)):
+            info = write_shard(model_path, Path(tmp) / f"stage{i}.gguf", types, a, b, master_sha)
+            shards.append(info.path)
+            table.add_row(str(i), f"[{a}, {b})", ",".join(info.layer_types), f"{info.bytes:,}")
+        console.print(table)
+        pipe = LocalPipeline.from_files(shards)
+        tok = Tokenizer(model_path)
+        ids = tok.encode(prompt)
+        console.print(f"[bold]{prompt}[/]", end="")
+        t0 = time.perf_counter()
+        out: list[int] = []
+        text = tok.stream()
+        for t in pipe.generate(ids, max_tokens, eos=tok.eos):
+            out.append(t)
+            console.print(text.decode(tok.piece(t)), end="", highlight=False, markup=False)
+        dt = time.perf_counter() - t0
+        console.print(f"\n{len(out)} tokens in {dt:.2f} s: {len(out) / dt:.1f} tokens/s (prompt {len(ids)} tokens)")
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        if not isinstance(exc, UserError):
+            exc = UserError(exc.format_message())
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        UserError(str(exc)).show()
+        sys.exit(2)
+    except SystemExit:
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The wire contract (edgefleet.proto) and its generated gRPC code."""

@@ -1,0 +1,1 @@
+"""Discrete-event simulator, trace readers, what-if scenarios, reports and plots."""

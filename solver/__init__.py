@@ -1,0 +1,1 @@
+"""Placement problem: model + fleet description, cost model, ILP, exact fast solver, baselines."""

@@ -1,0 +1,21 @@
+"""Shared fixtures: paths of the reference model and its held-out text."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "models" / "reference" / "edgefleet-ref-f16.gguf"
+HELDOUT = ROOT / "models" / "reference" / "heldout.txt"
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> Path:
+    assert REFERENCE.exists(), "the committed reference model is missing"
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def heldout_text() -> str:
+    return HELDOUT.read_text(encoding="utf-8")
