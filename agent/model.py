@@ -51,12 +51,15 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor, neox: bool) -> torch.Tenso
 # ------------------------------------------------------------------ KV cache
 
 class KVCache:
-    """Keys and values of one session for the layers of one stage; grows by doubling."""
+    """Keys and values of one session for the layers of one stage; grows by doubling.
+
+    Stored as float16, as llama.cpp's default KV cache is (half the memory of float32).
+    """
 
     def __init__(self, n_layers: int, n_head_kv: int, head_dim: int, capacity: int = 64):
         self.length = 0
-        self._k = [torch.empty(n_head_kv, capacity, head_dim) for _ in range(n_layers)]
-        self._v = [torch.empty(n_head_kv, capacity, head_dim) for _ in range(n_layers)]
+        self._k = [torch.empty(n_head_kv, capacity, head_dim, dtype=torch.float16) for _ in range(n_layers)]
+        self._v = [torch.empty(n_head_kv, capacity, head_dim, dtype=torch.float16) for _ in range(n_layers)]
 
     @property
     def capacity(self) -> int:
@@ -75,7 +78,7 @@ class KVCache:
         cap = max(needed, 2 * self.capacity)
         for lst in (self._k, self._v):
             for i, t in enumerate(lst):
-                grown = torch.empty(t.shape[0], cap, t.shape[2])
+                grown = torch.empty(t.shape[0], cap, t.shape[2], dtype=t.dtype)
                 grown[:, : self.length] = t[:, : self.length]
                 lst[i] = grown
 
@@ -170,12 +173,16 @@ class Stage:
             qs = q[offset:offset + n].transpose(0, 1)                 # [H, T, D]
             ks, vs = s.cache.append(li, s.position, k[offset:offset + n].transpose(0, 1),
                                     v[offset:offset + n].transpose(0, 1))  # [G, L, D]
-            ks = ks.repeat_interleave(H // G, dim=0)                  # [H, L, D]
-            vs = vs.repeat_interleave(H // G, dim=0)
+            ks = ks.repeat_interleave(H // G, dim=0).float()          # [H, L, D]
+            vs = vs.repeat_interleave(H // G, dim=0).float()
             L = ks.shape[1]
             # query t (absolute position s.position + t) sees keys 0 .. s.position + t
             mask = torch.arange(L)[None, :] <= (s.position + torch.arange(n))[:, None]   # [T, L]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=1.0 / math.sqrt(D))
+            # as llama.cpp (no flash attention): Q rounded to f16 against the f16 cache,
+            # softmax in f32, probabilities rounded to f16 for the product with V
+            scores = (qs.half().float() @ ks.transpose(1, 2)) * (1.0 / math.sqrt(D))   # [H, T, L]
+            probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            o = probs.half().float() @ vs                             # [H, T, D]
             outs.append(o.transpose(0, 1).reshape(n, H * D))          # [T, H*D]
             offset += n
         return linear(torch.cat(outs), layer["attn_output"])

@@ -273,6 +273,51 @@ class QTensor:
         return dequantize(rows, self.qtype, (ids.numel(), self.shape[1])).reshape(*ids.shape, self.shape[1])
 
 
+# ------------------------------------------------------------------ activations as llama.cpp sees them
+#
+# llama.cpp's CPU matmul converts the activations to the weight type's "vec_dot_type" before
+# the dot products: F16 for F16 weights, Q8_0 for Q8_0/Q5_0/Q4_0, Q8_K for the K-quants.
+# Rounding x the same way here is what makes our logits agree with llama.cpp's (the dot
+# products then differ only in float summation order).
+
+def _act_q8_0(x: torch.Tensor) -> torch.Tensor:
+    # ggml quantize_row_q8_0: d = amax/127 stored as f16, q = round(x * 127/amax)
+    b = x.reshape(-1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(b * inv)
+    return ((amax / 127.0).half().float() * q).reshape(x.shape)
+
+
+def _act_q8_k(x: torch.Tensor) -> torch.Tensor:
+    # ggml quantize_row_q8_K_ref: iscale = -127/max (max = the signed value of largest |x|),
+    # q = min(127, nearest_int(iscale * x)), d = 1/iscale (float32)
+    b = x.reshape(-1, QK_K)
+    mx = b.gather(-1, b.abs().argmax(-1, keepdim=True))
+    iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
+    q = torch.round(iscale * b).clamp(max=127)
+    d = torch.where(mx != 0, 1.0 / iscale, torch.zeros_like(mx))
+    return (d * q).reshape(x.shape)
+
+
+def _act_f16(x: torch.Tensor) -> torch.Tensor:
+    return x.half().float()
+
+
+def _act_bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.bfloat16().float()
+
+
+_ACT = {"F16": _act_f16, "BF16": _act_bf16, "Q8_0": _act_q8_0, "Q5_0": _act_q8_0, "Q4_0": _act_q8_0,
+        "Q2_K": _act_q8_k, "Q3_K": _act_q8_k, "Q4_K": _act_q8_k, "Q5_K": _act_q8_k, "Q6_K": _act_q8_k}
+
+
+def as_llama_cpp_activations(x: torch.Tensor, weight_type: str) -> torch.Tensor:
+    """x [..., in] rounded as llama.cpp's CPU backend rounds it for a `weight_type` matmul."""
+    act = _ACT.get(weight_type)
+    return act(x.contiguous()) if act is not None else x
+
+
 def linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ w^T -> [..., out], dequantizing w for this call only."""
-    return torch.nn.functional.linear(x, w.dequantize(), bias)
+    return torch.nn.functional.linear(as_llama_cpp_activations(x, w.qtype), w.dequantize(), bias)
