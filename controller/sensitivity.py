@@ -1,0 +1,192 @@
+"""Sensitivity table: the held-out NLL increase when a single layer is quantized to a type.
+
+sensitivity[l][q] = NLL(model with only layer l at type q) - NLL(master), per token, measured
+with the torch runtime on held-out text. The solver predicts a mixed configuration's loss as
+the sum over layers (the additive model); `validate_additivity` measures how good that is on
+random mixed configurations and fits a calibration factor when the plain sum is biased.
+
+Results are cached as JSON keyed by the GGUF's SHA-256.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agent.model import Stage, Step
+from agent.quant import LAYER_TYPES, QTensor
+from agent.tokenizer import Tokenizer
+from agent.weights import LAYER_MATRICES, StageWeights, load_stage
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]   # (what, done, total)
+
+
+def cache_dir() -> Path:
+    """Where profiles are cached: $EDGEFLEET_HOME/profiles (default ~/.edgefleet/profiles)."""
+    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet")) / "profiles"
+
+
+@dataclass
+class Evaluator:
+    """NLL of held-out windows with any layers swapped to other types; layers below the
+    first changed one are not recomputed (their outputs are cached per window)."""
+
+    master: StageWeights
+    windows: list[list[int]]
+
+    def __post_init__(self):
+        self._quant: dict[tuple[int, str], dict[str, QTensor]] = {}
+        self._inputs: list[list[torch.Tensor | None]] = []   # [window][layer] hidden state entering the layer
+        self.base_nll = self._run({}, record=True)
+
+    def layer_variant(self, layer: int, qtype: str) -> dict:
+        key = (layer, qtype)
+        if key not in self._quant:
+            src = self.master.layers[layer]
+            q = dict(src)
+            for m in LAYER_MATRICES:
+                q[m] = QTensor.from_float(src[m].dequantize().numpy(), qtype)
+            self._quant[key] = q
+        return self._quant[key]
+
+    def nll(self, types: dict[int, str]) -> float:
+        """Mean NLL per token with layer l at types[l] (others at the master's type)."""
+        return self._run({l: q for l, q in types.items() if q != self.master.layer_types[l]})
+
+    def _run(self, types: dict[int, str], record: bool = False) -> float:
+        start = min(types) if types else 0
+        layers = [self.layer_variant(l, types[l]) if l in types else self.master.layers[l]
+                  for l in range(start, self.master.last)]
+        w = replace(self.master, first=start, layers=layers,
+                    layer_types=[types.get(l, self.master.layer_types[l]) for l in range(start, self.master.last)])
+        stage = Stage(w)
+        total, count = 0.0, 0
+        for wi, ids in enumerate(self.windows):
+            cache = stage.new_cache(len(ids))
+            if record:
+                logits = self._record(wi, ids)
+            elif start == 0:
+                logits = stage.forward([Step(cache, 0, tokens=torch.tensor(ids))], all_logits=True)[0]
+            else:
+                logits = stage.forward([Step(cache, 0, hidden=self._inputs[wi][start])], all_logits=True)[0]
+            total += F.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]), reduction="sum").item()
+            count += len(ids) - 1
+        return total / count
+
+    def _record(self, wi: int, ids: list[int]) -> torch.Tensor:
+        """Run the master one layer at a time, keeping the hidden state entering each layer."""
+        w = self.master
+        inputs: list[torch.Tensor | None] = []
+        x: torch.Tensor | None = None
+        for l in range(w.last):
+            one = Stage(replace(w, first=l, last=l + 1, layers=[w.layers[l]], layer_types=[w.layer_types[l]]))
+            inputs.append(x)    # None for layer 0, which starts from the tokens
+            step = Step(one.new_cache(len(ids)), 0, tokens=torch.tensor(ids) if l == 0 else None, hidden=x)
+            x = one.forward([step], all_logits=True)[0]
+        self._inputs.append(inputs)
+        return x
+
+
+def heldout_windows(model: str | Path, text: str, tokens: int, window: int = 512) -> list[list[int]]:
+    ids = Tokenizer(model).encode(text)
+    if len(ids) < window + 1:
+        raise ValueError(f"the held-out text has only {len(ids)} tokens; give at least {window + 1}")
+    n = max(1, min(tokens // window, len(ids) // window))
+    return [ids[i * window:(i + 1) * window] for i in range(n)]
+
+
+def measure(model: str | Path, text: str, types: tuple[str, ...] = LAYER_TYPES, tokens: int = 2048,
+            validate: int = 20, seed: int = 0, progress: Progress | None = None) -> dict:
+    """Sensitivity table + additivity validation for a model (a dict, ready for JSON)."""
+    from controller.shards import file_sha256
+
+    t0 = time.perf_counter()
+    master = load_stage(model)
+    windows = heldout_windows(model, text, tokens)
+    ev = Evaluator(master, windows)
+    n = master.cfg.n_layer
+    todo = [(l, q) for l in range(n) for q in types if q != master.layer_types[l]]
+    table = {str(l): {master.layer_types[l]: 0.0} for l in range(n)}
+    for i, (l, q) in enumerate(todo):
+        table[str(l)][q] = ev.nll({l: q}) - ev.base_nll
+        if progress:
+            progress("sensitivity", i + 1, len(todo))
+
+    rng = random.Random(seed)
+    checks = []
+    for i in range(validate):
+        config = {l: rng.choice(types) for l in range(n)}
+        predicted = sum(table[str(l)][q] for l, q in config.items())
+        measured = ev.nll(config) - ev.base_nll
+        checks.append({"types": [config[l] for l in range(n)], "predicted": predicted, "measured": measured})
+        if progress:
+            progress("validation", i + 1, validate)
+    return {
+        "model": str(model),
+        "sha256": file_sha256(model),
+        "n_layer": n,
+        "eval_tokens": sum(len(w) - 1 for w in windows),
+        "base_nll": ev.base_nll,
+        "base_perplexity": math.exp(ev.base_nll),
+        "sensitivity": table,
+        "validation": summarize(checks),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def summarize(checks: list[dict]) -> dict:
+    """Correlation, errors and bias of predicted vs measured ΔNLL; a calibration factor
+    (measured ≈ k · predicted, least squares through 0) with leave-one-out errors."""
+    if not checks:
+        return {"configs": []}
+    p = np.array([c["predicted"] for c in checks])
+    m = np.array([c["measured"] for c in checks])
+    corr = float(np.corrcoef(p, m)[0, 1]) if len(p) > 1 and p.std() > 0 and m.std() > 0 else float("nan")
+    k = float(p @ m / (p @ p)) if p @ p > 0 else 1.0
+    loo = []
+    for i in range(len(p)):
+        mask = np.arange(len(p)) != i
+        ki = float(p[mask] @ m[mask] / (p[mask] @ p[mask])) if p[mask] @ p[mask] > 0 else 1.0
+        loo.append(ki * p[i] - m[i])
+    return {
+        "configs": checks,
+        "correlation": corr,
+        "max_abs_error": float(np.max(np.abs(p - m))),
+        "mean_error": float(np.mean(p - m)),            # > 0: the plain sum over-predicts
+        "mean_relative_error": float(np.mean(np.abs(p - m) / np.maximum(np.abs(m), 1e-9))),
+        "calibration": k,                               # use k * Σ as the prediction
+        "calibrated_max_abs_error_loo": float(np.max(np.abs(loo))),
+        "calibrated_mean_error_loo": float(np.mean(loo)),
+    }
+
+
+def cache_path(sha256: str) -> Path:
+    return cache_dir() / f"{sha256}.sensitivity.json"
+
+
+def load_cached(sha256: str) -> dict | None:
+    p = cache_path(sha256)
+    if p.exists():
+        return json.loads(p.read_text())
+    return None
+
+
+def save(result: dict) -> Path:
+    p = cache_path(result["sha256"])
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(p)
+    return p

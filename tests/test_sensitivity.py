@@ -1,0 +1,67 @@
+"""Sensitivity table: each entry equals an independent measurement through a GGUF built with
+that one layer quantized; the additivity summary is computed correctly; results are cached."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch.nn.functional as F
+import torch
+
+from agent.pipeline import LocalPipeline
+from controller import sensitivity as S
+from controller.shards import parse_types, write_shard
+
+
+@pytest.fixture(scope="module")
+def result(reference_model, heldout_text):
+    return S.measure(reference_model, heldout_text, types=("F16", "Q4_K", "Q2_K"), tokens=512, validate=4)
+
+
+def test_table_entry_matches_a_model_built_with_that_layer_quantized(result, reference_model, heldout_text, tmp_path):
+    path = tmp_path / "one.gguf"
+    types = ["F16"] * 8
+    types[5] = "Q2_K"
+    write_shard(reference_model, path, types)
+    ids = S.heldout_windows(reference_model, heldout_text, 512)[0]
+    nll = lambda p: F.cross_entropy(LocalPipeline.from_model(p, 2).logits(ids)[:-1].double(), torch.tensor(ids[1:])).item()  # noqa: E731
+    measured = nll(path) - nll(reference_model)
+    assert result["sensitivity"]["5"]["Q2_K"] == pytest.approx(measured, abs=2e-4)
+    assert result["sensitivity"]["5"]["F16"] == 0.0
+    assert result["base_perplexity"] == pytest.approx(math.exp(result["base_nll"]))
+    assert set(result["sensitivity"]) == {str(i) for i in range(8)}
+
+
+def test_validation_summary():
+    checks = [{"predicted": p, "measured": m} for p, m in [(0.1, 0.05), (0.2, 0.1), (0.4, 0.2)]]
+    v = S.summarize(checks)
+    assert v["correlation"] == pytest.approx(1.0)
+    assert v["calibration"] == pytest.approx(0.5)
+    assert v["max_abs_error"] == pytest.approx(0.2)
+    assert v["mean_error"] == pytest.approx((0.05 + 0.1 + 0.2) / 3)
+    assert v["calibrated_max_abs_error_loo"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_validation_configs_are_real_measurements(result):
+    v = result["validation"]
+    assert len(v["configs"]) == 4
+    for c in v["configs"]:
+        assert len(c["types"]) == 8
+        assert c["predicted"] == pytest.approx(sum(result["sensitivity"][str(l)][t] for l, t in enumerate(c["types"])))
+
+
+def test_cli_profile_prints_table_and_caches(tmp_path, reference_model):
+    env = {"EDGEFLEET_HOME": str(tmp_path), "PATH": ""}
+    cmd = [sys.executable, "-m", "controller.cli", "model", "profile", str(reference_model),
+           "--tokens", "512", "--types", "F16,Q2_K", "--validate", "2"]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "Q2_K" in first.stdout and "additivity on 2 random mixed configurations" in first.stdout
+    cached = list((tmp_path / "profiles").glob("*.sensitivity.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["n_layer"] == 8
+    again = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=env)
+    assert "using cached" in again.stderr
+    assert json.loads(again.stdout)["sha256"] == cached[0].name.split(".")[0]
