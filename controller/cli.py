@@ -21,7 +21,6 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "models" / "reference" / "edgefleet-ref-f16.gguf"
 HELDOUT_TEXT = REFERENCE_MODEL.parent / "heldout.txt"
-LAYER_TYPES_DEFAULT = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
 
 
 class UserError(click.ClickException):
@@ -113,13 +112,13 @@ def model_shard(master: Path, types_spec: str, layers: str | None, out: Path) ->
 @click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
               help="Held-out text to measure on (default: the reference model's held-out split).")
 @click.option("--tokens", default=2048, show_default=True, help="Held-out tokens to evaluate (512-token windows).")
-@click.option("--types", "types_csv", default=",".join(LAYER_TYPES_DEFAULT), show_default=True,
-              help="Comma-separated GGUF types to measure.")
+@click.option("--types", "types_csv", default=None,
+              help="Comma-separated GGUF types to measure (default: every supported layer type).")
 @click.option("--validate", default=20, show_default=True, help="Random mixed configurations for the additivity check.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Measure again even if a cached table exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
-def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_csv: str, validate: int,
+def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_csv: str | None, validate: int,
                   seed: int, force: bool, as_json: bool) -> None:
     """Per-layer sensitivity: held-out NLL increase when only one layer is quantized.
 
@@ -128,15 +127,16 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from agent.quant import LAYER_TYPES
     from controller import sensitivity as S
     from controller.shards import file_sha256
 
-    types = tuple(t.strip() for t in types_csv.split(",") if t.strip())
+    types = LAYER_TYPES if types_csv is None else tuple(t.strip() for t in types_csv.split(",") if t.strip())
     for t in types:
-        if t not in LAYER_TYPES_DEFAULT:
-            raise ValueError(f"unsupported GGUF type {t!r}; choose from {', '.join(LAYER_TYPES_DEFAULT)}")
+        if t not in LAYER_TYPES:
+            raise ValueError(f"unsupported GGUF type {t!r}; choose from {', '.join(LAYER_TYPES)}")
     sha = file_sha256(model_path)
-    result = None if force else S.load_cached(sha)
+    result = None if force else S.load_cached(sha, types, tokens)
     if result is None:
         text = (text_path or HELDOUT_TEXT).read_text(encoding="utf-8")
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

@@ -137,6 +137,8 @@ def measure(model: str | Path, text: str, types: tuple[str, ...] = LAYER_TYPES, 
         "model": str(model),
         "sha256": file_sha256(model),
         "n_layer": n,
+        "types": list(types),
+        "requested_tokens": tokens,
         "eval_tokens": sum(len(w) - 1 for w in windows),
         "base_nll": ev.base_nll,
         "base_perplexity": math.exp(ev.base_nll),
@@ -176,11 +178,15 @@ def cache_path(sha256: str) -> Path:
     return cache_dir() / f"{sha256}.sensitivity.json"
 
 
-def load_cached(sha256: str) -> dict | None:
+def load_cached(sha256: str, types: tuple[str, ...] = (), tokens: int = 0) -> dict | None:
+    """The cached result for this GGUF, if it measured at least these types and tokens."""
     p = cache_path(sha256)
-    if p.exists():
-        return json.loads(p.read_text())
-    return None
+    if not p.exists():
+        return None
+    result = json.loads(p.read_text())
+    if not set(types) <= set(result.get("types", ())) or result.get("requested_tokens", 0) < tokens:
+        return None
+    return result
 
 
 def save(result: dict) -> Path:

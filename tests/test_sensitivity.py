@@ -65,3 +65,6 @@ def test_cli_profile_prints_table_and_caches(tmp_path, reference_model):
     again = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=env)
     assert "using cached" in again.stderr
     assert json.loads(again.stdout)["sha256"] == cached[0].name.split(".")[0]
+    # a request for a type the cache lacks measures again instead of returning a partial table
+    wider = subprocess.run(cmd[:-4] + ["--types", "F16,Q8_0", "--validate", "0"], capture_output=True, text=True, env=env)
+    assert wider.returncode == 0 and "using cached" not in wider.stderr and "Q8_0" in wider.stdout
