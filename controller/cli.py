@@ -148,7 +148,7 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
                     tasks[what] = bar.add_task(what, total=total)
                 bar.update(tasks[what], completed=done)
 
-            result = S.measure(model_path, text, types, tokens, validate, seed, progress)
+            result = S.measure(model_path, text, types, tokens, validate, seed, progress, sha)
         where = S.save(result)
         err_console.print(f"cached {where}")
     else:

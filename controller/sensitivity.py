@@ -108,8 +108,9 @@ def heldout_windows(model: str | Path, text: str, tokens: int, window: int = 512
 
 
 def measure(model: str | Path, text: str, types: tuple[str, ...] = LAYER_TYPES, tokens: int = 2048,
-            validate: int = 20, seed: int = 0, progress: Progress | None = None) -> dict:
-    """Sensitivity table + additivity validation for a model (a dict, ready for JSON)."""
+            validate: int = 20, seed: int = 0, progress: Progress | None = None, sha256: str | None = None) -> dict:
+    """Sensitivity table + additivity validation for a model (a dict, ready for JSON).
+    sha256: the GGUF's hash when the caller already has it (hashing a large model is slow)."""
     from controller.shards import file_sha256
 
     t0 = time.perf_counter()
@@ -135,7 +136,7 @@ def measure(model: str | Path, text: str, types: tuple[str, ...] = LAYER_TYPES, 
             progress("validation", i + 1, validate)
     return {
         "model": str(model),
-        "sha256": file_sha256(model),
+        "sha256": sha256 or file_sha256(model),
         "n_layer": n,
         "types": list(types),
         "requested_tokens": tokens,

@@ -117,5 +117,6 @@ def test_bad_inputs_give_one_clear_sentence(tmp_path, reference_model):
         load_stage(truncated)
     with pytest.raises(ValueError, match=r"layer range \[6, 12\) is out of bounds"):
         load_stage(reference_model, 6, 12)
+    first = Stage(load_stage(reference_model, 0, 1))
     with pytest.raises(ValueError, match="token id out of range"):
-        Stage(load_stage(reference_model, 0, 1)).forward([Step(Stage(load_stage(reference_model, 0, 1)).new_cache(), 0, tokens=torch.tensor([99999]))])
+        first.forward([Step(first.new_cache(), 0, tokens=torch.tensor([99999]))])
