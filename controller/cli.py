@@ -5,6 +5,7 @@ raises ValueError with that sentence, and `main()` turns it into the exit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -125,8 +126,6 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
     Also checks the additive model (predicted Σ vs measured ΔNLL on random mixed
     configurations) and caches the result as JSON keyed by the GGUF's SHA-256.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
     from agent.quant import LAYER_TYPES
     from controller import sensitivity as S
     from controller.shards import file_sha256
@@ -139,15 +138,7 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
     result = None if force else S.load_cached(sha, types, tokens)
     if result is None:
         text = (text_path or HELDOUT_TEXT).read_text(encoding="utf-8")
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeRemainingColumn(), console=err_console, transient=True) as bar:
-            tasks: dict[str, int] = {}
-
-            def progress(what: str, done: int, total: int) -> None:
-                if what not in tasks:
-                    tasks[what] = bar.add_task(what, total=total)
-                bar.update(tasks[what], completed=done)
-
+        with progress_bar() as progress:
             result = S.measure(model_path, text, types, tokens, validate, seed, progress, sha)
         where = S.save(result)
         err_console.print(f"cached {where}")
@@ -157,6 +148,73 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
         click.echo(json.dumps(result, indent=1))
         return
     print_sensitivity(result)
+
+
+@contextlib.contextmanager
+def progress_bar():
+    """A rich progress display on stderr; yields progress(what, done, total)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=err_console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done)
+
+        yield progress
+
+
+# ------------------------------------------------------------------ plan
+
+@cli.command()
+@click.option("--model", "model_arg", required=True, metavar="MODEL",
+              help="MODEL.gguf (sensitivity measured and cached), a profile JSON, or a catalog shape "
+                   "(llama-3.1-8b, qwen2.5-7b, llama-3-70b, …).")
+@click.option("--fleet", "fleet_path", required=True, type=click.Path(path_type=Path), help="Fleet file (YAML/TOML).")
+@click.option("--max-ppl-increase", default=5.0, show_default=True, help="Accuracy budget, % perplexity increase.")
+@click.option("--objective", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True)
+@click.option("--prompt-tokens", default=512, show_default=True)
+@click.option("--output-tokens", default=128, show_default=True)
+@click.option("--concurrency", default=1, show_default=True, help="Sequences in flight (KV cache, batch).")
+@click.option("--context", default=0, help="KV-cache tokens per sequence (default prompt + output).")
+@click.option("--types", "types_csv", default="", help="Allowed layer types, comma-separated (default all).")
+@click.option("--pin", multiple=True, help="Node that must hold a stage (repeatable).")
+@click.option("--exclude", multiple=True, help="Node that must not be used (repeatable).")
+@click.option("--max-stages", default=0, help="At most this many stages (0: no limit).")
+@click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True)
+@click.option("--time-limit", default=60.0, show_default=True, help="Seconds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the plan JSON here.")
+@click.option("--save-profile", type=click.Path(path_type=Path), default=None, help="Write the model profile JSON here.")
+@click.option("--tokens", default=2048, show_default=True, help="Held-out tokens if sensitivity must be measured.")
+def plan(model_arg, fleet_path, max_ppl_increase, objective, prompt_tokens, output_tokens, concurrency, context,
+         types_csv, pin, exclude, max_stages, solver, time_limit, as_json, out, save_profile, tokens) -> None:
+    """Choose placement and per-layer types for a model on a fleet file (offline)."""
+    from controller.planning import load_profile, plan_table
+    from solver import solve
+    from solver.problem import Options, Problem, Workload, load_fleet
+
+    fleet = load_fleet(fleet_path)
+    with progress_bar() as progress:
+        model = load_profile(model_arg, HELDOUT_TEXT.read_text(encoding="utf-8"), tokens, progress)
+    if save_profile:
+        save_profile.write_text(model.to_json())
+    types = tuple(t.strip() for t in types_csv.split(",") if t.strip())
+    problem = Problem(model, fleet, Workload(prompt_tokens, output_tokens, concurrency, context),
+                      Options(objective=objective, max_ppl_increase=max_ppl_increase, types=types, pinned=pin,
+                              excluded=exclude, max_stages=max_stages, solver=solver, time_limit=time_limit))
+    result = solve(problem)
+    if out:
+        out.write_text(result.to_json())
+    if not result.ok:
+        raise UserError(result.message)
+    if as_json:
+        click.echo(result.to_json())
+        return
+    console.print(plan_table(problem, result))
 
 
 def print_sensitivity(result: dict) -> None:

@@ -1,6 +1,7 @@
 """The edgefleet CLI: help lists the commands; user errors are one sentence and exit 2."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -66,3 +67,60 @@ def test_demo_generates(reference_model):
     out = run("demo", "--max-tokens", "8", "--stages", "3")
     assert out.returncode == 0, out.stderr
     assert "tokens/s" in out.stdout and "[0, 3)" in out.stdout
+
+
+FLEET = "examples/fleet-edge.yaml"
+
+
+@pytest.mark.parametrize("fleet_text, model, extra, message", [
+    ("nodes: [", "llama-3.1-8b", [], "is not valid YAML"),
+    ("nodes: []", "llama-3.1-8b", [], "expected a mapping with a non-empty `nodes` list"),
+    ("nodes:\n  - {name: a}", "llama-3.1-8b", [], "node 'a' has no memory"),
+    ("nodes:\n  - {name: a, memory: 8 parsecs, device: rpi5-8gb}", "llama-3.1-8b", [], "unknown unit"),
+    ("nodes:\n  - {name: a, device: toaster}", "llama-3.1-8b", [], "unknown device 'toaster'"),
+    ("nodes:\n  - {name: a, device: rpi5-8gb}\n  - {name: b, device: rpi5-8gb}", "llama-3.1-8b", [],
+     "nodes ['b'] cannot be reached from a"),
+    (None, "{tmp}/nope.json", [], "model profile {tmp}/nope.json does not exist"),
+    (None, "{tmp}/bad.json", [], "is not a model profile JSON"),
+    (None, "no-such-model", [], "model no-such-model does not exist"),
+    (None, "llama-3-70b", ["--max-ppl-increase", "1"], "no assignment meets a 1 % perplexity budget"),
+    (None, "llama-3.1-8b", ["--concurrency", "64", "--context", "8192"], "the fleet offers 40.00 GiB"),
+])
+def test_plan_errors(fleet_text, model, extra, message, tmp_path):
+    fleet = FLEET
+    if fleet_text is not None:
+        fleet = tmp_path / "fleet.yaml"
+        fleet.write_text(fleet_text)
+    (tmp_path / "bad.json").write_text('{"name": 1}')
+    out = run("plan", "--model", model.format(tmp=tmp_path), "--fleet", str(fleet), *extra)
+    assert out.returncode == 2, out.stderr
+    assert message.format(tmp=tmp_path) in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_plan_table_and_json(tmp_path):
+    out = run("plan", "--model", "llama-3-70b", "--fleet", FLEET, "--max-ppl-increase", "8")
+    assert out.returncode == 0, out.stderr
+    assert "optimal" in out.stdout and "GiB" in out.stdout and "TTFT" in out.stdout
+    js = run("plan", "--model", "llama-3-70b", "--fleet", FLEET, "--max-ppl-increase", "8", "--json",
+             "--out", str(tmp_path / "plan.json"), "--save-profile", str(tmp_path / "profile.json"))
+    plan = json.loads(js.stdout)
+    assert plan["status"] == "optimal" and plan["gap"] <= 0.001
+    assert plan["stages"][0]["first"] == 0 and plan["stages"][-1]["last"] == 80
+    assert json.loads((tmp_path / "plan.json").read_text())["stages"] == plan["stages"]
+    # the saved profile plans the same
+    again = run("plan", "--model", str(tmp_path / "profile.json"), "--fleet", FLEET, "--max-ppl-increase", "8", "--json")
+    assert json.loads(again.stdout)["objective"] == pytest.approx(plan["objective"])
+
+
+def test_plan_from_gguf_uses_measured_sensitivity(reference_model, tmp_path):
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("network: {bandwidth: 1Gbit, latency: 1ms}\nnodes:\n"
+                     "  - {name: a, memory: 30MiB, memory_bandwidth: 10GB/s, flops: 50GFLOPS}\n"
+                     "  - {name: b, memory: 25MiB, memory_bandwidth: 5GB/s, flops: 20GFLOPS}\n")
+    out = run("plan", "--model", str(reference_model), "--fleet", str(fleet), "--prompt-tokens", "64",
+              "--output-tokens", "32", "--json", "--tokens", "1024")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["status"] == "optimal"
+    assert plan["prediction"]["ppl_increase_pct"] <= 5.0

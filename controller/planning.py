@@ -1,0 +1,91 @@
+"""From what the operator has (a GGUF, a profile JSON or a catalog shape; a fleet file) to a
+solver problem, and from a plan to the table they read."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from rich.table import Table
+
+from solver.plan import Plan
+from solver.problem import GiB, ModelProfile, Problem, load_model_profile, model_from_shape
+
+Progress = Callable[[str, int, int], None]
+
+
+def gguf_profile(path: Path, sensitivity: dict) -> ModelProfile:
+    """Shapes from the GGUF's metadata; sensitivity from a `model profile` result."""
+    from agent import weights as W
+
+    reader = W.open_gguf(path)
+    cfg = W.read_config(reader)
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    table = [sensitivity["sensitivity"][str(l)] for l in range(cfg.n_layer)]
+    return model_from_shape(path.name, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.n_ff, cfg.n_vocab,
+                            cfg.tied_embeddings, table, master_type=emb.tensor_type.name,
+                            sensitivity_source=f"measured on {sensitivity['eval_tokens']} held-out tokens",
+                            sha256=sensitivity["sha256"])
+
+
+def sensitivity_for(path: Path, text: str, tokens: int, progress: Progress | None = None,
+                    sha256: str | None = None) -> dict:
+    """The cached sensitivity table of a GGUF, measured (and cached) when there is none."""
+    from agent.quant import LAYER_TYPES
+    from controller import sensitivity as S
+    from controller.shards import file_sha256
+
+    sha = sha256 or file_sha256(path)
+    result = S.load_cached(sha, LAYER_TYPES, tokens)
+    if result is None:
+        result = S.measure(path, text, LAYER_TYPES, tokens, 20, 0, progress, sha)
+        S.save(result)
+    return result
+
+
+def load_profile(arg: str, text: str, tokens: int, progress: Progress | None = None) -> ModelProfile:
+    """MODEL.gguf (measured sensitivity), PROFILE.json, or a catalog shape name (proxy sensitivity)."""
+    from solver.catalog import MODEL_SHAPES, model_profile
+
+    if arg in MODEL_SHAPES:
+        return model_profile(arg)
+    p = Path(arg)
+    if p.suffix == ".json":
+        return load_model_profile(p)
+    if not p.is_file():
+        raise ValueError(f"model {arg} does not exist; give a GGUF file, a profile JSON or one of "
+                         f"{', '.join(MODEL_SHAPES)}")
+    return gguf_profile(p, sensitivity_for(p, text, tokens, progress))
+
+
+def plan_table(problem: Problem, plan: Plan) -> Table:
+    w, o = problem.workload, problem.options
+    pred = plan.prediction
+    title = (f"{problem.model.name}: {len(plan.stages)} stages, objective {o.objective}, "
+             f"budget {o.max_ppl_increase:g} % perplexity, prompt {w.prompt_tokens} / output {w.output_tokens} "
+             f"tokens × {w.concurrency}")
+    t = Table(title=title)
+    for col, just in (("stage", "right"), ("node", "left"), ("layers", "left"), ("types", "left"),
+                      ("memory used / available", "right"), ("prefill ms", "right"), ("decode ms/token", "right"),
+                      ("transfer ms", "right")):
+        t.add_column(col, justify=just)
+    for i, (s, sp) in enumerate(zip(plan.stages, pred.stages)):
+        t.add_row(str(i), s.node, f"{s.first}-{s.last - 1}", compact_types(s.types),
+                  f"{sp.memory / GiB:.2f} / {sp.memory_available / GiB:.2f} GiB", f"{sp.prefill_s * 1e3:.1f}",
+                  f"{sp.decode_s * 1e3:.2f}", f"{sp.transfer_s * 1e3:.1f}")
+    t.caption = (f"predicted: TTFT {pred.ttft_s * 1e3:.1f} ms, {pred.tpot_s * 1e3:.2f} ms/token, request "
+                 f"{pred.latency_s:.3f} s, {pred.tokens_per_s:.1f} tokens/s at {w.concurrency} in flight; "
+                 f"perplexity +{pred.ppl_increase_pct:.2f} % (ΔNLL {pred.dnll:.4f}, "
+                 f"{problem.model.sensitivity_source})\nsolver {plan.solver}: {plan.status}, objective "
+                 f"{plan.objective:.6g} s, bound {plan.bound:.6g} s, gap {100 * plan.gap:.3f} %, {plan.solve_s:.2f} s")
+    return t
+
+
+def compact_types(types: tuple[str, ...]) -> str:
+    """('Q4_K','Q4_K','Q2_K') -> 'Q4_K×2 Q2_K' (runs, in layer order)."""
+    out: list[list] = []
+    for q in types:
+        if out and out[-1][0] == q:
+            out[-1][1] += 1
+        else:
+            out.append([q, 1])
+    return " ".join(q if k == 1 else f"{q}×{k}" for q, k in out)

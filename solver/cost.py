@@ -1,0 +1,115 @@
+"""The one cost model (docs/cost-model.md): stage compute, activation transfer, memory.
+
+Used by the solver (ILP coefficients), the plan evaluator, the simulator and the
+controller's predictions, so that every number edgefleet predicts comes from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import networkx as nx
+
+from solver.problem import Fleet, LayerProfile, ModelProfile, Node, Workload
+
+REPLY_BYTES = 16      # a sampled token (+ framing) going back up the chain
+TOKEN_BYTES = 4       # a token id entering the first stage
+
+
+def layer_step_s(node: Node, layer: LayerProfile, q: str, tokens: int, ctx: float) -> float:
+    """Seconds for one layer at type q to process `tokens` tokens (a decode batch or a prompt)
+    whose attention spans `ctx` positions on average: the larger of reading the weights and
+    doing the FLOPs (a roofline with measured or declared per-type speeds)."""
+    s = node.speed[q]
+    read = layer.bytes[q] / s.decode_bytes_per_s
+    compute = tokens * (layer.flops + layer.attn_flops_per_ctx * ctx) / s.prefill_flops
+    return max(read, compute)
+
+
+def prefill_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:
+    """One layer over the whole prompt (attention spans half the prompt on average)."""
+    return layer_step_s(node, layer, q, w.prompt_tokens, w.prompt_tokens / 2)
+
+
+def decode_s(node: Node, layer: LayerProfile, q: str, w: Workload, batch: int = 1) -> float:
+    """One layer, one decode step of `batch` sequences at the mean context of the generation."""
+    return layer_step_s(node, layer, q, batch, w.prompt_tokens + w.output_tokens / 2)
+
+
+def layer_latency_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:
+    """A layer's share of one request's end-to-end latency: prefill + (output − 1) decode steps."""
+    return prefill_s(node, layer, q, w) + (w.output_tokens - 1) * decode_s(node, layer, q, w)
+
+
+def stage_overhead_latency_s(node: Node, w: Workload) -> float:
+    return node.step_overhead_s * w.output_tokens
+
+
+def kv_bytes(layer: LayerProfile, w: Workload) -> int:
+    """KV cache of one layer for all concurrent sequences at full context."""
+    return layer.kv_bytes_per_token * w.ctx * w.concurrency
+
+
+def runtime_bytes(model: ModelProfile, w: Workload) -> int:
+    """Working memory of a stage beyond weights and KV: one dequantized matrix and the
+    activations of a prompt (or of a decode batch) in flight."""
+    return model.scratch_bytes + model.scratch_bytes_per_token * max(w.prompt_tokens, w.concurrency)
+
+
+def layer_bytes(model: ModelProfile, l: int, q: str, w: Workload) -> int:
+    """Memory a layer costs on its node: weights at type q + its KV cache."""
+    lp = model.layers[l]
+    return lp.bytes[q] + kv_bytes(lp, w)
+
+
+@dataclass(frozen=True)
+class Network:
+    """Transfer times between graph vertices over the cheapest route. Each hop of a route
+    stores and forwards: a message of b bytes costs Σ_hops (latency + b / bandwidth)."""
+    fleet: Fleet
+
+    @cached_property
+    def graph(self) -> nx.Graph:
+        return self.fleet.graph()
+
+    def _times(self, nbytes: int) -> dict:
+        cache = self.__dict__.setdefault("_cache", {})
+        if nbytes not in cache:
+            for a, b, d in self.graph.edges(data=True):
+                d["_w"] = d["latency"] + nbytes / d["bandwidth"]
+            cache[nbytes] = dict(nx.all_pairs_dijkstra_path_length(self.graph, weight="_w"))
+        return cache[nbytes]
+
+    def transfer_s(self, a: str, b: str, nbytes: int) -> float:
+        if a == b:
+            return 0.0
+        return self._times(nbytes)[a][b]
+
+    def route(self, a: str, b: str, nbytes: int) -> list[str]:
+        for u, v, d in self.graph.edges(data=True):
+            d["_w"] = d["latency"] + nbytes / d["bandwidth"]
+        return nx.dijkstra_path(self.graph, a, b, weight="_w")
+
+
+def hop_latency_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
+    """A hop's share of one request's latency: the prompt's activations once, then one token's
+    activations per further output token, and each reply back up the chain."""
+    act = model.act_bytes_per_token
+    return (net.transfer_s(a, b, act * w.prompt_tokens) + net.transfer_s(b, a, REPLY_BYTES)
+            + (w.output_tokens - 1) * (net.transfer_s(a, b, act) + net.transfer_s(b, a, REPLY_BYTES)))
+
+
+def hop_step_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
+    """One decode step of the whole batch over a hop (throughput objective)."""
+    return (net.transfer_s(a, b, model.act_bytes_per_token * w.concurrency)
+            + net.transfer_s(b, a, REPLY_BYTES * w.concurrency))
+
+
+def controller_latency_s(net: Network, w: Workload, first: str) -> float:
+    """Requests enter at the controller vertex and sampled tokens come back to it through the
+    first stage (replies travel back up the chain); 0 when the fleet does not place it."""
+    c = net.fleet.controller
+    if not c:
+        return 0.0
+    return (net.transfer_s(c, first, TOKEN_BYTES * w.prompt_tokens) + net.transfer_s(first, c, REPLY_BYTES)
+            + (w.output_tokens - 1) * (net.transfer_s(c, first, TOKEN_BYTES) + net.transfer_s(first, c, REPLY_BYTES)))

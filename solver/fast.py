@@ -1,0 +1,295 @@
+"""The fast exact path: an aggregate relaxation for the bound, a constructed plan for the
+incumbent, and the full ILP (warm-started, with the bound as a cut) only when they differ.
+
+Transformer blocks of one model are the same shape, so a stage's time and memory depend
+only on how many of its layers are at each type, not on which. The *master* problem
+therefore chooses, per node, a count of layers per type (N×Q integers instead of L×N×Q
+binaries); hops are charged at their cheapest possible predecessor, and the accuracy
+budget is met by the best assignment of those type counts to layers (a transportation
+problem, integral, so its LP is exact). Every real plan is feasible for the master, so its
+optimum is a lower bound. The plan is then built from it: order the chosen nodes
+(cheapest route, embedding node first, head node last), cut the layers into blocks of the
+chosen sizes, and choose each layer's type exactly for those blocks (a small ILP). When
+plan and bound agree within the gap, the plan is proven optimal; otherwise the full ILP
+(solver/ilp.py) runs from the plan with `objective ≥ bound` added.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import pulp
+
+from solver import cost as C
+from solver import ilp
+from solver.plan import Plan, Stage, evaluate, violations
+from solver.problem import Problem
+
+log = logging.getLogger(__name__)
+
+
+def homogeneous(problem: Problem) -> bool:
+    ls = problem.model.layers
+    return all(l.bytes == ls[0].bytes and l.flops == ls[0].flops and l.attn_flops_per_ctx == ls[0].attn_flops_per_ctx
+               and l.kv_bytes_per_token == ls[0].kv_bytes_per_token for l in ls)
+
+
+def run(lp: pulp.LpProblem, problem: Problem, time_limit: float, warm: dict | None = None,
+         gap_abs: float | None = None, gap_share: float = 0.25):
+    """Solve a PuLP model with the problem's solver; (status, objective, bound)."""
+    o = problem.options
+    if o.solver == "highs":
+        s = _WarmHiGHS(warm, msg=False, timeLimit=max(time_limit, 0.05), gapRel=o.gap * gap_share,
+                       gapAbs=gap_abs, threads=o.threads or None)
+        lp.solve(s)
+        info = lp.solverModel.getInfo()
+        import highspy
+        ms = lp.solverModel.getModelStatus()
+        if ms in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+            return "infeasible", math.nan, math.nan
+        if info.primal_solution_status != 2:
+            return "timeout", math.nan, info.mip_dual_bound
+        bound = info.mip_dual_bound if info.mip_node_count >= 0 and not math.isinf(info.mip_dual_bound) \
+            else info.objective_function_value
+        return "solved", info.objective_function_value, bound
+    model = ilp.Model(lp, {}, {}, problem, [], {})
+    sub = Problem(problem.model, problem.fleet, problem.workload,
+                  type(o)(**{**o.__dict__, "time_limit": max(time_limit, 1.0)}))
+    model.problem = sub
+    return ilp.solve(model)
+
+
+class _WarmHiGHS(pulp.HiGHS):
+    """PuLP's HiGHS with a MIP start: `warm` maps variable names to values."""
+
+    def __init__(self, warm, **kw):
+        super().__init__(**kw)
+        self.warm = warm
+
+    def callSolver(self, lp):
+        if self.warm:
+            import numpy as np
+            idx = [v.index for v in lp.variables() if v.name in self.warm]
+            val = [float(self.warm[v.name]) for v in lp.variables() if v.name in self.warm]
+            lp.solverModel.setSolution(len(idx), np.array(idx, dtype=np.int32), np.array(val, dtype=np.float64))
+        lp.solverModel.run()
+
+
+def master(problem: Problem, cand: dict) -> tuple[pulp.LpProblem, dict]:
+    """The aggregate relaxation (see module doc). Returns the model and its variables."""
+    m, w, o, fleet = problem.model, problem.workload, problem.options, problem.fleet
+    L = m.n_layer
+    lp0 = m.layers[0]
+    net = C.Network(fleet)
+    nodes = [n.name for n in fleet.nodes if any((l, n.name) in cand for l in range(L))]
+    types = {n: sorted({q for l in range(L) for q in cand.get((l, n), [])}, key=m.types.index) for n in nodes}
+    all_types = sorted({q for n in nodes for q in types[n]}, key=m.types.index)
+    rt = C.runtime_bytes(m, w)
+    lp = pulp.LpProblem("master", pulp.LpMinimize)
+    c, u, first, last, most = {}, {}, {}, {}, {}
+    for i, n in enumerate(nodes):
+        node = fleet.node(n)
+        most[n] = min(L, max(0, (node.memory - rt) // min(C.layer_bytes(m, 0, q, w) for q in types[n])))
+        for q in types[n]:
+            c[n, q] = pulp.LpVariable(f"c_{i}_{q}", lowBound=0, upBound=most[n], cat="Integer")
+        u[n] = pulp.LpVariable(f"u_{i}", cat="Binary")
+        first[n] = pulp.LpVariable(f"first_{i}", cat="Binary")
+        last[n] = pulp.LpVariable(f"last_{i}", cat="Binary")
+    g = {(l, q): pulp.LpVariable(f"g_{l}_{q}", lowBound=0, upBound=1) for l in range(L) for q in all_types}
+    k = {n: pulp.lpSum(c[n, q] for q in types[n]) for n in nodes}
+    for i, n in enumerate(nodes):
+        node = fleet.node(n)
+        lp += k[n] <= most[n] * u[n], f"count_hi_{i}"
+        lp += k[n] >= u[n], f"count_lo_{i}"
+        lp += first[n] <= u[n], f"first_used_{i}"
+        lp += last[n] <= u[n], f"last_used_{i}"
+        lp += (pulp.lpSum(C.layer_bytes(m, 0, q, w) * c[n, q] for q in types[n]) + m.embed_bytes * first[n]
+               + m.head_bytes * last[n] + rt * u[n]) * (1.0 / node.memory) <= u[n], f"memory_{i}"
+        if n in o.pinned:
+            lp += u[n] == 1, f"pinned_{i}"
+    lp += pulp.lpSum(k.values()) == L, "all_layers"
+    lp += pulp.lpSum(first.values()) == 1, "one_first"
+    lp += pulp.lpSum(last.values()) == 1, "one_last"
+    if o.max_stages:
+        lp += pulp.lpSum(u.values()) <= o.max_stages, "max_stages"
+    for group in ilp.identical_nodes(problem, nodes, net):   # interchangeable: fill them in name order
+        for a, b in zip(group, group[1:]):
+            lp += k[a] >= k[b], f"symmetry_{nodes.index(a)}_{nodes.index(b)}"
+    for l in range(L):
+        lp += pulp.lpSum(g[l, q] for q in all_types) == 1, f"layer_type_{l}"
+    for q in all_types:
+        lp += pulp.lpSum(g[l, q] for l in range(L)) == pulp.lpSum(c[n, q] for n in nodes if q in types[n]), f"type_count_{q}"
+    lp += pulp.lpSum(m.layers[l].sensitivity[q] * g[l, q] for (l, q) in g) <= o.budget, "budget"
+
+    # the pipeline order: a path from the first node to the last through every used node
+    # (degree rows + Miller–Tucker–Zemlin positions against cycles)
+    t = {(a, b): pulp.LpVariable(f"t_{i}_{j}", cat="Binary")
+         for i, a in enumerate(nodes) for j, b in enumerate(nodes) if a != b}
+    pos = {n: pulp.LpVariable(f"pos_{i}", lowBound=0, upBound=len(nodes) - 1) for i, n in enumerate(nodes)}
+    N = len(nodes)
+    for i, n in enumerate(nodes):
+        lp += pulp.lpSum(t[n, b] for b in nodes if b != n) == u[n] - last[n], f"succ_{i}"
+        lp += pulp.lpSum(t[a, n] for a in nodes if a != n) == u[n] - first[n], f"pred_{i}"
+    for (a, b), var in t.items():
+        lp += pos[b] >= pos[a] + 1 - N * (1 - var), f"order_{nodes.index(a)}_{nodes.index(b)}"
+
+    if o.objective == "latency":
+        lp += (pulp.lpSum(C.layer_latency_s(fleet.node(n), lp0, q, w) * c[n, q] for (n, q) in c)
+               + pulp.lpSum(C.stage_overhead_latency_s(fleet.node(n), w) * u[n] for n in nodes)
+               + pulp.lpSum(C.hop_latency_s(net, m, w, a, b) * var for (a, b), var in t.items())
+               + pulp.lpSum(C.controller_latency_s(net, w, n) * first[n] for n in nodes)), "latency"
+    else:
+        T = pulp.LpVariable("T", lowBound=0)
+        lp += T, "bottleneck"
+        for i, n in enumerate(nodes):
+            node = fleet.node(n)
+            lp += (pulp.lpSum(C.decode_s(node, lp0, q, w, w.concurrency) * c[n, q] for q in types[n])
+                   + node.step_overhead_s * u[n] <= T), f"stage_time_{i}"
+        for (a, b), var in t.items():
+            lp += C.hop_step_s(net, m, w, a, b) * var <= T, f"hop_time_{nodes.index(a)}_{nodes.index(b)}"
+    return lp, {"c": c, "u": u, "first": first, "last": last, "t": t, "g": g, "nodes": nodes, "types": types}
+
+
+def assign_types(problem: Problem, blocks: list[tuple[str, int, int]], cand: dict,
+                 time_limit: float, gap_abs: float | None = None) -> list[Stage] | None:
+    """Exact per-layer types for fixed blocks (node, first, last): memory per block, budget.
+    gap_abs: stop once within this many seconds of optimal (the caller's gap budget)."""
+    m, w, o, fleet = problem.model, problem.workload, problem.options, problem.fleet
+    lp = pulp.LpProblem("types", pulp.LpMinimize)
+    z = {}
+    for node_name, a, b in blocks:
+        for l in range(a, b):
+            opts = cand.get((l, node_name), [])
+            if not opts:
+                return None
+            for q in opts:
+                z[l, q] = pulp.LpVariable(f"z_{l}_{q}", cat="Binary")
+    for l in range(m.n_layer):
+        lp += pulp.lpSum(v for (l2, q), v in z.items() if l2 == l) == 1, f"one_type_{l}"
+    stage_time = []
+    for i, (node_name, a, b) in enumerate(blocks):
+        node = fleet.node(node_name)
+        fixed = C.runtime_bytes(m, w) + (m.embed_bytes if i == 0 else 0) + (m.head_bytes if i == len(blocks) - 1 else 0)
+        lp += pulp.lpSum(C.layer_bytes(m, l, q, w) * z[l, q] for l in range(a, b) for q in cand[(l, node_name)]) \
+            <= node.memory - fixed, f"memory_{i}"
+        if o.objective == "latency":
+            stage_time.append(pulp.lpSum(C.layer_latency_s(node, m.layers[l], q, w) * z[l, q]
+                                         for l in range(a, b) for q in cand[(l, node_name)]))
+        else:
+            stage_time.append(pulp.lpSum(C.decode_s(node, m.layers[l], q, w, w.concurrency) * z[l, q]
+                                         for l in range(a, b) for q in cand[(l, node_name)]))
+    lp += pulp.lpSum(m.layers[l].sensitivity[q] * v for (l, q), v in z.items()) <= o.budget, "budget"
+    if o.objective == "latency":
+        lp += pulp.lpSum(stage_time)
+    else:
+        T = pulp.LpVariable("T", lowBound=0)
+        lp += T
+        for i, (node_name, _, _) in enumerate(blocks):
+            lp += stage_time[i] + fleet.node(node_name).step_overhead_s <= T, f"stage_time_{i}"
+    status, _, _ = run(lp, problem, time_limit, gap_abs=gap_abs)
+    if status != "solved":
+        return None
+    stages = []
+    for node_name, a, b in blocks:
+        types = tuple(next(q for q in cand[(l, node_name)] if (z[l, q].varValue or 0) > 0.5) for l in range(a, b))
+        stages.append(Stage(node_name, a, b, types))
+    return stages
+
+
+def solve_fast(problem: Problem) -> Plan:
+    """Bound from the master, plan from its counts, the full ILP only to close a gap."""
+    from solver.explain import explain, unplaceable_pin
+
+    problem.validate()
+    if not homogeneous(problem):
+        return ilp.solve_ilp(problem)
+    o = problem.options
+    t0 = time.perf_counter()
+    deadline = t0 + o.time_limit
+    cand = ilp.candidates(problem)
+    stats: dict = {"method": "aggregate"}
+    why = unplaceable_pin(problem, cand)
+    if why or any(not any((l, n.name) in cand for n in problem.fleet.nodes) for l in range(problem.model.n_layer)):
+        return Plan((), "infeasible", math.nan, math.nan, math.nan, time.perf_counter() - t0, o.solver,
+                    why or explain(problem), None, stats)
+    lp, v = master(problem, cand)
+    status, _, bound = run(lp, problem, deadline - time.perf_counter(), gap_share=0.6)
+    stats["master_s"] = time.perf_counter() - t0
+    if status == "infeasible":
+        return Plan((), "infeasible", math.nan, math.nan, math.nan, time.perf_counter() - t0, o.solver,
+                    explain(problem), None, stats)
+    best: list[Stage] | None = None
+    if status == "solved":
+        used = [n for n in v["nodes"] if (v["u"][n].varValue or 0) > 0.5]
+        counts = {n: round(sum((v["c"][n, q].varValue or 0) for q in v["types"][n])) for n in used}
+        seq = [next(n for n in used if (v["first"][n].varValue or 0) > 0.5)]
+        while len(seq) < len(used):
+            seq.append(next(b for b in used if b != seq[-1] and (v["t"][seq[-1], b].varValue or 0) > 0.5))
+        blocks, a = [], 0
+        for n in seq:
+            blocks.append((n, a, a + counts[n]))
+            a += counts[n]
+        best = assign_types(problem, blocks, cand, deadline - time.perf_counter(), 0.3 * o.gap * bound)
+        if best is not None and violations(problem, best):
+            log.warning("constructed plan violates constraints: %s", violations(problem, best))
+            best = None
+    stats["construct_s"] = time.perf_counter() - t0
+    value = evaluate(problem, best).objective(o.objective) if best else math.inf
+    if math.isnan(bound):
+        bound = -math.inf
+    gap = (value - bound) / value if best else math.inf
+    if gap > o.gap:
+        # close the gap with the full ILP, started from the plan, with the bound as a cut
+        stats["full_ilp"] = True
+        model = ilp.build(problem)
+        obj = model.lp.objective
+        if bound > -math.inf:
+            model.lp += obj >= bound * (1 - 1e-9), "master_bound"
+        warm = _warm_start(model, best) if best else None
+        left = deadline - time.perf_counter()
+        status2, val2, bound2 = run(model.lp, problem, left, warm)
+        if status2 == "solved":
+            stages = ilp.extract(model)
+            v2 = evaluate(problem, stages).objective(o.objective)
+            if not violations(problem, stages) and v2 < value:
+                best, value = stages, v2
+        if not math.isnan(bound2):
+            bound = max(bound, bound2)
+        elif status2 == "infeasible" and best is None:
+            return Plan((), "infeasible", math.nan, math.nan, math.nan, time.perf_counter() - t0, o.solver,
+                        explain(problem), None, stats)
+    elapsed = time.perf_counter() - t0
+    if best is None:
+        return Plan((), "timeout", math.nan, bound, math.nan, elapsed, o.solver,
+                    f"no plan found within {o.time_limit:g} s; raise --time-limit", None, stats)
+    bound = min(bound, value)
+    gap = max(0.0, (value - bound) / value) if value > 0 else 0.0
+    return Plan(tuple(best), "optimal" if gap <= o.gap + 1e-9 else "feasible", value, bound, gap, elapsed,
+                o.solver, "", evaluate(problem, best), stats)
+
+
+def _warm_start(model: ilp.Model, stages: list[Stage]) -> dict:
+    """Variable values of the full ILP for a given plan (z, s, t; T for throughput)."""
+    warm = {}
+    nodes = model.nodes
+    for (l, n, q), var in model.z.items():
+        warm[var.name] = 0.0
+    for st in stages:
+        for l, q in zip(range(st.first, st.last), st.types):
+            if (l, st.node, q) in model.z:
+                warm[model.z[l, st.node, q].name] = 1.0
+    for var in model.lp.variables():
+        if var.name.startswith("s_"):
+            warm[var.name] = 0.0
+    for st in stages:
+        if st.node in nodes:
+            warm[f"s_{st.first}_{nodes.index(st.node)}"] = 1.0
+    for (a, b), var in model.t.items():
+        warm[var.name] = 0.0
+    for x, y in zip(stages, stages[1:]):
+        if (x.node, y.node) in model.t:
+            warm[model.t[x.node, y.node].name] = 1.0
+    if model.problem.options.objective == "throughput":
+        warm["T"] = evaluate(model.problem, stages).bottleneck_s
+    return warm

@@ -1,0 +1,280 @@
+"""The placement ILP: build → solve → extract, every constraint named.
+
+Variables (after filtering, see `candidates`):
+  z[l,n,q]  binary   layer l runs on node n at type q
+  s[l,n]    ≥ 0      node n's stage starts at layer l (exact: s = f[l,n]·(1 − f[l-1,n]))
+  t[n,m]    binary   node m's stage directly follows node n's
+  T         ≥ 0      bottleneck step time (throughput objective only)
+with f[l,n] = Σ_q z[l,n,q] (an expression, not a variable).
+
+Contiguity is one start per node (Σ_l s[l,n] ≤ 1) rather than the pairwise rows of the
+naive formulation; stage order enters only through t and the start positions
+P[n] = Σ_l l·s[l,n], so the model has O(L·N·Q + N²) variables instead of O(L·N²·Q).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pulp
+
+from solver import cost as C
+from solver.plan import Plan, Stage, evaluate
+from solver.problem import Problem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Model:
+    lp: pulp.LpProblem
+    z: dict           # (l, n, q) -> var
+    t: dict           # (n, m) -> var
+    problem: Problem
+    nodes: list       # node names that may be used
+    stats: dict
+
+
+def candidates(problem: Problem) -> dict[tuple[int, str], list[str]]:
+    """Types worth considering for each (layer, node): supported, allowed, fits on the node
+    on its own, and not dominated by another type that is no larger, no slower and no less
+    accurate (ties keep the better-quality type)."""
+    m, w, o = problem.model, problem.workload, problem.options
+    allowed = [q for q in m.types if not o.types or q in o.types]
+    out = {}
+    for node in problem.fleet.nodes:
+        if node.name in o.excluded:
+            continue
+        for l, lp in enumerate(m.layers):
+            room = node.memory - C.runtime_bytes(m, w) - (m.embed_bytes if l == 0 else 0) \
+                - (m.head_bytes if l == m.n_layer - 1 else 0)
+            opts = []
+            for q in allowed:
+                if q not in node.speed or C.layer_bytes(m, l, q, w) > room:
+                    continue
+                key = (C.layer_bytes(m, l, q, w), _time(problem, node, l, q), lp.sensitivity[q])
+                opts.append((q, key))
+            keep = [q for i, (q, k) in enumerate(opts)
+                    if not any(all(a <= b for a, b in zip(k2, k)) and (k2 != k or j < i)
+                               for j, (q2, k2) in enumerate(opts) if j != i)]
+            if keep:
+                out[(l, node.name)] = keep
+    return out
+
+
+def _time(problem: Problem, node, l: int, q: str) -> float:
+    lp, w = problem.model.layers[l], problem.workload
+    if problem.options.objective == "latency":
+        return C.layer_latency_s(node, lp, q, w)
+    return C.decode_s(node, lp, q, w, w.concurrency)
+
+
+def build(problem: Problem) -> Model:
+    problem.validate()
+    t0 = time.perf_counter()
+    m, w, o, fleet = problem.model, problem.workload, problem.options, problem.fleet
+    L = m.n_layer
+    cand = candidates(problem)
+    nodes = [n.name for n in fleet.nodes if any((l, n.name) in cand for l in range(L))]
+    net = C.Network(fleet)
+    lp = pulp.LpProblem("placement", pulp.LpMinimize)
+
+    z = {(l, n, q): pulp.LpVariable(f"z_{l}_{i}_{q}", cat="Binary")
+         for i, n in enumerate(nodes) for l in range(L) for q in cand.get((l, n), [])}
+    f = {(l, n): pulp.lpSum(z[l, n, q] for q in cand.get((l, n), [])) for l in range(L) for n in nodes}
+    s = {(l, n): pulp.LpVariable(f"s_{l}_{i}", lowBound=0) for i, n in enumerate(nodes) for l in range(L)}
+    t = {(a, b): pulp.LpVariable(f"t_{i}_{j}", cat="Binary")
+         for i, a in enumerate(nodes) for j, b in enumerate(nodes) if a != b}
+    start = {n: pulp.lpSum(l * s[l, n] for l in range(L)) for n in nodes}        # first layer of n (0 if unused)
+    used = {n: pulp.lpSum(s[l, n] for l in range(L)) for n in nodes}            # 1 if n holds a stage
+    count = {n: pulp.lpSum(f[l, n] for l in range(L)) for n in nodes}           # layers on n
+
+    for l in range(L):
+        lp += pulp.lpSum(f[l, n] for n in nodes) == 1, f"assign_{l}"
+    for i, n in enumerate(nodes):
+        for l in range(L):
+            prev = f[l - 1, n] if l else 0
+            lp += s[l, n] >= f[l, n] - prev, f"start_lo_{l}_{i}"
+            lp += s[l, n] <= f[l, n], f"start_hi_{l}_{i}"
+            if l:
+                lp += s[l, n] <= 1 - prev, f"start_first_{l}_{i}"
+        lp += used[n] <= 1, f"contiguous_{i}"
+        node = fleet.node(n)
+        mem = (pulp.lpSum(C.layer_bytes(m, l, q, w) * z[l, n, q] for l in range(L) for q in cand.get((l, n), []))
+               + m.embed_bytes * f[0, n] + m.head_bytes * f[L - 1, n] + C.runtime_bytes(m, w) * used[n])
+        # capacity scaled by `used`: in the LP relaxation a node cannot hold a fraction of the
+        # model while paying only a fraction of its fixed (runtime, embedding) memory
+        lp += mem * (1.0 / node.memory) <= used[n], f"memory_{i}"
+        smallest = min(C.layer_bytes(m, l, q, w) for l in range(L) for q in cand.get((l, n), []))
+        most = (node.memory - C.runtime_bytes(m, w)) // smallest
+        if most < L:
+            lp += count[n] <= most * used[n], f"max_layers_{i}"
+        # a stage after the first needs a predecessor; each node hands over to at most one
+        lp += pulp.lpSum(t[a, n] for a in nodes if a != n) >= used[n] - f[0, n], f"pred_{i}"
+        lp += pulp.lpSum(t[a, n] for a in nodes if a != n) <= 1, f"pred_max_{i}"
+        lp += pulp.lpSum(t[n, b] for b in nodes if b != n) <= 1, f"succ_max_{i}"
+        if n in o.pinned:
+            lp += count[n] >= 1, f"pinned_{i}"
+    for (a, b), v in t.items():   # m follows n only where n ends: P[m] = P[n] + count[n]
+        i, j = nodes.index(a), nodes.index(b)
+        lp += start[b] - start[a] - count[a] <= L * (1 - v), f"follow_hi_{i}_{j}"
+        lp += start[b] - start[a] - count[a] >= -L * (1 - v), f"follow_lo_{i}_{j}"
+    lp += pulp.lpSum(m.layers[l].sensitivity[q] * v for (l, n, q), v in z.items()) <= o.budget, "budget"
+    if o.max_stages:
+        lp += pulp.lpSum(used.values()) <= o.max_stages, "max_stages"
+
+    # symmetry: of identical nodes (same figures, same routes), use them in name order
+    for group in identical_nodes(problem, nodes, net):
+        for a, b in zip(group, group[1:]):
+            i, j = nodes.index(a), nodes.index(b)
+            lp += used[a] >= used[b], f"sym_used_{i}_{j}"
+            lp += start[a] <= start[b] + L * (1 - used[b]), f"sym_order_{i}_{j}"
+
+    if o.objective == "latency":
+        lp += (pulp.lpSum(C.layer_latency_s(fleet.node(n), m.layers[l], q, w) * v for (l, n, q), v in z.items())
+               + pulp.lpSum(C.stage_overhead_latency_s(fleet.node(n), w) * used[n] for n in nodes)
+               + pulp.lpSum(C.hop_latency_s(net, m, w, a, b) * v for (a, b), v in t.items())
+               + pulp.lpSum(C.controller_latency_s(net, w, n) * f[0, n] for n in nodes)), "latency"
+    else:
+        T = pulp.LpVariable("T", lowBound=0)
+        lp += T, "bottleneck"
+        for i, n in enumerate(nodes):
+            node = fleet.node(n)
+            lp += (pulp.lpSum(C.decode_s(node, m.layers[l], q, w, w.concurrency) * z[l, n, q]
+                              for l in range(L) for q in cand.get((l, n), []))
+                   + node.step_overhead_s * used[n] <= T), f"stage_time_{i}"
+        for (a, b), v in t.items():
+            lp += C.hop_step_s(net, m, w, a, b) * v <= T, f"hop_time_{nodes.index(a)}_{nodes.index(b)}"
+    stats = {"variables": len(lp.variables()), "constraints": len(lp.constraints),
+             "binaries": len(z) + len(t), "build_s": time.perf_counter() - t0}
+    return Model(lp=lp, z=z, t=t, problem=problem, nodes=nodes, stats=stats)
+
+
+def identical_nodes(problem: Problem, nodes: list[str], net: C.Network) -> list[list[str]]:
+    """Groups of interchangeable nodes: same memory, speeds, overhead and pin status, and the
+    same route cost to every other vertex (for a token's and a prompt's activations)."""
+    fleet, o = problem.fleet, problem.options
+    sizes = (problem.model.act_bytes_per_token, problem.model.act_bytes_per_token * problem.workload.prompt_tokens)
+    verts = list(net.graph.nodes)
+
+    def figures(n):
+        node = fleet.node(n)
+        return (node.memory, tuple(sorted(node.speed.items())), node.step_overhead_s, n in o.pinned)
+
+    def same(a, b):
+        return figures(a) == figures(b) and all(
+            math.isclose(net.transfer_s(a, v, x), net.transfer_s(b, v, x), rel_tol=1e-12, abs_tol=0)
+            for v in verts if v not in (a, b) for x in sizes)
+
+    groups: list[list[str]] = []
+    for n in nodes:
+        for g in groups:
+            if same(g[0], n):
+                g.append(n)
+                break
+        else:
+            groups.append([n])
+    return [g for g in groups if len(g) > 1]
+
+
+def solve(model: Model) -> tuple[str, float, float]:
+    """Run the chosen MIP solver; returns (status, objective, best bound), checking the
+    solver's own verdict rather than PuLP's label."""
+    o = model.problem.options
+    lp = model.lp
+    t0 = time.perf_counter()
+    if o.solver == "highs":
+        s = pulp.HiGHS(msg=False, timeLimit=o.time_limit, gapRel=o.gap, threads=o.threads or None)
+        lp.solve(s)
+        h = lp.solverModel
+        info = h.getInfo()
+        ms = h.getModelStatus()
+        import highspy
+        if ms in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+            return "infeasible", math.nan, math.nan
+        if info.primal_solution_status != 2:   # 2 = feasible point available
+            return ("timeout" if ms == highspy.HighsModelStatus.kTimeLimit else "error"), math.nan, info.mip_dual_bound
+        return "solved", info.objective_function_value, info.mip_dual_bound
+    if o.solver == "cbc":
+        with tempfile.TemporaryDirectory() as d:
+            logf = Path(d) / "cbc.log"
+            s = pulp.PULP_CBC_CMD(msg=False, timeLimit=o.time_limit, gapRel=o.gap, threads=o.threads or None,
+                                  logPath=str(logf))
+            lp.solve(s)
+            text = logf.read_text() if logf.exists() else ""
+        if "infeasible" in text.lower().split("result -")[-1][:80] or lp.status == pulp.LpStatusInfeasible:
+            return "infeasible", math.nan, math.nan
+        if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+            return "timeout", math.nan, math.nan
+        obj = pulp.value(lp.objective)
+        bound = _cbc_bound(text, obj)
+        return "solved", obj, bound
+    raise ValueError(f"unknown solver {o.solver!r}; use highs or cbc")
+
+
+def _cbc_bound(log_text: str, obj: float) -> float:
+    """CBC prints 'Lower bound:' at the end; 'Optimal solution found' means bound = objective
+    within its gap; a time-limited run prints the bound it reached."""
+    m = re.search(r"Lower bound:\s+([-+0-9.eE]+)", log_text)
+    if m:
+        return float(m.group(1))
+    if "Optimal solution found" in log_text:
+        return obj
+    return -math.inf
+
+
+def extract(model: Model) -> list[Stage]:
+    """The stages of the solved model, in layer order."""
+    chosen = {}
+    for (l, n, q), v in model.z.items():
+        if (v.varValue or 0) > 0.5:
+            assert l not in chosen, f"layer {l} assigned twice"
+            chosen[l] = (n, q)
+    L = model.problem.model.n_layer
+    assert len(chosen) == L, "the solver returned a partial assignment"
+    stages: list[Stage] = []
+    for l in range(L):
+        n, q = chosen[l]
+        if stages and stages[-1].node == n:
+            last = stages[-1]
+            stages[-1] = Stage(n, last.first, l + 1, last.types + (q,))
+        else:
+            stages.append(Stage(n, l, l + 1, (q,)))
+    return stages
+
+
+def solve_ilp(problem: Problem) -> Plan:
+    """build → solve → extract, with status, objective (recomputed by the cost model),
+    bound, gap and time. A run stopped by the time limit is 'feasible', never 'optimal'."""
+    from solver.explain import explain
+
+    from solver.explain import unplaceable_pin
+
+    t0 = time.perf_counter()
+    why = unplaceable_pin(problem, candidates(problem))
+    if why:
+        return Plan((), "infeasible", math.nan, math.nan, math.nan, 0.0, problem.options.solver, why)
+    model = build(problem)
+    status, obj, bound = solve(model)
+    elapsed = time.perf_counter() - t0
+    o = problem.options
+    name = o.solver
+    if status == "infeasible":
+        return Plan((), "infeasible", math.nan, math.nan, math.nan, elapsed, name, explain(problem), None, model.stats)
+    if status != "solved":
+        msg = (f"the solver found no plan within {o.time_limit:g} s; raise --time-limit"
+               if status == "timeout" else "the solver failed; try --solver cbc")
+        return Plan((), status, math.nan, bound, math.nan, elapsed, name, msg, None, model.stats)
+    stages = extract(model)
+    pred = evaluate(problem, stages)
+    value = pred.objective(o.objective)
+    bound = min(bound, value) if not math.isnan(bound) else -math.inf
+    gap = (value - bound) / value if value > 0 else 0.0
+    gap = max(gap, 0.0)
+    return Plan(tuple(stages), "optimal" if gap <= o.gap + 1e-9 else "feasible", value, bound, gap, elapsed,
+                name, "", pred, model.stats)

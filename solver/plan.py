@@ -1,0 +1,171 @@
+"""A plan (ordered stages) and what the cost model predicts for it.
+
+`evaluate` is the single definition of a plan's objective: the ILP's objective value, the
+brute-force reference in the tests and the baselines are all compared through it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from solver import cost as C
+from solver.problem import Problem
+
+
+@dataclass(frozen=True)
+class Stage:
+    node: str
+    first: int                     # first layer (inclusive)
+    last: int                      # last layer (exclusive)
+    types: tuple[str, ...]         # GGUF type of each layer in [first, last)
+
+
+@dataclass(frozen=True)
+class StagePrediction:
+    node: str
+    prefill_s: float               # the stage's compute for the whole prompt
+    decode_s: float                # one decode step, batch 1
+    step_s: float                  # one decode step at the workload's concurrency
+    transfer_s: float              # this stage → next: the request's share of link time (0 for the last)
+    memory: int                    # bytes used: weights + KV cache + runtime
+    memory_available: int
+
+
+@dataclass(frozen=True)
+class Prediction:
+    ttft_s: float
+    tpot_s: float
+    latency_s: float               # ttft + (output − 1) × tpot: the latency objective
+    bottleneck_s: float            # slowest stage or hop per decode step: the throughput objective
+    tokens_per_s: float            # concurrency / bottleneck, pipeline kept full
+    dnll: float                    # predicted ΔNLL (sum of per-layer sensitivities)
+    ppl_increase_pct: float
+    stages: tuple[StagePrediction, ...]
+
+    def objective(self, kind: str) -> float:
+        return self.latency_s if kind == "latency" else self.bottleneck_s
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[Stage, ...]
+    status: str                    # optimal | feasible (time limit / gap) | infeasible | error
+    objective: float               # value of the chosen objective (seconds); nan if none
+    bound: float                   # best proven lower bound on it
+    gap: float                     # (objective − bound) / objective
+    solve_s: float
+    solver: str
+    message: str = ""              # for infeasible plans: the binding resource, in one sentence
+    prediction: Prediction | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("optimal", "feasible")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stages"] = [asdict(s) for s in self.stages]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, default=lambda x: None if isinstance(x, float) and
+                          math.isnan(x) else x)
+
+
+def plan_from_dict(d: dict) -> Plan:
+    """Read back a plan JSON (stages are what matters; predictions are recomputed by evaluate)."""
+    try:
+        stages = tuple(Stage(s["node"], int(s["first"]), int(s["last"]), tuple(s["types"])) for s in d["stages"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("not a plan JSON: expected `stages` with node, first, last and types") from None
+    return Plan(stages=stages, status=d.get("status", "feasible"), objective=d.get("objective") or math.nan,
+                bound=d.get("bound") or math.nan, gap=d.get("gap") or math.nan, solve_s=d.get("solve_s", 0.0),
+                solver=d.get("solver", ""), message=d.get("message", ""))
+
+
+def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Prediction:
+    """The cost model's prediction for an ordered list of stages (assumed valid: see violations)."""
+    m, w, fleet = problem.model, problem.workload, problem.fleet
+    net = C.Network(fleet)
+    preds = []
+    ttft = tpot = 0.0
+    bottleneck = 0.0
+    dnll = 0.0
+    for i, st in enumerate(stages):
+        node = fleet.node(st.node)
+        layers = list(zip(range(st.first, st.last), st.types))
+        pre = sum(C.prefill_s(node, m.layers[l], q, w) for l, q in layers)
+        dec = sum(C.decode_s(node, m.layers[l], q, w) for l, q in layers)
+        step = sum(C.decode_s(node, m.layers[l], q, w, w.concurrency) for l, q in layers) + node.step_overhead_s
+        dnll += sum(m.layers[l].sensitivity[q] for l, q in layers)
+        mem = stage_memory(problem, st, first=i == 0, last=i == len(stages) - 1)
+        transfer = 0.0
+        ttft += pre + node.step_overhead_s
+        tpot += dec + node.step_overhead_s
+        bottleneck = max(bottleneck, step)
+        if i + 1 < len(stages):
+            nxt = stages[i + 1].node
+            act = m.act_bytes_per_token
+            hop_ttft = net.transfer_s(st.node, nxt, act * w.prompt_tokens) + net.transfer_s(nxt, st.node, C.REPLY_BYTES)
+            hop_tpot = net.transfer_s(st.node, nxt, act) + net.transfer_s(nxt, st.node, C.REPLY_BYTES)
+            ttft += hop_ttft
+            tpot += hop_tpot
+            transfer = hop_ttft + (w.output_tokens - 1) * hop_tpot
+            bottleneck = max(bottleneck, C.hop_step_s(net, m, w, st.node, nxt))
+        preds.append(StagePrediction(st.node, pre, dec, step, transfer, mem, node.memory))
+    if stages and fleet.controller:
+        c, first = fleet.controller, stages[0].node
+        ttft += net.transfer_s(c, first, C.TOKEN_BYTES * w.prompt_tokens) + net.transfer_s(first, c, C.REPLY_BYTES)
+        tpot += net.transfer_s(c, first, C.TOKEN_BYTES) + net.transfer_s(first, c, C.REPLY_BYTES)
+    latency = ttft + (w.output_tokens - 1) * tpot
+    return Prediction(ttft_s=ttft, tpot_s=tpot, latency_s=latency, bottleneck_s=bottleneck,
+                      tokens_per_s=w.concurrency / bottleneck if bottleneck > 0 else math.inf, dnll=dnll,
+                      ppl_increase_pct=100.0 * math.expm1(dnll), stages=tuple(preds))
+
+
+def stage_memory(problem: Problem, st: Stage, first: bool, last: bool) -> int:
+    m, w = problem.model, problem.workload
+    b = sum(C.layer_bytes(m, l, q, problem.workload) for l, q in zip(range(st.first, st.last), st.types))
+    return b + C.runtime_bytes(m, w) + (m.embed_bytes if first else 0) + (m.head_bytes if last else 0)
+
+
+def violations(problem: Problem, stages: tuple[Stage, ...] | list[Stage], tol: float = 1e-9) -> list[str]:
+    """Every constraint a plan breaks, as sentences (empty list: the plan is valid)."""
+    out = []
+    m, o = problem.model, problem.options
+    allowed = set(o.types or m.types)
+    expect = 0
+    seen = set()
+    for i, st in enumerate(stages):
+        if st.first != expect or st.last <= st.first:
+            out.append(f"stage {i} covers [{st.first}, {st.last}) but should start at layer {expect}")
+        expect = st.last
+        if len(st.types) != st.last - st.first:
+            out.append(f"stage {i} lists {len(st.types)} types for {st.last - st.first} layers")
+            continue
+        if st.node in seen:
+            out.append(f"node {st.node} holds two stages")
+        seen.add(st.node)
+        if st.node in o.excluded:
+            out.append(f"node {st.node} is excluded")
+        node = problem.fleet.node(st.node)
+        for q in st.types:
+            if q not in node.speed or q not in allowed:
+                out.append(f"node {st.node} cannot run type {q}")
+        mem = stage_memory(problem, st, i == 0, i == len(stages) - 1)
+        if mem > node.memory:
+            out.append(f"node {st.node} needs {mem} bytes but offers {node.memory}")
+    if expect != m.n_layer:
+        out.append(f"the stages cover layers up to {expect}, not all {m.n_layer}")
+    for n in o.pinned:
+        if n not in seen:
+            out.append(f"pinned node {n} holds no stage")
+    if o.max_stages and len(stages) > o.max_stages:
+        out.append(f"{len(stages)} stages exceed the limit of {o.max_stages}")
+    if not out:
+        dnll = sum(m.layers[l].sensitivity[q] for st in stages for l, q in zip(range(st.first, st.last), st.types))
+        if dnll > o.budget * (1 + tol) + tol:
+            out.append(f"predicted ΔNLL {dnll:.5f} exceeds the budget {o.budget:.5f}")
+    return out

@@ -1,0 +1,349 @@
+"""The placement problem as plain, frozen data: model profile, fleet, workload, budget, options.
+
+Everything the solver, the simulator and the controller's predictions need, and nothing
+they would have to look up elsewhere. Loaders for the user-facing files (fleet YAML/TOML,
+model profile JSON) validate at the boundary and raise ValueError with one actionable
+sentence.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gguf
+import networkx as nx
+import yaml
+
+# Types a layer may be quantized to, best quality first.
+LAYER_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
+GiB = 1024 ** 3
+
+
+def type_bytes(qtype: str, n_elements: int) -> int:
+    """Bytes of a tensor of n_elements at a GGUF type (block layout from the gguf package)."""
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    if n_elements % block:
+        raise ValueError(f"{n_elements} elements do not split into {qtype} blocks of {block}")
+    return n_elements // block * size
+
+
+# ----------------------------------------------------------------------------- model
+
+@dataclass(frozen=True)
+class LayerProfile:
+    bytes: dict[str, int]          # weight bytes of this transformer block at each type
+    flops: float                   # FLOPs per token of its weight matmuls (2 × parameters)
+    attn_flops_per_ctx: float      # extra attention FLOPs per token per context position
+    kv_bytes_per_token: int        # K and V cache bytes per token (f16, GQA-aware)
+    sensitivity: dict[str, float]  # ΔNLL (nats/token) when only this layer is at that type
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    name: str
+    n_embd: int                     # hidden size: activations sent between stages are n_embd f32
+    n_vocab: int
+    layers: tuple[LayerProfile, ...]
+    embed_bytes: int                # token embedding, held by the first stage
+    head_bytes: int                 # output norm + LM head, held by the last stage
+    scratch_bytes_per_token: int    # runtime activation memory per prompt token in flight
+    scratch_bytes: int              # fixed runtime memory of a stage (largest matrix dequantized)
+    sensitivity_source: str = "measured"   # or the proxy used (docs/cost-model.md)
+    sha256: str = ""
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layers)
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """Types with both a size and a sensitivity for every layer."""
+        return tuple(q for q in LAYER_TYPES
+                     if all(q in lp.bytes and q in lp.sensitivity for lp in self.layers))
+
+    @property
+    def act_bytes_per_token(self) -> int:
+        return 4 * self.n_embd
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def model_from_shape(name: str, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int,
+                     n_vocab: int, tied: bool, sensitivity: list[dict[str, float]],
+                     master_type: str = "F16", sensitivity_source: str = "measured",
+                     sha256: str = "") -> ModelProfile:
+    """Profile of a llama-family model from its shapes: sizes per type from the GGUF block layout,
+    FLOPs from the parameter count, KV bytes from the KV heads (GQA)."""
+    if len(sensitivity) != n_layer:
+        raise ValueError(f"the sensitivity table has {len(sensitivity)} layers; the model has {n_layer}")
+    head_dim = n_embd // n_head
+    kv_dim = n_head_kv * head_dim
+    matrices = [n_embd * n_embd, n_embd * kv_dim, n_embd * kv_dim, n_embd * n_embd,  # q k v o
+                n_embd * n_ff, n_embd * n_ff, n_ff * n_embd]                          # gate up down
+    norms = 2 * n_embd * 4                                                             # f32 norms
+    params = sum(matrices)
+    layers = []
+    for sens in sensitivity:
+        sizes = {}
+        for q in LAYER_TYPES:
+            try:
+                sizes[q] = sum(type_bytes(q, m) for m in matrices) + norms
+            except ValueError:
+                continue  # rows not a multiple of this type's block: the type does not apply
+        layers.append(LayerProfile(bytes=sizes, flops=2.0 * params, attn_flops_per_ctx=4.0 * n_embd,
+                                   kv_bytes_per_token=2 * kv_dim * 2, sensitivity=dict(sens)))
+    emb = type_bytes(master_type, n_vocab * n_embd)
+    head = n_embd * 4 + (0 if tied else type_bytes(master_type, n_vocab * n_embd))
+    if tied:
+        head += emb  # the last stage needs the tied matrix too
+    return ModelProfile(
+        name=name, n_embd=n_embd, n_vocab=n_vocab, layers=tuple(layers), embed_bytes=emb, head_bytes=head,
+        # per prompt token: residual, q/k/v, attention out, gate/up/act (f32) and its logits row
+        scratch_bytes_per_token=4 * (4 * n_embd + 2 * kv_dim + 3 * n_ff),
+        scratch_bytes=4 * max(n_embd * n_ff, n_vocab * n_embd // 8),
+        sensitivity_source=sensitivity_source, sha256=sha256)
+
+
+def load_model_profile(path: str | Path) -> ModelProfile:
+    """A model profile JSON (as written by ModelProfile.to_json / `edgefleet model profile`)."""
+    try:
+        d = json.loads(Path(path).read_text())
+        layers = tuple(LayerProfile(**lp) for lp in d.pop("layers"))
+        return ModelProfile(layers=layers, **d)
+    except FileNotFoundError:
+        raise ValueError(f"model profile {path} does not exist") from None
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path} is not a model profile JSON ({e}); write one with "
+                         f"`edgefleet plan --model MODEL.gguf --save-profile FILE`") from None
+
+
+# ----------------------------------------------------------------------------- fleet
+
+@dataclass(frozen=True)
+class TypeSpeed:
+    decode_bytes_per_s: float   # effective weight bytes/s of a batch-1 decode step at this type
+    prefill_flops: float        # effective FLOP/s of a prefill (many tokens) at this type
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    memory: int                          # bytes the node may use for the model
+    speed: dict[str, TypeSpeed]          # per supported type; a type not listed is not supported
+    step_overhead_s: float = 0.0005      # fixed time of one stage step (framework, RPC hop)
+    address: str = ""
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return tuple(q for q in LAYER_TYPES if q in self.speed)
+
+
+@dataclass(frozen=True)
+class Link:
+    a: str
+    b: str
+    bandwidth: float    # bytes/s
+    latency: float      # seconds, one way
+
+
+@dataclass(frozen=True)
+class Fleet:
+    nodes: tuple[Node, ...]
+    links: tuple[Link, ...]
+    controller: str = ""   # graph vertex where requests enter and tokens leave ("" = not modelled)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise ValueError(f"the fleet has no node {name!r}; it has {', '.join(n.name for n in self.nodes)}")
+
+    def graph(self) -> nx.Graph:
+        g = nx.Graph()
+        g.add_nodes_from(n.name for n in self.nodes)
+        for l in self.links:
+            g.add_edge(l.a, l.b, bandwidth=l.bandwidth, latency=l.latency)
+        return g
+
+    def to_dict(self) -> dict:
+        return {"controller": self.controller,
+                "nodes": [{"name": n.name, "memory": n.memory, "address": n.address,
+                           "step_overhead_s": n.step_overhead_s,
+                           "speed": {q: asdict(s) for q, s in n.speed.items()}} for n in self.nodes],
+                "links": [asdict(l) for l in self.links]}
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_quantity(value, what: str, unit: str = "") -> float:
+    """'8GiB', '6.5 GB', '100Mbit', '5ms', '68 GB/s', '1.2 TFLOPS' or a plain number (base units)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    s = str(value).strip().lower().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[-+]?[0-9]+)?)([a-z/]*)", s)
+    if not m:
+        raise ValueError(f"{what}: cannot read {value!r} as a quantity (e.g. 8GiB, 100Mbit, 5ms)")
+    x, u = float(m.group(1)), m.group(2)
+    if u in ("s", "sec"):
+        return x
+    if u == "ms":
+        return x / 1e3
+    if u == "us":
+        return x / 1e6
+    for suffix, scale in (("bit/s", 1 / 8), ("bit", 1 / 8), ("bps", 1 / 8), ("flops", 1), ("flop/s", 1),
+                          ("/s", 1), ("", 1)):
+        if u.endswith(suffix):
+            prefix = u[: len(u) - len(suffix)] if suffix else u
+            if prefix in _UNITS:
+                return x * _UNITS[prefix] * scale
+    raise ValueError(f"{what}: unknown unit in {value!r} (use B, KiB, MiB, GiB, GB, Mbit, Gbit, ms, s, GB/s, TFLOPS)")
+
+
+def node_from_dict(d: dict, where: str) -> Node:
+    """One node entry of a fleet file: either `device: <catalog name>` or declared figures
+    (memory_bandwidth, flops, efficiency per type) or measured `profile` seconds."""
+    from solver.catalog import DEVICES, declared_speed
+
+    if not isinstance(d, dict) or "name" not in d:
+        raise ValueError(f"{where}: each node needs at least a name and a memory size")
+    name = str(d["name"])
+    base = {}
+    if "device" in d:
+        if d["device"] not in DEVICES:
+            raise ValueError(f"{where}: unknown device {d['device']!r}; known: {', '.join(DEVICES)}")
+        base = dict(DEVICES[d["device"]])
+    spec = {**base, **d}
+    if "memory" not in spec:
+        raise ValueError(f"{where}: node {name!r} has no memory (e.g. memory: 6GiB)")
+    memory = int(parse_quantity(spec["memory"], f"{where}: memory of {name}"))
+    types = spec.get("types", LAYER_TYPES)
+    bad = [q for q in types if q not in LAYER_TYPES]
+    if bad:
+        raise ValueError(f"{where}: node {name!r} lists unknown types {bad}; known: {', '.join(LAYER_TYPES)}")
+    if "speed" in spec:  # measured or explicit per-type figures
+        speed = {q: TypeSpeed(parse_quantity(s["decode_bytes_per_s"], f"{where}: {name} {q}"),
+                              parse_quantity(s["prefill_flops"], f"{where}: {name} {q}"))
+                 for q, s in spec["speed"].items() if q in types}
+    else:
+        for k in ("memory_bandwidth", "flops"):
+            if k not in spec:
+                raise ValueError(f"{where}: node {name!r} needs memory_bandwidth and flops, a catalog `device`, "
+                                 f"or measured `speed`")
+        speed = declared_speed(parse_quantity(spec["memory_bandwidth"], f"{where}: memory_bandwidth of {name}"),
+                               parse_quantity(spec["flops"], f"{where}: flops of {name}"),
+                               spec.get("efficiency", {}), types)
+    if memory <= 0 or not speed or any(s.decode_bytes_per_s <= 0 or s.prefill_flops <= 0 for s in speed.values()):
+        raise ValueError(f"{where}: node {name!r} needs a positive memory and speeds for at least one type")
+    overhead = parse_quantity(spec.get("step_overhead", 0.0005), f"{where}: step_overhead of {name}")
+    return Node(name=name, memory=memory, speed=speed, step_overhead_s=overhead, address=str(spec.get("address", "")))
+
+
+def fleet_from_dict(d: dict, where: str = "fleet") -> Fleet:
+    if not isinstance(d, dict) or not isinstance(d.get("nodes"), list) or not d["nodes"]:
+        raise ValueError(f"{where}: expected a mapping with a non-empty `nodes` list")
+    nodes = tuple(node_from_dict(n, f"{where}: nodes[{i}]") for i, n in enumerate(d["nodes"]))
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: node names must be unique; {names} repeats one")
+    links = []
+    default = d.get("network")  # every pair of nodes on one switch, unless links say otherwise
+    if default is not None:
+        bw = parse_quantity(default.get("bandwidth", "1Gbit"), f"{where}: network bandwidth")
+        lat = parse_quantity(default.get("latency", "0.5ms"), f"{where}: network latency")
+        links += [Link("switch", n, bw, lat / 2) for n in names]
+    for i, l in enumerate(d.get("links", []) or []):
+        try:
+            a, b = l["between"] if "between" in l else (l["a"], l["b"])
+            links.append(Link(str(a), str(b), parse_quantity(l["bandwidth"], f"{where}: links[{i}] bandwidth"),
+                              parse_quantity(l.get("latency", 0), f"{where}: links[{i}] latency")))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(f"{where}: links[{i}] needs `between: [A, B]` and `bandwidth`") from None
+        if links[-1].bandwidth <= 0 or links[-1].latency < 0:
+            raise ValueError(f"{where}: links[{i}] needs a positive bandwidth and a latency ≥ 0")
+    fleet = Fleet(nodes=nodes, links=tuple(links), controller=str(d.get("controller", "")))
+    g = fleet.graph()
+    if fleet.controller and fleet.controller not in g:
+        raise ValueError(f"{where}: controller {fleet.controller!r} is not a node or link end")
+    cut = [n for n in names if not nx.has_path(g, names[0], n)]
+    if cut:
+        raise ValueError(f"{where}: nodes {cut} cannot be reached from {names[0]}; add links or a `network:` section")
+    return fleet
+
+
+def load_fleet(path: str | Path) -> Fleet:
+    """Fleet file, YAML or TOML (by suffix)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"fleet file {p} does not exist")
+    try:
+        d = tomllib.loads(p.read_text()) if p.suffix == ".toml" else yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"{p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: "
+                         f"{str(e).splitlines()[0]}") from None
+    return fleet_from_dict(d, str(p))
+
+
+# ----------------------------------------------------------------------------- workload etc.
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_tokens: int = 512
+    output_tokens: int = 128
+    concurrency: int = 1        # sequences decoded together (and KV caches held) per stage
+    context: int = 0            # KV cache tokens per sequence; 0 = prompt + output
+
+    @property
+    def ctx(self) -> int:
+        return self.context or self.prompt_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class Options:
+    objective: str = "latency"                 # latency | throughput
+    max_ppl_increase: float = 5.0              # percent; ΔNLL budget = ln(1 + x/100)
+    types: tuple[str, ...] = ()                # allowed layer types ("" = all the model has)
+    pinned: tuple[str, ...] = ()               # nodes that must hold a stage
+    excluded: tuple[str, ...] = ()             # nodes that must not
+    max_stages: int = 0                        # 0 = no limit
+    solver: str = "highs"                      # highs | cbc
+    time_limit: float = 60.0                   # seconds
+    gap: float = 0.001                         # relative gap at which a solution counts as optimal
+    threads: int = 0                           # 0 = solver default
+
+    @property
+    def budget(self) -> float:
+        return math.log1p(self.max_ppl_increase / 100.0)
+
+
+@dataclass(frozen=True)
+class Problem:
+    model: ModelProfile
+    fleet: Fleet
+    workload: Workload = field(default_factory=Workload)
+    options: Options = field(default_factory=Options)
+
+    def validate(self) -> None:
+        o = self.options
+        if o.objective not in ("latency", "throughput"):
+            raise ValueError(f"objective must be latency or throughput, not {o.objective!r}")
+        if o.max_ppl_increase < 0:
+            raise ValueError("the perplexity budget must be ≥ 0 %")
+        names = {n.name for n in self.fleet.nodes}
+        for n in (*o.pinned, *o.excluded):
+            if n not in names:
+                raise ValueError(f"the fleet has no node {n!r}; it has {', '.join(sorted(names))}")
+        bad = [q for q in o.types if q not in self.model.types]
+        if bad:
+            raise ValueError(f"types {bad} are not available for this model (it has {', '.join(self.model.types)})")
+        w = self.workload
+        if w.prompt_tokens < 1 or w.output_tokens < 1 or w.concurrency < 1:
+            raise ValueError("prompt tokens, output tokens and concurrency must all be ≥ 1")
