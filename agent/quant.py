@@ -318,6 +318,22 @@ def as_llama_cpp_activations(x: torch.Tensor, weight_type: str) -> torch.Tensor:
     return act(x.contiguous()) if act is not None else x
 
 
+# Largest float32 slice of a weight matrix dequantized at once: bounds a stage's working
+# memory on big models (the cost model's runtime memory assumes the same figure).
+DEQUANT_CHUNK_BYTES = 64 * 2 ** 20
+
+
 def linear(x: torch.Tensor, w: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ w^T -> [..., out], dequantizing w for this call only."""
-    return torch.nn.functional.linear(as_llama_cpp_activations(x, w.qtype), w.dequantize(), bias)
+    """x [..., in] @ w^T -> [..., out], dequantizing w for this call only, in row slices of at
+    most DEQUANT_CHUNK_BYTES (each row is whole blocks, so slices are exact)."""
+    xa = as_llama_cpp_activations(x, w.qtype)
+    out_f, in_f = w.shape
+    rows = max(1, DEQUANT_CHUNK_BYTES // (4 * in_f))
+    if rows >= out_f:
+        return torch.nn.functional.linear(xa, w.dequantize(), bias)
+    rb = w.raw.numel() // out_f
+    raw = w.raw.reshape(out_f, rb)
+    parts = [torch.nn.functional.linear(xa, dequantize(raw[a:a + rows], w.qtype, (min(rows, out_f - a), in_f)))
+             for a in range(0, out_f, rows)]
+    y = torch.cat(parts, dim=-1)
+    return y + bias if bias is not None else y

@@ -105,7 +105,8 @@ def model_from_shape(name: str, n_layer: int, n_embd: int, n_head: int, n_head_k
         name=name, n_embd=n_embd, n_vocab=n_vocab, layers=tuple(layers), embed_bytes=emb, head_bytes=head,
         # per prompt token: residual, q/k/v, attention out, gate/up/act (f32) and its logits row
         scratch_bytes_per_token=4 * (4 * n_embd + 2 * kv_dim + 3 * n_ff),
-        scratch_bytes=4 * max(n_embd * n_ff, n_vocab * n_embd // 8),
+        # one weight slice dequantized at a time (agent.quant.DEQUANT_CHUNK_BYTES) + a logits row
+        scratch_bytes=min(4 * max(n_embd * n_ff, n_vocab * n_embd), 64 * 2 ** 20) + 4 * n_vocab,
         sensitivity_source=sensitivity_source, sha256=sha256)
 
 

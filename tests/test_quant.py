@@ -58,3 +58,16 @@ def test_embedding_rows_match_full_dequantization():
     q = QTensor.from_float(w, "Q6_K")
     ids = torch.tensor([[3, 49], [0, 3]])
     assert torch.equal(q.embedding(ids), q.dequantize()[ids])
+
+
+def test_linear_in_row_slices_equals_whole_matrix(monkeypatch):
+    """Big matrices are dequantized a slice of rows at a time; the result is the same."""
+    from agent import quant as Q
+    g = torch.Generator().manual_seed(0)
+    w = Q.QTensor.from_float(torch.randn(96, 256, generator=g).numpy(), "Q4_K")
+    x = torch.randn(3, 256, generator=g)
+    bias = torch.randn(96, generator=g)
+    whole = Q.linear(x, w, bias)
+    monkeypatch.setattr(Q, "DEQUANT_CHUNK_BYTES", 4 * 256 * 10)   # 10 rows per slice
+    sliced = Q.linear(x, w, bias)
+    assert torch.allclose(whole, sliced, rtol=0, atol=1e-5)
