@@ -81,11 +81,14 @@ def plan_table(problem: Problem, plan: Plan) -> Table:
 
 
 def compact_types(types: tuple[str, ...]) -> str:
-    """('Q4_K','Q4_K','Q2_K') -> 'Q4_K×2 Q2_K' (runs, in layer order)."""
+    """('Q4_K','Q4_K','Q2_K') -> 'Q4_K×2 Q2_K' (runs, in layer order; counts when many runs)."""
     out: list[list] = []
     for q in types:
         if out and out[-1][0] == q:
             out[-1][1] += 1
         else:
             out.append([q, 1])
+    if len(out) > 3:   # many runs: say how many of each instead
+        counts = {q: types.count(q) for q in dict.fromkeys(types)}
+        return ", ".join(f"{q}×{k}" for q, k in counts.items()) + " (mixed)"
     return " ".join(q if k == 1 else f"{q}×{k}" for q, k in out)
