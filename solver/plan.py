@@ -131,8 +131,9 @@ def stage_memory(problem: Problem, st: Stage, first: bool, last: bool) -> int:
     return b + C.runtime_bytes(m, w) + (m.embed_bytes if first else 0) + (m.head_bytes if last else 0)
 
 
-def violations(problem: Problem, stages: tuple[Stage, ...] | list[Stage], tol: float = 1e-9) -> list[str]:
-    """Every constraint a plan breaks, as sentences (empty list: the plan is valid)."""
+def violations(problem: Problem, stages: tuple[Stage, ...] | list[Stage], tol: float = 1e-6) -> list[str]:
+    """Every constraint a plan breaks, as sentences (empty list: the plan is valid). The budget
+    is met within a relative `tol` (MIP solvers' feasibility tolerance)."""
     out = []
     m, o = problem.model, problem.options
     allowed = set(o.types or m.types)
