@@ -128,22 +128,18 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
     """
     from agent.quant import LAYER_TYPES
     from controller import sensitivity as S
-    from controller.shards import file_sha256
 
     types = LAYER_TYPES if types_csv is None else tuple(t.strip() for t in types_csv.split(",") if t.strip())
     for t in types:
         if t not in LAYER_TYPES:
             raise ValueError(f"unsupported GGUF type {t!r}; choose from {', '.join(LAYER_TYPES)}")
-    sha = file_sha256(model_path)
-    result = None if force else S.load_cached(sha, types, tokens)
-    if result is None:
-        text = (text_path or HELDOUT_TEXT).read_text(encoding="utf-8")
-        with progress_bar() as progress:
-            result = S.measure(model_path, text, types, tokens, validate, seed, progress, sha)
-        where = S.save(result)
-        err_console.print(f"cached {where}")
+    with progress_bar() as progress:
+        result, measured = S.cached_or_measured(model_path, text_path or HELDOUT_TEXT, types, tokens, validate, seed,
+                                                progress, force=force)
+    if measured:
+        err_console.print(f"cached {S.cache_path(result['sha256'])}")
     else:
-        err_console.print(f"using cached {S.cache_path(sha)} (--force to measure again)")
+        err_console.print(f"using cached {S.cache_path(result['sha256'])} (--force to measure again)")
     if as_json:
         click.echo(json.dumps(result, indent=1))
         return
@@ -199,7 +195,7 @@ def plan(model_arg, fleet_path, max_ppl_increase, objective, prompt_tokens, outp
 
     fleet = load_fleet(fleet_path)
     with progress_bar() as progress:
-        model = load_profile(model_arg, HELDOUT_TEXT.read_text(encoding="utf-8"), tokens, progress)
+        model = load_profile(model_arg, HELDOUT_TEXT, tokens, progress)
     if save_profile:
         save_profile.write_text(model.to_json())
     types = tuple(t.strip() for t in types_csv.split(",") if t.strip())

@@ -27,22 +27,7 @@ def gguf_profile(path: Path, sensitivity: dict) -> ModelProfile:
                             sha256=sensitivity["sha256"])
 
 
-def sensitivity_for(path: Path, text: str, tokens: int, progress: Progress | None = None,
-                    sha256: str | None = None) -> dict:
-    """The cached sensitivity table of a GGUF, measured (and cached) when there is none."""
-    from agent.quant import LAYER_TYPES
-    from controller import sensitivity as S
-    from controller.shards import file_sha256
-
-    sha = sha256 or file_sha256(path)
-    result = S.load_cached(sha, LAYER_TYPES, tokens)
-    if result is None:
-        result = S.measure(path, text, LAYER_TYPES, tokens, 20, 0, progress, sha)
-        S.save(result)
-    return result
-
-
-def load_profile(arg: str, text: str, tokens: int, progress: Progress | None = None) -> ModelProfile:
+def load_profile(arg: str, text_file: Path, tokens: int, progress: Progress | None = None) -> ModelProfile:
     """MODEL.gguf (measured sensitivity), PROFILE.json, or a catalog shape name (proxy sensitivity)."""
     from solver.catalog import MODEL_SHAPES, model_profile
 
@@ -54,7 +39,9 @@ def load_profile(arg: str, text: str, tokens: int, progress: Progress | None = N
     if not p.is_file():
         raise ValueError(f"model {arg} does not exist; give a GGUF file, a profile JSON or one of "
                          f"{', '.join(MODEL_SHAPES)}")
-    return gguf_profile(p, sensitivity_for(p, text, tokens, progress))
+    from controller.sensitivity import cached_or_measured
+
+    return gguf_profile(p, cached_or_measured(p, text_file, tokens=tokens, progress=progress)[0])
 
 
 def plan_table(problem: Problem, plan: Plan) -> Table:

@@ -197,3 +197,19 @@ def save(result: dict) -> Path:
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(p)
     return p
+
+
+def cached_or_measured(model: str | Path, text_file: Path, types: tuple[str, ...] = LAYER_TYPES, tokens: int = 2048,
+                       validate: int = 20, seed: int = 0, progress: Progress | None = None,
+                       sha256: str | None = None, force: bool = False) -> tuple[dict, bool]:
+    """(result, measured now): the cached table if it covers these types and tokens (and not
+    `force`), else a fresh measurement on the held-out text in text_file, saved to the cache."""
+    from controller.shards import file_sha256
+
+    sha = sha256 or file_sha256(model)
+    result = None if force else load_cached(sha, types, tokens)
+    if result is not None:
+        return result, False
+    result = measure(model, Path(text_file).read_text(encoding="utf-8"), types, tokens, validate, seed, progress, sha)
+    save(result)
+    return result, True

@@ -15,8 +15,8 @@ import time
 import pulp
 
 from solver import cost as C
-from solver.ilp import solve as run_model, Model
-from solver.plan import Plan, Stage, evaluate, violations
+from solver.ilp import run
+from solver.plan import Plan, Stage, evaluate, finished, stages_from_layers, violations
 from solver.problem import Problem
 
 SPLITS = ("equal", "memory", "compute")
@@ -118,23 +118,11 @@ def naive_ilp(problem: Problem) -> Plan:
         for (l, a, b), v in tr.items():
             lp += C.hop_step_s(net, m, w, a, b) * v <= T, f"hop_time_{l}_{nodes.index(a)}_{nodes.index(b)}"
     build_s = time.perf_counter() - t0
-    status, _, bound = run_model(Model(lp, {}, {}, problem, nodes, {}))
+    status, _, bound = run(lp, o, o.time_limit, o.gap)
     elapsed = time.perf_counter() - t0
     stats = {"build_s": build_s, "variables": len(lp.variables()), "constraints": len(lp.constraints)}
     if status != "solved":
         return Plan((), "infeasible" if status == "infeasible" else "timeout", math.nan, bound, math.nan, elapsed,
                     "naive-ilp", "", None, stats)
-    stages: list[Stage] = []
-    for l in range(L):
-        n, q = next((n, q) for (l2, n, q), v in y.items() if l2 == l and (v.varValue or 0) > 0.5)
-        if stages and stages[-1].node == n:
-            s = stages[-1]
-            stages[-1] = Stage(n, s.first, l + 1, s.types + (q,))
-        else:
-            stages.append(Stage(n, l, l + 1, (q,)))
-    pred = evaluate(problem, stages)
-    value = pred.objective(o.objective)
-    bound = min(bound, value) if not math.isnan(bound) else -math.inf
-    gap = max(0.0, (value - bound) / value) if value > 0 else 0.0
-    return Plan(tuple(stages), "optimal" if gap <= o.gap + 1e-9 else "feasible", value, bound, gap, elapsed,
-                "naive-ilp", "", pred, stats)
+    choice = [next((n, q) for (l2, n, q), v in y.items() if l2 == l and (v.varValue or 0) > 0.5) for l in range(L)]
+    return finished(problem, stages_from_layers(choice), bound, elapsed, "naive-ilp", stats)

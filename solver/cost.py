@@ -85,18 +85,20 @@ class Network:
             return 0.0
         return self._times(nbytes)[a][b]
 
-    def route(self, a: str, b: str, nbytes: int) -> list[str]:
-        for u, v, d in self.graph.edges(data=True):
-            d["_w"] = d["latency"] + nbytes / d["bandwidth"]
-        return nx.dijkstra_path(self.graph, a, b, weight="_w")
+
+def hop_first_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
+    """A hop's share of the first token: the prompt's activations forward, the token back."""
+    return net.transfer_s(a, b, model.act_bytes_per_token * w.prompt_tokens) + net.transfer_s(b, a, REPLY_BYTES)
+
+
+def hop_next_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
+    """A hop's share of each further token: one token's activations forward, the token back."""
+    return net.transfer_s(a, b, model.act_bytes_per_token) + net.transfer_s(b, a, REPLY_BYTES)
 
 
 def hop_latency_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
-    """A hop's share of one request's latency: the prompt's activations once, then one token's
-    activations per further output token, and each reply back up the chain."""
-    act = model.act_bytes_per_token
-    return (net.transfer_s(a, b, act * w.prompt_tokens) + net.transfer_s(b, a, REPLY_BYTES)
-            + (w.output_tokens - 1) * (net.transfer_s(a, b, act) + net.transfer_s(b, a, REPLY_BYTES)))
+    """A hop's share of one request's latency: the first token, then (output − 1) further ones."""
+    return hop_first_s(net, model, w, a, b) + (w.output_tokens - 1) * hop_next_s(net, model, w, a, b)
 
 
 def hop_step_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
@@ -105,11 +107,17 @@ def hop_step_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -
             + net.transfer_s(b, a, REPLY_BYTES * w.concurrency))
 
 
-def controller_latency_s(net: Network, w: Workload, first: str) -> float:
+def controller_first_s(net: Network, w: Workload, first: str) -> float:
     """Requests enter at the controller vertex and sampled tokens come back to it through the
     first stage (replies travel back up the chain); 0 when the fleet does not place it."""
     c = net.fleet.controller
-    if not c:
-        return 0.0
-    return (net.transfer_s(c, first, TOKEN_BYTES * w.prompt_tokens) + net.transfer_s(first, c, REPLY_BYTES)
-            + (w.output_tokens - 1) * (net.transfer_s(c, first, TOKEN_BYTES) + net.transfer_s(first, c, REPLY_BYTES)))
+    return net.transfer_s(c, first, TOKEN_BYTES * w.prompt_tokens) + net.transfer_s(first, c, REPLY_BYTES) if c else 0.0
+
+
+def controller_next_s(net: Network, w: Workload, first: str) -> float:
+    c = net.fleet.controller
+    return net.transfer_s(c, first, TOKEN_BYTES) + net.transfer_s(first, c, REPLY_BYTES) if c else 0.0
+
+
+def controller_latency_s(net: Network, w: Workload, first: str) -> float:
+    return controller_first_s(net, w, first) + (w.output_tokens - 1) * controller_next_s(net, w, first)

@@ -54,7 +54,7 @@ def explain(problem: Problem) -> str:
         lp = model.lp
         lp.setObjective(pulp.lpSum(m.layers[l].sensitivity[q] * z for (l, n, q), z in model.z.items()))
     lp.constraints.pop("budget", None)
-    status, best, _ = fast.run(lp, free, o.time_limit)
+    status, best, _ = ilp.run(lp, o, o.time_limit, o.gap / 4)
     if status == "solved":
         return (f"no assignment meets a {o.max_ppl_increase:g} % perplexity budget on this fleet: the best possible "
                 f"is {100 * math.expm1(best):.2f} %; raise --max-ppl-increase or add memory")

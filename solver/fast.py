@@ -4,14 +4,16 @@ incumbent, and the full ILP (warm-started, with the bound as a cut) only when th
 Transformer blocks of one model are the same shape, so a stage's time and memory depend
 only on how many of its layers are at each type, not on which. The *master* problem
 therefore chooses, per node, a count of layers per type (N×Q integers instead of L×N×Q
-binaries); hops are charged at their cheapest possible predecessor, and the accuracy
-budget is met by the best assignment of those type counts to layers (a transportation
-problem, integral, so its LP is exact). Every real plan is feasible for the master, so its
-optimum is a lower bound. The plan is then built from it: order the chosen nodes
-(cheapest route, embedding node first, head node last), cut the layers into blocks of the
-chosen sizes, and choose each layer's type exactly for those blocks (a small ILP). When
-plan and bound agree within the gap, the plan is proven optimal; otherwise the full ILP
-(solver/ilp.py) runs from the plan with `objective ≥ bound` added.
+binaries), and meets the accuracy budget through the best assignment of those type counts
+to layers (a transportation problem, integral, so its LP is exact). The pipeline order is
+a path through the used nodes (pair variables with Miller–Tucker–Zemlin positions), so
+hops cost exactly what they cost in a plan. Every real plan is feasible for the master,
+so its optimum is a lower bound. The plan is then built from it: the master's node
+order, the layers cut into blocks of the chosen sizes, and each layer's type chosen
+exactly for those blocks (a small ILP); only the placement of types on particular layers
+(their sensitivities) can differ from the master. When plan and bound agree within the
+gap, the plan is proven optimal; otherwise the full ILP (solver/ilp.py) runs from the
+plan with `objective ≥ bound` added.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pulp
 
 from solver import cost as C
 from solver import ilp
-from solver.plan import Plan, Stage, evaluate, violations
+from solver.plan import Plan, Stage, evaluate, finished, violations
 from solver.problem import Problem
 
 log = logging.getLogger(__name__)
@@ -33,47 +35,6 @@ def homogeneous(problem: Problem) -> bool:
     ls = problem.model.layers
     return all(l.bytes == ls[0].bytes and l.flops == ls[0].flops and l.attn_flops_per_ctx == ls[0].attn_flops_per_ctx
                and l.kv_bytes_per_token == ls[0].kv_bytes_per_token for l in ls)
-
-
-def run(lp: pulp.LpProblem, problem: Problem, time_limit: float, warm: dict | None = None,
-         gap_abs: float | None = None, gap_share: float = 0.25):
-    """Solve a PuLP model with the problem's solver; (status, objective, bound)."""
-    o = problem.options
-    if o.solver == "highs":
-        s = _WarmHiGHS(warm, msg=False, timeLimit=max(time_limit, 0.05), gapRel=o.gap * gap_share,
-                       gapAbs=gap_abs, threads=o.threads or None)
-        lp.solve(s)
-        info = lp.solverModel.getInfo()
-        import highspy
-        ms = lp.solverModel.getModelStatus()
-        if ms in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
-            return "infeasible", math.nan, math.nan
-        if info.primal_solution_status != 2:
-            return "timeout", math.nan, info.mip_dual_bound
-        bound = info.mip_dual_bound if info.mip_node_count >= 0 and not math.isinf(info.mip_dual_bound) \
-            else info.objective_function_value
-        return "solved", info.objective_function_value, bound
-    model = ilp.Model(lp, {}, {}, problem, [], {})
-    sub = Problem(problem.model, problem.fleet, problem.workload,
-                  type(o)(**{**o.__dict__, "time_limit": max(time_limit, 1.0)}))
-    model.problem = sub
-    return ilp.solve(model)
-
-
-class _WarmHiGHS(pulp.HiGHS):
-    """PuLP's HiGHS with a MIP start: `warm` maps variable names to values."""
-
-    def __init__(self, warm, **kw):
-        super().__init__(**kw)
-        self.warm = warm
-
-    def callSolver(self, lp):
-        if self.warm:
-            import numpy as np
-            idx = [v.index for v in lp.variables() if v.name in self.warm]
-            val = [float(self.warm[v.name]) for v in lp.variables() if v.name in self.warm]
-            lp.solverModel.setSolution(len(idx), np.array(idx, dtype=np.int32), np.array(val, dtype=np.float64))
-        lp.solverModel.run()
 
 
 def master(problem: Problem, cand: dict) -> tuple[pulp.LpProblem, dict]:
@@ -187,7 +148,7 @@ def assign_types(problem: Problem, blocks: list[tuple[str, int, int]], cand: dic
         lp += T
         for i, (node_name, _, _) in enumerate(blocks):
             lp += stage_time[i] + fleet.node(node_name).step_overhead_s <= T, f"stage_time_{i}"
-    status, _, _ = run(lp, problem, time_limit, gap_abs=gap_abs)
+    status, _, _ = ilp.run(lp, o, time_limit, o.gap / 4, gap_abs)
     if status != "solved":
         return None
     stages = []
@@ -214,7 +175,7 @@ def solve_fast(problem: Problem) -> Plan:
         return Plan((), "infeasible", math.nan, math.nan, math.nan, time.perf_counter() - t0, o.solver,
                     why or explain(problem), None, stats)
     lp, v = master(problem, cand)
-    status, _, bound = run(lp, problem, deadline - time.perf_counter(), gap_share=0.6)
+    status, _, bound = ilp.run(lp, o, deadline - time.perf_counter(), 0.6 * o.gap)
     stats["master_s"] = time.perf_counter() - t0
     if status == "infeasible":
         return Plan((), "infeasible", math.nan, math.nan, math.nan, time.perf_counter() - t0, o.solver,
@@ -231,8 +192,9 @@ def solve_fast(problem: Problem) -> Plan:
             blocks.append((n, a, a + counts[n]))
             a += counts[n]
         best = assign_types(problem, blocks, cand, deadline - time.perf_counter(), 0.3 * o.gap * bound)
-        if best is not None and violations(problem, best):
-            log.warning("constructed plan violates constraints: %s", violations(problem, best))
+        broken = violations(problem, best) if best is not None else []
+        if broken:
+            log.warning("constructed plan violates constraints: %s", broken)
             best = None
     stats["construct_s"] = time.perf_counter() - t0
     value = evaluate(problem, best).objective(o.objective) if best else math.inf
@@ -248,7 +210,7 @@ def solve_fast(problem: Problem) -> Plan:
             model.lp += obj >= bound * (1 - 1e-9), "master_bound"
         warm = _warm_start(model, best) if best else None
         left = deadline - time.perf_counter()
-        status2, val2, bound2 = run(model.lp, problem, left, warm)
+        status2, _, bound2 = ilp.run(model.lp, o, left, o.gap / 4, warm=warm)
         if status2 == "solved":
             stages = ilp.extract(model)
             v2 = evaluate(problem, stages).objective(o.objective)
@@ -263,10 +225,7 @@ def solve_fast(problem: Problem) -> Plan:
     if best is None:
         return Plan((), "timeout", math.nan, bound, math.nan, elapsed, o.solver,
                     f"no plan found within {o.time_limit:g} s; raise --time-limit", None, stats)
-    bound = min(bound, value)
-    gap = max(0.0, (value - bound) / value) if value > 0 else 0.0
-    return Plan(tuple(best), "optimal" if gap <= o.gap + 1e-9 else "feasible", value, bound, gap, elapsed,
-                o.solver, "", evaluate(problem, best), stats)
+    return finished(problem, best, bound, elapsed, o.solver, stats)
 
 
 def _warm_start(model: ilp.Model, stages: list[Stage]) -> dict:

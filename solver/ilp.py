@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pulp
 
 from solver import cost as C
-from solver.plan import Plan, Stage, evaluate
-from solver.problem import Problem
+from solver.plan import Plan, Stage, finished, stages_from_layers
+from solver.problem import Options, Problem
 
 log = logging.getLogger(__name__)
 
@@ -182,29 +183,31 @@ def identical_nodes(problem: Problem, nodes: list[str], net: C.Network) -> list[
     return [g for g in groups if len(g) > 1]
 
 
-def solve(model: Model) -> tuple[str, float, float]:
-    """Run the chosen MIP solver; returns (status, objective, best bound), checking the
-    solver's own verdict rather than PuLP's label."""
-    o = model.problem.options
-    lp = model.lp
-    t0 = time.perf_counter()
+def run(lp: pulp.LpProblem, o: Options, time_limit: float, gap_rel: float, gap_abs: float | None = None,
+        warm: dict | None = None) -> tuple[str, float, float]:
+    """Run the chosen MIP solver on a PuLP model; returns (status, objective, best bound) with
+    status solved | infeasible | timeout | error, from the solver's own verdict rather than
+    PuLP's label. warm: variable name -> value, a MIP start (HiGHS only)."""
     if o.solver == "highs":
-        s = pulp.HiGHS(msg=False, timeLimit=o.time_limit, gapRel=o.gap, threads=o.threads or None)
-        lp.solve(s)
-        h = lp.solverModel
-        info = h.getInfo()
-        ms = h.getModelStatus()
         import highspy
+
+        s = _WarmHiGHS(warm, msg=False, timeLimit=max(time_limit, 0.05), gapRel=gap_rel, gapAbs=gap_abs,
+                       threads=o.threads or None)
+        lp.solve(s)
+        info = lp.solverModel.getInfo()
+        ms = lp.solverModel.getModelStatus()
         if ms in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
             return "infeasible", math.nan, math.nan
         if info.primal_solution_status != 2:   # 2 = feasible point available
             return ("timeout" if ms == highspy.HighsModelStatus.kTimeLimit else "error"), math.nan, info.mip_dual_bound
-        return "solved", info.objective_function_value, info.mip_dual_bound
+        # a model without integer variables has no MIP bound: its LP optimum is the bound
+        bound = info.mip_dual_bound if not math.isinf(info.mip_dual_bound) else info.objective_function_value
+        return "solved", info.objective_function_value, bound
     if o.solver == "cbc":
         with tempfile.TemporaryDirectory() as d:
             logf = Path(d) / "cbc.log"
-            s = pulp.PULP_CBC_CMD(msg=False, timeLimit=o.time_limit, gapRel=o.gap, threads=o.threads or None,
-                                  logPath=str(logf))
+            s = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit, 1.0), gapRel=gap_rel, gapAbs=gap_abs,
+                                  threads=o.threads or None, logPath=str(logf))
             lp.solve(s)
             text = logf.read_text() if logf.exists() else ""
         if "infeasible" in text.lower().split("result -")[-1][:80] or lp.status == pulp.LpStatusInfeasible:
@@ -212,9 +215,23 @@ def solve(model: Model) -> tuple[str, float, float]:
         if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
             return "timeout", math.nan, math.nan
         obj = pulp.value(lp.objective)
-        bound = _cbc_bound(text, obj)
-        return "solved", obj, bound
+        return "solved", obj, _cbc_bound(text, obj)
     raise ValueError(f"unknown solver {o.solver!r}; use highs or cbc")
+
+
+class _WarmHiGHS(pulp.HiGHS):
+    """PuLP's HiGHS with a MIP start: `warm` maps variable names to values."""
+
+    def __init__(self, warm: dict | None, **kw):
+        super().__init__(**kw)
+        self.warm = warm
+
+    def callSolver(self, lp):
+        if self.warm:
+            start = [(v.index, float(self.warm[v.name])) for v in lp.variables() if v.name in self.warm]
+            idx, val = zip(*start)
+            lp.solverModel.setSolution(len(idx), np.array(idx, dtype=np.int32), np.array(val, dtype=np.float64))
+        lp.solverModel.run()
 
 
 def _cbc_bound(log_text: str, obj: float) -> float:
@@ -235,46 +252,28 @@ def extract(model: Model) -> list[Stage]:
         if (v.varValue or 0) > 0.5:
             assert l not in chosen, f"layer {l} assigned twice"
             chosen[l] = (n, q)
-    L = model.problem.model.n_layer
-    assert len(chosen) == L, "the solver returned a partial assignment"
-    stages: list[Stage] = []
-    for l in range(L):
-        n, q = chosen[l]
-        if stages and stages[-1].node == n:
-            last = stages[-1]
-            stages[-1] = Stage(n, last.first, l + 1, last.types + (q,))
-        else:
-            stages.append(Stage(n, l, l + 1, (q,)))
-    return stages
+    assert len(chosen) == model.problem.model.n_layer, "the solver returned a partial assignment"
+    return stages_from_layers([chosen[l] for l in range(len(chosen))])
 
 
 def solve_ilp(problem: Problem) -> Plan:
     """build → solve → extract, with status, objective (recomputed by the cost model),
     bound, gap and time. A run stopped by the time limit is 'feasible', never 'optimal'."""
-    from solver.explain import explain
-
-    from solver.explain import unplaceable_pin
+    from solver.explain import explain, unplaceable_pin
 
     t0 = time.perf_counter()
+    o = problem.options
     why = unplaceable_pin(problem, candidates(problem))
     if why:
-        return Plan((), "infeasible", math.nan, math.nan, math.nan, 0.0, problem.options.solver, why)
+        return Plan((), "infeasible", math.nan, math.nan, math.nan, 0.0, o.solver, why)
     model = build(problem)
-    status, obj, bound = solve(model)
+    status, _, bound = run(model.lp, o, o.time_limit, o.gap)
     elapsed = time.perf_counter() - t0
-    o = problem.options
-    name = o.solver
     if status == "infeasible":
-        return Plan((), "infeasible", math.nan, math.nan, math.nan, elapsed, name, explain(problem), None, model.stats)
+        return Plan((), "infeasible", math.nan, math.nan, math.nan, elapsed, o.solver, explain(problem), None,
+                    model.stats)
     if status != "solved":
         msg = (f"the solver found no plan within {o.time_limit:g} s; raise --time-limit"
                if status == "timeout" else "the solver failed; try --solver cbc")
-        return Plan((), status, math.nan, bound, math.nan, elapsed, name, msg, None, model.stats)
-    stages = extract(model)
-    pred = evaluate(problem, stages)
-    value = pred.objective(o.objective)
-    bound = min(bound, value) if not math.isnan(bound) else -math.inf
-    gap = (value - bound) / value if value > 0 else 0.0
-    gap = max(gap, 0.0)
-    return Plan(tuple(stages), "optimal" if gap <= o.gap + 1e-9 else "feasible", value, bound, gap, elapsed,
-                name, "", pred, model.stats)
+        return Plan((), status, math.nan, bound, math.nan, elapsed, o.solver, msg, None, model.stats)
+    return finished(problem, extract(model), bound, elapsed, o.solver, model.stats)

@@ -85,6 +85,30 @@ def plan_from_dict(d: dict) -> Plan:
                 solver=d.get("solver", ""), message=d.get("message", ""))
 
 
+def stages_from_layers(choice: list[tuple[str, str]]) -> list[Stage]:
+    """Per-layer (node, type) in layer order, grouped into stages of consecutive layers."""
+    stages: list[Stage] = []
+    for l, (n, q) in enumerate(choice):
+        if stages and stages[-1].node == n:
+            last = stages[-1]
+            stages[-1] = Stage(n, last.first, l + 1, last.types + (q,))
+        else:
+            stages.append(Stage(n, l, l + 1, (q,)))
+    return stages
+
+
+def finished(problem: Problem, stages: list[Stage], bound: float, elapsed: float, solver: str,
+             stats: dict | None = None) -> Plan:
+    """A solved plan: objective recomputed by the cost model, bound clipped to it, the gap,
+    and 'optimal' only when the gap is within the requested one (never PuLP's label)."""
+    pred = evaluate(problem, stages)
+    value = pred.objective(problem.options.objective)
+    bound = min(bound, value) if not math.isnan(bound) else -math.inf
+    gap = max(0.0, (value - bound) / value) if value > 0 else 0.0
+    status = "optimal" if gap <= problem.options.gap + 1e-9 else "feasible"
+    return Plan(tuple(stages), status, value, bound, gap, elapsed, solver, "", pred, stats or {})
+
+
 def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Prediction:
     """The cost model's prediction for an ordered list of stages (assumed valid: see violations)."""
     m, w, fleet = problem.model, problem.workload, problem.fleet
@@ -107,18 +131,16 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
         bottleneck = max(bottleneck, step)
         if i + 1 < len(stages):
             nxt = stages[i + 1].node
-            act = m.act_bytes_per_token
-            hop_ttft = net.transfer_s(st.node, nxt, act * w.prompt_tokens) + net.transfer_s(nxt, st.node, C.REPLY_BYTES)
-            hop_tpot = net.transfer_s(st.node, nxt, act) + net.transfer_s(nxt, st.node, C.REPLY_BYTES)
+            hop_ttft = C.hop_first_s(net, m, w, st.node, nxt)
+            hop_tpot = C.hop_next_s(net, m, w, st.node, nxt)
             ttft += hop_ttft
             tpot += hop_tpot
             transfer = hop_ttft + (w.output_tokens - 1) * hop_tpot
             bottleneck = max(bottleneck, C.hop_step_s(net, m, w, st.node, nxt))
         preds.append(StagePrediction(st.node, pre, dec, step, transfer, mem, node.memory))
-    if stages and fleet.controller:
-        c, first = fleet.controller, stages[0].node
-        ttft += net.transfer_s(c, first, C.TOKEN_BYTES * w.prompt_tokens) + net.transfer_s(first, c, C.REPLY_BYTES)
-        tpot += net.transfer_s(c, first, C.TOKEN_BYTES) + net.transfer_s(first, c, C.REPLY_BYTES)
+    if stages:
+        ttft += C.controller_first_s(net, w, stages[0].node)
+        tpot += C.controller_next_s(net, w, stages[0].node)
     latency = ttft + (w.output_tokens - 1) * tpot
     return Prediction(ttft_s=ttft, tpot_s=tpot, latency_s=latency, bottleneck_s=bottleneck,
                       tokens_per_s=w.concurrency / bottleneck if bottleneck > 0 else math.inf, dnll=dnll,

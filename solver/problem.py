@@ -171,13 +171,6 @@ class Fleet:
             g.add_edge(l.a, l.b, bandwidth=l.bandwidth, latency=l.latency)
         return g
 
-    def to_dict(self) -> dict:
-        return {"controller": self.controller,
-                "nodes": [{"name": n.name, "memory": n.memory, "address": n.address,
-                           "step_overhead_s": n.step_overhead_s,
-                           "speed": {q: asdict(s) for q, s in n.speed.items()}} for n in self.nodes],
-                "links": [asdict(l) for l in self.links]}
-
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -264,9 +257,7 @@ def fleet_from_dict(d: dict, where: str = "fleet") -> Fleet:
             a, b = l["between"] if "between" in l else (l["a"], l["b"])
             links.append(Link(str(a), str(b), parse_quantity(l["bandwidth"], f"{where}: links[{i}] bandwidth"),
                               parse_quantity(l.get("latency", 0), f"{where}: links[{i}] latency")))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, ValueError):
-                raise
+        except (KeyError, TypeError):
             raise ValueError(f"{where}: links[{i}] needs `between: [A, B]` and `bandwidth`") from None
         if links[-1].bandwidth <= 0 or links[-1].latency < 0:
             raise ValueError(f"{where}: links[{i}] needs a positive bandwidth and a latency ≥ 0")

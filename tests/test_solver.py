@@ -82,8 +82,8 @@ def test_every_plan_meets_memory_contiguity_and_budget(seed, homogeneous, object
         covered = [l for s in plan.stages for l in range(s.first, s.last)]
         assert covered == list(range(p.model.n_layer))
         assert plan.prediction.dnll <= p.options.budget + 1e-9
-        for s in plan.stages:
-            assert evaluate(p, plan.stages).stages[plan.stages.index(s)].memory <= p.fleet.node(s.node).memory
+        for s, sp in zip(plan.stages, evaluate(p, plan.stages).stages):
+            assert sp.memory <= p.fleet.node(s.node).memory
     else:
         assert plan.status == "infeasible" and plan.message
 
@@ -101,19 +101,21 @@ def test_real_shapes_proven_optimal_and_fast_path_equals_plain_ilp():
     assert a.objective == pytest.approx(b.objective, rel=2e-4)
 
 
+def with_memory(p: Problem, gib: float) -> Problem:
+    """The same problem with every node offering `gib` GiB."""
+    nodes = tuple(dataclasses.replace(n, memory=int(gib * GiB)) for n in p.fleet.nodes)
+    return dataclasses.replace(p, fleet=dataclasses.replace(p.fleet, nodes=nodes))
+
+
 def test_infeasible_memory_names_the_resource():
-    p = real_problem(2, 5, max_ppl_increase=5)
-    tiny = dataclasses.replace(p.fleet, nodes=tuple(dataclasses.replace(n, memory=int(1 * GiB)) for n in p.fleet.nodes))
-    plan = solve(dataclasses.replace(p, fleet=tiny))
+    plan = solve(with_memory(real_problem(2, 5, max_ppl_increase=5), 1))
     assert plan.status == "infeasible"
     assert plan.message.startswith("the fleet offers 2.00 GiB; the model needs at least")
     assert "KV cache for 1 × 640 tokens" in plan.message
 
 
 def test_infeasible_budget_reports_best_possible():
-    p = real_problem(2, 5, max_ppl_increase=0.01)
-    small = dataclasses.replace(p.fleet, nodes=tuple(dataclasses.replace(n, memory=int(2.5 * GiB)) for n in p.fleet.nodes))
-    plan = solve(dataclasses.replace(p, fleet=small))
+    plan = solve(with_memory(real_problem(2, 5, max_ppl_increase=0.01), 2.5))
     assert plan.status == "infeasible"
     assert plan.message.startswith("no assignment meets a 0.01 % perplexity budget on this fleet: the best possible is ")
     best = float(plan.message.split("best possible is ")[1].split(" %")[0])
