@@ -56,8 +56,11 @@ class KVCache:
     Stored as float16, as llama.cpp's default KV cache is (half the memory of float32).
     """
 
-    def __init__(self, n_layers: int, n_head_kv: int, head_dim: int, capacity: int = 64):
+    def __init__(self, n_layers: int, n_head_kv: int, head_dim: int, capacity: int = 64,
+                 limit: int | None = None):
         self.length = 0
+        self.limit = limit        # never grow beyond this many positions (None = unbounded)
+        capacity = min(capacity, limit) if limit else capacity
         self._k = [torch.empty(n_head_kv, capacity, head_dim, dtype=torch.float16) for _ in range(n_layers)]
         self._v = [torch.empty(n_head_kv, capacity, head_dim, dtype=torch.float16) for _ in range(n_layers)]
 
@@ -75,7 +78,10 @@ class KVCache:
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
+        if self.limit is not None and needed > self.limit:
+            raise ValueError(f"the session needs {needed} positions but its KV cache holds at most {self.limit}")
         cap = max(needed, 2 * self.capacity)
+        cap = min(cap, self.limit) if self.limit is not None else cap
         for lst in (self._k, self._v):
             for i, t in enumerate(lst):
                 grown = torch.empty(t.shape[0], cap, t.shape[2], dtype=t.dtype)
@@ -115,8 +121,12 @@ class Stage:
         self.cfg: ModelConfig = w.cfg
         self.n_layers = w.last - w.first
 
-    def new_cache(self, capacity: int = 64) -> KVCache:
-        return KVCache(self.n_layers, self.cfg.n_head_kv, self.cfg.head_dim, capacity)
+    def new_cache(self, capacity: int = 64, limit: int | None = None) -> KVCache:
+        return KVCache(self.n_layers, self.cfg.n_head_kv, self.cfg.head_dim, capacity, limit)
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one position of one session takes in this stage (float16 K and V)."""
+        return self.n_layers * 2 * self.cfg.n_head_kv * self.cfg.head_dim * 2
 
     @torch.inference_mode()
     def forward(self, steps: list[Step], all_logits: bool = False) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from agent.model import KVCache, Stage, Step
-from agent.sampling import Sampling, generator_for, sample
+from agent.sampling import Sampling, sample
 from agent.weights import load_stage
 
 
@@ -62,11 +62,10 @@ class LocalPipeline:
                  eos: int | None = None) -> Iterator[int]:
         """Yield up to max_tokens new tokens (stops after `eos`)."""
         caches = self.new_session()
-        gen = generator_for(sampling)
         logits = self.forward(caches, 0, torch.tensor(prompt))[-1]
         pos = len(prompt)
         for _ in range(max_tokens):
-            tok = sample(logits, sampling, gen)
+            tok = sample(logits, sampling, pos)
             yield tok
             if tok == eos:
                 return

@@ -1,4 +1,9 @@
-"""Choosing the next token from logits: greedy, or temperature + top-p with a seeded generator."""
+"""Choosing the next token from logits: greedy, or temperature + top-p with a seeded generator.
+
+The random draw for a position depends only on (seed, position), not on what was drawn
+before, so a session whose tokens are replayed on another stage (failover) samples the
+same continuation as an undisturbed one.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,8 +24,8 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None = None) -> int:
-    """Next token id from logits [vocab]."""
+def sample(logits: torch.Tensor, s: Sampling, position: int) -> int:
+    """Next token id from logits [vocab]; `position` is the index the new token will take."""
     if s.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.to(torch.float64) / s.temperature, dim=-1)
@@ -28,10 +33,10 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None = None
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, 0) - sorted_p < s.top_p   # always keeps the top token
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return int(torch.multinomial(probs, 1, generator=_generator(s.seed, position)))
 
 
-def generator_for(s: Sampling) -> torch.Generator:
+def _generator(seed: int, position: int) -> torch.Generator:
     g = torch.Generator()
-    g.manual_seed(s.seed)
+    g.manual_seed((seed * 1_000_003 + position) % (1 << 63))
     return g

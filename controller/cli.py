@@ -281,6 +281,62 @@ def demo(model_path: Path, types_spec: str, stages: int, prompt: str, max_tokens
         console.print(f"\n{len(out)} tokens in {dt:.2f} s: {len(out) / dt:.1f} tokens/s (prompt {len(ids)} tokens)")
 
 
+# ------------------------------------------------------------------ agent
+
+def security_options(f):
+    """--token and the three --tls-* options, shared by every command that talks gRPC."""
+    f = click.option("--tls-ca", type=click.Path(path_type=Path), default=None,
+                     help="CA certificate that signed the fleet's certificates (mutual TLS).")(f)
+    f = click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="This side's TLS key.")(f)
+    f = click.option("--tls-cert", type=click.Path(path_type=Path), default=None,
+                     help="This side's TLS certificate.")(f)
+    f = click.option("--token", envvar="EDGEFLEET_TOKEN", default="",
+                     help="Fleet token (also $EDGEFLEET_TOKEN); calls without it are refused.")(f)
+    return f
+
+
+def make_security(token: str, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None):
+    from proto.security import Security
+
+    return Security(token, tls_cert, tls_key, tls_ca)
+
+
+@cli.command()
+@click.option("--controller", required=True, metavar="HOST:PORT",
+              help="Controller to register with (\"\" to run unmanaged).")
+@click.option("--name", required=True, help="Unique node name in the fleet.")
+@click.option("--listen", default="0.0.0.0:50061", show_default=True, metavar="HOST:PORT",
+              help="Where the agent serves (port 0: any free port).")
+@click.option("--advertise", default="", metavar="HOST:PORT", help="Address announced to the controller.")
+@click.option("--memory", default="4GiB", show_default=True, help="Memory the agent may use for shards + KV cache.")
+@click.option("--threads", default=0, help="Compute threads (default: all cores).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where shards are kept (default ~/.edgefleet/agent-NAME).")
+@click.option("--emulate-bandwidth", default=None, metavar="RATE",
+              help="Shape what this agent sends to RATE, e.g. 100Mbit (one-machine fleets).")
+@click.option("--emulate-latency", default=None, metavar="TIME", help="Delay every message sent, e.g. 5ms.")
+@click.option("--session-timeout", default="300s", show_default=True, help="Free an idle session's KV cache after this.")
+@security_options
+def agent(controller, name, listen, advertise, memory, threads, data_dir, emulate_bandwidth, emulate_latency,
+          session_timeout, token, tls_cert, tls_key, tls_ca) -> None:
+    """Run the edge daemon: store shards, run pipeline stages, report to the controller."""
+    from agent.daemon import AgentConfig, serve, setup_logging
+    from solver.problem import parse_quantity
+
+    cfg = AgentConfig(
+        name=name, controller=controller, listen=listen, advertise=advertise,
+        memory_bytes=int(parse_quantity(memory, "--memory")), threads=threads,
+        data_dir=data_dir or Path(f"~/.edgefleet/agent-{name}"),
+        security=make_security(token, tls_cert, tls_key, tls_ca),
+        emulate_bandwidth=parse_quantity(emulate_bandwidth, "--emulate-bandwidth") if emulate_bandwidth else None,
+        emulate_latency=parse_quantity(emulate_latency, "--emulate-latency") if emulate_latency else 0.0,
+        session_timeout_s=parse_quantity(session_timeout, "--session-timeout"))
+    if cfg.memory_bytes <= 0:
+        raise UserError("--memory must be positive, e.g. 4GiB")
+    setup_logging(logging.getLogger().getEffectiveLevel() < logging.WARNING)
+    sys.exit(serve(cfg))
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

@@ -139,14 +139,16 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Echo(self, request, context):
-        """Echo payload for link measurements (round trip and bandwidth).
+        """Link measurements: answers with total_bytes = the size of the data received and no data,
+        so a small request measures the round trip and a large one the bandwidth.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def State(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Live state: memory, sessions, queue, loaded stages, shards on disk.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -444,6 +446,129 @@ class Agent:
             '/edgefleet.Agent/State',
             proto_dot_edgefleet__pb2.Empty.SerializeToString,
             proto_dot_edgefleet__pb2.AgentState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ControllerStub:
+    """The control plane. Agents call Register once and Heartbeat every interval; the
+    operator's CLI calls the rest.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Register = channel.unary_unary(
+                '/edgefleet.Controller/Register',
+                request_serializer=proto_dot_edgefleet__pb2.NodeInfo.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.RegisterReply.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/edgefleet.Controller/Heartbeat',
+                request_serializer=proto_dot_edgefleet__pb2.AgentState.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
+
+
+class ControllerServicer:
+    """The control plane. Agents call Register once and Heartbeat every interval; the
+    operator's CLI calls the rest.
+    """
+
+    def Register(self, request, context):
+        """An agent announces itself (also after a controller restart, when Heartbeat says unknown).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Periodic live state of an agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ControllerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=proto_dot_edgefleet__pb2.NodeInfo.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.RegisterReply.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=proto_dot_edgefleet__pb2.AgentState.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.HeartbeatReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'edgefleet.Controller', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('edgefleet.Controller', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Controller:
+    """The control plane. Agents call Register once and Heartbeat every interval; the
+    operator's CLI calls the rest.
+    """
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.Controller/Register',
+            proto_dot_edgefleet__pb2.NodeInfo.SerializeToString,
+            proto_dot_edgefleet__pb2.RegisterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.Controller/Heartbeat',
+            proto_dot_edgefleet__pb2.AgentState.SerializeToString,
+            proto_dot_edgefleet__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,392 @@
+"""Stage execution on an agent: loaded stages, one KV cache per session, and one compute
+thread that batches the steps of concurrent sessions into one forward pass.
+
+Nothing here knows about gRPC: steps come in as `Job`s, answers leave through each job's
+`done` callback (called on the compute thread; it must not block). Loading runs on a
+loader thread, computing on the compute thread; callers never run torch themselves.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from agent import weights as W
+from agent.model import KVCache, Stage, Step
+from agent.quant import DEQUANT_CHUNK_BYTES
+from agent.sampling import Sampling, sample
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 64          # steps computed together in one forward pass at most
+
+
+class EngineError(Exception):
+    """A request the engine refuses; `code` is the gRPC status name to answer with."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+def gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Memory a stage needs, known from the shard's header before anything is loaded."""
+
+    weights: int        # tensor bytes as stored (weights stay quantized in memory)
+    kv_cache: int       # max_sessions x context_length positions, float16 K and V
+    scratch: int        # one dequantized row slice plus activations and logits of a batch
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.scratch
+
+
+def footprint(path: Path, max_sessions: int, context_length: int) -> tuple[Footprint, W.ModelConfig, tuple[int, int]]:
+    reader = W.open_gguf(path)
+    cfg = W.read_config(reader)
+    first, last = W.stage_range(reader, cfg)
+    weights = sum(int(t.n_bytes) for t in reader.tensors)
+    kv = max_sessions * context_length * (last - first) * 2 * cfg.n_head_kv * cfg.head_dim * 2
+    biggest = max(int(np.prod(t.shape)) for t in reader.tensors)
+    scratch = min(4 * biggest, DEQUANT_CHUNK_BYTES) + 4 * MAX_BATCH * (cfg.n_vocab + 4 * cfg.n_ff)
+    return Footprint(weights, kv, scratch), cfg, (first, last)
+
+
+@dataclass
+class Session:
+    cache: KVCache
+    last_used: float
+
+
+@dataclass
+class Deployment:
+    deployment_id: str
+    sha256: str
+    stage: Stage
+    next_address: str
+    max_sessions: int
+    context_length: int
+    memory: Footprint
+    active: bool = False
+    sessions: dict[str, Session] = field(default_factory=dict)
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage.w.has_head
+
+
+@dataclass
+class Result:
+    """The outcome of one step on this stage."""
+
+    session_id: str
+    position: int
+    hidden: np.ndarray | None = None     # non-final stage: [n_tokens, n_embd] float32
+    token: int = 0                       # final stage
+    logits: np.ndarray | None = None     # final stage, when asked
+    compute_s: float = 0.0
+    queue_s: float = 0.0
+    batch_size: int = 0
+    error: str = ""
+    error_code: str = ""
+
+
+@dataclass
+class Job:
+    deployment_id: str
+    session_id: str
+    position: int
+    tokens: tuple[int, ...]
+    hidden: np.ndarray | None
+    sampling: Sampling
+    return_logits: bool
+    finish: bool
+    done: Callable[[Result], None]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens) if self.hidden is None else int(self.hidden.shape[0])
+
+
+class Engine:
+    def __init__(self, memory_bytes: int, session_timeout_s: float = 300.0, threads: int | None = None):
+        self.memory_bytes = memory_bytes
+        self.session_timeout_s = session_timeout_s
+        self.threads = threads
+        self.draining = False
+        self.steps_computed = 0
+        self._deployments: dict[str, Deployment] = {}
+        self._lock = threading.RLock()
+        self._jobs: queue.Queue = queue.Queue()
+        self._deferred: list[Job] = []   # later steps of a session already in the running batch
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- deployments
+
+    def memory_used(self) -> int:
+        with self._lock:
+            return sum(d.memory.total for d in self._deployments.values())
+
+    def deployments(self) -> list[Deployment]:
+        with self._lock:
+            return list(self._deployments.values())
+
+    def active(self) -> Deployment | None:
+        with self._lock:
+            return next((d for d in self._deployments.values() if d.active), None)
+
+    def get(self, deployment_id: str) -> Deployment:
+        with self._lock:
+            d = self.active() if not deployment_id else self._deployments.get(deployment_id)
+        if d is None:
+            what = "no deployment is active" if not deployment_id else f"deployment {deployment_id} is not loaded"
+            raise EngineError(f"{what} on this agent; deploy a model first", "NOT_FOUND")
+        return d
+
+    def prepare(self, deployment_id: str, sha256: str, path: Path, next_address: str,
+                max_sessions: int, context_length: int) -> Deployment:
+        """Load a shard beside what is loaded; refuse before loading if it would not fit."""
+        if not deployment_id:
+            raise EngineError("prepare needs a deployment_id", "INVALID_ARGUMENT")
+        if max_sessions < 1 or context_length < 1:
+            raise EngineError("max_sessions and context_length must be at least 1", "INVALID_ARGUMENT")
+        try:
+            need, cfg, (first, last) = footprint(path, max_sessions, context_length)
+        except ValueError as exc:
+            raise EngineError(f"shard {sha256[:12]} cannot be read: {exc}", "DATA_LOSS") from None
+        with self._lock:
+            old = self._deployments.get(deployment_id)
+            if old is not None and old.sha256 == sha256 and old.next_address == next_address:
+                return old
+            used = sum(d.memory.total for k, d in self._deployments.items() if k != deployment_id)
+            if used + need.total > self.memory_bytes:
+                raise EngineError(
+                    f"shard {sha256[:12]} (layers {first}-{last - 1}) needs {gib(need.total)} "
+                    f"({gib(need.weights)} weights + {gib(need.kv_cache)} KV cache for {max_sessions} x "
+                    f"{context_length} tokens + {gib(need.scratch)} scratch) but this agent offers "
+                    f"{gib(self.memory_bytes)} with {gib(used)} in use; plan with less context or "
+                    "concurrency, or give the agent more --memory", "RESOURCE_EXHAUSTED")
+        t0 = time.perf_counter()
+        try:
+            stage = Stage(W.load_stage(path))
+        except ValueError as exc:
+            raise EngineError(f"shard {sha256[:12]} cannot be loaded: {exc}", "DATA_LOSS") from None
+        dep = Deployment(deployment_id, sha256, stage, next_address, max_sessions, context_length, need)
+        with self._lock:
+            prev = self._deployments.get(deployment_id)
+            dep.active = prev.active if prev is not None else False
+            self._deployments[deployment_id] = dep
+        log.info("prepared deployment %s: layers [%d, %d) from shard %s in %.2f s (%s reserved)",
+                 deployment_id, first, last, sha256[:12], time.perf_counter() - t0, gib(need.total))
+        return dep
+
+    def activate(self, deployment_id: str) -> None:
+        """Make a prepared deployment the one that serves; the previously active one is dropped."""
+        with self._lock:
+            if deployment_id not in self._deployments:
+                raise EngineError(f"deployment {deployment_id} is not prepared on this agent; call Prepare first",
+                                  "FAILED_PRECONDITION")
+            for k, d in list(self._deployments.items()):
+                if k != deployment_id and d.active:
+                    del self._deployments[k]
+                    log.info("dropped deployment %s (%d sessions)", k, len(d.sessions))
+            self._deployments[deployment_id].active = True
+        log.info("activated deployment %s", deployment_id)
+
+    def unload(self, deployment_id: str) -> bool:
+        with self._lock:
+            d = self._deployments.pop(deployment_id, None)
+        if d is not None:
+            log.info("unloaded deployment %s (%d sessions dropped)", deployment_id, len(d.sessions))
+        return d is not None
+
+    # -------------------------------------------------------------- sessions
+
+    def session_count(self) -> int:
+        with self._lock:
+            return sum(len(d.sessions) for d in self._deployments.values())
+
+    def busy_sessions(self, within_s: float) -> int:
+        """Sessions that computed a step in the last within_s seconds (the others look abandoned)."""
+        cutoff = time.monotonic() - within_s
+        with self._lock:
+            return sum(1 for d in self._deployments.values() for s in d.sessions.values() if s.last_used >= cutoff)
+
+    def queue_depth(self) -> int:
+        return self._jobs.qsize() + len(self._deferred)
+
+    def cancel(self, deployment_id: str, session_id: str) -> bool:
+        with self._lock:
+            d = self._deployments.get(deployment_id) if deployment_id else self.active()
+            return d is not None and d.sessions.pop(session_id, None) is not None
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn on the compute thread (e.g. profiling), between batches."""
+        fut: Future = Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+
+    # -------------------------------------------------------------- the compute thread
+
+    def _compute_loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        last_reap = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                item = self._deferred.pop(0) if self._deferred else self._jobs.get(timeout=1.0)
+            except queue.Empty:
+                item = False
+            if time.monotonic() - last_reap > 1.0:
+                self._reap_idle()
+                last_reap = time.monotonic()
+            if item is None or item is False:
+                continue
+            if isinstance(item, tuple):
+                self._run_call(*item)
+                continue
+            batch = [item]
+            while self._deferred and len(batch) < MAX_BATCH:
+                batch.append(self._deferred.pop(0))
+            while len(batch) < MAX_BATCH:
+                try:
+                    nxt = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or isinstance(nxt, tuple):
+                    self._jobs.put(nxt)   # keep calls and the stop marker for the next round
+                    break
+                batch.append(nxt)
+            by_dep: dict[str, list[Job]] = {}
+            for j in batch:
+                by_dep.setdefault(j.deployment_id, []).append(j)
+            for dep_id, jobs in by_dep.items():
+                self._run_batch(dep_id, jobs)
+
+    @staticmethod
+    def _run_call(fn, fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:  # handed to the caller
+            fut.set_exception(exc)
+
+    def _admit(self, d: Deployment, j: Job) -> Session:
+        """The session's KV cache for this step, or an EngineError saying why not."""
+        s = d.sessions.get(j.session_id)
+        n = j.n_tokens
+        if s is None:
+            if j.position != 0:
+                raise EngineError(f"session {j.session_id} is unknown on this stage (its KV cache was freed or "
+                                  "lost); replay it from position 0", "NOT_FOUND")
+            if self.draining:
+                raise EngineError("this agent is shutting down and takes no new sessions", "UNAVAILABLE")
+            if len(d.sessions) >= d.max_sessions:
+                raise EngineError(f"all {d.max_sessions} KV-cache slots are in use; retry when a session ends",
+                                  "RESOURCE_EXHAUSTED")
+            s = Session(d.stage.new_cache(limit=d.context_length), time.monotonic())
+        if j.position > s.cache.length:
+            raise EngineError(f"session {j.session_id} step at position {j.position} but the stage holds "
+                              f"{s.cache.length} positions; replay the missing tokens", "FAILED_PRECONDITION")
+        if j.position + n > d.context_length:
+            raise EngineError(f"session {j.session_id} would reach {j.position + n} tokens, beyond the "
+                              f"deployment's context of {d.context_length}", "OUT_OF_RANGE")
+        if d.stage.w.has_embedding:
+            if j.hidden is not None or not j.tokens:
+                raise EngineError("the first stage takes token ids, not hidden states", "INVALID_ARGUMENT")
+            bad = [t for t in j.tokens if not 0 <= t < d.stage.cfg.n_vocab]
+            if bad:
+                raise EngineError(f"token id {bad[0]} is outside the vocabulary of {d.stage.cfg.n_vocab}",
+                                  "INVALID_ARGUMENT")
+        elif j.hidden is None or j.hidden.shape[1] != d.stage.cfg.n_embd:
+            raise EngineError(f"this stage takes hidden states [tokens, {d.stage.cfg.n_embd}]", "INVALID_ARGUMENT")
+        d.sessions[j.session_id] = s
+        return s
+
+    def _run_batch(self, dep_id: str, jobs: list[Job]) -> None:
+        start = time.perf_counter()
+        with self._lock:
+            try:
+                d = self.get(dep_id)
+            except EngineError as exc:
+                for j in jobs:
+                    self._fail(j, exc, start)
+                return
+            admitted: list[tuple[Job, Session]] = []
+            for j in jobs:
+                if any(j.session_id == a.session_id for a, _ in admitted):
+                    # a second step of the same session waits for the first one's result
+                    self._deferred.append(j)
+                    continue
+                try:
+                    admitted.append((j, self._admit(d, j)))
+                except EngineError as exc:
+                    self._fail(j, exc, start)
+        if not admitted:
+            return
+        steps = [Step(s.cache, j.position,
+                      tokens=torch.tensor(j.tokens, dtype=torch.int64) if j.hidden is None else None,
+                      hidden=torch.from_numpy(np.array(j.hidden, dtype=np.float32)) if j.hidden is not None else None)
+                 for j, s in admitted]
+        try:
+            outs = d.stage.forward(steps)
+        except Exception as exc:  # a bug or an out-of-memory: answer every step, keep serving
+            log.exception("forward pass failed on deployment %s", dep_id)
+            for j, _ in admitted:
+                self._fail(j, EngineError(f"stage computation failed: {exc}", "INTERNAL"), start)
+            return
+        compute = time.perf_counter() - start
+        now = time.monotonic()
+        self.steps_computed += len(admitted)
+        for (j, s), out in zip(admitted, outs):
+            s.last_used = now
+            r = Result(j.session_id, j.position, compute_s=compute, queue_s=start - j.enqueued,
+                       batch_size=len(admitted))
+            if d.is_last:
+                logits = out[-1]
+                r.token = sample(logits, j.sampling, j.position + j.n_tokens)
+                if j.return_logits:
+                    r.logits = logits.numpy().copy()
+            else:
+                r.hidden = out.numpy()
+            if j.finish:
+                with self._lock:
+                    d.sessions.pop(j.session_id, None)
+            j.done(r)
+
+    @staticmethod
+    def _fail(j: Job, exc: EngineError, start: float) -> None:
+        j.done(Result(j.session_id, j.position, queue_s=start - j.enqueued, error=str(exc), error_code=exc.code))
+
+    def _reap_idle(self) -> None:
+        cutoff = time.monotonic() - self.session_timeout_s
+        with self._lock:
+            for d in self._deployments.values():
+                for sid in [k for k, s in d.sessions.items() if s.last_used < cutoff]:
+                    del d.sessions[sid]
+                    log.info("freed the KV cache of idle session %s", sid)

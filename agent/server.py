@@ -1,0 +1,375 @@
+"""The Agent gRPC service: RPC handling only. Shards live in agent/store.py, compute in
+agent/engine.py; this module turns calls into their operations and their errors into gRPC
+status codes.
+
+Forward: every upstream stream (from the controller, or from the previous agent) gets one
+`Hop`. Steps are handed to the engine; a non-final stage sends each result's hidden states
+down its own stream to the next agent and relays that agent's answers back up, adding its
+own stage time; the final stage answers with the sampled token.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from agent.engine import Engine, EngineError, Job, Result
+from agent.profile import time_types
+from agent.sampling import Sampling
+from agent.shaping import Shaper
+from agent.store import Chunk, PushError, ShardStore, check_sha
+from agent.weights import load_stage
+from proto import adapter as A
+from proto import edgefleet_pb2 as pb
+from proto import edgefleet_pb2_grpc as rpc
+from proto.security import Security
+
+log = logging.getLogger(__name__)
+
+
+def _abort(context, code: str, message: str):
+    context.abort(getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN), message)
+
+
+def _spec(d) -> A.StageSpec:
+    w = d.stage.w
+    return A.StageSpec(w.first, w.last, tuple(w.layer_types), w.has_embedding, w.has_head)
+
+
+class Downstream:
+    """This agent's stream to the next stage's agent (requests shaped by the emulated link)."""
+
+    def __init__(self, address: str, security: Security, shaper: Shaper, on_output, on_broken):
+        self.address = address
+        self._shaper = shaper
+        self._q: queue.Queue = queue.Queue()
+        self._channel = security.channel(address)
+        self._call = rpc.AgentStub(self._channel).Forward(self._requests(), metadata=security.metadata())
+        self.broken = False
+        self._on_output, self._on_broken = on_output, on_broken
+        threading.Thread(target=self._read, name=f"down-{address}", daemon=True).start()
+
+    def _requests(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            deliver_at, msg = item
+            Shaper.wait_until(deliver_at)
+            yield msg
+
+    def _read(self) -> None:
+        try:
+            for m in self._call:
+                self._on_output(A.step_out(m))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.broken = True
+                self._on_broken(self, f"the next stage at {self.address} failed: {exc.details() or exc.code().name}")
+        finally:
+            self._channel.close()
+
+    def send(self, step: A.StepIn) -> None:
+        msg = A.step_pb(step)
+        self._q.put((self._shaper.schedule(msg.ByteSize()), msg))
+
+    def close(self) -> None:
+        self._q.put(None)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class Hop:
+    """One upstream Forward stream through this agent."""
+
+    def __init__(self, svc: "AgentService", context):
+        self.svc = svc
+        self.context = context
+        self._out: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._upstream_done = False
+        self._closed = False
+        self._down: dict[str, Downstream] = {}
+        self._sent: dict[tuple[str, int], tuple[A.StageTime, str]] = {}   # (session, position) -> my time, next address
+
+    # ---------------------------------------------------------- upstream side
+
+    def responses(self, request_iterator):
+        threading.Thread(target=self._read, args=(request_iterator,), name="hop-read", daemon=True).start()
+        self.context.add_callback(self._cancelled)
+        while True:
+            item = self._out.get()
+            if item is None:
+                return
+            deliver_at, msg = item
+            Shaper.wait_until(deliver_at)
+            yield msg
+
+    def _read(self, request_iterator) -> None:
+        try:
+            for m in request_iterator:
+                try:
+                    step = A.step_in(m)
+                except A.WireError as exc:
+                    self._answer_now(A.StepOut(m.session_id, m.position, error=str(exc), error_code="INVALID_ARGUMENT"))
+                    continue
+                self._handle(step)
+        except grpc.RpcError:
+            pass   # upstream went away; _cancelled cleans up
+        finally:
+            with self._lock:
+                self._upstream_done = True
+            self._maybe_close()
+
+    def _handle(self, step: A.StepIn) -> None:
+        eng = self.svc.engine
+        try:
+            dep = eng.get(step.deployment_id)
+        except EngineError as exc:
+            self._answer_now(A.StepOut(step.session_id, step.position, error=str(exc), error_code=exc.code))
+            return
+        if step.cancel:
+            eng.cancel(dep.deployment_id, step.session_id)
+            if not dep.is_last and dep.next_address:
+                self._downstream(dep.next_address).send(step)
+            return
+        with self._lock:
+            self._pending += 1
+        eng.submit(Job(dep.deployment_id, step.session_id, step.position, step.tokens, step.hidden,
+                       Sampling(step.temperature, step.top_p, step.seed), step.return_logits, step.finish,
+                       done=lambda r, s=step, d=dep: self._computed(r, s, d)))
+
+    def _computed(self, r: Result, step: A.StepIn, dep) -> None:
+        mine = A.StageTime(self.svc.node.name, r.compute_s, r.queue_s, r.batch_size)
+        if r.error:
+            self._answer(A.StepOut(r.session_id, r.position, error=r.error, error_code=r.error_code,
+                                   stage_times=(mine,)))
+        elif dep.is_last:
+            self._answer(A.StepOut(r.session_id, r.position, token=r.token, logits=r.logits, stage_times=(mine,)))
+        elif not dep.next_address:
+            self._answer(A.StepOut(r.session_id, r.position, error="this stage has no next stage configured; "
+                                   "redeploy", error_code="FAILED_PRECONDITION", stage_times=(mine,)))
+        else:
+            with self._lock:
+                self._sent[(r.session_id, r.position)] = (mine, dep.next_address)
+            nxt = A.StepIn(step.session_id, step.position, hidden=r.hidden, temperature=step.temperature,
+                           top_p=step.top_p, seed=step.seed, return_logits=step.return_logits,
+                           finish=step.finish, deployment_id=dep.deployment_id)
+            self._downstream(dep.next_address).send(nxt)
+
+    # ---------------------------------------------------------- downstream side
+
+    def _downstream(self, address: str) -> Downstream:
+        with self._lock:
+            d = self._down.get(address)
+            if d is None or d.broken:
+                d = Downstream(address, self.svc.security, self.svc.shaper, self._relayed, self._broken)
+                self._down[address] = d
+            return d
+
+    def _relayed(self, out: A.StepOut) -> None:
+        with self._lock:
+            mine, _ = self._sent.pop((out.session_id, out.position), (None, None))
+        if mine is None:
+            log.warning("dropping an answer for session %s position %d that this hop did not send",
+                        out.session_id, out.position)
+            return
+        self._answer(A.StepOut(out.session_id, out.position, out.token, out.logits, (mine,) + out.stage_times,
+                               out.error, out.error_code))
+
+    def _broken(self, down: Downstream, message: str) -> None:
+        log.warning("%s", message)
+        with self._lock:
+            lost = [(k, t) for k, (t, addr) in self._sent.items() if addr == down.address]
+            for k, _ in lost:
+                del self._sent[k]
+        for (sid, pos), mine in lost:
+            self._answer(A.StepOut(sid, pos, error=message, error_code="UNAVAILABLE", stage_times=(mine,)))
+
+    # ---------------------------------------------------------- answers and shutdown
+
+    def _answer_now(self, out: A.StepOut) -> None:
+        with self._lock:
+            self._pending += 1
+        self._answer(out)
+
+    def _answer(self, out: A.StepOut) -> None:
+        if out.error:
+            # a failed step ends its session on every stage it passed: whoever retries replays it
+            # from position 0, and an abandoned cache would hold memory until the idle timeout
+            for d in self.svc.engine.deployments():
+                self.svc.engine.cancel(d.deployment_id, out.session_id)
+        msg = A.out_pb(out)
+        self._out.put((self.svc.shaper.schedule(msg.ByteSize()), msg))
+        with self._lock:
+            self._pending -= 1
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        with self._lock:
+            if self._closed or not self._upstream_done or self._pending > 0:
+                return
+            self._closed = True
+            downs = list(self._down.values())
+        for d in downs:
+            d.close()
+        self._out.put(None)
+
+    def _cancelled(self) -> None:
+        with self._lock:
+            self._closed = True
+            downs = list(self._down.values())
+        for d in downs:
+            d.cancel()
+        self._out.put(None)
+
+
+class AgentService(rpc.AgentServicer):
+    def __init__(self, node: A.NodeInfo, store: ShardStore, engine: Engine, security: Security, shaper: Shaper):
+        self.node = node
+        self.store = store
+        self.engine = engine
+        self.security = security
+        self.shaper = shaper
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
+
+    # ---------------------------------------------------------- shards
+
+    def HasShard(self, request, context):
+        try:
+            sha = check_sha(request.sha256)
+        except PushError as exc:
+            _abort(context, exc.code, str(exc))
+        return pb.ShardStatus(sha256=sha, present=self.store.has(sha))
+
+    def PushShard(self, request_iterator, context):
+        chunks = (Chunk(c.sha256, c.total_bytes, c.data) for c in request_iterator)
+        try:
+            r = self.store.receive(chunks, max_bytes=self.engine.memory_bytes)
+        except PushError as exc:
+            log.warning("push refused: %s", exc)
+            _abort(context, exc.code, str(exc))
+        except grpc.RpcError:
+            _abort(context, "CANCELLED", "the push was interrupted; push the shard again")
+        return pb.ShardStatus(sha256=r.sha256, present=True, bytes_received=r.bytes_received)
+
+    # ---------------------------------------------------------- deployments
+
+    def Prepare(self, request, context):
+        try:
+            sha = check_sha(request.sha256)
+        except PushError as exc:
+            _abort(context, exc.code, str(exc))
+        if not self.store.has(sha):
+            _abort(context, "NOT_FOUND", f"shard {sha[:12]} is not on this agent; push it first")
+        fut = self._loader.submit(self.engine.prepare, request.deployment_id, sha, self.store.path(sha),
+                                  request.next_address, request.max_sessions or 1, request.context_length or 2048)
+        try:
+            d = fut.result()
+        except EngineError as exc:
+            log.warning("prepare refused: %s", exc)
+            _abort(context, exc.code, str(exc))
+        return pb.Ack(message=f"prepared layers [{d.stage.w.first}, {d.stage.w.last}) for deployment "
+                              f"{d.deployment_id}")
+
+    def Activate(self, request, context):
+        try:
+            self.engine.activate(request.deployment_id)
+        except EngineError as exc:
+            _abort(context, exc.code, str(exc))
+        return pb.Ack(message=f"deployment {request.deployment_id} is active")
+
+    def Unload(self, request, context):
+        found = self.engine.unload(request.deployment_id)
+        return pb.Ack(message=f"deployment {request.deployment_id} " + ("unloaded" if found else "was not loaded"))
+
+    # ---------------------------------------------------------- pipeline
+
+    def Forward(self, request_iterator, context):
+        yield from Hop(self, context).responses(request_iterator)
+
+    # ---------------------------------------------------------- measurements
+
+    def Echo(self, request, context):
+        reply = pb.ShardChunk(total_bytes=len(request.data))
+        self.shaper.send(reply.ByteSize())
+        return reply
+
+    def Profile(self, request, context):
+        timings: tuple = ()
+        n_embd = n_ff = 0
+        if not request.link_only:
+            try:
+                weights = self._profile_weights(request.sha256)
+            except EngineError as exc:
+                _abort(context, exc.code, str(exc))
+            try:
+                timings = tuple(self.engine.call(lambda: time_types(
+                    weights, list(request.gguf_types), request.prefill_tokens or 64, request.repeats or 5)).result())
+            except ValueError as exc:
+                _abort(context, "INVALID_ARGUMENT", str(exc))
+            n_embd, n_ff = weights.cfg.n_embd, weights.cfg.n_ff
+        rtt = bandwidth = 0.0
+        if request.peer_address:
+            try:
+                rtt, bandwidth = self._measure_link(request.peer_address, request.probe_bytes or (1 << 20))
+            except grpc.RpcError as exc:
+                _abort(context, "UNAVAILABLE",
+                       f"peer {request.peer_address} is unreachable: {exc.details() or exc.code().name}")
+        return A.profile_pb(A.ProfileResult(timings, rtt, bandwidth, n_embd, n_ff))
+
+    def _profile_weights(self, sha: str):
+        if sha:
+            for d in self.engine.deployments():
+                if d.sha256 == sha:
+                    return d.stage.w
+            if not self.store.has(sha):
+                raise EngineError(f"shard {sha[:12]} is not on this agent; push it first", "NOT_FOUND")
+            return self.engine.call(lambda: load_stage(self.store.path(sha))).result()
+        d = self.engine.active()
+        if d is None:
+            raise EngineError("nothing to profile: no deployment is active; name a pushed shard's sha256",
+                              "FAILED_PRECONDITION")
+        return d.stage.w
+
+    def _measure_link(self, address: str, probe_bytes: int) -> tuple[float, float]:
+        """Median round trip of small echoes, and bandwidth from one large echo."""
+        md = self.security.metadata()
+        with self.security.channel(address) as ch:
+            stub = rpc.AgentStub(ch)
+            stub.Echo(pb.ShardChunk(), metadata=md, timeout=30)   # connect
+            rtts = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                small = pb.ShardChunk(data=b"x")
+                self.shaper.send(small.ByteSize())
+                stub.Echo(small, metadata=md, timeout=30)
+                rtts.append(time.perf_counter() - t0)
+            rtt = statistics.median(rtts)
+            big = pb.ShardChunk(data=bytes(probe_bytes))
+            t0 = time.perf_counter()
+            self.shaper.send(big.ByteSize())
+            stub.Echo(big, metadata=md, timeout=120)
+            elapsed = time.perf_counter() - t0
+        return rtt, probe_bytes / max(elapsed - rtt, 1e-9)
+
+    def State(self, request, context):
+        return A.state_pb(self.state())
+
+    def state(self) -> A.AgentState:
+        deps = self.engine.deployments()
+        active = next((d.deployment_id for d in deps if d.active), "")
+        return A.AgentState(
+            node=self.node, memory_used_bytes=self.engine.memory_used(), sessions=self.engine.session_count(),
+            queue_depth=self.engine.queue_depth(), active_deployment_id=active,
+            stages=tuple(A.LoadedStage(d.deployment_id, d.sha256, _spec(d), d.next_address, d.active,
+                                       d.memory.total) for d in deps),
+            shards=tuple(self.store.list()), bytes_received=self.store.bytes_received,
+            steps_computed=self.engine.steps_computed, draining=self.engine.draining)

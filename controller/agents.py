@@ -1,0 +1,208 @@
+"""Talking to agents: shard pushes, two-phase loads, profiles, and the pipeline stream.
+
+Every failure surfaces as `AgentError` with one sentence that names the agent and says what
+to do, and the gRPC status name in `code`.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+from controller.shards import file_sha256
+from proto import adapter as A
+from proto import edgefleet_pb2 as pb
+from proto import edgefleet_pb2_grpc as rpc
+from proto.security import Security
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+
+
+class AgentError(RuntimeError):
+    def __init__(self, message: str, code: str = "UNKNOWN"):
+        super().__init__(message)
+        self.code = code
+
+
+def rpc_error(where: str, exc: grpc.RpcError) -> AgentError:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        msg = f"{where} is unreachable ({exc.details()}); check that it runs and the address is right"
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        msg = f"{where} refused the fleet token; pass the same --token the fleet was started with"
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        msg = f"{where} did not answer in time; it may be overloaded or the link is down"
+    else:
+        msg = f"{where}: {exc.details() or code.name}"
+    return AgentError(msg, code.name)
+
+
+class AgentClient:
+    def __init__(self, address: str, security: Security = Security(), name: str = "", timeout_s: float = 30.0):
+        self.address = address
+        self.where = f"agent {name} at {address}" if name else f"agent at {address}"
+        self.security = security
+        self.timeout_s = timeout_s
+        self._channel = security.channel(address)
+        self._stub = rpc.AgentStub(self._channel)
+        self._md = security.metadata()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _call(self, method: str, request, timeout: float | None = None):
+        try:
+            return getattr(self._stub, method)(request, metadata=self._md, timeout=timeout or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise rpc_error(self.where, exc) from None
+
+    def state(self) -> A.AgentState:
+        return A.agent_state(self._call("State", pb.Empty()))
+
+    def has_shard(self, sha: str) -> bool:
+        return self._call("HasShard", pb.ShardRef(sha256=sha)).present
+
+    def push_shard(self, path: str | Path, sha: str | None = None,
+                   progress: Callable[[int], None] | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
+        """Send a shard unless the agent holds it; returns the bytes sent (0 when it was there)."""
+        path = Path(path)
+        sha = sha or file_sha256(path)
+        total = path.stat().st_size
+        if self.has_shard(sha):
+            if progress:
+                progress(total)
+            return 0
+
+        def chunks():
+            yield pb.ShardChunk(sha256=sha, total_bytes=total)
+            with open(path, "rb") as f:
+                while block := f.read(chunk_bytes):
+                    yield pb.ShardChunk(data=block)
+                    if progress:
+                        progress(len(block))
+
+        try:
+            reply = self._stub.PushShard(chunks(), metadata=self._md, timeout=max(self.timeout_s, total / 1e6))
+        except grpc.RpcError as exc:
+            raise rpc_error(f"{self.where} (pushing shard {sha[:12]})", exc) from None
+        return int(reply.bytes_received)
+
+    def prepare(self, deployment_id: str, sha: str, next_address: str, max_sessions: int,
+                context_length: int, timeout_s: float = 300.0) -> str:
+        return self._call("Prepare", pb.LoadRequest(sha256=sha, deployment_id=deployment_id,
+                                                    next_address=next_address, max_sessions=max_sessions,
+                                                    context_length=context_length), timeout_s).message
+
+    def activate(self, deployment_id: str) -> str:
+        return self._call("Activate", pb.DeploymentRef(deployment_id=deployment_id)).message
+
+    def unload(self, deployment_id: str) -> str:
+        return self._call("Unload", pb.DeploymentRef(deployment_id=deployment_id)).message
+
+    def profile(self, types: list[str] | None = None, prefill_tokens: int = 64, peer: str = "",
+                probe_bytes: int = 1 << 20, sha: str = "", repeats: int = 5, link_only: bool = False,
+                timeout_s: float = 600.0) -> A.ProfileResult:
+        return A.profile_result(self._call("Profile", pb.ProfileRequest(
+            gguf_types=types or [], prefill_tokens=prefill_tokens, peer_address=peer, probe_bytes=probe_bytes,
+            sha256=sha, repeats=repeats, link_only=link_only), timeout_s))
+
+
+class StepFailed(AgentError):
+    """A step the pipeline answered with an error (the stream itself is still usable)."""
+
+
+class PipelineStream:
+    """One Forward stream into the first stage, shared by many sessions (thread-safe)."""
+
+    def __init__(self, address: str, security: Security = Security(), deployment_id: str = ""):
+        self.address = address
+        self.deployment_id = deployment_id
+        self._channel = security.channel(address)
+        self._q: queue.Queue = queue.Queue()
+        self._waiters: dict[tuple[str, int], queue.Queue] = {}
+        self._lock = threading.Lock()
+        self.broken: AgentError | None = None
+        self._call = rpc.AgentStub(self._channel).Forward(iter(self._q.get, None), metadata=security.metadata())
+        self._reader = threading.Thread(target=self._read, name="pipeline-read", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for m in self._call:
+                out = A.step_out(m)
+                with self._lock:
+                    w = self._waiters.pop((out.session_id, out.position), None)
+                if w is not None:
+                    w.put(out)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.broken = rpc_error(f"first stage at {self.address}", exc)
+        finally:
+            err = self.broken or AgentError(f"the pipeline stream to {self.address} closed", "UNAVAILABLE")
+            with self._lock:
+                waiters, self._waiters = list(self._waiters.items()), {}
+            for (sid, pos), w in waiters:
+                w.put(A.StepOut(sid, pos, error=str(err), error_code=err.code))
+
+    def step(self, step: A.StepIn, timeout_s: float | None = None) -> A.StepOut:
+        """Send one step and wait for its answer; StepFailed if the pipeline reports an error."""
+        w: queue.Queue = queue.Queue(maxsize=1)
+        key = (step.session_id, step.position)
+        with self._lock:
+            if self.broken is not None:
+                raise self.broken
+            self._waiters[key] = w
+        self._q.put(A.step_pb(step))
+        try:
+            out = w.get(timeout=timeout_s)
+        except queue.Empty:
+            with self._lock:
+                self._waiters.pop(key, None)
+            raise AgentError(f"no answer from the pipeline within {timeout_s} s", "DEADLINE_EXCEEDED") from None
+        if out.error:
+            raise StepFailed(out.error, out.error_code)
+        return out
+
+    def cancel_session(self, session_id: str) -> None:
+        self._q.put(A.step_pb(A.StepIn(session_id, 0, cancel=True, deployment_id=self.deployment_id)))
+
+    def generate(self, prompt: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, eos: int | None = None, session_id: str | None = None
+                 ) -> Iterator[A.StepOut]:
+        """Prefill the prompt, then decode one token per step; yields each step's answer."""
+        sid = session_id or uuid.uuid4().hex
+        common = dict(temperature=temperature, top_p=top_p, seed=seed, deployment_id=self.deployment_id)
+        pos, tokens, produced = 0, tuple(prompt), 0
+        try:
+            while produced < max_tokens:
+                last = produced == max_tokens - 1
+                out = self.step(A.StepIn(sid, pos, tokens=tokens, finish=last, **common))
+                produced += 1
+                yield out
+                if out.token == eos:
+                    if not last:
+                        self.cancel_session(sid)
+                    return
+                pos += len(tokens)
+                tokens = (out.token,)
+        except GeneratorExit:
+            self.cancel_session(sid)
+            raise
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._reader.join(timeout=10)
+        self._channel.close()

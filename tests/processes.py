@@ -1,0 +1,76 @@
+"""Real agent (and controller) processes on 127.0.0.1 for integration tests and benchmarks.
+
+Each process listens on port 0 and announces its address on the first stdout line; its
+logs go to a file beside its data. Every process is stopped by PID when its owner is done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 120
+
+
+class ServiceProcess:
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.args = args
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "controller.cli", *args], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
+        try:
+            first = lines.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            first = ""
+        if not first:
+            self.kill()
+            raise RuntimeError(f"{args[0]} did not start: {self.log_tail()}")
+        self.info = json.loads(first)
+        self.address = self.info["address"]
+        # keep draining stdout so that the process never blocks on a full pipe
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+
+    def log_tail(self, n: int = 2000) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM (graceful drain), then SIGKILL if it does not exit in time."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+
+def start_agent(name: str, workdir: Path, memory: str = "1GiB", controller: str = "", token: str = "",
+                extra: tuple[str, ...] = ()) -> ServiceProcess:
+    args = ["agent", "--controller", controller, "--name", name, "--listen", "127.0.0.1:0",
+            "--memory", memory, "--data-dir", str(workdir / name), "--threads", "1", *extra]
+    if token:
+        args += ["--token", token]
+    return ServiceProcess(args, workdir / f"{name}.log")

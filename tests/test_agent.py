@@ -1,0 +1,311 @@
+"""The agent daemon with real processes on 127.0.0.1: shards, two-phase loads, the pipeline,
+limits, auth, crashes and drains."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.pipeline import LocalPipeline
+from agent.sampling import Sampling
+from controller.agents import AgentClient, AgentError, PipelineStream, StepFailed
+from controller.shards import file_sha256, write_shard
+from proto import adapter as A
+from proto import edgefleet_pb2 as pb
+from proto.security import Security
+from certs import make_ca, make_leaf
+from processes import start_agent
+
+TYPES = ["Q8_0"] * 3 + ["Q4_K"] * 3 + ["Q6_K"] * 2
+RANGES = [(0, 3), (3, 6), (6, 8)]
+PROMPTS = [[1, 50, 60, 70, 80], [1, 7, 300, 41], [1, 999, 5, 5, 5, 12, 13], [1, 2000]]
+
+
+@pytest.fixture(scope="module")
+def shards(reference_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    master = file_sha256(reference_model)
+    return [write_shard(reference_model, d / f"stage{i}.gguf", TYPES, a, b, master) for i, (a, b) in enumerate(RANGES)]
+
+
+@pytest.fixture(scope="module")
+def reference(shards):
+    return LocalPipeline.from_files([s.path for s in shards])
+
+
+def deploy(agents, shards, deployment_id="d1", max_sessions=8, context=256):
+    for i, (a, s) in enumerate(zip(agents, shards)):
+        nxt = agents[i + 1].address if i + 1 < len(agents) else ""
+        with AgentClient(a.address) as c:
+            c.push_shard(s.path, s.sha256)
+            c.prepare(deployment_id, s.sha256, nxt, max_sessions, context)
+    for a in agents:
+        with AgentClient(a.address) as c:
+            c.activate(deployment_id)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, shards):
+    work = tmp_path_factory.mktemp("fleet")
+    agents = []
+    try:
+        for i in range(3):
+            agents.append(start_agent(f"a{i}", work))
+        deploy(agents, shards)
+        yield agents
+    finally:
+        for a in agents:
+            a.terminate()
+
+
+def test_three_agents_generate_exactly_what_one_process_does(fleet, reference):
+    pipe = PipelineStream(fleet[0].address)
+    try:
+        outs = list(pipe.generate(PROMPTS[0], 24))
+    finally:
+        pipe.close()
+    assert [o.token for o in outs] == list(reference.generate(PROMPTS[0], 24))
+    for o in outs:
+        assert [t.node for t in o.stage_times] == ["a0", "a1", "a2"]
+        assert all(t.compute_seconds > 0 for t in o.stage_times)
+
+
+def test_concurrent_sessions_are_batched_and_each_matches(fleet, reference):
+    pipe = PipelineStream(fleet[0].address)
+    results: dict[int, list] = {}
+    sampled = Sampling(temperature=0.8, top_p=0.9, seed=7)
+
+    def run(i):
+        if i == 3:   # one sampled session among the greedy ones
+            results[i] = list(pipe.generate(PROMPTS[i], 16, sampled.temperature, sampled.top_p, sampled.seed))
+        else:
+            results[i] = list(pipe.generate(PROMPTS[i], 16))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        pipe.close()
+    for i in range(4):
+        want = list(reference.generate(PROMPTS[i], 16, sampled if i == 3 else Sampling()))
+        assert [o.token for o in results[i]] == want, f"session {i}"
+    batch_sizes = [t.batch_size for outs in results.values() for o in outs for t in o.stage_times]
+    assert max(batch_sizes) >= 2, "decode steps of concurrent sessions were never computed together"
+    with AgentClient(fleet[1].address) as c:
+        assert c.state().sessions == 0   # every session was freed by its last step
+
+
+def test_pushing_the_same_shard_again_transfers_nothing(fleet, shards):
+    with AgentClient(fleet[1].address) as c:
+        before = c.state().bytes_received
+        assert before == shards[1].bytes
+        assert c.push_shard(shards[1].path, shards[1].sha256) == 0
+        assert c.state().bytes_received == before
+
+
+def _push_raw(address: str, sha: str, data: bytes, total: int | None = None):
+    with AgentClient(address) as c:
+        chunks = [pb.ShardChunk(sha256=sha, total_bytes=len(data) if total is None else total)]
+        chunks += [pb.ShardChunk(data=data[i:i + 65536]) for i in range(0, len(data), 65536)]
+        return c._stub.PushShard(iter(chunks))
+
+
+def test_corrupt_and_truncated_pushes_are_refused_and_the_old_stage_keeps_serving(fleet, shards, reference, tmp_path):
+    import grpc
+
+    good = shards[2].path.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    sha = file_sha256(shards[2].path)
+    # a different shard id whose bytes do not match it (one flipped byte)
+    with pytest.raises(grpc.RpcError) as e:
+        _push_raw(fleet[2].address, "0" * 64, bytes(bad))
+    assert e.value.code() == grpc.StatusCode.DATA_LOSS and "corrupt" in e.value.details()
+    # truncated: fewer bytes than announced
+    with pytest.raises(grpc.RpcError) as e:
+        _push_raw(fleet[2].address, "1" * 64, good[:1000], total=len(good))
+    assert e.value.code() == grpc.StatusCode.DATA_LOSS and "truncated" in e.value.details()
+    data_dir = Path(fleet[2].info["data_dir"])
+    assert list((data_dir / "incoming").iterdir()) == []
+    assert sorted(p.name for p in (data_dir / "shards").iterdir()) == [f"{sha}.gguf"]
+    pipe = PipelineStream(fleet[0].address)
+    try:
+        assert [o.token for o in pipe.generate(PROMPTS[1], 6)] == list(reference.generate(PROMPTS[1], 6))
+    finally:
+        pipe.close()
+
+
+def test_step_errors_are_answered_without_breaking_the_stream(fleet):
+    pipe = PipelineStream(fleet[0].address)
+    try:
+        with pytest.raises(StepFailed) as e:
+            pipe.step(A.StepIn("never-started", 5, tokens=(3,)))
+        assert e.value.code == "NOT_FOUND" and "replay it from position 0" in str(e.value)
+        with pytest.raises(StepFailed) as e:
+            pipe.step(A.StepIn("s", 0, tokens=(10 ** 6,)))
+        assert e.value.code == "INVALID_ARGUMENT" and "vocabulary" in str(e.value)
+        with pytest.raises(StepFailed) as e:
+            pipe.step(A.StepIn("long", 0, tokens=tuple(range(1, 300))))
+        assert e.value.code == "OUT_OF_RANGE"
+        assert len(list(pipe.generate(PROMPTS[0], 3))) == 3
+    finally:
+        pipe.close()
+
+
+def test_oversize_shard_is_refused_before_anything_loads(tmp_path, shards):
+    agent = start_agent("small", tmp_path, memory="8MiB")
+    try:
+        with AgentClient(agent.address) as c:
+            c.push_shard(shards[1].path, shards[1].sha256)          # 1.4 MB: fits on disk and in memory
+            with pytest.raises(AgentError) as e:                    # but not with a 4 x 2048 KV cache
+                c.prepare("big", shards[1].sha256, "", 4, 2048)
+            assert e.value.code == "RESOURCE_EXHAUSTED"
+            assert "needs" in str(e.value) and "offers 0.01 GiB" in str(e.value)
+            st = c.state()
+            assert st.stages == () and st.memory_used_bytes == 0
+            c.prepare("fits", shards[1].sha256, "", 1, 64)            # the same shard with a small cache loads
+            assert c.state().memory_used_bytes > 0
+            big = tmp_path / "big.bin"
+            big.write_bytes(b"\0" * (9 * 2 ** 20))
+            with pytest.raises(AgentError) as e:                    # a file larger than the memory offered
+                c.push_shard(big)
+            assert e.value.code == "RESOURCE_EXHAUSTED"
+            assert list((tmp_path / "small" / "incoming").iterdir()) == []
+    finally:
+        agent.terminate()
+
+
+def test_wrong_or_missing_token_is_unauthenticated(tmp_path):
+    agent = start_agent("locked", tmp_path, token="s3cret")
+    try:
+        for token in ("", "wrong"):
+            with AgentClient(agent.address, Security(token)) as c, pytest.raises(AgentError) as e:
+                c.state()
+            assert e.value.code == "UNAUTHENTICATED" and "token" in str(e.value)
+            with pytest.raises(Exception) as e2:
+                PipelineStream(agent.address, Security(token)).step(A.StepIn("s", 0, tokens=(1,)), timeout_s=30)
+            assert "token" in str(e2.value)
+        with AgentClient(agent.address, Security("s3cret")) as c:
+            assert c.state().node.name == "locked"
+    finally:
+        agent.terminate()
+
+
+def test_mutual_tls(tmp_path):
+    ca_key, ca_cert, ca_path = make_ca(tmp_path)
+    server_cert, server_key = make_leaf(tmp_path, "agent", ca_key, ca_cert)
+    client_cert, client_key = make_leaf(tmp_path, "client", ca_key, ca_cert)
+    agent = start_agent("tls", tmp_path, extra=("--tls-cert", str(server_cert), "--tls-key", str(server_key),
+                                                "--tls-ca", str(ca_path)))
+    try:
+        with AgentClient(agent.address, Security("", client_cert, client_key, ca_path)) as c:
+            assert c.state().node.name == "tls"
+        with AgentClient(agent.address, timeout_s=5) as c, pytest.raises(AgentError):
+            c.state()                                      # plaintext client: refused
+        (tmp_path / "other").mkdir()
+        other_key, other_cert, _ = make_ca(tmp_path / "other", "another-ca")
+        rogue_cert, rogue_key = make_leaf(tmp_path / "other", "rogue", other_key, other_cert)
+        with AgentClient(agent.address, Security("", rogue_cert, rogue_key, ca_path), timeout_s=5) as c, \
+                pytest.raises(AgentError):
+            c.state()                                      # client certificate from another CA: refused
+    finally:
+        agent.terminate()
+
+
+def test_killed_mid_push_leaves_no_partial_shard(tmp_path, shards):
+    agent = start_agent("crashy", tmp_path)
+    data_dir = tmp_path / "crashy"
+    with AgentClient(agent.address) as c:
+        c.push_shard(shards[1].path, shards[1].sha256)
+    payload = shards[0].path.read_bytes()
+    release = threading.Event()
+
+    def chunks():
+        yield pb.ShardChunk(sha256=shards[0].sha256, total_bytes=len(payload))
+        yield pb.ShardChunk(data=payload[:1 << 20])
+        release.wait(60)
+
+    client = AgentClient(agent.address)
+    t = threading.Thread(target=lambda: pytest.raises(Exception, client._stub.PushShard, chunks()), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not list((data_dir / "incoming").glob("*.partial")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((data_dir / "incoming").glob("*.partial")), "the push never started writing"
+    agent.kill()
+    release.set()
+    t.join(10)
+    client.close()
+    agent = start_agent("crashy", tmp_path)
+    try:
+        assert list((data_dir / "incoming").iterdir()) == []
+        with AgentClient(agent.address) as c:
+            assert c.state().shards == (shards[1].sha256,)           # kept across the restart
+            assert c.has_shard(shards[1].sha256) and not c.has_shard(shards[0].sha256)
+            assert c.push_shard(shards[1].path, shards[1].sha256) == 0
+    finally:
+        agent.terminate()
+
+
+def test_sigterm_drains_running_sessions(tmp_path, shards, reference):
+    agents = [start_agent(f"d{i}", tmp_path) for i in range(3)]
+    try:
+        deploy(agents, shards)
+        pipe = PipelineStream(agents[0].address)
+        got = []
+        gen = pipe.generate(PROMPTS[2], 30)
+        for o in gen:
+            got.append(o.token)
+            if len(got) == 3:
+                agents[1].proc.terminate()                  # SIGTERM the middle stage
+                time.sleep(0.3)
+                with pytest.raises(StepFailed) as e:        # it takes no new sessions ...
+                    pipe.step(A.StepIn("late", 0, tokens=(1, 2)))
+                assert e.value.code == "UNAVAILABLE"
+        assert got == list(reference.generate(PROMPTS[2], 30))   # ... but finishes the running one
+        assert agents[1].proc.wait(30) == 0
+        pipe.close()
+    finally:
+        for a in agents:
+            a.terminate()
+
+
+def test_idle_sessions_are_freed(tmp_path, reference_model):
+    whole = write_shard(reference_model, tmp_path / "whole.gguf", TYPES)
+    agent = start_agent("idle", tmp_path, extra=("--session-timeout", "1s"))
+    try:
+        deploy([agent], [whole])
+        pipe = PipelineStream(agent.address)
+        pipe.step(A.StepIn("left-open", 0, tokens=tuple(PROMPTS[0])))   # no finish: the cache stays
+        pipe.close()
+        with AgentClient(agent.address) as c:
+            assert c.state().sessions == 1
+            deadline = time.monotonic() + 10
+            while c.state().sessions and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert c.state().sessions == 0
+    finally:
+        agent.terminate()
+
+
+def test_profile_times_types_and_measures_an_emulated_link(tmp_path, shards):
+    fast = start_agent("p0", tmp_path, extra=("--emulate-bandwidth", "80Mbit", "--emulate-latency", "10ms"))
+    peer = start_agent("p1", tmp_path, extra=("--emulate-latency", "10ms"))
+    try:
+        with AgentClient(fast.address) as c:
+            c.push_shard(shards[1].path, shards[1].sha256)
+            res = c.profile(["F16", "Q4_K"], prefill_tokens=32, sha=shards[1].sha256, repeats=3,
+                            peer=peer.address, probe_bytes=2 * 10 ** 6)
+        assert [t.gguf_type for t in res.timings] == ["F16", "Q4_K"]
+        assert all(t.decode_seconds_per_layer > 0 and t.prefill_seconds_per_layer_token > 0 for t in res.timings)
+        assert res.n_embd == 256
+        assert 0.018 < res.rtt_seconds < 0.040                     # 10 ms each way plus local overhead
+        assert 0.8 * 10e6 < res.bandwidth_bytes_per_second < 1.1 * 10e6   # 80 Mbit/s = 10 MB/s
+    finally:
+        fast.terminate()
+        peer.terminate()
