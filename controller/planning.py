@@ -13,18 +13,24 @@ from solver.problem import GiB, ModelProfile, Problem, load_model_profile, model
 Progress = Callable[[str, int, int], None]
 
 
-def gguf_profile(path: Path, sensitivity: dict) -> ModelProfile:
-    """Shapes from the GGUF's metadata; sensitivity from a `model profile` result."""
+def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
+    """Shapes from the GGUF's metadata; sensitivity from a `model profile` result (None: zero
+    for every type, for timing predictions that do not involve the accuracy budget)."""
     from agent import weights as W
+    from agent.quant import LAYER_TYPES
 
     reader = W.open_gguf(path)
     cfg = W.read_config(reader)
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    table = [sensitivity["sensitivity"][str(l)] for l in range(cfg.n_layer)]
+    if sensitivity is None:
+        table = [{q: 0.0 for q in LAYER_TYPES} for _ in range(cfg.n_layer)]
+        source, sha = "not measured", ""
+    else:
+        table = [sensitivity["sensitivity"][str(l)] for l in range(cfg.n_layer)]
+        source, sha = f"measured on {sensitivity['eval_tokens']} held-out tokens", sensitivity["sha256"]
     return model_from_shape(path.name, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.n_ff, cfg.n_vocab,
                             cfg.tied_embeddings, table, master_type=emb.tensor_type.name,
-                            sensitivity_source=f"measured on {sensitivity['eval_tokens']} held-out tokens",
-                            sha256=sensitivity["sha256"])
+                            sensitivity_source=source, sha256=sha)
 
 
 def load_profile(arg: str, text_file: Path, tokens: int, progress: Progress | None = None) -> ModelProfile:

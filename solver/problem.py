@@ -131,6 +131,14 @@ class TypeSpeed:
     prefill_flops: float        # effective FLOP/s of a prefill (many tokens) at this type
 
 
+def measured_speed(layer: "LayerProfile", q: str, decode_s: float, prefill_s_per_token: float) -> TypeSpeed:
+    """A node's speed at type q from an agent's timing of one real layer (Profile RPC): the
+    weight bytes it streamed per second in a decode step, the FLOPs it did per second in a prefill."""
+    if decode_s <= 0 or prefill_s_per_token <= 0:
+        raise ValueError(f"measured times for {q} must be positive")
+    return TypeSpeed(layer.bytes[q] / decode_s, layer.flops / prefill_s_per_token)
+
+
 @dataclass(frozen=True)
 class Node:
     name: str

@@ -16,7 +16,7 @@ from proto import adapter as A
 from proto import edgefleet_pb2 as pb
 from proto.security import Security
 from certs import make_ca, make_leaf
-from processes import start_agent
+from controller.local import start_agent
 
 TYPES = ["Q8_0"] * 3 + ["Q4_K"] * 3 + ["Q6_K"] * 2
 RANGES = [(0, 3), (3, 6), (6, 8)]

@@ -1,4 +1,5 @@
-"""Real agent (and controller) processes on 127.0.0.1 for integration tests and benchmarks.
+"""Local agent and controller processes on 127.0.0.1: the demo, the benchmarks and the
+integration tests run real fleets on one machine with these.
 
 Each process listens on port 0 and announces its address on the first stdout line; its
 logs go to a file beside its data. Every process is stopped by PID when its owner is done.
