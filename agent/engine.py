@@ -47,21 +47,25 @@ class Footprint:
 
     weights: int        # tensor bytes as stored (weights stay quantized in memory)
     kv_cache: int       # max_sessions x context_length positions, float16 K and V
-    scratch: int        # one dequantized row slice plus activations and logits of a batch
+    scratch: int        # one dequantized row slice, a logits row, activations of a batch
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.scratch
 
 
-def footprint(path: Path, max_sessions: int, context_length: int) -> tuple[Footprint, W.ModelConfig, tuple[int, int]]:
+def footprint(path: Path, max_sessions: int, context_length: int,
+              max_batch_tokens: int = 512) -> tuple[Footprint, W.ModelConfig, tuple[int, int]]:
+    """The same accounting as the solver's cost model (solver/cost.py: kv_bytes, runtime_bytes)."""
     reader = W.open_gguf(path)
     cfg = W.read_config(reader)
     first, last = W.stage_range(reader, cfg)
     weights = sum(int(t.n_bytes) for t in reader.tensors)
-    kv = max_sessions * context_length * (last - first) * 2 * cfg.n_head_kv * cfg.head_dim * 2
+    kv_dim = cfg.n_head_kv * cfg.head_dim
+    kv = max_sessions * context_length * (last - first) * 2 * kv_dim * 2
     biggest = max(int(np.prod(t.shape)) for t in reader.tensors)
-    scratch = min(4 * biggest, DEQUANT_CHUNK_BYTES) + 4 * MAX_BATCH * (cfg.n_vocab + 4 * cfg.n_ff)
+    per_token = 4 * (4 * cfg.n_embd + 2 * kv_dim + 3 * cfg.n_ff)
+    scratch = min(4 * biggest, DEQUANT_CHUNK_BYTES) + 4 * cfg.n_vocab + per_token * max_batch_tokens
     return Footprint(weights, kv, scratch), cfg, (first, last)
 
 
@@ -160,14 +164,14 @@ class Engine:
         return d
 
     def prepare(self, deployment_id: str, sha256: str, path: Path, next_address: str,
-                max_sessions: int, context_length: int) -> Deployment:
+                max_sessions: int, context_length: int, max_batch_tokens: int = 512) -> Deployment:
         """Load a shard beside what is loaded; refuse before loading if it would not fit."""
         if not deployment_id:
             raise EngineError("prepare needs a deployment_id", "INVALID_ARGUMENT")
         if max_sessions < 1 or context_length < 1:
             raise EngineError("max_sessions and context_length must be at least 1", "INVALID_ARGUMENT")
         try:
-            need, cfg, (first, last) = footprint(path, max_sessions, context_length)
+            need, cfg, (first, last) = footprint(path, max_sessions, context_length, max_batch_tokens)
         except ValueError as exc:
             raise EngineError(f"shard {sha256[:12]} cannot be read: {exc}", "DATA_LOSS") from None
         with self._lock:

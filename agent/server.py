@@ -270,7 +270,8 @@ class AgentService(rpc.AgentServicer):
         if not self.store.has(sha):
             _abort(context, "NOT_FOUND", f"shard {sha[:12]} is not on this agent; push it first")
         fut = self._loader.submit(self.engine.prepare, request.deployment_id, sha, self.store.path(sha),
-                                  request.next_address, request.max_sessions or 1, request.context_length or 2048)
+                                  request.next_address, request.max_sessions or 1, request.context_length or 2048,
+                                  request.max_batch_tokens or 512)
         try:
             d = fut.result()
         except EngineError as exc:

@@ -179,15 +179,24 @@ def cache_path(sha256: str) -> Path:
     return cache_dir() / f"{sha256}.sensitivity.json"
 
 
-def load_cached(sha256: str, types: tuple[str, ...] = (), tokens: int = 0) -> dict | None:
-    """The cached result for this GGUF, if it measured at least these types and tokens."""
-    p = cache_path(sha256)
-    if not p.exists():
-        return None
-    result = json.loads(p.read_text())
-    if not set(types) <= set(result.get("types", ())) or result.get("requested_tokens", 0) < tokens:
-        return None
-    return result
+def beside_model(model: str | Path) -> Path:
+    """A table shipped next to the model: MODEL.sensitivity.json (used when its SHA-256 matches)."""
+    return Path(model).with_suffix(".sensitivity.json")
+
+
+def load_cached(sha256: str, types: tuple[str, ...] = (), tokens: int = 0,
+                model: str | Path | None = None) -> dict | None:
+    """The cached result for this GGUF (or the one shipped beside it), if it measured at
+    least these types and tokens."""
+    for p in [cache_path(sha256)] + ([beside_model(model)] if model is not None else []):
+        if not p.exists():
+            continue
+        result = json.loads(p.read_text())
+        if result.get("sha256") != sha256:
+            continue
+        if set(types) <= set(result.get("types", ())) and result.get("requested_tokens", 0) >= tokens:
+            return result
+    return None
 
 
 def save(result: dict) -> Path:
@@ -207,7 +216,7 @@ def cached_or_measured(model: str | Path, text_file: Path, types: tuple[str, ...
     from controller.shards import file_sha256
 
     sha = sha256 or file_sha256(model)
-    result = None if force else load_cached(sha, types, tokens)
+    result = None if force else load_cached(sha, types, tokens, model)
     if result is not None:
         return result, False
     result = measure(model, Path(text_file).read_text(encoding="utf-8"), types, tokens, validate, seed, progress, sha)

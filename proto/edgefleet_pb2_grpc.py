@@ -459,7 +459,7 @@ class Agent:
 
 class ControllerStub:
     """The control plane. Agents call Register once and Heartbeat every interval; the
-    operator's CLI calls the rest.
+    operator's CLI calls the rest. Every call needs the fleet token when one is set.
     """
 
     def __init__(self, channel):
@@ -478,11 +478,46 @@ class ControllerStub:
                 request_serializer=proto_dot_edgefleet__pb2.AgentState.SerializeToString,
                 response_deserializer=proto_dot_edgefleet__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/edgefleet.Controller/Status',
+                request_serializer=proto_dot_edgefleet__pb2.Empty.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.FleetStatus.FromString,
+                _registered_method=True)
+        self.Fleet = channel.unary_unary(
+                '/edgefleet.Controller/Fleet',
+                request_serializer=proto_dot_edgefleet__pb2.Empty.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.FleetFile.FromString,
+                _registered_method=True)
+        self.Deploy = channel.unary_stream(
+                '/edgefleet.Controller/Deploy',
+                request_serializer=proto_dot_edgefleet__pb2.DeployRequest.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.DeployProgress.FromString,
+                _registered_method=True)
+        self.Undeploy = channel.unary_unary(
+                '/edgefleet.Controller/Undeploy',
+                request_serializer=proto_dot_edgefleet__pb2.Empty.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.Ack.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/edgefleet.Controller/Drain',
+                request_serializer=proto_dot_edgefleet__pb2.DrainRequest.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.Ack.FromString,
+                _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/edgefleet.Controller/Generate',
+                request_serializer=proto_dot_edgefleet__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.GenerateReply.FromString,
+                _registered_method=True)
+        self.Events = channel.unary_unary(
+                '/edgefleet.Controller/Events',
+                request_serializer=proto_dot_edgefleet__pb2.EventsRequest.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.EventList.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
     """The control plane. Agents call Register once and Heartbeat every interval; the
-    operator's CLI calls the rest.
+    operator's CLI calls the rest. Every call needs the fleet token when one is set.
     """
 
     def Register(self, request, context):
@@ -494,6 +529,56 @@ class ControllerServicer:
 
     def Heartbeat(self, request, context):
         """Periodic live state of an agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Status(self, request, context):
+        """Nodes, their health and what they hold; the active plan.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fleet(self, request, context):
+        """The live fleet in fleet-file form (measured speeds and links), for planning.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Deploy(self, request, context):
+        """Plan, build shards, push, prepare, activate; rolls back on any failure (the previous
+        deployment stays active). Streams progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Undeploy(self, request, context):
+        """Unload the active deployment from every agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Take a node out of service: re-plan without it, then tell it to unload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Generate from a prompt through the active deployment; one message per token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Events(self, request, context):
+        """Recent events (registrations, lost nodes, deploys, failovers).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -512,6 +597,41 @@ def add_ControllerServicer_to_server(servicer, server):
                     request_deserializer=proto_dot_edgefleet__pb2.AgentState.FromString,
                     response_serializer=proto_dot_edgefleet__pb2.HeartbeatReply.SerializeToString,
             ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=proto_dot_edgefleet__pb2.Empty.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.FleetStatus.SerializeToString,
+            ),
+            'Fleet': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fleet,
+                    request_deserializer=proto_dot_edgefleet__pb2.Empty.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.FleetFile.SerializeToString,
+            ),
+            'Deploy': grpc.unary_stream_rpc_method_handler(
+                    servicer.Deploy,
+                    request_deserializer=proto_dot_edgefleet__pb2.DeployRequest.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.DeployProgress.SerializeToString,
+            ),
+            'Undeploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undeploy,
+                    request_deserializer=proto_dot_edgefleet__pb2.Empty.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.Ack.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=proto_dot_edgefleet__pb2.DrainRequest.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.Ack.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=proto_dot_edgefleet__pb2.GenerateRequest.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.GenerateReply.SerializeToString,
+            ),
+            'Events': grpc.unary_unary_rpc_method_handler(
+                    servicer.Events,
+                    request_deserializer=proto_dot_edgefleet__pb2.EventsRequest.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.EventList.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'edgefleet.Controller', rpc_method_handlers)
@@ -522,7 +642,7 @@ def add_ControllerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Controller:
     """The control plane. Agents call Register once and Heartbeat every interval; the
-    operator's CLI calls the rest.
+    operator's CLI calls the rest. Every call needs the fleet token when one is set.
     """
 
     @staticmethod
@@ -569,6 +689,195 @@ class Controller:
             '/edgefleet.Controller/Heartbeat',
             proto_dot_edgefleet__pb2.AgentState.SerializeToString,
             proto_dot_edgefleet__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.Controller/Status',
+            proto_dot_edgefleet__pb2.Empty.SerializeToString,
+            proto_dot_edgefleet__pb2.FleetStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fleet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.Controller/Fleet',
+            proto_dot_edgefleet__pb2.Empty.SerializeToString,
+            proto_dot_edgefleet__pb2.FleetFile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefleet.Controller/Deploy',
+            proto_dot_edgefleet__pb2.DeployRequest.SerializeToString,
+            proto_dot_edgefleet__pb2.DeployProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undeploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.Controller/Undeploy',
+            proto_dot_edgefleet__pb2.Empty.SerializeToString,
+            proto_dot_edgefleet__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.Controller/Drain',
+            proto_dot_edgefleet__pb2.DrainRequest.SerializeToString,
+            proto_dot_edgefleet__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefleet.Controller/Generate',
+            proto_dot_edgefleet__pb2.GenerateRequest.SerializeToString,
+            proto_dot_edgefleet__pb2.GenerateReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Events(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.Controller/Events',
+            proto_dot_edgefleet__pb2.EventsRequest.SerializeToString,
+            proto_dot_edgefleet__pb2.EventList.FromString,
             options,
             channel_credentials,
             insecure,

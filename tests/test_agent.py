@@ -168,7 +168,7 @@ def test_oversize_shard_is_refused_before_anything_loads(tmp_path, shards):
             assert "needs" in str(e.value) and "offers 0.01 GiB" in str(e.value)
             st = c.state()
             assert st.stages == () and st.memory_used_bytes == 0
-            c.prepare("fits", shards[1].sha256, "", 1, 64)            # the same shard with a small cache loads
+            c.prepare("fits", shards[1].sha256, "", 1, 64, max_batch_tokens=64)   # a small cache and batch fit
             assert c.state().memory_used_bytes > 0
             big = tmp_path / "big.bin"
             big.write_bytes(b"\0" * (9 * 2 ** 20))

@@ -3,6 +3,7 @@ that one layer quantized; the additivity summary is computed correctly; results 
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import subprocess
 import sys
@@ -55,7 +56,9 @@ def test_validation_configs_are_real_measurements(result):
 
 def test_cli_profile_prints_table_and_caches(tmp_path, reference_model):
     env = {"EDGEFLEET_HOME": str(tmp_path), "PATH": ""}
-    cmd = [sys.executable, "-m", "controller.cli", "model", "profile", str(reference_model),
+    model = tmp_path / "model.gguf"          # a copy: no table shipped beside it
+    shutil.copy(reference_model, model)
+    cmd = [sys.executable, "-m", "controller.cli", "model", "profile", str(model),
            "--tokens", "512", "--types", "F16,Q2_K", "--validate", "2"]
     first = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr
@@ -68,3 +71,18 @@ def test_cli_profile_prints_table_and_caches(tmp_path, reference_model):
     # a request for a type the cache lacks measures again instead of returning a partial table
     wider = subprocess.run(cmd[:-4] + ["--types", "F16,Q8_0", "--validate", "0"], capture_output=True, text=True, env=env)
     assert wider.returncode == 0 and "using cached" not in wider.stderr and "Q8_0" in wider.stdout
+
+
+def test_table_shipped_beside_the_model_is_used_when_its_hash_matches(tmp_path, reference_model, monkeypatch):
+    from controller.sensitivity import cached_or_measured, load_cached
+    from controller.shards import file_sha256
+
+    monkeypatch.setenv("EDGEFLEET_HOME", str(tmp_path))     # an empty cache
+    result, measured = cached_or_measured(reference_model, reference_model.with_name("heldout.txt"), tokens=1024)
+    assert not measured and result["requested_tokens"] >= 1024 and result["n_layer"] == 8
+    other = tmp_path / "other.gguf"                           # a table for another hash beside it is ignored
+    shutil.copy(reference_model, other)
+    table = json.loads(reference_model.with_suffix(".sensitivity.json").read_text())
+    table["sha256"] = "0" * 64
+    other.with_suffix(".sensitivity.json").write_text(json.dumps(table))
+    assert load_cached(file_sha256(other), tokens=1024, model=other) is None

@@ -1,0 +1,259 @@
+"""Deploying a model on the live fleet: profile, plan, build shards, push, two-phase switch.
+
+Each step is a function; `controller/service.py` strings them together and reports
+progress. Any failure before the switch unloads what was prepared, so the previous
+deployment stays active and serving.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from controller.agents import AgentClient, AgentError
+from controller.planning import gguf_profile
+from controller.shards import ShardInfo, file_sha256, write_shard
+from proto.adapter import NodeInfo
+from proto.security import Security
+from solver import solve
+from solver.plan import Plan
+from solver.problem import Fleet, Link, ModelProfile, Node, Options, Problem, Workload, measured_speed
+
+log = logging.getLogger(__name__)
+
+CONTROLLER_VERTEX = "controller"
+MEMORY_HEADROOM = 0.98      # plan with 2 % less than offered: norms, allocator slack
+PROBE_BYTES = 256 * 1024    # bandwidth probe between agents
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    model_path: Path
+    max_ppl_increase: float = 5.0
+    objective: str = "latency"
+    prompt_tokens: int = 256
+    output_tokens: int = 128
+    concurrency: int = 8
+    context: int = 512
+    types: tuple[str, ...] = ()
+    pin: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max_stages: int = 0
+    time_limit_s: float = 60.0
+    text_path: Path | None = None
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["model_path"] = str(self.model_path)
+        d["text_path"] = str(self.text_path) if self.text_path else None
+        for k in ("types", "pin", "exclude"):
+            d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DeployOptions":
+        d = dict(d)
+        d["model_path"] = Path(d["model_path"])
+        d["text_path"] = Path(d["text_path"]) if d.get("text_path") else None
+        for k in ("types", "pin", "exclude"):
+            d[k] = tuple(d.get(k, ()))
+        return cls(**d)
+
+
+@dataclass
+class Progress:
+    """Callback sink: phase, message, done, total."""
+    report: Callable[[str, str, int, int], None] = field(default=lambda *a: None)
+
+
+def probe_layers(n_layer: int) -> tuple[int, int]:
+    """The one layer agents time for a model: a middle layer (no embedding or head to carry)."""
+    return (1, 2) if n_layer > 2 else (0, 1)
+
+
+def profile_agents(nodes: list[NodeInfo], model: Path, model_sha: str, n_layer: int, types: tuple[str, ...],
+                   workdir: Path, security: Security, known: Callable[[str], dict | None],
+                   save: Callable[[str, dict], None], report: Callable) -> dict[str, dict]:
+    """Per node {type: (decode s/layer, prefill s/layer-token)}, measuring where not known."""
+    first, last = probe_layers(n_layer)
+    out, todo = {}, []
+    for n in nodes:
+        t = known(n.name)
+        if t is not None and set(types) <= set(t):
+            out[n.name] = t
+        else:
+            todo.append(n)
+    if not todo:
+        return out
+    probe = workdir / f"probe-{model_sha[:16]}-{first}.gguf"
+    if not probe.exists():
+        write_shard(model, probe, ["F16"] * n_layer, first, last, model_sha)
+    sha = file_sha256(probe)
+
+    def one(n: NodeInfo):
+        with AgentClient(n.address, security, n.name) as c:
+            c.push_shard(probe, sha)
+            res = c.profile(list(types), prefill_tokens=64, sha=sha, repeats=3)
+        return n.name, {t.gguf_type: (t.decode_seconds_per_layer, t.prefill_seconds_per_layer_token)
+                        for t in res.timings}
+
+    report("profile", f"timing a layer at {len(types)} types on {len(todo)} agents", 0, len(todo))
+    with ThreadPoolExecutor(len(todo)) as ex:
+        for i, (name, timings) in enumerate(ex.map(one, todo)):
+            save(name, timings)
+            out[name] = timings
+            report("profile", f"profiled {name}", i + 1, len(todo))
+    return out
+
+
+def measure_links(nodes: list[NodeInfo], known: dict[tuple[str, str], tuple[float, float]], security: Security,
+                  save: Callable[[str, str, float, float], None]) -> dict[tuple[str, str], tuple[float, float]]:
+    """RTT and bandwidth between every pair of agents (once per pair), and controller to each."""
+    out = dict(known)
+    for i, a in enumerate(nodes):
+        pairs = [b for b in nodes[i + 1:] if (a.name, b.name) not in out and (b.name, a.name) not in out]
+        for b in pairs:
+            with AgentClient(a.address, security, a.name) as c:
+                r = c.profile(peer=b.address, probe_bytes=PROBE_BYTES, link_only=True)
+            out[(a.name, b.name)] = (r.rtt_seconds, r.bandwidth_bytes_per_second)
+            save(a.name, b.name, r.rtt_seconds, r.bandwidth_bytes_per_second)
+    for n in nodes:
+        key = (CONTROLLER_VERTEX, n.name)
+        if key not in out:
+            with AgentClient(n.address, security, n.name) as c:
+                t0 = time.perf_counter()
+                c.state()
+                rtt = time.perf_counter() - t0
+            out[key] = (rtt, 1e9)
+            save(CONTROLLER_VERTEX, n.name, rtt, 1e9)
+    return out
+
+
+def live_fleet(nodes: list[NodeInfo], model: ModelProfile, profiles: dict[str, dict],
+               links: dict[tuple[str, str], tuple[float, float]]) -> Fleet:
+    first, _ = probe_layers(len(model.layers))
+    layer = model.layers[first]
+    fleet_nodes = []
+    for n in nodes:
+        speed = {q: measured_speed(layer, q, d, p) for q, (d, p) in profiles[n.name].items() if q in n.gguf_types}
+        fleet_nodes.append(Node(n.name, int(n.memory_bytes * MEMORY_HEADROOM), speed, address=n.address))
+    names = {n.name for n in nodes} | {CONTROLLER_VERTEX}
+    fleet_links = tuple(Link(a, b, max(bw, 1.0), max(rtt / 2, 0.0)) for (a, b), (rtt, bw) in links.items()
+                        if a in names and b in names)
+    return Fleet(tuple(fleet_nodes), fleet_links, controller=CONTROLLER_VERTEX)
+
+
+def make_problem(opts: DeployOptions, model: ModelProfile, fleet: Fleet) -> Problem:
+    problem = Problem(model, fleet,
+                      Workload(opts.prompt_tokens, opts.output_tokens, opts.concurrency, opts.context),
+                      Options(objective=opts.objective, max_ppl_increase=opts.max_ppl_increase,
+                              types=tuple(opts.types), pinned=tuple(opts.pin), excluded=tuple(opts.exclude),
+                              max_stages=opts.max_stages, time_limit=opts.time_limit_s))
+    problem.validate()
+    return problem
+
+
+def build_shards(model: Path, model_sha: str, plan: Plan, n_layer: int, workdir: Path,
+                 report: Callable) -> list[ShardInfo]:
+    """One shard per stage, named by its content so that identical stages are built once."""
+    out = []
+    for i, st in enumerate(plan.stages):
+        types = ["F16"] * n_layer
+        types[st.first:st.last] = st.types
+        key = f"{model_sha[:16]}-{st.first}-{st.last}-{'.'.join(st.types)}"
+        path = workdir / f"shard-{uuid.uuid5(uuid.NAMESPACE_URL, key).hex}.gguf"
+        report("build", f"stage {i}: layers {st.first}-{st.last - 1} for {st.node}", i, len(plan.stages))
+        if path.exists():
+            out.append(ShardInfo(path, file_sha256(path), st.first, st.last, tuple(st.types), path.stat().st_size))
+        else:
+            out.append(write_shard(model, path, types, st.first, st.last, model_sha))
+    report("build", f"{len(out)} shards ready", len(out), len(out))
+    return out
+
+
+def push_all(targets: list[tuple[NodeInfo, ShardInfo]], security: Security, report: Callable) -> int:
+    """Push every stage's shard in parallel; returns the bytes that crossed the wire."""
+    total = sum(s.bytes for _, s in targets)
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        report("push", "pushing shards", done[0], total)
+
+    def one(item):
+        node, shard = item
+        with AgentClient(node.address, security, node.name, timeout_s=120) as c:
+            return c.push_shard(shard.path, shard.sha256, progress)
+
+    with ThreadPoolExecutor(max(1, len(targets))) as ex:
+        sent = sum(ex.map(one, targets))
+    report("push", f"{sent:,} bytes sent ({total - sent:,} already on the agents)", total, total)
+    return sent
+
+
+def switch(deployment_id: str, targets: list[tuple[NodeInfo, ShardInfo]], opts: DeployOptions,
+           security: Security, report: Callable) -> None:
+    """Prepare every stage, then activate every stage; on a prepare failure unload what was
+    prepared (the previous deployment stays active) and raise AgentError."""
+    prepared: list[NodeInfo] = []
+    batch = max(opts.prompt_tokens, opts.concurrency)
+    try:
+        for i, (node, shard) in enumerate(targets):
+            nxt = targets[i + 1][0].address if i + 1 < len(targets) else ""
+            with AgentClient(node.address, security, node.name) as c:
+                c.prepare(deployment_id, shard.sha256, nxt, opts.concurrency, opts.context, batch)
+            prepared.append(node)
+            report("prepare", f"{node.name} loaded layers {shard.first}-{shard.last - 1}", i + 1, len(targets))
+    except AgentError:
+        for node in prepared:
+            try:
+                with AgentClient(node.address, security, node.name, timeout_s=10) as c:
+                    c.unload(deployment_id)
+            except AgentError as exc:
+                log.warning("rollback: %s", exc)
+        raise
+    for i, (node, _) in enumerate(targets):
+        with AgentClient(node.address, security, node.name) as c:
+            c.activate(deployment_id)
+        report("activate", f"{node.name} active", i + 1, len(targets))
+
+
+def unload_everywhere(deployment_id: str, nodes: list[NodeInfo], security: Security) -> list[str]:
+    """Unload a deployment from every reachable node; returns the nodes that could not be reached."""
+    missed = []
+    for n in nodes:
+        try:
+            with AgentClient(n.address, security, n.name, timeout_s=10) as c:
+                c.unload(deployment_id)
+        except AgentError:
+            missed.append(n.name)
+    return missed
+
+
+def with_exclusions(opts: DeployOptions, names: list[str]) -> DeployOptions:
+    return replace(opts, exclude=tuple(sorted(set(opts.exclude) | set(names))),
+                   pin=tuple(p for p in opts.pin if p not in names))
+
+
+def model_profile_for(opts: DeployOptions, tokens: int = 1024, progress=None) -> ModelProfile:
+    from controller.sensitivity import cached_or_measured
+
+    text = opts.text_path
+    if text is None:
+        beside = opts.model_path.with_name("heldout.txt")
+        text = beside if beside.exists() else None
+    from controller.sensitivity import load_cached
+
+    sha = file_sha256(opts.model_path)
+    cached = load_cached(sha, tokens=tokens, model=opts.model_path)
+    if cached is not None:
+        return gguf_profile(opts.model_path, cached)
+    if text is None:
+        raise ValueError(f"no sensitivity table for {opts.model_path.name} and no held-out text to measure one; "
+                         "pass --text FILE (plain text in the model's language)")
+    return gguf_profile(opts.model_path, cached_or_measured(opts.model_path, text, tokens=tokens,
+                                                            progress=progress)[0])

@@ -1,0 +1,265 @@
+"""The controller's behaviour: deploy, undeploy, drain, generate, and failover.
+
+One deploy or failover runs at a time. A request that meets a failed stage waits for the
+failover (re-plan on the nodes that answer, push only changed shards, switch), then
+replays its tokens from position 0 so that the new stages rebuild its KV cache; a greedy
+request's output is the same as without the failure.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from controller import deploy as D
+from controller.agents import AgentClient, AgentError, PipelineStream, StepFailed
+from controller.registry import Registry
+from controller.shards import file_sha256
+from controller.state import Deployment, State
+from proto import adapter as A
+from proto.security import Security
+from solver import solve
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {"UNAVAILABLE", "NOT_FOUND", "FAILED_PRECONDITION", "CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL"}
+
+
+class NoDeployment(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Token:
+    token: int
+    recovered_s: float = 0.0    # > 0: a failover happened before this token
+
+
+class Control:
+    def __init__(self, state: State, registry: Registry, security: Security, workdir: Path):
+        self.state = state
+        self.registry = registry
+        self.security = security
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._deploy_lock = threading.Lock()
+        self._streams: dict[str, PipelineStream] = {}
+        self._streams_lock = threading.Lock()
+        self.active: Deployment | None = state.active()
+        self._slots = threading.BoundedSemaphore(self._concurrency())
+        registry.on_lost = self._node_lost
+        self.last_recovery_s = 0.0
+
+    def _concurrency(self) -> int:
+        return int(self.active.request.get("concurrency", 8)) if self.active else 8
+
+    # ---------------------------------------------------------- deploy
+
+    def deploy(self, opts: D.DeployOptions, report: Callable = lambda *a: None) -> Deployment:
+        with self._deploy_lock:
+            return self._deploy(opts, report, "deploy")
+
+    def _deploy(self, opts: D.DeployOptions, report: Callable, reason: str) -> Deployment:
+        if not opts.model_path.is_file():
+            raise ValueError(f"model {opts.model_path} does not exist on the controller's machine; "
+                             "give the path of a GGUF file there")
+        nodes = [n for n in self.registry.usable() if n.name not in opts.exclude]
+        if not nodes:
+            raise ValueError("no live agents to deploy on; start agents with --controller pointing here "
+                             "(see `edgefleet status`)")
+        report("plan", "reading the model and its sensitivity table", 0, 0)
+        model = D.model_profile_for(opts)
+        sha = model.sha256 or file_sha256(opts.model_path)
+        types = tuple(opts.types) or model.types
+        profiles = D.profile_agents(nodes, opts.model_path, sha, len(model.layers), types, self.workdir,
+                                    self.security, lambda name: self.state.profile(name, sha),
+                                    lambda name, t: self.state.save_profile(name, sha, t), report)
+        links = D.measure_links(nodes, self.state.links(), self.security, self.state.save_link)
+        problem = D.make_problem(opts, model, D.live_fleet(nodes, model, profiles, links))
+        report("plan", f"solving placement on {len(nodes)} nodes", 0, 0)
+        plan = solve(problem)
+        if not plan.ok:
+            raise ValueError(plan.message)
+        report("plan", f"{len(plan.stages)} stages, {plan.status}", 1, 1, plan.to_json())
+        by_name = {n.name: n for n in nodes}
+        shards = D.build_shards(opts.model_path, sha, plan, len(model.layers), self.workdir, report)
+        targets = [(by_name[st.node], sh) for st, sh in zip(plan.stages, shards)]
+        D.push_all(targets, self.security, report)
+        dep = Deployment(
+            id=uuid.uuid4().hex[:12], model_path=str(opts.model_path), model_sha=sha, request=opts.to_dict(),
+            plan=plan.to_dict(),
+            stages=[{"node": n.name, "address": n.address, "sha256": s.sha256, "first": s.first, "last": s.last,
+                     "types": list(s.layer_types)} for n, s in targets],
+            status="preparing", created_at=time.time())
+        self.state.save_deployment(dep)
+        try:
+            D.switch(dep.id, targets, opts, self.security, report)
+        except AgentError as exc:
+            self.state.set_status(dep.id, "failed")
+            self.state.event(f"{reason}-failed", f"{exc}; the previous deployment stays active")
+            raise ValueError(f"{reason} failed and was rolled back ({exc}); the previous deployment stays active") \
+                from None
+        previous = self.active
+        self.state.activate(dep.id)
+        self.active = Deployment(**{**dep.__dict__, "status": "active"})
+        self._slots = threading.BoundedSemaphore(opts.concurrency)
+        if previous is not None:
+            # nodes of the old plan that are not in the new one still hold it
+            left = [A.NodeInfo(s["node"], s["address"], 0, (), 0) for s in previous.stages
+                    if s["node"] not in {n.name for n, _ in targets}]
+            D.unload_everywhere(previous.id, left, self.security)
+            self._close_stream(previous.id)
+        pred = plan.prediction
+        self.state.event(reason, f"deployment {dep.id}: {opts.model_path.name} on "
+                                 f"{' -> '.join(s.node for s in plan.stages)}, predicted {pred.tpot_s * 1e3:.1f} "
+                                 f"ms/token, perplexity +{pred.ppl_increase_pct:.2f} %")
+        report("done", f"deployment {dep.id} active", 1, 1, plan.to_json())
+        return self.active
+
+    def undeploy(self) -> str:
+        with self._deploy_lock:
+            dep = self.active
+            if dep is None:
+                raise NoDeployment("no deployment is active; nothing to undeploy")
+            nodes = [A.NodeInfo(s["node"], s["address"], 0, (), 0) for s in dep.stages]
+            missed = D.unload_everywhere(dep.id, nodes, self.security)
+            self.state.set_status(dep.id, "retired")
+            self.active = None
+            self._close_stream(dep.id)
+            self.state.event("undeploy", f"deployment {dep.id} unloaded" +
+                             (f" (unreachable: {', '.join(missed)})" if missed else ""))
+            return f"deployment {dep.id} unloaded from {len(nodes) - len(missed)} of {len(nodes)} nodes"
+
+    def drain(self, name: str) -> str:
+        if self.registry.get(name) is None:
+            raise ValueError(f"no node named {name!r}; see `edgefleet status`")
+        with self._deploy_lock:
+            self.registry.set_drained(name, True)
+            self.state.event("drain", f"{name} drained")
+            dep = self.active
+            if dep is None or name not in {s["node"] for s in dep.stages}:
+                return f"{name} drained (it held no stage)"
+            opts = D.with_exclusions(D.DeployOptions.from_dict(dep.request), [name])
+            new = self._deploy(opts, lambda *a: None, "drain")
+            return f"{name} drained; deployment {new.id} runs on {', '.join(s['node'] for s in new.stages)}"
+
+    # ---------------------------------------------------------- failover
+
+    def _node_lost(self, name: str) -> None:
+        dep = self.active
+        if dep is not None and name in {s["node"] for s in dep.stages}:
+            threading.Thread(target=self._recover_quietly, args=(dep.id, f"{name} stopped sending heartbeats"),
+                             daemon=True).start()
+
+    def _recover_quietly(self, dep_id: str, why: str) -> None:
+        try:
+            self.recover(dep_id, why)
+        except ValueError as exc:
+            log.error("failover: %s", exc)
+
+    def recover(self, dep_id: str, why: str) -> bool:
+        """Re-plan around the stages that do not answer. Returns True if a new deployment is
+        active (or another caller already replaced dep_id); raises ValueError when the
+        remaining fleet cannot hold the model."""
+        with self._deploy_lock:
+            dep = self.active
+            if dep is None:
+                raise NoDeployment("no deployment is active")
+            if dep.id != dep_id:
+                return True
+            dead = []
+            for s in dep.stages:
+                try:
+                    with AgentClient(s["address"], self.security, s["node"], timeout_s=2) as c:
+                        st = c.state()
+                    if st.active_deployment_id != dep.id:
+                        dead.append(s["node"])     # restarted or lost its stage
+                except AgentError:
+                    dead.append(s["node"])
+            if not dead:
+                return False
+            for name in dead:
+                self.registry.mark_lost(name, why)
+            t0 = time.monotonic()
+            # lost nodes are out of registry.usable(); only pins on them must go
+            opts = D.DeployOptions.from_dict(dep.request)
+            opts = replace(opts, pin=tuple(p for p in opts.pin if p not in dead))
+            try:
+                new = self._deploy(opts, lambda *a: None, "failover")
+            except (ValueError, AgentError) as exc:
+                self.state.event("failover-failed", f"lost {', '.join(dead)}: {exc}")
+                raise ValueError(f"lost {', '.join(dead)} and cannot re-plan: {exc}") from None
+            self.last_recovery_s = time.monotonic() - t0
+            self.state.event("failover", f"lost {', '.join(dead)} ({why}); deployment {new.id} active after "
+                                         f"{self.last_recovery_s:.2f} s")
+            return True
+
+    # ---------------------------------------------------------- requests
+
+    def _stream(self, dep: Deployment) -> PipelineStream:
+        with self._streams_lock:
+            s = self._streams.get(dep.id)
+            if s is None or s.broken is not None:
+                s = PipelineStream(dep.stages[0]["address"], self.security, dep.id)
+                self._streams[dep.id] = s
+            return s
+
+    def _close_stream(self, dep_id: str) -> None:
+        with self._streams_lock:
+            s = self._streams.pop(dep_id, None)
+        if s is not None:
+            threading.Thread(target=s.close, daemon=True).start()
+
+    def generate(self, prompt: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, eos: int | None = None) -> Iterator[Token]:
+        """Tokens of one request; survives the loss of stages by failover and replay."""
+        if self.active is None:
+            raise NoDeployment("no deployment is active; run `edgefleet deploy MODEL.gguf` first")
+        ctx = int(self.active.request.get("context", 512))
+        if len(prompt) + max_tokens > ctx:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the deployment's "
+                             f"context of {ctx} tokens; shorten the prompt or lower max_tokens")
+        slots = self._slots
+        slots.acquire()
+        try:
+            yield from self._generate(prompt, max_tokens, temperature, top_p, seed, eos)
+        finally:
+            slots.release()
+
+    def _generate(self, prompt, max_tokens, temperature, top_p, seed, eos) -> Iterator[Token]:
+        sid = uuid.uuid4().hex
+        produced: list[int] = []
+        pos, pending = 0, tuple(prompt)
+        recovered = 0.0
+        attempts = 0
+        while len(produced) < max_tokens:
+            dep = self.active
+            if dep is None:
+                raise NoDeployment("the deployment was removed while the request ran")
+            last = len(produced) == max_tokens - 1
+            try:
+                out = self._stream(dep).step(A.StepIn(sid, pos, tokens=pending, temperature=temperature, top_p=top_p,
+                                                      seed=seed, finish=last, deployment_id=dep.id), timeout_s=120)
+            except (StepFailed, AgentError) as exc:
+                if exc.code not in RETRYABLE or attempts >= 3:
+                    raise
+                attempts += 1
+                t0 = time.monotonic()
+                log.warning("request %s: %s; recovering", sid[:8], exc)
+                self.recover(dep.id, str(exc))
+                recovered += time.monotonic() - t0
+                pos, pending = 0, tuple(prompt) + tuple(produced)    # replay on the new stages
+                continue
+            attempts = 0
+            produced.append(out.token)
+            yield Token(out.token, recovered)
+            recovered = 0.0
+            if out.token == eos:
+                if not last:
+                    self._stream(dep).cancel_session(sid)
+                return
+            pos, pending = len(prompt) + len(produced) - 1, (out.token,)
