@@ -234,51 +234,24 @@ def print_sensitivity(result: dict) -> None:
 
 
 @cli.command()
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=REFERENCE_MODEL, show_default=True,
-              help="Master GGUF to split.")
-@click.option("--types", "types_spec", default="0-2:Q8_0,3-5:Q4_K,6-7:Q6_K", show_default=True,
-              help="Per-layer GGUF types (same syntax as `model shard`).")
-@click.option("--stages", default=3, show_default=True, help="Number of pipeline stages.")
-@click.option("--prompt", default="The list type", show_default=True)
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=REFERENCE_MODEL,
+              show_default="the bundled reference model", help="GGUF model to deploy.")
+@click.option("--prompt", default="The function returns", show_default=True)
 @click.option("--max-tokens", default=48, show_default=True)
-def demo(model_path: Path, types_spec: str, stages: int, prompt: str, max_tokens: int) -> None:
-    """Split a model into mixed-precision shards and generate through the stages.
+@click.option("--max-ppl-increase", default=5.0, show_default=True, help="Accuracy budget, % perplexity increase.")
+@click.option("--bandwidth", default="100Mbit", show_default=True, help="Emulated link bandwidth between agents.")
+@click.option("--latency", default="2ms", show_default=True, help="Emulated latency of every message.")
+@click.option("--keep", type=click.Path(path_type=Path), default=None, help="Keep logs, state and shards here.")
+def demo(model_path: Path, prompt: str, max_tokens: int, max_ppl_increase: float, bandwidth: str, latency: str,
+         keep: Path | None) -> None:
+    """Start a controller and 4 unequal local agents, deploy, generate, clean up."""
+    from controller.demo import run_demo
 
-    Runs the stages in this process (the multi-agent fleet demo needs the controller).
-    """
-    import tempfile
-    import time
-
-    from agent import weights as W
-    from agent.pipeline import LocalPipeline, split_evenly
-    from agent.tokenizer import Tokenizer
-    from controller.shards import file_sha256, parse_types, write_shard
-
-    cfg = W.read_config(W.open_gguf(model_path))
-    types = parse_types(types_spec, cfg.n_layer)
-    master_sha = file_sha256(model_path)
-    table = Table(title=f"{model_path.name} in {stages} stages")
-    for col in ("stage", "layers", "types", "shard bytes"):
-        table.add_column(col)
-    with tempfile.TemporaryDirectory(prefix="edgefleet-demo-") as tmp:
-        shards = []
-        for i, (a, b) in enumerate(split_evenly(cfg.n_layer, stages)):
-            info = write_shard(model_path, Path(tmp) / f"stage{i}.gguf", types, a, b, master_sha)
-            shards.append(info.path)
-            table.add_row(str(i), f"[{a}, {b})", ",".join(info.layer_types), f"{info.bytes:,}")
-        console.print(table)
-        pipe = LocalPipeline.from_files(shards)
-        tok = Tokenizer(model_path)
-        ids = tok.encode(prompt)
-        console.print(f"[bold]{prompt}[/]", end="")
-        t0 = time.perf_counter()
-        out: list[int] = []
-        text = tok.stream()
-        for t in pipe.generate(ids, max_tokens, eos=tok.eos):
-            out.append(t)
-            console.print(text.decode(tok.piece(t)), end="", highlight=False, markup=False)
-        dt = time.perf_counter() - t0
-        console.print(f"\n{len(out)} tokens in {dt:.2f} s: {len(out) / dt:.1f} tokens/s (prompt {len(ids)} tokens)")
+    if not model_path.is_file():
+        raise UserError(f"model {model_path} does not exist; pass --model MODEL.gguf")
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    run_demo(model_path, prompt, max_tokens, max_ppl_increase, bandwidth, latency, console, keep)
 
 
 # ------------------------------------------------------------------ agent
@@ -335,6 +308,238 @@ def agent(controller, name, listen, advertise, memory, threads, data_dir, emulat
         raise UserError("--memory must be positive, e.g. 4GiB")
     setup_logging(logging.getLogger().getEffectiveLevel() < logging.WARNING)
     sys.exit(serve(cfg))
+
+
+# ------------------------------------------------------------------ controller and fleet commands
+
+DEFAULT_CONTROLLER = "127.0.0.1:50051"
+
+
+def controller_option(f):
+    return click.option("--controller", "controller_addr", envvar="EDGEFLEET_CONTROLLER",
+                        default=DEFAULT_CONTROLLER, show_default=True, metavar="HOST:PORT",
+                        help="The controller to talk to (also $EDGEFLEET_CONTROLLER).")(f)
+
+
+class ControllerCall:
+    """A stub with the fleet token attached; gRPC errors become one-sentence UserErrors."""
+
+    def __init__(self, address: str, security):
+        from proto import edgefleet_pb2_grpc as rpc
+
+        self.address = address
+        self._channel = security.channel(address)
+        self._stub = rpc.ControllerStub(self._channel)
+        self._md = security.metadata()
+
+    def __call__(self, method: str, request, timeout: float | None = 30.0):
+        import grpc
+
+        try:
+            return getattr(self._stub, method)(request, metadata=self._md, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def stream(self, method: str, request):
+        import grpc
+
+        try:
+            yield from getattr(self._stub, method)(request, metadata=self._md)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def error(self, exc) -> UserError:
+        import grpc
+
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+            return UserError(f"the controller at {self.address} is unreachable; start it with `edgefleet controller` "
+                             "or pass --controller HOST:PORT")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return UserError(f"the controller at {self.address} refused the fleet token; pass its --token "
+                             "(or set $EDGEFLEET_TOKEN)")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return UserError(f"the controller at {self.address} did not answer in time; check that it runs")
+        return UserError(exc.details() or code.name)
+
+
+@cli.command("controller")
+@click.option("--listen", default="0.0.0.0:50051", show_default=True, metavar="HOST:PORT",
+              help="Where the controller serves (port 0: any free port).")
+@click.option("--state", "state_path", type=click.Path(path_type=Path), default=Path("edgefleet.db"),
+              show_default=True, help="SQLite state file (created if missing).")
+@click.option("--heartbeat", default="1s", show_default=True, help="Heartbeat interval agents are told to use.")
+@click.option("--node-timeout", default="3s", show_default=True, help="A node without heartbeat this long is lost.")
+@security_options
+def controller_cmd(listen, state_path, heartbeat, node_timeout, token, tls_cert, tls_key, tls_ca) -> None:
+    """Run the control plane: registry, deployments, request routing, failover."""
+    from agent.daemon import setup_logging
+    from controller.server import ControllerConfig, serve
+    from solver.problem import parse_quantity
+
+    cfg = ControllerConfig(listen=listen, state_path=state_path, security=make_security(token, tls_cert, tls_key, tls_ca),
+                           heartbeat_s=parse_quantity(heartbeat, "--heartbeat"),
+                           timeout_s=parse_quantity(node_timeout, "--node-timeout"))
+    setup_logging(logging.getLogger().getEffectiveLevel() < logging.WARNING)
+    sys.exit(serve(cfg))
+
+
+def _call(controller_addr, token, tls_cert, tls_key, tls_ca) -> ControllerCall:
+    return ControllerCall(controller_addr, make_security(token, tls_cert, tls_key, tls_ca))
+
+
+@cli.command()
+@controller_option
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@security_options
+def status(controller_addr, as_json, token, tls_cert, tls_key, tls_ca) -> None:
+    """Nodes, their health, memory and the layers they hold."""
+    from google.protobuf.json_format import MessageToDict
+
+    from proto import edgefleet_pb2 as pb
+
+    st = _call(controller_addr, token, tls_cert, tls_key, tls_ca)("Status", pb.Empty())
+    if as_json:
+        click.echo(json.dumps(MessageToDict(st, preserving_proto_field_name=True), indent=2))
+        return
+    title = (f"deployment {st.active_deployment_id}: {Path(st.model).name}" if st.active_deployment_id
+             else "no active deployment")
+    t = Table(title=title)
+    for col in ("node", "address", "health", "memory used / offered", "layers", "types", "sessions", "queue"):
+        t.add_column(col)
+    for n in st.nodes:
+        t.add_row(n.node.name, n.node.address, n.health,
+                  f"{n.memory_used_bytes / 2 ** 30:.2f} / {n.node.memory_bytes / 2 ** 30:.2f} GiB",
+                  n.layers or "-", n.layer_types or "-", str(n.sessions), str(n.queue_depth))
+    console.print(t)
+
+
+@cli.command()
+@click.argument("model_path", metavar="MODEL.gguf", type=click.Path(path_type=Path))
+@controller_option
+@click.option("--max-ppl-increase", default=5.0, show_default=True, help="Accuracy budget, % perplexity increase.")
+@click.option("--objective", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True)
+@click.option("--prompt-tokens", default=256, show_default=True)
+@click.option("--output-tokens", default=128, show_default=True)
+@click.option("--concurrency", default=8, show_default=True, help="Requests in flight (KV-cache slots per stage).")
+@click.option("--context", default=512, show_default=True, help="KV-cache tokens per request.")
+@click.option("--types", "types_csv", default="", help="Allowed layer types, comma-separated (default all).")
+@click.option("--pin", multiple=True, help="Node that must hold a stage (repeatable).")
+@click.option("--exclude", multiple=True, help="Node that must not be used (repeatable).")
+@click.option("--max-stages", default=0, help="At most this many stages (0: no limit).")
+@click.option("--time-limit", default=60.0, show_default=True, help="Solver time limit, seconds.")
+@click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
+              help="Held-out text for the sensitivity table, when none is cached.")
+@security_options
+def deploy(model_path, controller_addr, max_ppl_increase, objective, prompt_tokens, output_tokens, concurrency,
+           context, types_csv, pin, exclude, max_stages, time_limit, text_path, token, tls_cert, tls_key,
+           tls_ca) -> None:
+    """Plan on the live fleet, build and push shards, switch the fleet to the new plan."""
+    from proto import edgefleet_pb2 as pb
+    from solver.plan import plan_from_dict
+    from solver.problem import GiB
+
+    call = _call(controller_addr, token, tls_cert, tls_key, tls_ca)
+    req = pb.DeployRequest(
+        model_path=str(model_path.resolve()), max_ppl_increase=max_ppl_increase, objective=objective,
+        prompt_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=concurrency, context=context,
+        types=[t for t in types_csv.split(",") if t], pin=list(pin), exclude=list(exclude), max_stages=max_stages,
+        time_limit_seconds=time_limit, text_path=str(text_path.resolve()) if text_path else "")
+    plan_json, dep_id = "", ""
+    with progress_bar() as progress:
+        for ev in call.stream("Deploy", req):
+            log.info("deploy %s: %s", ev.phase, ev.message)
+            progress(ev.phase, ev.done, ev.total or 1)
+            if ev.phase in ("plan", "done"):
+                err_console.print(f"{ev.phase}: {ev.message}", highlight=False)
+            plan_json = ev.plan_json or plan_json
+            dep_id = ev.deployment_id or dep_id
+    plan = plan_from_dict(json.loads(plan_json))
+    t = Table(title=f"deployment {dep_id}: {model_path.name}, {len(plan.stages)} stages")
+    for col in ("stage", "node", "layers", "types", "memory", "decode ms/token"):
+        t.add_column(col)
+    from controller.planning import compact_types
+
+    for i, (s, sp) in enumerate(zip(plan.stages, plan.prediction.stages)):
+        t.add_row(str(i), s.node, f"{s.first}-{s.last - 1}", compact_types(s.types),
+                  f"{sp.memory / GiB:.3f} / {sp.memory_available / GiB:.2f} GiB", f"{sp.decode_s * 1e3:.2f}")
+    p = plan.prediction
+    t.caption = (f"predicted {p.tpot_s * 1e3:.1f} ms/token, TTFT {p.ttft_s * 1e3:.0f} ms, perplexity "
+                 f"+{p.ppl_increase_pct:.2f} %; solver {plan.status}, gap {100 * plan.gap:.2f} %")
+    console.print(t)
+
+
+@cli.command()
+@click.argument("prompt")
+@controller_option
+@click.option("--max-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--stop", multiple=True, help="Stop when the text ends with this (repeatable).")
+@click.option("--tokens", "show_tokens", is_flag=True, help="Print token ids, one per line, instead of text.")
+@security_options
+def generate(prompt, controller_addr, max_tokens, temperature, top_p, seed, stop, show_tokens, token, tls_cert,
+             tls_key, tls_ca) -> None:
+    """Generate from PROMPT through the active deployment, streaming tokens."""
+    import time
+
+    from proto import edgefleet_pb2 as pb
+
+    call = _call(controller_addr, token, tls_cert, tls_key, tls_ca)
+    req = pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                             seed=seed, stop=list(stop))
+    t0 = time.perf_counter()
+    n, first_at, recovered = 0, None, 0.0
+    if not show_tokens:
+        click.echo(prompt, nl=False)
+    for r in call.stream("Generate", req):
+        n += 1
+        first_at = first_at or time.perf_counter()
+        recovered += r.recovered_seconds
+        click.echo(str(r.token) if show_tokens else r.text, nl=show_tokens)
+    dt = time.perf_counter() - t0
+    rate = (n - 1) / (time.perf_counter() - first_at) if n > 1 and first_at else 0.0
+    err_console.print(f"\n{n} tokens in {dt:.2f} s (first after {(first_at or t0) - t0:.2f} s, {rate:.1f} tokens/s)"
+                      + (f"; recovered from a node failure in {recovered:.2f} s" if recovered else ""),
+                      highlight=False)
+
+
+@cli.command()
+@click.argument("node")
+@controller_option
+@security_options
+def drain(node, controller_addr, token, tls_cert, tls_key, tls_ca) -> None:
+    """Take NODE out of service: re-plan without it, then unload it."""
+    from proto import edgefleet_pb2 as pb
+
+    click.echo(_call(controller_addr, token, tls_cert, tls_key, tls_ca)("Drain", pb.DrainRequest(node=node),
+                                                                       timeout=600).message)
+
+
+@cli.command()
+@controller_option
+@security_options
+def undeploy(controller_addr, token, tls_cert, tls_key, tls_ca) -> None:
+    """Unload the active deployment from every node."""
+    from proto import edgefleet_pb2 as pb
+
+    click.echo(_call(controller_addr, token, tls_cert, tls_key, tls_ca)("Undeploy", pb.Empty(), timeout=120).message)
+
+
+@cli.command()
+@controller_option
+@click.option("--limit", default=50, show_default=True)
+@security_options
+def events(controller_addr, limit, token, tls_cert, tls_key, tls_ca) -> None:
+    """Recent fleet events: registrations, lost nodes, deploys, failovers."""
+    import datetime
+
+    from proto import edgefleet_pb2 as pb
+
+    for e in _call(controller_addr, token, tls_cert, tls_key, tls_ca)("Events", pb.EventsRequest(limit=limit)).events:
+        ts = datetime.datetime.fromtimestamp(e.time).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{ts}  {e.kind:<18} {e.message}")
 
 
 def main() -> None:

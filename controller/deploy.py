@@ -101,12 +101,13 @@ def profile_agents(nodes: list[NodeInfo], model: Path, model_sha: str, n_layer: 
         return n.name, {t.gguf_type: (t.decode_seconds_per_layer, t.prefill_seconds_per_layer_token)
                         for t in res.timings}
 
+    # one agent at a time: agents sharing a machine (a one-machine fleet) would slow each other
     report("profile", f"timing a layer at {len(types)} types on {len(todo)} agents", 0, len(todo))
-    with ThreadPoolExecutor(len(todo)) as ex:
-        for i, (name, timings) in enumerate(ex.map(one, todo)):
-            save(name, timings)
-            out[name] = timings
-            report("profile", f"profiled {name}", i + 1, len(todo))
+    for i, n in enumerate(todo):
+        name, timings = one(n)
+        save(name, timings)
+        out[name] = timings
+        report("profile", f"profiled {name}", i + 1, len(todo))
     return out
 
 

@@ -75,3 +75,10 @@ def start_agent(name: str, workdir: Path, memory: str = "1GiB", controller: str 
     if token:
         args += ["--token", token]
     return ServiceProcess(args, workdir / f"{name}.log")
+
+
+def start_controller(workdir: Path, token: str = "", extra: tuple[str, ...] = ()) -> ServiceProcess:
+    args = ["controller", "--listen", "127.0.0.1:0", "--state", str(workdir / "edgefleet.db"), *extra]
+    if token:
+        args += ["--token", token]
+    return ServiceProcess(args, workdir / "controller.log")

@@ -54,6 +54,15 @@ class Control:
         registry.on_lost = self._node_lost
         self.last_recovery_s = 0.0
 
+    def tokenizer(self, model_path: str):
+        from agent.tokenizer import Tokenizer
+
+        with self._streams_lock:
+            cache = self.__dict__.setdefault("_tokenizers", {})
+            if model_path not in cache:
+                cache[model_path] = Tokenizer(model_path)
+            return cache[model_path]
+
     def _concurrency(self) -> int:
         return int(self.active.request.get("concurrency", 8)) if self.active else 8
 
@@ -79,7 +88,12 @@ class Control:
                                     self.security, lambda name: self.state.profile(name, sha),
                                     lambda name, t: self.state.save_profile(name, sha, t), report)
         links = D.measure_links(nodes, self.state.links(), self.security, self.state.save_link)
-        problem = D.make_problem(opts, model, D.live_fleet(nodes, model, profiles, links))
+        names = {n.name for n in nodes}
+        missing = [p for p in opts.pin if p not in names]
+        if missing:
+            raise ValueError(f"pinned node {missing[0]} is not alive; start it or drop --pin {missing[0]}")
+        # excluded nodes are already left out of the live fleet
+        problem = D.make_problem(replace(opts, exclude=()), model, D.live_fleet(nodes, model, profiles, links))
         report("plan", f"solving placement on {len(nodes)} nodes", 0, 0)
         plan = solve(problem)
         if not plan.ok:
@@ -117,7 +131,6 @@ class Control:
         self.state.event(reason, f"deployment {dep.id}: {opts.model_path.name} on "
                                  f"{' -> '.join(s.node for s in plan.stages)}, predicted {pred.tpot_s * 1e3:.1f} "
                                  f"ms/token, perplexity +{pred.ppl_increase_pct:.2f} %")
-        report("done", f"deployment {dep.id} active", 1, 1, plan.to_json())
         return self.active
 
     def undeploy(self) -> str:
@@ -144,7 +157,11 @@ class Control:
             if dep is None or name not in {s["node"] for s in dep.stages}:
                 return f"{name} drained (it held no stage)"
             opts = D.with_exclusions(D.DeployOptions.from_dict(dep.request), [name])
-            new = self._deploy(opts, lambda *a: None, "drain")
+            try:
+                new = self._deploy(opts, lambda *a: None, "drain")
+            except (ValueError, AgentError) as exc:
+                self.registry.set_drained(name, False)
+                raise ValueError(f"cannot drain {name}: {exc}") from None
             return f"{name} drained; deployment {new.id} runs on {', '.join(s['node'] for s in new.stages)}"
 
     # ---------------------------------------------------------- failover
@@ -185,6 +202,11 @@ class Control:
             for name in dead:
                 self.registry.mark_lost(name, why)
             t0 = time.monotonic()
+            # the broken deployment cannot serve any more: free its memory on the survivors so
+            # that the new stages fit there (a switch otherwise needs room for both)
+            survivors = [A.NodeInfo(s["node"], s["address"], 0, (), 0) for s in dep.stages if s["node"] not in dead]
+            D.unload_everywhere(dep.id, survivors, self.security)
+            self._close_stream(dep.id)
             # lost nodes are out of registry.usable(); only pins on them must go
             opts = D.DeployOptions.from_dict(dep.request)
             opts = replace(opts, pin=tuple(p for p in opts.pin if p not in dead))

@@ -75,14 +75,19 @@ class Plan:
 
 
 def plan_from_dict(d: dict) -> Plan:
-    """Read back a plan JSON (stages are what matters; predictions are recomputed by evaluate)."""
+    """Read back a plan JSON, with the prediction it was saved with (if any)."""
     try:
         stages = tuple(Stage(s["node"], int(s["first"]), int(s["last"]), tuple(s["types"])) for s in d["stages"])
     except (KeyError, TypeError, ValueError):
         raise ValueError("not a plan JSON: expected `stages` with node, first, last and types") from None
+    prediction = None
+    if d.get("prediction"):
+        pd = dict(d["prediction"])
+        pd["stages"] = tuple(StagePrediction(**sp) for sp in pd.get("stages", ()))
+        prediction = Prediction(**{k: (math.inf if v is None and k == "tokens_per_s" else v) for k, v in pd.items()})
     return Plan(stages=stages, status=d.get("status", "feasible"), objective=d.get("objective") or math.nan,
                 bound=d.get("bound") or math.nan, gap=d.get("gap") or math.nan, solve_s=d.get("solve_s", 0.0),
-                solver=d.get("solver", ""), message=d.get("message", ""))
+                solver=d.get("solver", ""), message=d.get("message", ""), prediction=prediction)
 
 
 def stages_from_layers(choice: list[tuple[str, str]]) -> list[Stage]:

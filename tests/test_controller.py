@@ -1,0 +1,246 @@
+"""The controller with real processes: deploy, generate, rollback, restarts, failover, CLI.
+
+One fleet (a controller and five agents with unequal memory) serves the module; the tests
+run in file order, the destructive ones last.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.pipeline import LocalPipeline
+from controller.agents import AgentClient
+from controller.local import start_agent, start_controller
+from controller.shards import file_sha256, write_shard
+from proto import edgefleet_pb2 as pb
+from proto import edgefleet_pb2_grpc as rpc
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENTS = (("desk", "16MiB"), ("laptop", "12MiB"), ("mini", "10MiB"), ("pi", "8MiB"), ("spare", "12MiB"))
+PROMPT = [1, 50, 60, 70, 80, 90]
+
+
+class Fleet:
+    def __init__(self, work: Path, agents=AGENTS):
+        self.work = work
+        self.controller = start_controller(work)
+        self.port = self.controller.info["port"]
+        self.agents = {name: start_agent(name, work, memory=mem, controller=self.controller.address)
+                       for name, mem in agents}
+        self.wait_alive(len(agents))
+
+    def stub(self):
+        return rpc.ControllerStub(grpc.insecure_channel(self.controller.address))
+
+    def status(self):
+        return self.stub().Status(pb.Empty(), timeout=10)
+
+    def wait_alive(self, n: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if sum(x.health == "alive" for x in self.status().nodes) >= n:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"fewer than {n} agents alive: {self.controller.log_tail()}")
+
+    def restart_controller(self) -> None:
+        self.controller = start_controller(self.work, extra=("--listen", f"127.0.0.1:{self.port}"))
+
+    def generate(self, n: int, **kw) -> list[pb.GenerateReply]:
+        return list(self.stub().Generate(pb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=n, **kw), timeout=300))
+
+    def stop(self) -> None:
+        for a in self.agents.values():
+            a.terminate()
+        self.controller.terminate()
+
+
+def cli(*args, controller: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "controller.cli", *args]
+    if controller:
+        cmd += ["--controller", controller]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, reference_model):
+    f = Fleet(tmp_path_factory.mktemp("fleet"))
+    try:
+        r = cli("deploy", str(reference_model), "--context", "256", "--concurrency", "4", "--prompt-tokens", "64",
+                controller=f.controller.address)
+        assert r.returncode == 0, r.stderr
+        yield f
+    finally:
+        f.stop()
+
+
+def local_reference(plan: dict, model: Path, tmp: Path) -> LocalPipeline:
+    n_layer = 8
+    master = file_sha256(model)
+    paths = []
+    for i, s in enumerate(plan["stages"]):
+        types = ["F16"] * n_layer
+        types[s["first"]:s["last"]] = s["types"]
+        paths.append(write_shard(model, tmp / f"ref{i}.gguf", types, s["first"], s["last"], master).path)
+    return LocalPipeline.from_files(paths)
+
+
+def test_deploy_splits_the_model_and_generation_matches_one_process(fleet, reference_model, tmp_path):
+    st = fleet.status()
+    plan = json.loads(st.plan_json)
+    assert st.active_deployment_id and len(plan["stages"]) >= 2      # no agent can hold it alone
+    held = [n for n in st.nodes if n.layers]
+    assert len(held) == len(plan["stages"]) and all(n.health == "alive" for n in held)
+    got = [r.token for r in fleet.generate(32)]
+    assert got == list(local_reference(plan, reference_model, tmp_path).generate(PROMPT, 32))
+
+
+def test_cli_status_generate_and_events(fleet):
+    addr = fleet.controller.address
+    r = cli("status", controller=addr)
+    assert r.returncode == 0 and "desk" in r.stdout and "alive" in r.stdout
+    r = cli("generate", "The function returns", "--max-tokens", "8", "--tokens", controller=addr)
+    assert r.returncode == 0 and len(r.stdout.split()) == 8 and "tokens/s" in r.stderr
+    r = cli("events", controller=addr)
+    assert r.returncode == 0 and "agent-registered" in r.stdout and "deploy" in r.stdout
+
+
+def test_a_refused_shard_rolls_back_and_the_old_deployment_keeps_serving(fleet, reference_model):
+    before = fleet.status()
+    want = [r.token for r in fleet.generate(12)]
+    # a 4x longer context: each stage fits alone, but not beside the active one (two-phase)
+    r = cli("deploy", str(reference_model), "--context", "1024", "--concurrency", "4", "--prompt-tokens", "64",
+            controller=fleet.controller.address)
+    assert r.returncode == 2 and "rolled back" in r.stderr and "offers" in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and r.stderr.strip().endswith(errors[0]) and "Traceback" not in r.stderr
+    assert fleet.status().active_deployment_id == before.active_deployment_id
+    assert [x.token for x in fleet.generate(12)] == want
+    for name in [n.node.name for n in before.nodes if n.layers]:
+        with AgentClient(fleet.agents[name].address) as c:
+            assert [s.deployment_id for s in c.state().stages] == [before.active_deployment_id]
+
+
+def test_controller_kill9_while_idle_resumes_without_repushing(fleet):
+    before = fleet.status().active_deployment_id
+    received = {}
+    for name, a in fleet.agents.items():
+        with AgentClient(a.address) as c:
+            received[name] = c.state().bytes_received
+    want = [r.token for r in fleet.generate(10)]
+    fleet.controller.kill()
+    fleet.restart_controller()
+    fleet.wait_alive(len(AGENTS))
+    assert fleet.status().active_deployment_id == before
+    assert [r.token for r in fleet.generate(10)] == want
+    for name, a in fleet.agents.items():
+        with AgentClient(a.address) as c:
+            assert c.state().bytes_received == received[name], f"{name} received shard bytes again"
+
+
+def test_controller_kill9_during_generation_gives_a_retryable_error(fleet):
+    stream = fleet.stub().Generate(pb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=200), timeout=300)
+    with pytest.raises(grpc.RpcError) as e:
+        for i, _ in enumerate(stream):
+            if i == 3:
+                fleet.controller.kill()
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    db = sqlite3.connect(fleet.work / "edgefleet.db")
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    fleet.restart_controller()
+    fleet.wait_alive(len(AGENTS))
+    assert len(fleet.generate(5)) == 5
+
+
+def test_kill9_of_a_stage_during_generation_loses_nothing(fleet):
+    want = [r.token for r in fleet.generate(64)]
+    st = fleet.status()
+    victim = [n.node.name for n in st.nodes if n.layers][1]           # the second stage
+    got, recovered = [], 0.0
+    for r in fleet.stub().Generate(pb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=64), timeout=300):
+        got.append(r.token)
+        recovered += r.recovered_seconds
+        if len(got) == 10:
+            fleet.agents[victim].kill()
+    assert got == want
+    assert recovered > 0
+    print(f"\nkill -9 of {victim}: recovered in {recovered:.2f} s")
+    st = fleet.status()
+    assert victim not in [n.node.name for n in st.nodes if n.layers]
+    assert [n.health for n in st.nodes if n.node.name == victim] == ["lost"]
+    events = fleet.stub().Events(pb.EventsRequest(limit=20), timeout=10).events
+    assert any(e.kind == "failover" for e in events)
+
+
+def test_undeploy_unloads_everywhere(fleet):
+    r = cli("undeploy", controller=fleet.controller.address)
+    assert r.returncode == 0 and "unloaded" in r.stdout
+    assert fleet.status().active_deployment_id == ""
+    r = cli("generate", "hello", controller=fleet.controller.address)
+    assert r.returncode == 2 and "no deployment is active" in r.stderr
+    for a in fleet.agents.values():
+        if a.alive():
+            with AgentClient(a.address) as c:
+                assert c.state().stages == ()
+
+
+def test_drain_moves_the_stages_off_a_node(tmp_path, reference_model):
+    roomy = Fleet(tmp_path, (("big", "64MiB"), ("other", "64MiB")))
+    try:
+        r = cli("deploy", str(reference_model), "--context", "256", controller=roomy.controller.address)
+        assert r.returncode == 0, r.stderr
+        node = [n.node.name for n in roomy.status().nodes if n.layers][0]
+        want = [r.token for r in roomy.generate(8)]
+        r = cli("drain", node, controller=roomy.controller.address)
+        assert r.returncode == 0, r.stderr
+        st = roomy.status()
+        assert node not in [n.node.name for n in st.nodes if n.layers]
+        assert [n.health for n in st.nodes if n.node.name == node] == ["drained"]
+        assert [r.token for r in roomy.generate(8)] == want          # the same model, now elsewhere
+        with AgentClient(roomy.agents[node].address) as c:
+            assert c.state().stages == ()
+        r = cli("drain", "no-such-node", controller=roomy.controller.address)
+        assert r.returncode == 2 and "no node named" in r.stderr
+    finally:
+        roomy.stop()
+
+
+COMMANDS = ["status", "deploy", "generate", "drain", "undeploy", "events", "controller", "agent", "demo", "plan"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    r = cli(command, "--help")
+    assert r.returncode == 0 and "Usage:" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["status"], ["events"], ["undeploy"], ["drain", "x"], ["generate", "hi"],
+                                  ["deploy", "models/reference/edgefleet-ref-f16.gguf"]])
+def test_unreachable_controller_is_one_line(args):
+    r = cli(*args, controller="127.0.0.1:9")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "unreachable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_wrong_token_is_one_line(tmp_path):
+    ctl = start_controller(tmp_path, token="right")
+    try:
+        for args in (["status"], ["events"], ["generate", "hi"]):
+            r = cli(*args, "--token", "wrong", controller=ctl.address)
+            assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "token" in r.stderr
+        r = cli("status", "--token", "right", controller=ctl.address)
+        assert r.returncode == 0
+    finally:
+        ctl.terminate()
