@@ -163,13 +163,90 @@ def progress_bar():
         yield progress
 
 
+# ------------------------------------------------------------------ shared options of the fleet commands
+
+def security_options(f):
+    """--token and the three --tls-* options, shared by every command that talks gRPC."""
+    f = click.option("--tls-ca", type=click.Path(path_type=Path), default=None,
+                     help="CA certificate that signed the fleet's certificates (mutual TLS).")(f)
+    f = click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="This side's TLS key.")(f)
+    f = click.option("--tls-cert", type=click.Path(path_type=Path), default=None,
+                     help="This side's TLS certificate.")(f)
+    f = click.option("--token", envvar="EDGEFLEET_TOKEN", default="",
+                     help="Fleet token (also $EDGEFLEET_TOKEN); calls without it are refused.")(f)
+    return f
+
+
+def make_security(token: str, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None):
+    from proto.security import Security
+
+    return Security(token, tls_cert, tls_key, tls_ca)
+
+
+DEFAULT_CONTROLLER = "127.0.0.1:50051"
+
+
+def controller_option(f):
+    return click.option("--controller", "controller_addr", envvar="EDGEFLEET_CONTROLLER",
+                        default=DEFAULT_CONTROLLER, show_default=True, metavar="HOST:PORT",
+                        help="The controller to talk to (also $EDGEFLEET_CONTROLLER).")(f)
+
+
+class ControllerCall:
+    """A stub with the fleet token attached; gRPC errors become one-sentence UserErrors."""
+
+    def __init__(self, address: str, security):
+        from proto import edgefleet_pb2_grpc as rpc
+
+        self.address = address
+        self._channel = security.channel(address)
+        self._stub = rpc.ControllerStub(self._channel)
+        self._md = security.metadata()
+
+    def __call__(self, method: str, request, timeout: float | None = 30.0):
+        import grpc
+
+        try:
+            return getattr(self._stub, method)(request, metadata=self._md, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def stream(self, method: str, request):
+        import grpc
+
+        try:
+            yield from getattr(self._stub, method)(request, metadata=self._md)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def error(self, exc) -> UserError:
+        import grpc
+
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+            return UserError(f"the controller at {self.address} is unreachable; start it with `edgefleet controller` "
+                             "or pass --controller HOST:PORT")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return UserError(f"the controller at {self.address} refused the fleet token; pass its --token "
+                             "(or set $EDGEFLEET_TOKEN)")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return UserError(f"the controller at {self.address} did not answer in time; check that it runs")
+        return UserError(exc.details() or code.name)
+
+
+def _call(controller_addr, token, tls_cert, tls_key, tls_ca) -> ControllerCall:
+    return ControllerCall(controller_addr, make_security(token, tls_cert, tls_key, tls_ca))
+
+
+
 # ------------------------------------------------------------------ plan
 
 @cli.command()
 @click.option("--model", "model_arg", required=True, metavar="MODEL",
               help="MODEL.gguf (sensitivity measured and cached), a profile JSON, or a catalog shape "
                    "(llama-3.1-8b, qwen2.5-7b, llama-3-70b, …).")
-@click.option("--fleet", "fleet_path", required=True, type=click.Path(path_type=Path), help="Fleet file (YAML/TOML).")
+@click.option("--fleet", "fleet_path", type=click.Path(path_type=Path), default=None,
+              help="Fleet file (YAML/TOML); without it, plan on the live fleet of --controller.")
 @click.option("--max-ppl-increase", default=5.0, show_default=True, help="Accuracy budget, % perplexity increase.")
 @click.option("--objective", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True)
 @click.option("--prompt-tokens", default=512, show_default=True)
@@ -186,12 +263,38 @@ def progress_bar():
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the plan JSON here.")
 @click.option("--save-profile", type=click.Path(path_type=Path), default=None, help="Write the model profile JSON here.")
 @click.option("--tokens", default=2048, show_default=True, help="Held-out tokens if sensitivity must be measured.")
+@controller_option
+@security_options
 def plan(model_arg, fleet_path, max_ppl_increase, objective, prompt_tokens, output_tokens, concurrency, context,
-         types_csv, pin, exclude, max_stages, solver, time_limit, as_json, out, save_profile, tokens) -> None:
-    """Choose placement and per-layer types for a model on a fleet file (offline)."""
+         types_csv, pin, exclude, max_stages, solver, time_limit, as_json, out, save_profile, tokens,
+         controller_addr, token, tls_cert, tls_key, tls_ca) -> None:
+    """Choose placement and per-layer types for a model on a fleet file, or on the live fleet."""
     from controller.planning import load_profile, plan_table
     from solver import solve
     from solver.problem import Options, Problem, Workload, load_fleet
+
+    if fleet_path is None:
+        from proto import edgefleet_pb2 as pb
+
+        if save_profile:
+            raise UserError("--save-profile needs --fleet (offline planning)")
+        model_file = Path(model_arg)
+        if not model_file.is_file():
+            raise UserError(f"model {model_arg} does not exist; planning on the live fleet needs a GGUF file")
+        call = _call(controller_addr, token, tls_cert, tls_key, tls_ca)
+        req = pb.DeployRequest(
+            model_path=str(model_file.resolve()), max_ppl_increase=max_ppl_increase, objective=objective,
+            prompt_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=concurrency,
+            context=context or prompt_tokens + output_tokens, types=[t for t in types_csv.split(",") if t],
+            pin=list(pin), exclude=list(exclude), max_stages=max_stages, time_limit_seconds=time_limit)
+        final = None
+        for ev in call.stream("Plan", req):
+            log.info("plan %s: %s", ev.phase, ev.message)
+            final = ev
+        if out:
+            out.write_text(final.plan_json)
+        click.echo(final.plan_json) if as_json else click.echo(final.message, nl=False)
+        return
 
     fleet = load_fleet(fleet_path)
     with progress_bar() as progress:
@@ -256,24 +359,6 @@ def demo(model_path: Path, prompt: str, max_tokens: int, max_ppl_increase: float
 
 # ------------------------------------------------------------------ agent
 
-def security_options(f):
-    """--token and the three --tls-* options, shared by every command that talks gRPC."""
-    f = click.option("--tls-ca", type=click.Path(path_type=Path), default=None,
-                     help="CA certificate that signed the fleet's certificates (mutual TLS).")(f)
-    f = click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="This side's TLS key.")(f)
-    f = click.option("--tls-cert", type=click.Path(path_type=Path), default=None,
-                     help="This side's TLS certificate.")(f)
-    f = click.option("--token", envvar="EDGEFLEET_TOKEN", default="",
-                     help="Fleet token (also $EDGEFLEET_TOKEN); calls without it are refused.")(f)
-    return f
-
-
-def make_security(token: str, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None):
-    from proto.security import Security
-
-    return Security(token, tls_cert, tls_key, tls_ca)
-
-
 @cli.command()
 @click.option("--controller", required=True, metavar="HOST:PORT",
               help="Controller to register with (\"\" to run unmanaged).")
@@ -312,57 +397,6 @@ def agent(controller, name, listen, advertise, memory, threads, data_dir, emulat
 
 # ------------------------------------------------------------------ controller and fleet commands
 
-DEFAULT_CONTROLLER = "127.0.0.1:50051"
-
-
-def controller_option(f):
-    return click.option("--controller", "controller_addr", envvar="EDGEFLEET_CONTROLLER",
-                        default=DEFAULT_CONTROLLER, show_default=True, metavar="HOST:PORT",
-                        help="The controller to talk to (also $EDGEFLEET_CONTROLLER).")(f)
-
-
-class ControllerCall:
-    """A stub with the fleet token attached; gRPC errors become one-sentence UserErrors."""
-
-    def __init__(self, address: str, security):
-        from proto import edgefleet_pb2_grpc as rpc
-
-        self.address = address
-        self._channel = security.channel(address)
-        self._stub = rpc.ControllerStub(self._channel)
-        self._md = security.metadata()
-
-    def __call__(self, method: str, request, timeout: float | None = 30.0):
-        import grpc
-
-        try:
-            return getattr(self._stub, method)(request, metadata=self._md, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise self.error(exc) from None
-
-    def stream(self, method: str, request):
-        import grpc
-
-        try:
-            yield from getattr(self._stub, method)(request, metadata=self._md)
-        except grpc.RpcError as exc:
-            raise self.error(exc) from None
-
-    def error(self, exc) -> UserError:
-        import grpc
-
-        code = exc.code()
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
-            return UserError(f"the controller at {self.address} is unreachable; start it with `edgefleet controller` "
-                             "or pass --controller HOST:PORT")
-        if code == grpc.StatusCode.UNAUTHENTICATED:
-            return UserError(f"the controller at {self.address} refused the fleet token; pass its --token "
-                             "(or set $EDGEFLEET_TOKEN)")
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return UserError(f"the controller at {self.address} did not answer in time; check that it runs")
-        return UserError(exc.details() or code.name)
-
-
 @cli.command("controller")
 @click.option("--listen", default="0.0.0.0:50051", show_default=True, metavar="HOST:PORT",
               help="Where the controller serves (port 0: any free port).")
@@ -382,10 +416,6 @@ def controller_cmd(listen, state_path, heartbeat, node_timeout, token, tls_cert,
                            timeout_s=parse_quantity(node_timeout, "--node-timeout"))
     setup_logging(logging.getLogger().getEffectiveLevel() < logging.WARNING)
     sys.exit(serve(cfg))
-
-
-def _call(controller_addr, token, tls_cert, tls_key, tls_ca) -> ControllerCall:
-    return ControllerCall(controller_addr, make_security(token, tls_cert, tls_key, tls_ca))
 
 
 @cli.command()

@@ -2,6 +2,7 @@
 and the controller process's lifecycle."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from rich.console import Console
 
 from controller import deploy as D
 from controller.agents import AgentError
-from controller.planning import compact_types
+from controller.planning import compact_types, plan_table
 from controller.registry import Registry
 from controller.service import Control, NoDeployment
 from controller.state import State
@@ -37,6 +39,17 @@ class ControllerConfig:
     security: Security = Security()
     heartbeat_s: float = 1.0              # agents send State this often
     timeout_s: float = 3.0                # no heartbeat for this long: the node is lost
+
+
+def _options(request: pb.DeployRequest) -> D.DeployOptions:
+    return D.DeployOptions(
+        model_path=Path(request.model_path), max_ppl_increase=request.max_ppl_increase or 5.0,
+        objective=request.objective or "latency", prompt_tokens=request.prompt_tokens or 256,
+        output_tokens=request.output_tokens or 128, concurrency=request.concurrency or 8,
+        context=request.context or 512, types=tuple(request.types), pin=tuple(request.pin),
+        exclude=tuple(request.exclude), max_stages=request.max_stages,
+        time_limit_s=request.time_limit_seconds or 60.0,
+        text_path=Path(request.text_path) if request.text_path else None)
 
 
 class ControllerService(rpc.ControllerServicer):
@@ -73,14 +86,22 @@ class ControllerService(rpc.ControllerServicer):
                               model=dep.model_path if dep else "", plan_json=json.dumps(dep.plan) if dep else "")
 
     def Deploy(self, request, context):
-        opts = D.DeployOptions(
-            model_path=Path(request.model_path), max_ppl_increase=request.max_ppl_increase or 5.0,
-            objective=request.objective or "latency", prompt_tokens=request.prompt_tokens or 256,
-            output_tokens=request.output_tokens or 128, concurrency=request.concurrency or 8,
-            context=request.context or 512, types=tuple(request.types), pin=tuple(request.pin),
-            exclude=tuple(request.exclude), max_stages=request.max_stages,
-            time_limit_s=request.time_limit_seconds or 60.0,
-            text_path=Path(request.text_path) if request.text_path else None)
+        result = yield from self._with_progress(lambda report: self.control.deploy(_options(request), report),
+                                                context)
+        yield pb.DeployProgress(phase="done", message=f"deployment {result.id} active", deployment_id=result.id,
+                                plan_json=json.dumps(result.plan))
+
+    def Plan(self, request, context):
+        problem, plan, _ = yield from self._with_progress(
+            lambda report: self.control.plan(_options(request), report), context)
+        text = io.StringIO()
+        Console(file=text, width=200).print(plan_table(problem, plan))
+        yield pb.DeployProgress(phase="done", message=text.getvalue(), plan_json=plan.to_json())
+
+    @staticmethod
+    def _with_progress(job, context):
+        """Run job(report) on its own thread, yielding its progress messages; returns its result
+        (aborts the call with the job's one-sentence error)."""
         events: queue.Queue = queue.Queue()
 
         def report(phase, message, done=0, total=0, plan_json=""):
@@ -90,21 +111,20 @@ class ControllerService(rpc.ControllerServicer):
 
         def run():
             try:
-                result["dep"] = self.control.deploy(opts, report)
+                result["value"] = job(report)
             except (ValueError, AgentError) as exc:
                 result["error"] = str(exc)
             except Exception as exc:  # a bug: say so, keep serving
-                log.exception("deploy failed")
-                result["error"] = f"internal error during deploy: {exc}"
+                log.exception("job failed")
+                result["error"] = f"internal error: {exc}"
             events.put(None)
 
-        threading.Thread(target=run, name="deploy", daemon=True).start()
+        threading.Thread(target=run, name="job", daemon=True).start()
         while (item := events.get()) is not None:
             yield item
         if "error" in result:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, result["error"])
-        yield pb.DeployProgress(phase="done", message=f"deployment {result['dep'].id} active",
-                                deployment_id=result["dep"].id, plan_json=json.dumps(result["dep"].plan))
+        return result["value"]
 
     def Undeploy(self, request, context):
         try:

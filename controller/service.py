@@ -72,13 +72,14 @@ class Control:
         with self._deploy_lock:
             return self._deploy(opts, report, "deploy")
 
-    def _deploy(self, opts: D.DeployOptions, report: Callable, reason: str) -> Deployment:
+    def plan(self, opts: D.DeployOptions, report: Callable = lambda *a: None):
+        """(problem, plan, live nodes) for these options on the live fleet; nothing is deployed."""
         if not opts.model_path.is_file():
             raise ValueError(f"model {opts.model_path} does not exist on the controller's machine; "
                              "give the path of a GGUF file there")
         nodes = [n for n in self.registry.usable() if n.name not in opts.exclude]
         if not nodes:
-            raise ValueError("no live agents to deploy on; start agents with --controller pointing here "
+            raise ValueError("no live agents to plan on; start agents with --controller pointing here "
                              "(see `edgefleet status`)")
         report("plan", "reading the model and its sensitivity table", 0, 0)
         model = D.model_profile_for(opts)
@@ -99,6 +100,12 @@ class Control:
         if not plan.ok:
             raise ValueError(plan.message)
         report("plan", f"{len(plan.stages)} stages, {plan.status}", 1, 1, plan.to_json())
+        return problem, plan, nodes
+
+    def _deploy(self, opts: D.DeployOptions, report: Callable, reason: str) -> Deployment:
+        problem, plan, nodes = self.plan(opts, report)
+        model = problem.model
+        sha = model.sha256 or file_sha256(opts.model_path)
         by_name = {n.name: n for n in nodes}
         shards = D.build_shards(opts.model_path, sha, plan, len(model.layers), self.workdir, report)
         targets = [(by_name[st.node], sh) for st, sh in zip(plan.stages, shards)]

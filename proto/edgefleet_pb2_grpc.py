@@ -488,6 +488,11 @@ class ControllerStub:
                 request_serializer=proto_dot_edgefleet__pb2.Empty.SerializeToString,
                 response_deserializer=proto_dot_edgefleet__pb2.FleetFile.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_stream(
+                '/edgefleet.Controller/Plan',
+                request_serializer=proto_dot_edgefleet__pb2.DeployRequest.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.DeployProgress.FromString,
+                _registered_method=True)
         self.Deploy = channel.unary_stream(
                 '/edgefleet.Controller/Deploy',
                 request_serializer=proto_dot_edgefleet__pb2.DeployRequest.SerializeToString,
@@ -543,6 +548,14 @@ class ControllerServicer:
 
     def Fleet(self, request, context):
         """The live fleet in fleet-file form (measured speeds and links), for planning.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Plan(self, request, context):
+        """Plan on the live fleet without deploying (profiles agents and links first where needed);
+        the last message has phase "done", the plan JSON and the plan table as text.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -606,6 +619,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.Fleet,
                     request_deserializer=proto_dot_edgefleet__pb2.Empty.FromString,
                     response_serializer=proto_dot_edgefleet__pb2.FleetFile.SerializeToString,
+            ),
+            'Plan': grpc.unary_stream_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=proto_dot_edgefleet__pb2.DeployRequest.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.DeployProgress.SerializeToString,
             ),
             'Deploy': grpc.unary_stream_rpc_method_handler(
                     servicer.Deploy,
@@ -743,6 +761,33 @@ class Controller:
             '/edgefleet.Controller/Fleet',
             proto_dot_edgefleet__pb2.Empty.SerializeToString,
             proto_dot_edgefleet__pb2.FleetFile.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefleet.Controller/Plan',
+            proto_dot_edgefleet__pb2.DeployRequest.SerializeToString,
+            proto_dot_edgefleet__pb2.DeployProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,10 +63,15 @@ def test_shard_and_info_roundtrip(reference_model, tmp_path):
     assert data["layers"] == [2, 6] and data["layer_types"] == ["Q8_0", "Q8_0", "Q4_K", "Q4_K"]
 
 
-def test_demo_generates(reference_model):
-    out = run("demo", "--max-tokens", "8", "--stages", "3")
+def test_demo_runs_a_local_fleet_and_cleans_up(reference_model, tmp_path):
+    import psutil
+
+    out = run("demo", "--max-tokens", "8", "--keep", str(tmp_path))
     assert out.returncode == 0, out.stderr
-    assert "tokens/s" in out.stdout and "[0, 3)" in out.stdout
+    assert "plan:" in out.stdout and "tokens/s" in out.stdout and "ms/token measured" in out.stdout
+    assert (tmp_path / "edgefleet.db").exists() and (tmp_path / "desk.log").exists()
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert left == [], "the demo left processes behind"
 
 
 FLEET = "examples/fleet-edge.yaml"

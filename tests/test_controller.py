@@ -1,6 +1,6 @@
 """The controller with real processes: deploy, generate, rollback, restarts, failover, CLI.
 
-One fleet (a controller and five agents with unequal memory) serves the module; the tests
+One fleet (a controller and four agents with unequal memory) serves the module; the tests
 run in file order, the destructive ones last.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from proto import edgefleet_pb2 as pb
 from proto import edgefleet_pb2_grpc as rpc
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENTS = (("desk", "16MiB"), ("laptop", "12MiB"), ("mini", "10MiB"), ("pi", "8MiB"), ("spare", "12MiB"))
+AGENTS = (("desk", "16MiB"), ("laptop", "14MiB"), ("mini", "12MiB"), ("pi", "10MiB"))
 PROMPT = [1, 50, 60, 70, 80, 90]
 
 
@@ -114,6 +114,9 @@ def test_cli_status_generate_and_events(fleet):
     assert r.returncode == 0 and len(r.stdout.split()) == 8 and "tokens/s" in r.stderr
     r = cli("events", controller=addr)
     assert r.returncode == 0 and "agent-registered" in r.stdout and "deploy" in r.stdout
+    r = cli("plan", "--model", "models/reference/edgefleet-ref-f16.gguf", "--context", "256", controller=addr)
+    assert r.returncode == 0, r.stderr
+    assert "stages, objective latency" in r.stdout and "desk" in r.stdout and "solver highs" in r.stdout
 
 
 def test_a_refused_shard_rolls_back_and_the_old_deployment_keeps_serving(fleet, reference_model):
@@ -237,10 +240,32 @@ def test_unreachable_controller_is_one_line(args):
 def test_wrong_token_is_one_line(tmp_path):
     ctl = start_controller(tmp_path, token="right")
     try:
-        for args in (["status"], ["events"], ["generate", "hi"]):
+        for args in (["status"], ["events"], ["generate", "hi"], ["undeploy"], ["drain", "x"],
+                     ["deploy", "models/reference/edgefleet-ref-f16.gguf"]):
             r = cli(*args, "--token", "wrong", controller=ctl.address)
             assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "token" in r.stderr
         r = cli("status", "--token", "right", controller=ctl.address)
         assert r.returncode == 0
     finally:
         ctl.terminate()
+
+
+def test_agent_registers_again_with_a_controller_that_lost_its_state(tmp_path):
+    first = start_controller(tmp_path / "one")
+    port = first.info["port"]
+    agent = start_agent("wanderer", tmp_path, controller=first.address)
+    try:
+        f = Fleet.__new__(Fleet)              # a view on this controller, no agents of its own
+        f.controller = first
+        f.wait_alive(1)
+        first.kill()
+        fresh = start_controller(tmp_path / "two", extra=("--listen", f"127.0.0.1:{port}"))   # empty state
+        f.controller = fresh
+        try:
+            f.wait_alive(1, timeout=30)
+            assert [n.node.name for n in f.status().nodes] == ["wanderer"]
+        finally:
+            fresh.terminate()
+    finally:
+        agent.terminate()
+        first.terminate()
