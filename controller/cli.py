@@ -226,6 +226,9 @@ class ControllerCall:
         if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
             return UserError(f"the controller at {self.address} is unreachable; start it with `edgefleet controller` "
                              "or pass --controller HOST:PORT")
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return UserError(f"the connection to the controller at {self.address} was lost ({exc.details()}); "
+                             "the request did not complete, retry it")
         if code == grpc.StatusCode.UNAUTHENTICATED:
             return UserError(f"the controller at {self.address} refused the fleet token; pass its --token "
                              "(or set $EDGEFLEET_TOKEN)")

@@ -106,6 +106,23 @@ def test_deploy_splits_the_model_and_generation_matches_one_process(fleet, refer
     assert got == list(local_reference(plan, reference_model, tmp_path).generate(PROMPT, 32))
 
 
+def test_concurrent_requests_are_pipelined_and_each_is_right(fleet):
+    prompts = [PROMPT, [1, 7, 300, 41], [1, 999, 5, 5, 5, 12], [1, 2000, 3]]
+    stub = fleet.stub()
+
+    def run(p):
+        return [r.token for r in stub.Generate(pb.GenerateRequest(prompt_tokens=p, max_tokens=16), timeout=300)]
+
+    alone = [run(p) for p in prompts]
+    results: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(prompts[i]))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert [results.get(i) for i in range(4)] == alone
+
+
 def test_cli_status_generate_and_events(fleet):
     addr = fleet.controller.address
     r = cli("status", controller=addr)
