@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from agent.quant import QTensor, linear
+from agent.quant import linear
 from agent.weights import ModelConfig, StageWeights
 
 

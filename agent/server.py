@@ -49,19 +49,10 @@ class Downstream:
         self._shaper = shaper
         self._q: queue.Queue = queue.Queue()
         self._channel = security.channel(address)
-        self._call = rpc.AgentStub(self._channel).Forward(self._requests(), metadata=security.metadata())
+        self._call = rpc.AgentStub(self._channel).Forward(Shaper.delivered(self._q), metadata=security.metadata())
         self.broken = False
         self._on_output, self._on_broken = on_output, on_broken
         threading.Thread(target=self._read, name=f"down-{address}", daemon=True).start()
-
-    def _requests(self):
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            deliver_at, msg = item
-            Shaper.wait_until(deliver_at)
-            yield msg
 
     def _read(self) -> None:
         try:
@@ -104,13 +95,7 @@ class Hop:
     def responses(self, request_iterator):
         threading.Thread(target=self._read, args=(request_iterator,), name="hop-read", daemon=True).start()
         self.context.add_callback(self._cancelled)
-        while True:
-            item = self._out.get()
-            if item is None:
-                return
-            deliver_at, msg = item
-            Shaper.wait_until(deliver_at)
-            yield msg
+        yield from Shaper.delivered(self._out)
 
     def _read(self, request_iterator) -> None:
         try:

@@ -42,6 +42,14 @@ class Shaper:
         if delay > 0:
             time.sleep(delay)
 
+    @staticmethod
+    def delivered(q):
+        """Yield the messages put on q as (deliver_at, message), each at its delivery time, until None."""
+        while (item := q.get()) is not None:
+            deliver_at, msg = item
+            Shaper.wait_until(deliver_at)
+            yield msg
+
     def send(self, nbytes: int) -> None:
         """Block for as long as sending nbytes would take."""
         self.wait_until(self.schedule(nbytes))

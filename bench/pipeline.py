@@ -32,7 +32,7 @@ from rich.table import Table  # noqa: E402
 
 from agent.pipeline import split_evenly  # noqa: E402
 from controller.agents import AgentClient, PipelineStream  # noqa: E402
-from controller.local import start_agent  # noqa: E402
+from controller.local import deploy_chain, start_agent  # noqa: E402
 from controller.planning import gguf_profile  # noqa: E402
 from controller.shards import file_sha256, parse_types, write_shard  # noqa: E402
 from solver.plan import Stage, evaluate  # noqa: E402
@@ -44,17 +44,6 @@ console = Console(width=120)
 
 def prompts(n: int, length: int) -> list[list[int]]:
     return [[1] + [(37 * i + 11 * k) % 3000 + 100 for k in range(length - 1)] for i in range(n)]
-
-
-def deploy(agents, shards, context: int, sessions: int = 16) -> None:
-    for i, (a, s) in enumerate(zip(agents, shards)):
-        nxt = agents[i + 1].address if i + 1 < len(agents) else ""
-        with AgentClient(a.address) as c:
-            c.push_shard(s.path, s.sha256)
-            c.prepare("bench", s.sha256, nxt, sessions, context)
-    for a in agents:
-        with AgentClient(a.address) as c:
-            c.activate("bench")
 
 
 def one_request(address: str, prompt: list[int], tokens: int) -> dict:
@@ -152,7 +141,7 @@ def main() -> None:
                       f"{args.types}, {os.cpu_count()} cores")
         agents = [start_agent(f"a{i}", tmp) for i in range(args.agents)]
         try:
-            deploy(agents, shards, context)
+            deploy_chain(agents, shards, "bench", 16, context)
             timings = []
             for a, s in zip(agents, shards):
                 with AgentClient(a.address) as c:
@@ -168,7 +157,7 @@ def main() -> None:
         shaped = ("--emulate-bandwidth", args.bandwidth, "--emulate-latency", args.latency)
         agents = [start_agent(f"e{i}", tmp, extra=shaped) for i in range(args.agents)]
         try:
-            deploy(agents, shards, context)
+            deploy_chain(agents, shards, "bench", 16, context)
             measured = median_runs(agents[0].address, prompt, args.tokens, args.repeats)
         finally:
             for a in agents:

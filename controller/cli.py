@@ -468,9 +468,9 @@ def deploy(model_path, controller_addr, max_ppl_increase, objective, prompt_toke
            context, types_csv, pin, exclude, max_stages, time_limit, text_path, token, tls_cert, tls_key,
            tls_ca) -> None:
     """Plan on the live fleet, build and push shards, switch the fleet to the new plan."""
+    from controller.planning import deployed_table
     from proto import edgefleet_pb2 as pb
     from solver.plan import plan_from_dict
-    from solver.problem import GiB
 
     call = _call(controller_addr, token, tls_cert, tls_key, tls_ca)
     req = pb.DeployRequest(
@@ -488,14 +488,7 @@ def deploy(model_path, controller_addr, max_ppl_increase, objective, prompt_toke
             plan_json = ev.plan_json or plan_json
             dep_id = ev.deployment_id or dep_id
     plan = plan_from_dict(json.loads(plan_json))
-    t = Table(title=f"deployment {dep_id}: {model_path.name}, {len(plan.stages)} stages")
-    for col in ("stage", "node", "layers", "types", "memory", "decode ms/token"):
-        t.add_column(col)
-    from controller.planning import compact_types
-
-    for i, (s, sp) in enumerate(zip(plan.stages, plan.prediction.stages)):
-        t.add_row(str(i), s.node, f"{s.first}-{s.last - 1}", compact_types(s.types),
-                  f"{sp.memory / GiB:.3f} / {sp.memory_available / GiB:.2f} GiB", f"{sp.decode_s * 1e3:.2f}")
+    t = deployed_table(plan, f"deployment {dep_id}: {model_path.name}, {len(plan.stages)} stages")
     p = plan.prediction
     t.caption = (f"predicted {p.tpot_s * 1e3:.1f} ms/token, TTFT {p.ttft_s * 1e3:.0f} ms, perplexity "
                  f"+{p.ppl_increase_pct:.2f} %; solver {plan.status}, gap {100 * plan.gap:.2f} %")

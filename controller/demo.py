@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from controller.local import ServiceProcess, start_agent, start_controller
-from controller.planning import compact_types
+from controller.planning import deployed_table
 
 # (name, memory cap): no single agent can hold the model with its KV cache and scratch
 DEMO_AGENTS = (("desk", "16MiB"), ("laptop", "12MiB"), ("mini", "10MiB"), ("pi", "8MiB"))
@@ -58,13 +57,7 @@ def run_demo(model: Path, prompt: str, max_tokens: int, budget: float, bandwidth
                     console.print(f"  {ev.phase}: {ev.message}")
                 plan_json = ev.plan_json or plan_json
             plan = plan_from_dict(json.loads(plan_json))
-            t = Table(title=f"plan: {len(plan.stages)} stages")
-            for col in ("stage", "node", "layers", "types", "memory used / offered", "decode ms/token"):
-                t.add_column(col)
-            for i, (s, sp) in enumerate(zip(plan.stages, plan.prediction.stages)):
-                t.add_row(str(i), s.node, f"{s.first}-{s.last - 1}", compact_types(s.types),
-                          f"{sp.memory / 2 ** 20:.1f} / {sp.memory_available / 2 ** 20:.1f} MiB",
-                          f"{sp.decode_s * 1e3:.2f}")
+            t = deployed_table(plan, f"plan: {len(plan.stages)} stages", unit="MiB")
             p = plan.prediction
             t.caption = (f"predicted: {p.tpot_s * 1e3:.1f} ms/token, perplexity +{p.ppl_increase_pct:.2f} % "
                          f"(solver: {plan.status}, {plan.solve_s:.2f} s)")

@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from controller.agents import AgentClient, AgentError
@@ -19,7 +19,6 @@ from controller.planning import gguf_profile
 from controller.shards import ShardInfo, file_sha256, write_shard
 from proto.adapter import NodeInfo
 from proto.security import Security
-from solver import solve
 from solver.plan import Plan
 from solver.problem import Fleet, Link, ModelProfile, Node, Options, Problem, Workload, measured_speed
 
@@ -62,12 +61,6 @@ class DeployOptions:
         for k in ("types", "pin", "exclude"):
             d[k] = tuple(d.get(k, ()))
         return cls(**d)
-
-
-@dataclass
-class Progress:
-    """Callback sink: phase, message, done, total."""
-    report: Callable[[str, str, int, int], None] = field(default=lambda *a: None)
 
 
 def probe_layers(n_layer: int) -> tuple[int, int]:
@@ -241,20 +234,19 @@ def with_exclusions(opts: DeployOptions, names: list[str]) -> DeployOptions:
 
 
 def model_profile_for(opts: DeployOptions, tokens: int = 1024, progress=None) -> ModelProfile:
-    from controller.sensitivity import cached_or_measured
-
-    text = opts.text_path
-    if text is None:
-        beside = opts.model_path.with_name("heldout.txt")
-        text = beside if beside.exists() else None
-    from controller.sensitivity import load_cached
+    """The model's shapes with its sensitivity table: cached, shipped beside the model, or
+    measured on the held-out text (--text, or heldout.txt beside the model)."""
+    from controller.sensitivity import cached_or_measured, load_cached
 
     sha = file_sha256(opts.model_path)
     cached = load_cached(sha, tokens=tokens, model=opts.model_path)
     if cached is not None:
         return gguf_profile(opts.model_path, cached)
+    text = opts.text_path
+    if text is None and opts.model_path.with_name("heldout.txt").exists():
+        text = opts.model_path.with_name("heldout.txt")
     if text is None:
         raise ValueError(f"no sensitivity table for {opts.model_path.name} and no held-out text to measure one; "
                          "pass --text FILE (plain text in the model's language)")
     return gguf_profile(opts.model_path, cached_or_measured(opts.model_path, text, tokens=tokens,
-                                                            progress=progress)[0])
+                                                            progress=progress, sha256=sha)[0])

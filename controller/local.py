@@ -82,3 +82,17 @@ def start_controller(workdir: Path, token: str = "", extra: tuple[str, ...] = ()
     if token:
         args += ["--token", token]
     return ServiceProcess(args, workdir / "controller.log")
+
+
+def deploy_chain(agents: list[ServiceProcess], shards, deployment_id: str, max_sessions: int, context: int) -> None:
+    """Without a controller: push shard i to agent i, chain them in order, prepare, then activate."""
+    from controller.agents import AgentClient
+
+    for i, (a, s) in enumerate(zip(agents, shards)):
+        nxt = agents[i + 1].address if i + 1 < len(agents) else ""
+        with AgentClient(a.address) as c:
+            c.push_shard(s.path, s.sha256)
+            c.prepare(deployment_id, s.sha256, nxt, max_sessions, context)
+    for a in agents:
+        with AgentClient(a.address) as c:
+            c.activate(deployment_id)

@@ -73,6 +73,20 @@ def plan_table(problem: Problem, plan: Plan) -> Table:
     return t
 
 
+def deployed_table(plan: Plan, title: str, unit: str = "GiB") -> Table:
+    """The stages of a deployed plan (from its JSON, with the prediction it was saved with);
+    memory in GiB or MiB. The caller sets the caption."""
+    scale, digits = {"GiB": (GiB, 3), "MiB": (2 ** 20, 1)}[unit]
+    t = Table(title=title)
+    for col in ("stage", "node", "layers", "types", "memory used / offered", "decode ms/token"):
+        t.add_column(col)
+    for i, (s, sp) in enumerate(zip(plan.stages, plan.prediction.stages)):
+        t.add_row(str(i), s.node, f"{s.first}-{s.last - 1}", compact_types(s.types),
+                  f"{sp.memory / scale:.{digits}f} / {sp.memory_available / scale:.{digits}f} {unit}",
+                  f"{sp.decode_s * 1e3:.2f}")
+    return t
+
+
 def compact_types(types: tuple[str, ...]) -> str:
     """('Q4_K','Q4_K','Q2_K') -> 'Q4_K×2 Q2_K' (runs, in layer order; counts when many runs)."""
     out: list[list] = []

@@ -21,7 +21,7 @@ from controller import deploy as D
 from controller.agents import AgentError
 from controller.planning import compact_types, plan_table
 from controller.registry import Registry
-from controller.service import Control, NoDeployment
+from controller.service import BadRequest, Control, NoDeployment
 from controller.state import State
 from proto import adapter as A
 from proto import edgefleet_pb2 as pb
@@ -171,20 +171,16 @@ class ControllerService(rpc.ControllerServicer):
                     return
         except NoDeployment as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except ValueError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT if "exceed" in str(exc) else grpc.StatusCode.UNAVAILABLE,
-                          str(exc))
+        except BadRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ValueError as exc:   # the fleet could not recover from a failure
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except AgentError as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"the request failed in the fleet: {exc}; retry it")
 
     def Events(self, request, context):
         return pb.EventList(events=[pb.Event(time=t, kind=k, message=m)
                                     for t, k, m in self.control.state.events(request.limit or 100)])
-
-    def Fleet(self, request, context):
-        nodes = [{"name": n.name, "address": n.address, "memory": n.memory_bytes, "types": list(n.gguf_types)}
-                 for n in self.registry.usable()]
-        return pb.FleetFile(json=json.dumps({"nodes": nodes}))
 
 
 def serve(cfg: ControllerConfig) -> int:

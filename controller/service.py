@@ -18,7 +18,6 @@ from pathlib import Path
 from controller import deploy as D
 from controller.agents import AgentClient, AgentError, PipelineStream, StepFailed
 from controller.registry import Registry
-from controller.shards import file_sha256
 from controller.state import Deployment, State
 from proto import adapter as A
 from proto.security import Security
@@ -31,6 +30,15 @@ RETRYABLE = {"UNAVAILABLE", "NOT_FOUND", "FAILED_PRECONDITION", "CANCELLED", "DE
 
 class NoDeployment(ValueError):
     pass
+
+
+class BadRequest(ValueError):
+    """A request that cannot be served as asked (the caller must change it)."""
+
+
+def stage_nodes(dep: Deployment, skip: set[str] = frozenset()) -> list[A.NodeInfo]:
+    """The nodes holding a deployment's stages, enough to reach them."""
+    return [A.NodeInfo(s["node"], s["address"], 0, (), 0) for s in dep.stages if s["node"] not in skip]
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,8 @@ class Control:
         self._streams: dict[str, PipelineStream] = {}
         self._streams_lock = threading.Lock()
         self.active: Deployment | None = state.active()
-        self._slots = threading.BoundedSemaphore(self._concurrency())
+        self._slots = threading.BoundedSemaphore(int(self.active.request["concurrency"]) if self.active else 8)
+        self._tokenizers: dict = {}
         registry.on_lost = self._node_lost
         self.last_recovery_s = 0.0
 
@@ -58,13 +67,9 @@ class Control:
         from agent.tokenizer import Tokenizer
 
         with self._streams_lock:
-            cache = self.__dict__.setdefault("_tokenizers", {})
-            if model_path not in cache:
-                cache[model_path] = Tokenizer(model_path)
-            return cache[model_path]
-
-    def _concurrency(self) -> int:
-        return int(self.active.request.get("concurrency", 8)) if self.active else 8
+            if model_path not in self._tokenizers:
+                self._tokenizers[model_path] = Tokenizer(model_path)
+            return self._tokenizers[model_path]
 
     # ---------------------------------------------------------- deploy
 
@@ -83,7 +88,7 @@ class Control:
                              "(see `edgefleet status`)")
         report("plan", "reading the model and its sensitivity table", 0, 0)
         model = D.model_profile_for(opts)
-        sha = model.sha256 or file_sha256(opts.model_path)
+        sha = model.sha256
         types = tuple(opts.types) or model.types
         profiles = D.profile_agents(nodes, opts.model_path, sha, len(model.layers), types, self.workdir,
                                     self.security, lambda name: self.state.profile(name, sha),
@@ -105,7 +110,7 @@ class Control:
     def _deploy(self, opts: D.DeployOptions, report: Callable, reason: str) -> Deployment:
         problem, plan, nodes = self.plan(opts, report)
         model = problem.model
-        sha = model.sha256 or file_sha256(opts.model_path)
+        sha = model.sha256
         by_name = {n.name: n for n in nodes}
         shards = D.build_shards(opts.model_path, sha, plan, len(model.layers), self.workdir, report)
         targets = [(by_name[st.node], sh) for st, sh in zip(plan.stages, shards)]
@@ -126,12 +131,11 @@ class Control:
                 from None
         previous = self.active
         self.state.activate(dep.id)
-        self.active = Deployment(**{**dep.__dict__, "status": "active"})
+        self.active = replace(dep, status="active")
         self._slots = threading.BoundedSemaphore(opts.concurrency)
         if previous is not None:
             # nodes of the old plan that are not in the new one still hold it
-            left = [A.NodeInfo(s["node"], s["address"], 0, (), 0) for s in previous.stages
-                    if s["node"] not in {n.name for n, _ in targets}]
+            left = stage_nodes(previous, skip={n.name for n, _ in targets})
             D.unload_everywhere(previous.id, left, self.security)
             self._close_stream(previous.id)
         pred = plan.prediction
@@ -145,7 +149,7 @@ class Control:
             dep = self.active
             if dep is None:
                 raise NoDeployment("no deployment is active; nothing to undeploy")
-            nodes = [A.NodeInfo(s["node"], s["address"], 0, (), 0) for s in dep.stages]
+            nodes = stage_nodes(dep)
             missed = D.unload_everywhere(dep.id, nodes, self.security)
             self.state.set_status(dep.id, "retired")
             self.active = None
@@ -211,8 +215,7 @@ class Control:
             t0 = time.monotonic()
             # the broken deployment cannot serve any more: free its memory on the survivors so
             # that the new stages fit there (a switch otherwise needs room for both)
-            survivors = [A.NodeInfo(s["node"], s["address"], 0, (), 0) for s in dep.stages if s["node"] not in dead]
-            D.unload_everywhere(dep.id, survivors, self.security)
+            D.unload_everywhere(dep.id, stage_nodes(dep, skip=set(dead)), self.security)
             self._close_stream(dep.id)
             # lost nodes are out of registry.usable(); only pins on them must go
             opts = D.DeployOptions.from_dict(dep.request)
@@ -250,7 +253,7 @@ class Control:
             raise NoDeployment("no deployment is active; run `edgefleet deploy MODEL.gguf` first")
         ctx = int(self.active.request.get("context", 512))
         if len(prompt) + max_tokens > ctx:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the deployment's "
+            raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the deployment's "
                              f"context of {ctx} tokens; shorten the prompt or lower max_tokens")
         slots = self._slots
         slots.acquire()

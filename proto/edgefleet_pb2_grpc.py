@@ -483,11 +483,6 @@ class ControllerStub:
                 request_serializer=proto_dot_edgefleet__pb2.Empty.SerializeToString,
                 response_deserializer=proto_dot_edgefleet__pb2.FleetStatus.FromString,
                 _registered_method=True)
-        self.Fleet = channel.unary_unary(
-                '/edgefleet.Controller/Fleet',
-                request_serializer=proto_dot_edgefleet__pb2.Empty.SerializeToString,
-                response_deserializer=proto_dot_edgefleet__pb2.FleetFile.FromString,
-                _registered_method=True)
         self.Plan = channel.unary_stream(
                 '/edgefleet.Controller/Plan',
                 request_serializer=proto_dot_edgefleet__pb2.DeployRequest.SerializeToString,
@@ -541,13 +536,6 @@ class ControllerServicer:
 
     def Status(self, request, context):
         """Nodes, their health and what they hold; the active plan.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Fleet(self, request, context):
-        """The live fleet in fleet-file form (measured speeds and links), for planning.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -614,11 +602,6 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=proto_dot_edgefleet__pb2.Empty.FromString,
                     response_serializer=proto_dot_edgefleet__pb2.FleetStatus.SerializeToString,
-            ),
-            'Fleet': grpc.unary_unary_rpc_method_handler(
-                    servicer.Fleet,
-                    request_deserializer=proto_dot_edgefleet__pb2.Empty.FromString,
-                    response_serializer=proto_dot_edgefleet__pb2.FleetFile.SerializeToString,
             ),
             'Plan': grpc.unary_stream_rpc_method_handler(
                     servicer.Plan,
@@ -734,33 +717,6 @@ class Controller:
             '/edgefleet.Controller/Status',
             proto_dot_edgefleet__pb2.Empty.SerializeToString,
             proto_dot_edgefleet__pb2.FleetStatus.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Fleet(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/edgefleet.Controller/Fleet',
-            proto_dot_edgefleet__pb2.Empty.SerializeToString,
-            proto_dot_edgefleet__pb2.FleetFile.FromString,
             options,
             channel_credentials,
             insecure,

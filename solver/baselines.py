@@ -35,7 +35,7 @@ def split(weights: list[float], n_layer: int) -> list[int]:
 def baseline(problem: Problem, how: str) -> Plan:
     """A proportional split over all usable nodes (fleet order), best uniform type."""
     t0 = time.perf_counter()
-    m, w, o = problem.model, problem.workload, problem.options
+    m, o = problem.model, problem.options
     nodes = [n for n in problem.fleet.nodes if n.name not in o.excluded]
     if how == "equal":
         weights = [1.0] * len(nodes)

@@ -16,7 +16,7 @@ from proto import adapter as A
 from proto import edgefleet_pb2 as pb
 from proto.security import Security
 from certs import make_ca, make_leaf
-from controller.local import start_agent
+from controller.local import deploy_chain, start_agent
 
 TYPES = ["Q8_0"] * 3 + ["Q4_K"] * 3 + ["Q6_K"] * 2
 RANGES = [(0, 3), (3, 6), (6, 8)]
@@ -36,14 +36,7 @@ def reference(shards):
 
 
 def deploy(agents, shards, deployment_id="d1", max_sessions=8, context=256):
-    for i, (a, s) in enumerate(zip(agents, shards)):
-        nxt = agents[i + 1].address if i + 1 < len(agents) else ""
-        with AgentClient(a.address) as c:
-            c.push_shard(s.path, s.sha256)
-            c.prepare(deployment_id, s.sha256, nxt, max_sessions, context)
-    for a in agents:
-        with AgentClient(a.address) as c:
-            c.activate(deployment_id)
+    deploy_chain(agents, shards, deployment_id, max_sessions, context)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 
 from agent.pipeline import LocalPipeline
 from controller import sensitivity as S
-from controller.shards import parse_types, write_shard
+from controller.shards import write_shard
 
 
 @pytest.fixture(scope="module")
