@@ -23,9 +23,13 @@ class Tokenizer:
         self._model = LlamaModel(path_model=str(gguf_path), params=params, verbose=False)
         self.bos = self._model.token_bos()
         self.eos = self._model.token_eos()
+        self.bos_text = self._model.token_get_text(self.bos)
+        self.eos_text = self._model.token_get_text(self.eos)
+        self.chat_template: str | None = self._model.metadata().get("tokenizer.chat_template")
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False))
+    def encode(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of text; special=True parses control tokens written in it (chat templates)."""
+        return list(self._model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
 
     def decode(self, tokens: list[int]) -> str:
         return self._model.detokenize(list(tokens)).decode("utf-8", errors="replace")

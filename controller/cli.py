@@ -407,8 +407,13 @@ def agent(controller, name, listen, advertise, memory, threads, data_dir, emulat
               show_default=True, help="SQLite state file (created if missing).")
 @click.option("--heartbeat", default="1s", show_default=True, help="Heartbeat interval agents are told to use.")
 @click.option("--node-timeout", default="3s", show_default=True, help="A node without heartbeat this long is lost.")
+@click.option("--http", default="", metavar="HOST:PORT",
+              help="Also serve the OpenAI-compatible API and /metrics here, e.g. 0.0.0.0:8080.")
+@click.option("--max-queue", default=256, show_default=True,
+              help="Requests that may wait for a free slot; more are refused (HTTP 429).")
 @security_options
-def controller_cmd(listen, state_path, heartbeat, node_timeout, token, tls_cert, tls_key, tls_ca) -> None:
+def controller_cmd(listen, state_path, heartbeat, node_timeout, http, max_queue, token, tls_cert, tls_key,
+                   tls_ca) -> None:
     """Run the control plane: registry, deployments, request routing, failover."""
     from agent.daemon import setup_logging
     from controller.server import ControllerConfig, serve
@@ -416,7 +421,8 @@ def controller_cmd(listen, state_path, heartbeat, node_timeout, token, tls_cert,
 
     cfg = ControllerConfig(listen=listen, state_path=state_path, security=make_security(token, tls_cert, tls_key, tls_ca),
                            heartbeat_s=parse_quantity(heartbeat, "--heartbeat"),
-                           timeout_s=parse_quantity(node_timeout, "--node-timeout"))
+                           timeout_s=parse_quantity(node_timeout, "--node-timeout"), http=http,
+                           max_queue=max_queue)
     setup_logging(logging.getLogger().getEffectiveLevel() < logging.WARNING)
     sys.exit(serve(cfg))
 
@@ -502,7 +508,7 @@ def deploy(model_path, controller_addr, max_ppl_increase, objective, prompt_toke
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--stop", multiple=True, help="Stop when the text ends with this (repeatable).")
+@click.option("--stop", multiple=True, help="Stop before this text; it is not printed (repeatable).")
 @click.option("--tokens", "show_tokens", is_flag=True, help="Print token ids, one per line, instead of text.")
 @security_options
 def generate(prompt, controller_addr, max_tokens, temperature, top_p, seed, stop, show_tokens, token, tls_cert,

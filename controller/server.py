@@ -21,7 +21,7 @@ from controller import deploy as D
 from controller.agents import AgentError
 from controller.planning import compact_types, plan_table
 from controller.registry import Registry
-from controller.service import BadRequest, Control, NoDeployment
+from controller.service import BadRequest, Busy, Control, NoDeployment
 from controller.state import State
 from proto import adapter as A
 from proto import edgefleet_pb2 as pb
@@ -39,6 +39,8 @@ class ControllerConfig:
     security: Security = Security()
     heartbeat_s: float = 1.0              # agents send State this often
     timeout_s: float = 3.0                # no heartbeat for this long: the node is lost
+    http: str = ""                        # HOST:PORT of the OpenAI API and /metrics ("" = none)
+    max_queue: int = 256                  # requests that may wait for a KV-cache slot (beyond: 429)
 
 
 def _options(request: pb.DeployRequest) -> D.DeployOptions:
@@ -143,36 +145,21 @@ class ControllerService(rpc.ControllerServicer):
         if dep is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "no deployment is active; run `edgefleet deploy MODEL.gguf` first")
-        tok = self.control.tokenizer(dep.model_path)
-        ids = list(request.prompt_tokens) or tok.encode(request.prompt)
-        max_tokens = request.max_tokens or 64
-        text = tok.stream()
-        so_far = ""
-        first = True
+        ids = list(request.prompt_tokens) or self.control.tokenizer(dep.model_path).encode(request.prompt)
         try:
-            n = 0
-            for t in self.control.generate(ids, max_tokens, request.temperature, request.top_p or 1.0,
-                                           request.seed, tok.eos):
-                n += 1
-                piece = text.decode(tok.piece(t.token))
-                so_far += piece
-                reason = ""
-                if t.token == tok.eos:
-                    reason = "eos"
-                elif any(so_far.endswith(s) for s in request.stop if s):
-                    reason = "stop"
-                elif n == max_tokens:
-                    reason = "length"
-                yield pb.GenerateReply(token=t.token, text=piece, finished=bool(reason), finish_reason=reason,
-                                       recovered_seconds=t.recovered_s,
+            first = True
+            for p in self.control.complete(dep.model_path, ids, request.max_tokens or 64, request.temperature,
+                                           request.top_p or 1.0, request.seed, request.stop):
+                yield pb.GenerateReply(token=p.token, text=p.text, finished=bool(p.finish_reason),
+                                       finish_reason=p.finish_reason, recovered_seconds=p.recovered_s,
                                        prompt_token_count=len(ids) if first else 0)
                 first = False
-                if reason:
-                    return
         except NoDeployment as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except BadRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Busy as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:   # the fleet could not recover from a failure
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except AgentError as exc:
@@ -186,12 +173,21 @@ class ControllerService(rpc.ControllerServicer):
 def serve(cfg: ControllerConfig) -> int:
     state = State(cfg.state_path)
     registry = Registry(state, cfg.heartbeat_s, cfg.timeout_s)
-    control = Control(state, registry, cfg.security, cfg.workdir or Path(cfg.state_path).with_suffix(".shards"))
+    control = Control(state, registry, cfg.security, cfg.workdir or Path(cfg.state_path).with_suffix(".shards"),
+                      cfg.max_queue)
+    http = None
+    if cfg.http:
+        from controller.openai_api import HttpServer, create_app
+
+        http = HttpServer(create_app(control, cfg.security.token), cfg.http, cfg.security.tls_cert,
+                          cfg.security.tls_key)
     server = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
                          interceptors=cfg.security.interceptors(), options=SERVER_OPTIONS)
     rpc.add_ControllerServicer_to_server(ControllerService(control, registry), server)
     port = cfg.security.bind(server, cfg.listen)
     server.start()
+    if http is not None:
+        http.start()
     registry.start_monitor()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -199,12 +195,15 @@ def serve(cfg: ControllerConfig) -> int:
     host = cfg.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     print(json.dumps({"event": "listening", "name": "controller", "address": address, "port": port,
-                      "pid": os.getpid(), "state": str(cfg.state_path)}), flush=True)
+                      "pid": os.getpid(), "state": str(cfg.state_path),
+                      "http": http.address if http else ""}), flush=True)
     state.event("controller-start", f"listening on {address}" +
                 (f", resuming deployment {control.active.id}" if control.active else ""))
     log.info("controller listening on %s (state %s)", address, cfg.state_path)
     stop.wait()
     registry.stop()
+    if http is not None:
+        http.stop()
     server.stop(grace=2).wait()
     state.close()
     return 0

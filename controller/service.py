@@ -11,12 +11,13 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from controller import deploy as D
 from controller.agents import AgentClient, AgentError, PipelineStream, StepFailed
+from controller.metrics import Metrics
 from controller.registry import Registry
 from controller.state import Deployment, State
 from proto import adapter as A
@@ -35,6 +36,47 @@ class NoDeployment(ValueError):
 class BadRequest(ValueError):
     """A request that cannot be served as asked (the caller must change it)."""
 
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class Busy(RuntimeError):
+    """Every KV-cache slot is taken and the waiting queue is full (the caller should retry later)."""
+
+
+class StopText:
+    """Cuts generated text at the first stop sequence. Text that could be the start of a stop
+    sequence is held back until it is known not to be one, so no part of a stop is shown."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text that may be shown now, whether a stop sequence was reached)."""
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[:min(hits)], True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if buf.endswith(s[:k])), default=0)
+        self.held = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One generated token and the text it adds (possibly empty: see StopText)."""
+    token: int
+    text: str
+    finish_reason: str = ""     # "", "eos", "stop" (a stop sequence) or "length"
+    recovered_s: float = 0.0    # > 0: a failover happened before this token
+
 
 def stage_nodes(dep: Deployment, skip: set[str] = frozenset()) -> list[A.NodeInfo]:
     """The nodes holding a deployment's stages, enough to reach them."""
@@ -48,7 +90,7 @@ class Token:
 
 
 class Control:
-    def __init__(self, state: State, registry: Registry, security: Security, workdir: Path):
+    def __init__(self, state: State, registry: Registry, security: Security, workdir: Path, max_queue: int = 256):
         self.state = state
         self.registry = registry
         self.security = security
@@ -60,8 +102,12 @@ class Control:
         self.active: Deployment | None = state.active()
         self._slots = threading.BoundedSemaphore(int(self.active.request["concurrency"]) if self.active else 8)
         self._tokenizers: dict = {}
+        self.max_queue = max_queue          # requests that may wait for a KV-cache slot
+        self._admitted = 0
+        self._admit_lock = threading.Lock()
         registry.on_lost = self._node_lost
         self.last_recovery_s = 0.0
+        self.metrics = Metrics(lambda: [(x.node.name, registry.health(x), x.state) for x in registry.all()])
 
     def tokenizer(self, model_path: str):
         from agent.tokenizer import Tokenizer
@@ -125,11 +171,13 @@ class Control:
         try:
             D.switch(dep.id, targets, opts, self.security, report)
         except AgentError as exc:
+            self.metrics.deploys.labels(reason, "failed").inc()
             self.state.set_status(dep.id, "failed")
             self.state.event(f"{reason}-failed", f"{exc}; the previous deployment stays active")
             raise ValueError(f"{reason} failed and was rolled back ({exc}); the previous deployment stays active") \
                 from None
         previous = self.active
+        self.metrics.deploys.labels(reason, "ok").inc()
         self.state.activate(dep.id)
         self.active = replace(dep, status="active")
         self._slots = threading.BoundedSemaphore(opts.concurrency)
@@ -223,9 +271,11 @@ class Control:
             try:
                 new = self._deploy(opts, lambda *a: None, "failover")
             except (ValueError, AgentError) as exc:
+                self.metrics.failovers.labels("failed").inc()
                 self.state.event("failover-failed", f"lost {', '.join(dead)}: {exc}")
                 raise ValueError(f"lost {', '.join(dead)} and cannot re-plan: {exc}") from None
             self.last_recovery_s = time.monotonic() - t0
+            self.metrics.failovers.labels("ok").inc()
             self.state.event("failover", f"lost {', '.join(dead)} ({why}); deployment {new.id} active after "
                                          f"{self.last_recovery_s:.2f} s")
             return True
@@ -251,19 +301,75 @@ class Control:
         """Tokens of one request; survives the loss of stages by failover and replay."""
         if self.active is None:
             raise NoDeployment("no deployment is active; run `edgefleet deploy MODEL.gguf` first")
+        if not prompt:
+            raise BadRequest("the prompt is empty; send at least one token")
+        if max_tokens < 1:
+            raise BadRequest(f"max_tokens must be at least 1, not {max_tokens}")
         ctx = int(self.active.request.get("context", 512))
         if len(prompt) + max_tokens > ctx:
             raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the deployment's "
-                             f"context of {ctx} tokens; shorten the prompt or lower max_tokens")
-        slots = self._slots
-        slots.acquire()
+                             f"context of {ctx} tokens; shorten the prompt or lower max_tokens", "context_length_exceeded")
+        limit = int(self.active.request["concurrency"]) + self.max_queue
+        with self._admit_lock:
+            if self._admitted >= limit:
+                raise Busy(f"the fleet is at capacity ({limit} requests running or queued); retry later")
+            self._admitted += 1
+        self.metrics.in_flight.inc()
         try:
-            yield from self._generate(prompt, max_tokens, temperature, top_p, seed, eos)
+            slots = self._slots
+            with slots:
+                yield from self._generate(prompt, max_tokens, temperature, top_p, seed, eos)
         finally:
-            slots.release()
+            with self._admit_lock:
+                self._admitted -= 1
+            self.metrics.in_flight.dec()
+
+    def complete(self, model_path: str, prompt: list[int], max_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop: Iterable[str] = (), api: str = "grpc") -> Iterator[Piece]:
+        """Text generation: token pieces decoded incrementally, ended by EOS, a stop sequence
+        (never shown) or max_tokens; counted in the metrics under `api`."""
+        tok = self.tokenizer(model_path)
+        decoder, stops = tok.stream(), StopText(stop)
+        m = self.metrics
+        last = time.monotonic()
+        n, outcome = 0, "error"
+        try:
+            for t in self.generate(prompt, max_tokens, temperature, top_p, seed, tok.eos):
+                now = time.monotonic()
+                (m.ttft if n == 0 else m.tpot).observe(now - last)
+                last = now
+                n += 1
+                m.generated_tokens.inc()
+                text, stopped = stops.feed(decoder.decode(tok.piece(t.token)) if t.token != tok.eos else "")
+                reason = "eos" if t.token == tok.eos else "stop" if stopped else "length" if n == max_tokens else ""
+                if reason in ("eos", "length"):
+                    text += stops.flush()
+                yield Piece(t.token, text, reason, t.recovered_s)
+                if reason:
+                    outcome = "length" if reason == "length" else "stop"
+                    return      # closing self.generate() frees the session on the agents
+        except (BadRequest, Busy, NoDeployment):
+            outcome = "rejected"
+            raise
+        except GeneratorExit:
+            outcome = "cancelled"
+            raise
+        finally:
+            if n:
+                m.prompt_tokens.inc(len(prompt))
+            m.requests.labels(api, outcome).inc()
 
     def _generate(self, prompt, max_tokens, temperature, top_p, seed, eos) -> Iterator[Token]:
         sid = uuid.uuid4().hex
+        try:
+            yield from self._steps(sid, prompt, max_tokens, temperature, top_p, seed, eos)
+        except GeneratorExit:   # the caller stopped early: free the session's KV cache now
+            dep = self.active
+            if dep is not None:
+                self._stream(dep).cancel_session(sid)
+            raise
+
+    def _steps(self, sid, prompt, max_tokens, temperature, top_p, seed, eos) -> Iterator[Token]:
         produced: list[int] = []
         pos, pending = 0, tuple(prompt)
         recovered = 0.0
@@ -287,6 +393,7 @@ class Control:
                 pos, pending = 0, tuple(prompt) + tuple(produced)    # replay on the new stages
                 continue
             attempts = 0
+            self.metrics.observe_stages(out.stage_times)
             produced.append(out.token)
             yield Token(out.token, recovered)
             recovered = 0.0

@@ -1,0 +1,248 @@
+"""The OpenAI-compatible HTTP API and /metrics, with the official `openai` client against a
+real local fleet (a controller with --http and three agents)."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from agent.tokenizer import Tokenizer
+from controller.chat import chat_tokens, render
+from controller.service import StopText
+from fleet import Fleet, cli
+
+TOKEN = "fleet-secret"
+MODEL = "edgefleet-ref-f16"
+AGENTS = (("desk", "16MiB"), ("laptop", "14MiB"), ("mini", "12MiB"))
+CONCURRENCY = 4
+QUEUE = 46          # 4 running + 46 waiting = 50 requests admitted; the 51st gets 429
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, reference_model):
+    f = Fleet(tmp_path_factory.mktemp("http"), AGENTS, token=TOKEN,
+              extra=("--http", "127.0.0.1:0", "--max-queue", str(QUEUE)))
+    try:
+        r = cli("deploy", str(reference_model), "--context", "256", "--concurrency", str(CONCURRENCY),
+                "--prompt-tokens", "32", "--token", TOKEN, controller=f.controller.address)
+        assert r.returncode == 0, r.stderr
+        f.http = "http://" + f.controller.info["http"]
+        yield f
+    finally:
+        f.stop()
+
+
+@pytest.fixture(scope="module")
+def client(fleet):
+    return openai.OpenAI(base_url=fleet.http + "/v1", api_key=TOKEN, max_retries=0, timeout=300)
+
+
+def edgefleet_generate(fleet, prompt: str, n: int) -> str:
+    r = cli("generate", prompt, "--max-tokens", str(n), "--token", TOKEN, controller=fleet.controller.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(prompt)
+    return r.stdout[len(prompt):]
+
+
+def metrics(fleet) -> dict[str, float]:
+    text = httpx.get(fleet.http + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------- pure parts
+
+def test_stop_text_never_shows_any_part_of_a_stop_sequence():
+    s = StopText(["END", "xy"])
+    shown = []
+    for ch in "abcEN":
+        shown.append(s.feed(ch))
+    assert "".join(t for t, _ in shown) == "abc" and not any(stop for _, stop in shown)   # "EN" is held back
+    assert s.feed("Q") == ("ENQ", False)            # not a stop after all: released
+    assert s.feed("ppxy tail") == ("pp", True)
+    s = StopText([])
+    assert s.feed("text") == ("text", False) and s.flush() == ""
+    s = StopText(["STOP"])
+    assert s.feed("ab ST") == ("ab ", False) and s.flush() == "ST"
+
+
+def test_chat_uses_the_gguf_template_or_a_plain_transcript(reference_model):
+    tok = Tokenizer(reference_model)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a list?"}]
+    assert tok.chat_template is None
+    assert render(None, msgs, "<s>", "</s>") == "System: Be brief.\nUser: What is a list?\nAssistant:"
+    assert chat_tokens(tok, msgs) == tok.encode("System: Be brief.\nUser: What is a list?\nAssistant:")
+    chatml = ("{% for m in messages %}<s>{{ m.role }}\n{{ m.content }}</s>\n{% endfor %}"
+              "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    text = render(chatml, msgs, "<s>", "</s>")
+    assert text.startswith("<s>system\nBe brief.</s>\n") and text.endswith("<s>assistant\n")
+    tok.chat_template = chatml
+    ids = chat_tokens(tok, msgs)
+    assert ids[0] == tok.bos and ids.count(tok.bos) == 3 and ids.count(tok.eos) == 2   # parsed as control tokens
+
+
+# ---------------------------------------------------------------- the API on a fleet
+
+def test_models_lists_the_deployed_model(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_equals_edgefleet_generate(fleet, client):
+    want = edgefleet_generate(fleet, "The function returns", 16)
+    r = client.completions.create(model=MODEL, prompt="The function returns", max_tokens=16, temperature=0)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 16 and r.usage.prompt_tokens == len(Tokenizer(
+        "models/reference/edgefleet-ref-f16.gguf").encode("The function returns"))
+    chunks = list(client.completions.create(model=MODEL, prompt="The function returns", max_tokens=16,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+
+
+def test_chat_equals_edgefleet_generate_on_the_rendered_prompt(fleet, client):
+    msgs = [{"role": "user", "content": "How do I open a file?"}]
+    want = edgefleet_generate(fleet, render(None, msgs, "<s>", "</s>"), 12)
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_stop_sequence_ends_the_text_before_it(client):
+    full = client.completions.create(model=MODEL, prompt="The function returns", max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop.strip(), f"pick another prompt: {text!r}"
+    r = client.completions.create(model=MODEL, prompt="The function returns", max_tokens=24, temperature=0, stop=stop)
+    assert r.choices[0].text == text[:text.index(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_repeats_and_differs_from_greedy(client):
+    kw = dict(model=MODEL, prompt="The function returns", max_tokens=16, temperature=1.0, top_p=0.95)
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    assert client.completions.create(seed=7, **kw).choices[0].text == a
+    assert client.completions.create(seed=8, **kw).choices[0].text != a
+
+
+def test_errors_have_openai_shape_and_status(fleet, client):
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=fleet.http + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert e.value.status_code == 401 and "Bearer key" in e.value.message
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="llama-70b", prompt="hi", max_tokens=2)
+    assert e.value.code == "model_not_found" and MODEL in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="word " * 300, max_tokens=8)
+    assert e.value.code == "context_length_exceeded" and "256 tokens" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=5)
+    assert "temperature" in e.value.message
+    r = httpx.post(fleet.http + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                   headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and "not a valid JSON object" in r.json()["error"]["message"]
+    r = httpx.post(fleet.http + "/v1/chat/completions", json={"model": MODEL, "messages": []},
+                   headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert httpx.get(fleet.http + "/metrics").status_code == 401
+    r = httpx.post(fleet.http + "/v1/completions", content=b"{bad", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401                     # the key is checked before the body
+    # nothing above hurt the controller
+    assert fleet.controller.alive() and [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_session(fleet, client):
+    stream = client.completions.create(model=MODEL, prompt="The function returns", max_tokens=200, temperature=0,
+                                       stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(n.sessions for n in fleet.status().nodes) > 0:
+        time.sleep(0.2)
+    assert sum(n.sessions for n in fleet.status().nodes) == 0          # not left to the idle timeout
+    assert metrics(fleet)["edgefleet_requests_in_flight"] == 0
+
+
+def test_fifty_concurrent_streams_complete_and_metrics_count_them(fleet):
+    before = metrics(fleet)
+    n, max_tokens = 50, 24
+    results: dict[int, tuple[str, int, str | None]] = {}
+    errors: list[BaseException] = []
+    prompts = [f"The module {i} returns" for i in range(n)]
+
+    def run(i: int) -> None:
+        try:
+            c = openai.OpenAI(base_url=fleet.http + "/v1", api_key=TOKEN, max_retries=0, timeout=600)
+            chunks = list(c.completions.create(model=MODEL, prompt=prompts[i], max_tokens=max_tokens, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}))
+            text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+            reason = [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1]
+            results[i] = (text, chunks[-1].usage.completion_tokens, reason)
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    # all 50 admitted (4 running, 46 queued): one more is refused with 429, and nothing else changes
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and metrics(fleet)["edgefleet_requests_in_flight"] < n:
+        time.sleep(0.05)
+    assert metrics(fleet)["edgefleet_requests_in_flight"] == n
+    with pytest.raises(openai.RateLimitError) as e:
+        openai.OpenAI(base_url=fleet.http + "/v1", api_key=TOKEN, max_retries=0).completions.create(
+            model=MODEL, prompt="one too many", max_tokens=4)
+    assert e.value.code == "fleet_queue_full"
+    for t in threads:
+        t.join(600)
+    assert not errors, errors[:3]
+    assert sorted(results) == list(range(n))                    # no request lost
+    tokens = sum(k for _, k, _ in results.values())
+    # spot-check three answers against a request made alone
+    alone_tokens = 0
+    for i in (0, 17, 49):
+        alone = httpx.post(fleet.http + "/v1/completions", timeout=300, headers={"Authorization": f"Bearer {TOKEN}"},
+                           json={"model": MODEL, "prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0})
+        assert alone.json()["choices"][0]["text"] == results[i][0]
+        alone_tokens += alone.json()["usage"]["completion_tokens"]
+    after = metrics(fleet)
+
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    finished = {r for _, _, r in results.values()}
+    assert finished <= {"length", "stop"}
+    served = delta('edgefleet_requests_total{api="openai",outcome="length"}') + \
+        delta('edgefleet_requests_total{api="openai",outcome="stop"}')
+    assert served == n + 3                                       # the 50 and the three spot checks
+    assert delta('edgefleet_requests_total{api="openai",outcome="rejected"}') == 1
+    assert delta("edgefleet_generated_tokens_total") == tokens + alone_tokens
+    assert delta("edgefleet_time_to_first_token_seconds_count") == n + 3
+    assert delta("edgefleet_time_per_output_token_seconds_count") == delta("edgefleet_generated_tokens_total") - n - 3
+    stage_counts = [v for k, v in after.items() if re.match(r'edgefleet_stage_compute_seconds_count\{node=', k)]
+    assert len(stage_counts) >= 2 and all(v > 0 for v in stage_counts)
+    assert after["edgefleet_requests_in_flight"] == 0
+    assert after['edgefleet_deploys_total{reason="deploy",result="ok"}'] == 1
+    assert all(after[f'edgefleet_node_up{{node="{name}"}}'] == 1 for name, _ in AGENTS)
+
+
+def test_no_deployment_is_503(fleet, client):
+    r = cli("undeploy", "--token", TOKEN, controller=fleet.controller.address)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert e.value.status_code == 503 and "edgefleet deploy" in e.value.message
+    assert client.models.list().data == []
