@@ -574,6 +574,211 @@ def events(controller_addr, limit, token, tls_cert, tls_key, tls_ca) -> None:
         click.echo(f"{ts}  {e.kind:<18} {e.message}")
 
 
+# ------------------------------------------------------------------ simulate and replay
+
+def trace_options(f):
+    """The trace and its transformations, shared by simulate and replay."""
+    f = click.option("--max-total", default=0, help="Cap prompt + output tokens per request (0: no cap).")(f)
+    f = click.option("--length-scale", default=1.0, show_default=True, help="Multiply prompt and output lengths.")(f)
+    f = click.option("--limit", default=0, help="At most this many requests (0: all).")(f)
+    f = click.option("--duration", default="0", help="Only requests arriving in this window after --start (0: all).")(f)
+    f = click.option("--start", default="0", help="Skip the requests that arrive before this, e.g. 600s.")(f)
+    f = click.option("--time-scale", default=1.0, show_default=True,
+                     help="Multiply the gaps between arrivals (0.5 = twice the request rate).")(f)
+    f = click.option("--trace", "trace_path", type=click.Path(path_type=Path), default=None,
+                     help="Azure trace CSV (TIMESTAMP,ContextTokens,GeneratedTokens) or JSONL.")(f)
+    return f
+
+
+def _trace_spec(trace_path, time_scale, start, duration, limit, length_scale, max_total):
+    from simulations.study import TraceSpec
+    from solver.problem import parse_quantity
+
+    if trace_path is None:
+        raise UserError("--trace is required: an Azure trace CSV (e.g. ../shared/data/AzureLLMInferenceTrace_conv.csv) "
+                        "or a JSONL file")
+    return TraceSpec(str(trace_path), time_scale, parse_quantity(start, "--start", "s"),
+                     parse_quantity(duration, "--duration", "s"), limit, length_scale, max_total)
+
+
+def print_summary(summary: dict, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    for c in ("mean", "p50", "p90", "p99"):
+        table.add_column(c, justify="right")
+    for key, name in (("ttft_s", "TTFT (s)"), ("tpot_s", "time per output token (s)"), ("e2e_s", "end-to-end (s)")):
+        st = summary[key]
+        table.add_row(name, *("-" if st[c] is None else f"{st[c]:.3f}" for c in ("mean", "p50", "p90", "p99")))
+    console.print(table)
+    th = summary["throughput"]
+    line = (f"{summary['completed']}/{summary['requests']} requests completed ({summary['rejected']} rejected, "
+            f"{summary['failed']} failed) in {summary['duration_s']:.1f} s: {th['requests_per_s']:.2f} requests/s, "
+            f"{th['output_tokens_per_s']:.1f} output tokens/s")
+    if "slo" in summary:
+        line += f"; SLO attainment {100 * summary['slo']['attainment']:.1f} %"
+    console.print(line, highlight=False)
+    if summary.get("utilization"):
+        console.print("utilization: " + ", ".join(f"{n} {100 * u:.0f} %" for n, u in summary["utilization"].items()),
+                      highlight=False)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--model", "model_arg", default=None, metavar="MODEL",
+              help="GGUF file, profile JSON or catalog model name (e.g. llama-3.2-1b).")
+@click.option("--fleet", "fleet_path", type=click.Path(path_type=Path), default=None, help="Fleet YAML.")
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="A plan JSON (from `edgefleet plan --out`); solved for the trace when omitted.")
+@trace_options
+@click.option("--what-if", "whatifs", multiple=True, metavar="EVENT",
+              help='e.g. "fail desk at 600s", "link a-b 10Mbit at 300s", "spike x3 from 600s to 900s", '
+                   '"join pi2 as rpi5-8gb at 600s", "recover desk at 900s" (repeatable).')
+@click.option("--max-ppl-increase", default=5.0, show_default=True, help="Accuracy budget, % perplexity increase.")
+@click.option("--objective", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True)
+@click.option("--concurrency", default=8, show_default=True, help="KV-cache slots (requests served at once).")
+@click.option("--context", default=0, help="Tokens per request the KV cache holds (default: the trace's p99).")
+@click.option("--slo-ttft", default=0.0, help="TTFT target in seconds, for SLO attainment.")
+@click.option("--slo-tpot", default=0.0, help="Time-per-output-token target in seconds.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write metrics.json, requests.jsonl and PNGs here.")
+@click.pass_context
+def simulate(ctx, model_arg, fleet_path, plan_path, trace_path, time_scale, start, duration, limit, length_scale,
+             max_total, whatifs, max_ppl_increase, objective, concurrency, context, slo_ttft, slo_tpot, out) -> None:
+    """Replay a trace against a plan in the discrete-event simulator, with what-if events."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from simulations.study import StudySpec, run, write
+    from solver.problem import load_fleet
+
+    if model_arg is None or fleet_path is None:
+        raise UserError("simulate needs --model and --fleet (and --trace); see `edgefleet simulate --help`")
+    trace = _trace_spec(trace_path, time_scale, start, duration, limit, length_scale, max_total)
+    fleet = load_fleet(fleet_path)
+    model = _load_model(model_arg)
+    plan = json.loads(plan_path.read_text()) if plan_path else None
+    spec = StudySpec(model, fleet, trace, tuple(whatifs), plan, max_ppl_increase, objective, concurrency, context,
+                     slo_ttft, slo_tpot)
+    with err_console.status("simulating"):
+        summary, result, outs, problem, plan_used = run(spec)
+    sim = summary["simulation"]
+    title = (f"{model.name} on {' -> '.join(s.node for s in plan_used.stages)}: {len(outs)} requests, "
+             f"{trace_path.name}")
+    print_summary(summary, title)
+    for ev in sim["events"]:
+        console.print(f"  {ev['t_s']:8.1f} s  {ev['what']}", highlight=False)
+    err_console.print(f"simulated {sim['simulated_s']:.0f} s in {sim['wall_s']:.2f} s "
+                      f"({sim['speedup']:.0f}x real time)", highlight=False)
+    if out:
+        files = write(out, summary, outs, result.events, title)
+        err_console.print("wrote " + ", ".join(str(f) for f in files), highlight=False)
+
+
+def _load_model(model_arg: str):
+    from controller.planning import load_profile
+
+    with progress_bar() as progress:
+        return load_profile(model_arg, HELDOUT_TEXT, 2048, progress)
+
+
+@simulate.command("sweep")
+@click.option("--model", "model_arg", required=True, metavar="MODEL", help="GGUF file, profile JSON or catalog name.")
+@click.option("--fleet", "fleet_paths", type=click.Path(path_type=Path), multiple=True, required=True,
+              help="Fleet YAML (repeatable).")
+@trace_options
+@click.option("--budgets", default="5", show_default=True, help="Perplexity budgets in %, comma-separated.")
+@click.option("--rates", default="1", show_default=True, help="Request-rate factors, comma-separated (2 = twice the load).")
+@click.option("--what-if", "whatifs", multiple=True, metavar="EVENT", help="As for simulate (repeatable).")
+@click.option("--objective", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True)
+@click.option("--concurrency", default=8, show_default=True)
+@click.option("--context", default=0)
+@click.option("--slo-ttft", default=0.0)
+@click.option("--slo-tpot", default=0.0)
+@click.option("--workers", default=0, help="Processes (default: one per core).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write sweep.json here.")
+def simulate_sweep(model_arg, fleet_paths, trace_path, time_scale, start, duration, limit, length_scale, max_total,
+                   budgets, rates, whatifs, objective, concurrency, context, slo_ttft, slo_tpot, workers, out) -> None:
+    """Simulate every fleet × budget × request rate in parallel and compare them in one table."""
+    import os
+
+    from simulations.study import StudySpec, sweep, variants
+    from solver.problem import load_fleet
+
+    trace = _trace_spec(trace_path, time_scale, start, duration, limit, length_scale, max_total)
+    try:
+        budget_list = [float(x) for x in budgets.split(",") if x.strip()]
+        rate_list = [float(x) for x in rates.split(",") if x.strip()]
+    except ValueError:
+        raise UserError("--budgets and --rates take comma-separated numbers, e.g. --budgets 2,5 --rates 0.5,1,2") from None
+    fleets = [(p.stem, load_fleet(p)) for p in fleet_paths]
+    model = _load_model(model_arg)
+    base = StudySpec(model, fleets[0][1], trace, tuple(whatifs), None, budget_list[0], objective, concurrency, context,
+                     slo_ttft, slo_tpot)
+    specs = variants(base, fleets, budget_list, rate_list)
+    with progress_bar() as progress:
+        done = [0]
+
+        def tick():
+            done[0] += 1
+            progress("simulations", done[0], len(specs))
+
+        progress("simulations", 0, len(specs))
+        results = sweep(specs, workers or os.cpu_count() or 1, tick)
+    table = Table(title=f"{model.name}: {len(specs)} simulations of {trace_path.name}")
+    for c in ("fleet | budget | load", "stages", "done", "TTFT p50", "TTFT p99", "TPOT mean", "E2E p99", "tokens/s",
+              "SLO"):
+        table.add_column(c, justify="left" if c in ("fleet | budget | load", "stages") else "right")
+    for r in results:
+        if "error" in r:
+            table.add_row(r["label"], f"[red]{r['error']}[/]", *[""] * 7)
+            continue
+        f = lambda st, k: "-" if st[k] is None else f"{st[k]:.2f}"  # noqa: E731
+        table.add_row(r["label"], r["stages"], f"{r['completed']}/{r['requests']}", f(r["ttft_s"], "p50"),
+                      f(r["ttft_s"], "p99"), f(r["tpot_s"], "mean"), f(r["e2e_s"], "p99"),
+                      f"{r['throughput']['output_tokens_per_s']:.1f}",
+                      f"{100 * r['slo']['attainment']:.0f} %" if "slo" in r else "-")
+    console.print(table)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "sweep.json").write_text(json.dumps(results, indent=1))
+        err_console.print(f"wrote {out / 'sweep.json'}", highlight=False)
+
+
+@cli.command()
+@controller_option
+@trace_options
+@click.option("--slo-ttft", default=0.0, help="TTFT target in seconds, for SLO attainment.")
+@click.option("--slo-tpot", default=0.0, help="Time-per-output-token target in seconds.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write metrics.json, requests.jsonl and PNGs here.")
+@security_options
+def replay(controller_addr, trace_path, time_scale, start, duration, limit, length_scale, max_total, slo_ttft,
+           slo_tpot, out, token, tls_cert, tls_key, tls_ca) -> None:
+    """Send a trace's requests to the running fleet at their arrival times; report as simulate does."""
+    from controller.replay import replay as run_replay
+    from simulations.metrics import summarize
+    from simulations.study import write
+
+    trace = _trace_spec(trace_path, time_scale, start, duration, limit, length_scale, max_total)
+    requests = trace.load()
+    call = _call(controller_addr, token, tls_cert, tls_key, tls_ca)
+    from proto import edgefleet_pb2 as pb
+
+    if not call("Status", pb.Empty()).active_deployment_id:
+        raise UserError("no deployment is active; run `edgefleet deploy MODEL.gguf` first")
+    with progress_bar() as progress:
+        done = [0]
+
+        def tick():
+            done[0] += 1
+            progress("requests", done[0], len(requests))
+
+        progress("requests", 0, len(requests))
+        outs = run_replay(controller_addr, make_security(token, tls_cert, tls_key, tls_ca), requests, tick)
+    summary = summarize(outs, slo_ttft, slo_tpot)
+    title = f"replay of {len(requests)} requests from {trace_path.name} on {controller_addr}"
+    print_summary(summary, title)
+    if out:
+        files = write(out, summary, outs, [], title)
+        err_console.print("wrote " + ", ".join(str(f) for f in files), highlight=False)
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

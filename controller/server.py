@@ -149,7 +149,8 @@ class ControllerService(rpc.ControllerServicer):
         try:
             first = True
             for p in self.control.complete(dep.model_path, ids, request.max_tokens or 64, request.temperature,
-                                           request.top_p or 1.0, request.seed, request.stop):
+                                           request.top_p or 1.0, request.seed, request.stop,
+                                           ignore_eos=request.ignore_eos):
                 yield pb.GenerateReply(token=p.token, text=p.text, finished=bool(p.finish_reason),
                                        finish_reason=p.finish_reason, recovered_seconds=p.recovered_s,
                                        prompt_token_count=len(ids) if first else 0)

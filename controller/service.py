@@ -325,7 +325,8 @@ class Control:
             self.metrics.in_flight.dec()
 
     def complete(self, model_path: str, prompt: list[int], max_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop: Iterable[str] = (), api: str = "grpc") -> Iterator[Piece]:
+                 top_p: float = 1.0, seed: int = 0, stop: Iterable[str] = (), api: str = "grpc",
+                 ignore_eos: bool = False) -> Iterator[Piece]:
         """Text generation: token pieces decoded incrementally, ended by EOS, a stop sequence
         (never shown) or max_tokens; counted in the metrics under `api`."""
         tok = self.tokenizer(model_path)
@@ -334,14 +335,15 @@ class Control:
         last = time.monotonic()
         n, outcome = 0, "error"
         try:
-            for t in self.generate(prompt, max_tokens, temperature, top_p, seed, tok.eos):
+            eos = None if ignore_eos else tok.eos
+            for t in self.generate(prompt, max_tokens, temperature, top_p, seed, eos):
                 now = time.monotonic()
                 (m.ttft if n == 0 else m.tpot).observe(now - last)
                 last = now
                 n += 1
                 m.generated_tokens.inc()
-                text, stopped = stops.feed(decoder.decode(tok.piece(t.token)) if t.token != tok.eos else "")
-                reason = "eos" if t.token == tok.eos else "stop" if stopped else "length" if n == max_tokens else ""
+                text, stopped = stops.feed(decoder.decode(tok.piece(t.token)) if t.token != eos else "")
+                reason = "eos" if t.token == eos else "stop" if stopped else "length" if n == max_tokens else ""
                 if reason in ("eos", "length"):
                     text += stops.flush()
                 yield Piece(t.token, text, reason, t.recovered_s)

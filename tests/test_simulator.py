@@ -1,0 +1,185 @@
+"""The simulator on a 2-stage toy whose times are computed by hand, the trace readers, the
+what-if sentences, and `edgefleet simulate` end to end.
+
+The toy: two identical layers, one per node. A layer reads 1 MB of weights at 100 MB/s
+(10 ms) and does 1 MFLOP per token at 1 GFLOP/s (1 ms per token), so a stage takes
+max(10 ms, tokens × 1 ms): a 20-token prefill 20 ms, a 10-token prefill 10 ms, a decode step
+10 ms. Activations are 1000 bytes per token over a 1 MB/s link with 5 ms latency; a reply
+(16 bytes) takes 5.016 ms back. No step overhead, no controller vertex.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from simulations.engine import SimOptions, WhatIf, simulate
+from simulations.workload import Request, read_trace, scale_lengths, select, spike, synthetic, write_jsonl
+from simulations.whatif import Spike, parse
+from solver.plan import Plan, Stage, stage_memory
+from solver.problem import Fleet, LayerProfile, Link, ModelProfile, Node, Problem, TypeSpeed, Workload
+
+ROOT = Path(__file__).resolve().parent.parent
+AZURE = ROOT.parent / "shared" / "data" / "AzureLLMInferenceTrace_conv.csv"
+REPLY = 0.005 + 16 / 1e6
+
+
+def toy(memory: int = 10 ** 9, nodes=("n0", "n1"), concurrency: int = 2, head: int = 0) -> Problem:
+    lp = LayerProfile(bytes={"F16": 1_000_000}, flops=1e6, attn_flops_per_ctx=0.0, kv_bytes_per_token=100,
+                      sensitivity={"F16": 0.0})
+    model = ModelProfile(name="toy", n_embd=250, n_vocab=100, layers=(lp, lp), embed_bytes=0, head_bytes=head,
+                         scratch_bytes_per_token=0, scratch_bytes=0)
+    speed = {"F16": TypeSpeed(1e8, 1e9)}
+    fleet = Fleet(tuple(Node(n, memory, speed, step_overhead_s=0.0) for n in nodes),
+                  tuple(Link(nodes[0], n, 1e6, 0.005) for n in nodes[1:]))
+    return Problem(model, fleet, Workload(20, 3, concurrency, 64))
+
+
+PLAN = Plan((Stage("n0", 0, 1, ("F16",)), Stage("n1", 1, 2, ("F16",))), "feasible", 0.0, 0.0, 0.0, 0.0, "test")
+
+
+def times(result):
+    return [(r.first_s, r.done_s, r.status) for r in result.records]
+
+
+def close(a, b):
+    return math.isclose(a, b, abs_tol=1e-9)
+
+
+def test_one_request_by_hand():
+    (first, done, status), = times(simulate(toy(), PLAN, [Request(0, 0.0, 20, 3)]))
+    # prefill 20 ms, 20 kB over the link 20 ms + 5 ms, prefill 20 ms, reply: first token
+    assert close(first, 0.020 + 0.025 + 0.020 + REPLY)
+    # each further token: 10 ms, 1 ms + 5 ms, 10 ms, reply
+    assert close(done, first + 2 * (0.010 + 0.006 + 0.010 + REPLY)) and status == "ok"
+
+
+def test_two_overlapping_requests_queue_at_each_stage_and_on_the_link():
+    a, b = times(simulate(toy(), PLAN, [Request(0, 0.0, 20, 3), Request(1, 0.005, 10, 2)]))
+    # B waits for A's prefill on n0 (until 20 ms), runs 10 ms; its 10 kB wait for A's 20 kB on
+    # the link (until 40 ms) and arrive at 55 ms; n1 is busy with A until 65 ms, then B: 75 ms.
+    assert close(b[0], 0.075 + REPLY)
+    # A is never delayed by B: n0 is free when its decode steps come, and so is n1
+    assert close(a[0], 0.065 + REPLY) and close(a[1], a[0] + 2 * (0.026 + REPLY))
+    # B's decode step: n0 at 80.016 ms (A's step ends just then), link, n1 after A's step
+    assert close(b[1], b[0] + 0.010 + 0.006 + 0.010 + REPLY)
+
+
+def test_a_full_kv_cache_makes_the_next_request_wait():
+    # each node holds exactly 30 tokens of KV cache: A needs 23, B 12, so B waits for A
+    small = toy()
+    need = stage_memory(replace(small, workload=Workload(20, 3, 1, 30)), PLAN.stages[0], True, False)
+    problem = toy(memory=need)
+    (a_first, a_done, _), (b_first, b_done, b_status) = times(
+        simulate(problem, PLAN, [Request(0, 0.0, 20, 3), Request(1, 0.005, 10, 2)]))
+    assert close(a_done, 0.065 + REPLY + 2 * (0.026 + REPLY))
+    # B starts when A finishes: 10 ms, 10 kB 10 ms + 5 ms, 10 ms, reply
+    assert close(b_first, a_done + 0.035 + REPLY) and close(b_done, b_first + 0.026 + REPLY)
+    assert b_status == "ok"
+    # a request that can never fit is rejected, not queued forever
+    (_, _, status), = times(simulate(problem, PLAN, [Request(0, 0.0, 40, 3)]))
+    assert status == "rejected"
+
+
+def test_a_failure_replans_pushes_the_changed_shard_and_replays():
+    # n0 cannot hold the head (last stage), n1 and n2 can: the re-plan without n1 is n0 -> n2
+    problem = toy(memory=1_600_000, nodes=("n0", "n1", "n2"), head=500_000)
+    problem = replace(problem, model=replace(problem.model, embed_bytes=500_000),
+                      fleet=replace(problem.fleet, nodes=(replace(problem.fleet.nodes[0], memory=1_550_000),
+                                                          *problem.fleet.nodes[1:])))
+    opts = SimOptions(replan_s=1.0, switch_s=0.5, push_bandwidth=1e7)
+    result = simulate(problem, PLAN, [Request(0, 0.0, 20, 3)], [WhatIf(0.09, "fail", node="n1")], opts)
+    (first, done, status), = times(result)
+    assert [s.node for s in result.plans[-1][1].stages] == ["n0", "n2"]
+    ready = 0.09 + 1.0 + 1_000_000 / 1e7 + 0.5     # only n2's 1 MB shard is pushed
+    assert close(first, 0.065 + REPLY)              # before the failure
+    # one token was out: the replay is a 21-token prefill, which yields token 2, then token 3
+    t2 = ready + 0.021 + 0.021 + 0.005 + 0.021 + REPLY
+    assert close(done, t2 + 0.026 + REPLY) and status == "ok"
+    assert result.records[0].replays == 1
+    assert "n1 fails" in result.events[0][1] and "serving again" in result.events[1][1]
+
+
+def test_the_simulator_is_deterministic_and_rejects_only_what_exceeds_the_context():
+    reqs = synthetic(300, rate=20, seed=3, prompt_mean=16, output_mean=8)
+    problem = toy(concurrency=8)          # context 64 tokens
+    r1, r2 = (simulate(problem, PLAN, reqs) for _ in range(2))
+    assert times(r1) == times(r2)
+    too_long = [r.prompt_tokens + r.output_tokens > 64 for r in reqs]
+    assert [s for *_, s in times(r1)] == ["rejected" if x else "ok" for x in too_long]
+
+
+# ------------------------------------------------------------------ workloads
+
+def test_azure_trace_reader_and_transformations():
+    reqs = read_trace(AZURE)
+    assert len(reqs) == 19366 and reqs[0].arrival_s == 0.0
+    assert (reqs[0].prompt_tokens, reqs[0].output_tokens) == (374, 44)
+    assert math.isclose(reqs[1].arrival_s, 4.314579, abs_tol=1e-6)       # 18:15:50.995169 - 18:15:46.680590
+    part = select(reqs, start_s=60, duration_s=60, time_scale=0.5)
+    assert part[0].arrival_s == 0 and part[-1].arrival_s < 30
+    assert len(select(reqs, limit=100)) == 100
+    small = scale_lengths(reqs[:50], 0.1, max_total=64)
+    assert all(r.prompt_tokens + r.output_tokens <= 64 for r in small)
+    more = spike(reqs[:200], 3, reqs[50].arrival_s, reqs[150].arrival_s)
+    assert 380 <= len(more) <= 420
+
+
+def test_jsonl_and_bad_traces(tmp_path):
+    reqs = synthetic(20, rate=5, seed=1, arrival="gamma", burstiness=2.0)
+    write_jsonl(reqs, tmp_path / "t.jsonl")
+    back = read_trace(tmp_path / "t.jsonl")
+    assert [(r.prompt_tokens, r.output_tokens) for r in back] == [(r.prompt_tokens, r.output_tokens) for r in reqs]
+    (tmp_path / "bad.csv").write_text("time,a,b\n1,2,3\n")
+    with pytest.raises(ValueError, match="not an Azure trace"):
+        read_trace(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="does not exist"):
+        read_trace(tmp_path / "missing.csv")
+
+
+def test_what_if_sentences():
+    fleet = toy(nodes=("n0", "n1", "n2")).fleet
+    assert parse("fail n1 at 600s", fleet) == WhatIf(600.0, "fail", node="n1")
+    w = parse("link n0-n1 10Mbit latency 20ms at 30s", fleet)
+    assert (w.kind, w.bandwidth, w.latency, w.at_s) == ("link", 1.25e6, 0.02, 30.0)
+    assert parse("spike x3 from 600s to 900s", fleet) == Spike(3.0, 600.0, 900.0)
+    j = parse("join pi2 as rpi5-8gb at 60s via n0", fleet)
+    assert j.joined.name == "pi2" and j.link.b == "n0"
+    for bad in ("fail n9 at 600s", "explode n1", "link n1-n2 1Mbit at 5s", "join x as toaster at 1s"):
+        with pytest.raises(ValueError):
+            parse(bad, fleet)
+
+
+def test_link_slowdown_changes_later_transfers_only():
+    slow = WhatIf(1.0, "link", node="n0", other="n1", bandwidth=1e5)
+    reqs = [Request(0, 0.0, 20, 3), Request(1, 2.0, 20, 3)]
+    r = simulate(toy(), PLAN, reqs, [slow]).records
+    assert close(r[0].first_s, 0.065 + REPLY)
+    # 20 kB at 100 kB/s = 200 ms instead of 20 ms; the reply's 16 bytes now take 0.16 ms
+    assert close(r[1].first_s - 2.0, 0.020 + 0.205 + 0.020 + 0.005 + 16 / 1e5)
+
+
+# ------------------------------------------------------------------ the command
+
+def test_simulate_command_with_a_failure_writes_metrics_and_figures(tmp_path):
+    out = tmp_path / "sim"
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "simulate", "--model", "llama-3.1-8b",
+                        "--fleet", "examples/fleet-home4.yaml", "--trace", str(AZURE), "--limit", "300",
+                        "--concurrency", "8", "--context", "4096", "--what-if", "fail mini at 20s",
+                        "--slo-ttft", "5", "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "mini fails" in r.stdout and "TTFT" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["requests"] == 300 and m["completed"] + m["rejected"] + m["failed"] == 300
+    assert m["ttft_s"]["p99"] >= m["ttft_s"]["p50"] > 0 and 0 <= m["slo"]["attainment"] <= 1
+    assert any("mini" not in " ".join(s["node"] for s in p["stages"]) for p in m["simulation"]["plans"][1:])
+    assert (out / "latency_cdf.png").stat().st_size > 10_000 and (out / "timeline.png").stat().st_size > 10_000
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "simulate", "--model", "llama-3.1-8b",
+                        "--fleet", "examples/fleet-home4.yaml", "--trace", str(tmp_path / "none.csv")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
