@@ -21,6 +21,7 @@ no randomness at all (a trace's randomness is in its reader).
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import time
 from collections import deque
@@ -128,7 +129,7 @@ class _Cohort:
 
 
 class _StageState:
-    __slots__ = ("node", "groups", "overhead", "queue", "busy", "kv_capacity", "kv_used", "index")
+    __slots__ = ("node", "groups", "overhead", "queue", "busy", "kv_capacity", "kv_used", "index", "busy_s")
 
     def __init__(self, index: int, node: Node, groups, overhead: float, kv_capacity: int):
         self.index = index
@@ -139,10 +140,14 @@ class _StageState:
         self.busy = False
         self.kv_capacity = kv_capacity  # tokens of KV cache the node can hold beside its weights
         self.kv_used = 0
+        self.busy_s = 0.0
 
     def batch_s(self, ntok: int, ctxw: float) -> float:
-        return self.overhead + sum(n * max(read, (ntok * flops + attn * ctxw) / pf)
-                                   for n, read, flops, attn, pf in self.groups)
+        total = self.overhead
+        for n, read, flops, attn, pf in self.groups:
+            compute = (ntok * flops + attn * ctxw) / pf
+            total += n * (read if read > compute else compute)
+        return total
 
 
 def _stage_groups(problem: Problem, st: Stage, node: Node):
@@ -171,6 +176,7 @@ class Simulator:
             raise ValueError(f"the plan cannot serve: {plan.message or plan.status}")
         self.problem = problem
         self.opts = options
+        self.act_bytes = problem.model.act_bytes_per_token
         self.slots = options.max_sequences or problem.workload.concurrency
         self.context = problem.workload.ctx
         self.requests = requests
@@ -179,7 +185,7 @@ class Simulator:
         self.down: set[str] = set()
         self.records = [Record(r.id, r.arrival_s, r.prompt_tokens, r.output_tokens) for r in requests]
         self.heap: list = []
-        self.seq = 0
+        self.seq = itertools.count()
         self.epoch = 0
         self.waiting: deque[tuple[Record, int]] = deque()   # (record, tokens already generated)
         self.running = 0
@@ -195,7 +201,13 @@ class Simulator:
 
     # ------------------------------------------------------------ topology
 
+    def _fold_busy(self) -> None:
+        for st in getattr(self, "stages", ()):
+            self.busy_s[st.node.name] = self.busy_s.get(st.node.name, 0.0) + st.busy_s
+            st.busy_s = 0.0
+
     def _install(self, plan: Plan, t: float) -> None:
+        self._fold_busy()
         self.plan = plan
         self.plans.append((t, plan))
         p = replace(self.problem, fleet=self.fleet)
@@ -219,6 +231,8 @@ class Simulator:
             for u, v in ((a, b), (b, a)):
                 old = self.links.get((u, v))
                 self.links[(u, v)] = [d["bandwidth"], d["latency"], old[2] if old else 0.0]
+        self._reply_cache: dict[int, float] = {}
+        self._ctrl_cache: dict[int, float] = {}
         self.route = []             # per stage-to-stage hop: the links, forward
         self.reply_route = []       # and backward
         names = [s.node.name for s in self.stages]
@@ -227,11 +241,14 @@ class Simulator:
             self.route.append(list(zip(path, path[1:])))
             self.reply_route.append(list(zip(path[1:], path)))
         # a reply (a few bytes per token) goes back through every stage to the controller
-        first = names[0]
-        self.ctrl_in = (lambda k: self.net.transfer_s(self.fleet.controller, first, C.TOKEN_BYTES * k)) \
-            if self.fleet.controller else (lambda k: 0.0)
+        self.first_node = names[0]
 
     def _reply_s(self, k: int) -> float:
+        """Seconds for k sampled tokens to reach the controller from the last stage (small
+        messages: no queueing), cached per k until the routes change."""
+        cached = self._reply_cache.get(k)
+        if cached is not None:
+            return cached
         total = 0.0
         for hops in self.reply_route:
             for edge in hops:
@@ -239,7 +256,18 @@ class Simulator:
                 total += lat + C.REPLY_BYTES * k / bw
         if self.fleet.controller:
             total += self.net.transfer_s(self.stages[0].node.name, self.fleet.controller, C.REPLY_BYTES * k)
+        self._reply_cache[k] = total
         return total
+
+    def ctrl_in(self, k: int) -> float:
+        """Seconds for a step of k tokens to go from the controller to the first stage."""
+        if not self.fleet.controller:
+            return 0.0
+        cached = self._ctrl_cache.get(k)
+        if cached is None:
+            cached = self._ctrl_cache[k] = self.net.transfer_s(self.fleet.controller, self.first_node,
+                                                               C.TOKEN_BYTES * k)
+        return cached
 
     def _send(self, hops, t: float, nbytes: int) -> float:
         for edge in hops:
@@ -252,8 +280,7 @@ class Simulator:
     # ------------------------------------------------------------ events
 
     def _push(self, t: float, kind: int, data=None) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, kind, self.epoch, data))
+        heapq.heappush(self.heap, (t, next(self.seq), kind, self.epoch, data))
 
     ARRIVE, STAGE_IN, STAGE_DONE, CYCLE_DONE, WHATIF, DEPLOYED = range(6)
 
@@ -287,6 +314,7 @@ class Simulator:
             elif kind == self.DEPLOYED:
                 if data[0] == self.deploys:     # a later re-plan supersedes this one
                     self._deployed(now, data[1])
+        self._fold_busy()
         for rec in self.records:
             if rec.status in ("waiting", "running"):
                 rec.status = "failed"
@@ -333,17 +361,18 @@ class Simulator:
             self.cohorts.discard(other)
         dt = stage.batch_s(cohort.ntok, cohort.ctxw)
         stage.busy = True
-        self.busy_s[stage.node.name] += dt
-        self._push(t + dt, self.STAGE_DONE, (stage.index, cohort))
+        stage.busy_s += dt
+        heapq.heappush(self.heap, (t + dt, next(self.seq), self.STAGE_DONE, self.epoch, (stage.index, cohort)))
 
     def _stage_done(self, t: float, i: int, cohort: _Cohort) -> None:
         stage = self.stages[i]
         stage.busy = False
         if i + 1 < len(self.stages):
-            arrive = self._send(self.route[i], t, self.problem.model.act_bytes_per_token * cohort.ntok)
-            self._push(arrive, self.STAGE_IN, (i + 1, cohort))
+            arrive = self._send(self.route[i], t, self.act_bytes * cohort.ntok)
+            heapq.heappush(self.heap, (arrive, next(self.seq), self.STAGE_IN, self.epoch, (i + 1, cohort)))
         else:
-            self._push(t + self._reply_s(len(cohort.members)), self.CYCLE_DONE, cohort)
+            heapq.heappush(self.heap, (t + self._reply_s(len(cohort.members)), next(self.seq), self.CYCLE_DONE,
+                                       self.epoch, cohort))
         if stage.queue:
             self._start(t, stage)
 
