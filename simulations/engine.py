@@ -480,7 +480,7 @@ class Simulator:
                 else:
                     shard[st.node] = nbytes / self.opts.push_bandwidth
         ready = t + self.opts.replan_s + max(shard.values(), default=0.0) + self.opts.switch_s
-        self.events.append((t, f"{why}: {len(plan.stages)} stages on {' -> '.join(s.node for s in plan.stages)}, "
+        self.events.append((t, f"{why}: {len(plan.stages)} stage{'s' if len(plan.stages) != 1 else ''} on {' -> '.join(s.node for s in plan.stages)}, "
                                f"{len(shard)} shards pushed, serving again at {ready:.1f} s"))
         self.deploys += 1
         self._push(ready, self.DEPLOYED, (self.deploys, plan))
