@@ -183,3 +183,19 @@ def test_simulate_command_with_a_failure_writes_metrics_and_figures(tmp_path):
                         "--fleet", "examples/fleet-home4.yaml", "--trace", str(tmp_path / "none.csv")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sweep_runs_every_combination_in_processes(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "simulate", "sweep", "--model", "llama-3.2-1b",
+                        "--fleet", "examples/fleet-home4.yaml", "--fleet", "examples/fleet-edge.yaml",
+                        "--trace", str(AZURE), "--limit", "60", "--rates", "0.5,2", "--context", "4096",
+                        "--workers", "2", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "sweep.json").read_text())
+    assert [x["label"] for x in rows] == ["fleet-home4 | 5 % | load x0.5", "fleet-home4 | 5 % | load x2",
+                                          "fleet-edge | 5 % | load x0.5", "fleet-edge | 5 % | load x2"]
+    assert all(x["requests"] == 60 for x in rows)
+    # twice the load on the same fleet never makes requests faster
+    assert rows[1]["e2e_s"]["mean"] >= rows[0]["e2e_s"]["mean"]
+    assert "4 simulations" in r.stdout
