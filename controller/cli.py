@@ -163,6 +163,23 @@ def progress_bar():
         yield progress
 
 
+def counter(progress, what: str, total: int):
+    """A tick() that counts one more of `what` done on a progress_bar (safe from many threads)."""
+    import threading
+
+    lock = threading.Lock()
+    done = [0]
+    progress(what, 0, total)
+
+    def tick() -> None:
+        with lock:
+            done[0] += 1
+            n = done[0]
+        progress(what, n, total)
+
+    return tick
+
+
 # ------------------------------------------------------------------ shared options of the fleet commands
 
 def security_options(f):
@@ -713,14 +730,7 @@ def simulate_sweep(model_arg, fleet_paths, trace_path, time_scale, start, durati
                      slo_ttft, slo_tpot)
     specs = variants(base, fleets, budget_list, rate_list)
     with progress_bar() as progress:
-        done = [0]
-
-        def tick():
-            done[0] += 1
-            progress("simulations", done[0], len(specs))
-
-        progress("simulations", 0, len(specs))
-        results = sweep(specs, workers or os.cpu_count() or 1, tick)
+        results = sweep(specs, workers or os.cpu_count() or 1, counter(progress, "simulations", len(specs)))
     table = Table(title=f"{model.name}: {len(specs)} simulations of {trace_path.name}")
     for c in ("fleet | budget | load", "stages", "done", "TTFT p50", "TTFT p99", "TPOT mean", "E2E p99", "tokens/s",
               "SLO"):
@@ -752,25 +762,17 @@ def replay(controller_addr, trace_path, time_scale, start, duration, limit, leng
            slo_tpot, out, token, tls_cert, tls_key, tls_ca) -> None:
     """Send a trace's requests to the running fleet at their arrival times; report as simulate does."""
     from controller.replay import replay as run_replay
+    from proto import edgefleet_pb2 as pb
     from simulations.metrics import summarize
     from simulations.study import write
 
     trace = _trace_spec(trace_path, time_scale, start, duration, limit, length_scale, max_total)
     requests = trace.load()
-    call = _call(controller_addr, token, tls_cert, tls_key, tls_ca)
-    from proto import edgefleet_pb2 as pb
-
-    if not call("Status", pb.Empty()).active_deployment_id:
+    security = make_security(token, tls_cert, tls_key, tls_ca)
+    if not ControllerCall(controller_addr, security)("Status", pb.Empty()).active_deployment_id:
         raise UserError("no deployment is active; run `edgefleet deploy MODEL.gguf` first")
     with progress_bar() as progress:
-        done = [0]
-
-        def tick():
-            done[0] += 1
-            progress("requests", done[0], len(requests))
-
-        progress("requests", 0, len(requests))
-        outs = run_replay(controller_addr, make_security(token, tls_cert, tls_key, tls_ca), requests, tick)
+        outs = run_replay(controller_addr, security, requests, counter(progress, "requests", len(requests)))
     summary = summarize(outs, slo_ttft, slo_tpot)
     title = f"replay of {len(requests)} requests from {trace_path.name} on {controller_addr}"
     print_summary(summary, title)

@@ -141,8 +141,7 @@ class Api:
 
     # ---------------------------------------------------------------- generation
 
-    async def run(self, kind: str, model: str, ids: list[int], params: dict, stream: bool, usage_chunk: bool):
-        dep = self.control.active
+    async def run(self, kind: str, model: str, dep, ids: list[int], params: dict, stream: bool, usage_chunk: bool):
         it = self.control.complete(dep.model_path, ids, api="openai", **params)
         first = await self._next(it)            # errors before the first token get their status code
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -310,7 +309,7 @@ def create_app(control: Control, token: str = "") -> FastAPI:
             ids = tok.encode(prompt)
         else:
             ids = list(prompt)
-        return await api.run("text", body.model, ids, params, body.stream,
+        return await api.run("text", body.model, dep, ids, params, body.stream,
                              bool(body.stream_options and body.stream_options.include_usage))
 
     @app.post("/v1/chat/completions")
@@ -325,7 +324,7 @@ def create_app(control: Control, token: str = "") -> FastAPI:
         except Exception as exc:  # a template that cannot render these messages
             raise ApiError(400, f"the model's chat template cannot render these messages: {exc}",
                            param="messages") from None
-        return await api.run("chat", body.model, ids, params, body.stream,
+        return await api.run("chat", body.model, dep, ids, params, body.stream,
                              bool(body.stream_options and body.stream_options.include_usage))
 
     @app.get("/metrics")

@@ -131,11 +131,11 @@ class _Cohort:
 class _StageState:
     __slots__ = ("node", "groups", "overhead", "queue", "busy", "kv_capacity", "kv_used", "index", "busy_s")
 
-    def __init__(self, index: int, node: Node, groups, overhead: float, kv_capacity: int):
+    def __init__(self, index: int, node: Node, groups, kv_capacity: int):
         self.index = index
         self.node = node
         self.groups = groups            # [(count, read_s, flops, attn, prefill_flops)]
-        self.overhead = overhead
+        self.overhead = node.step_overhead_s
         self.queue: list[_Cohort] = []
         self.busy = False
         self.kv_capacity = kv_capacity  # tokens of KV cache the node can hold beside its weights
@@ -162,10 +162,9 @@ def _stage_groups(problem: Problem, st: Stage, node: Node):
 
 def _kv_capacity(problem: Problem, st: Stage, first: bool, last: bool, memory: int) -> int:
     """Tokens of KV cache that fit on the node beside the stage's weights and runtime."""
-    no_kv = replace(problem, workload=replace(problem.workload, concurrency=1, context=1))
-    fixed = stage_memory(no_kv, st, first, last) - sum(problem.model.layers[l].kv_bytes_per_token
-                                                       for l in range(st.first, st.last))
     per_token = sum(problem.model.layers[l].kv_bytes_per_token for l in range(st.first, st.last))
+    one_token = replace(problem, workload=replace(problem.workload, concurrency=1, context=1))
+    fixed = stage_memory(one_token, st, first, last) - per_token
     return max(0, (memory - fixed) // per_token) if per_token else 1 << 62
 
 
@@ -197,6 +196,7 @@ class Simulator:
         self.plans: list[tuple[float, Plan]] = []
         self.serving = False
         self.deploys = 0
+        self.links: dict[tuple[str, str], list[float]] = {}   # directed edge -> [bandwidth, latency, free at]
         self._install(plan, 0.0)
 
     # ------------------------------------------------------------ topology
@@ -213,10 +213,11 @@ class Simulator:
         p = replace(self.problem, fleet=self.fleet)
         self.net = C.Network(self.fleet)
         n = len(plan.stages)
-        self.stages = [_StageState(i, self.fleet.node(st.node), _stage_groups(p, st, self.fleet.node(st.node)),
-                                   self.fleet.node(st.node).step_overhead_s,
-                                   _kv_capacity(p, st, i == 0, i == n - 1, self.fleet.node(st.node).memory))
-                       for i, st in enumerate(plan.stages)]
+        self.stages = []
+        for i, st in enumerate(plan.stages):
+            node = self.fleet.node(st.node)
+            self.stages.append(_StageState(i, node, _stage_groups(p, st, node),
+                                           _kv_capacity(p, st, i == 0, i == n - 1, node.memory)))
         self._routes()
         self.serving = True
 
@@ -226,7 +227,6 @@ class Simulator:
         act = self.problem.model.act_bytes_per_token
         for a, b, d in g.edges(data=True):
             d["_w"] = d["latency"] + act / d["bandwidth"]
-        self.links = getattr(self, "links", {})
         for a, b, d in g.edges(data=True):
             for u, v in ((a, b), (b, a)):
                 old = self.links.get((u, v))

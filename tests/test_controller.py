@@ -83,6 +83,19 @@ def test_cli_status_generate_and_events(fleet):
     assert "stages, objective latency" in r.stdout and "desk" in r.stdout and "solver highs" in r.stdout
 
 
+def test_replay_sends_a_trace_and_reports_the_simulator_metrics(fleet, tmp_path):
+    from simulations.workload import Request, write_jsonl
+
+    write_jsonl([Request(i, 0.2 * i, 8 + i, 4) for i in range(6)], tmp_path / "t.jsonl")
+    r = cli("replay", "--trace", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "run"),
+            controller=fleet.controller.address)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (m["requests"], m["completed"], m["throughput"]["output_tokens"]) == (6, 6, 24)   # EOS ignored
+    assert 0 < m["ttft_s"]["p50"] <= m["e2e_s"]["p50"] and "TTFT" in r.stdout
+    assert len((tmp_path / "run" / "requests.jsonl").read_text().splitlines()) == 6
+
+
 def test_a_refused_shard_rolls_back_and_the_old_deployment_keeps_serving(fleet, reference_model):
     before = fleet.status()
     want = [r.token for r in fleet.generate(12)]
