@@ -1,13 +1,14 @@
 """Parity with llama.cpp: the torch runtime split into 3 stages vs llama-cpp-python on the
 same GGUF, over the first 512 tokens of the held-out text.
 
-Measured (bench/parity.py prints these over 20 windows): NLL per token agrees within 0.05 %
-for every configuration; top-1 agreement is 100 % at F16 and 97.7-99.6 % (mean 98.8 %) for
-quantized ones. The gap is not a runtime error: llama.cpp rounds every matmul's
-activations to 8 bits, which makes its logits chaotic at the ~0.015 level (a 1e-6 relative
-perturbation of the activations alone moves them that much), so positions whose top-2
-margin is under ~0.05 can flip either way. The quantized threshold below is set from that
-measurement; the issue's 99 % target is met for F16 only (see the closing note).
+Measured (`.venv/bin/python bench/parity.py`, 20 windows): NLL per token agrees within 0.05 %
+for every configuration; top-1 agreement is 99.93 % at F16 and 98.8 % (min 97.9 %) for the
+quantized ones. The quantized gap is the arithmetic's own noise floor, not a runtime error:
+llama.cpp rounds every matmul's activations to 8 bits, and so do we; our runtime against
+itself with its activations scaled by (1 + 1e-6) agrees on the top-1 at only 98.8 % (min
+97.1 %) of positions for Q4_K. Where llama.cpp's top-2 margin is ≥ 0.05, agreement is 99.87 %.
+The quantized threshold below is set from that measurement; the issue's 99 % target is met
+for F16 only (see the closing note).
 """
 from __future__ import annotations
 
@@ -55,3 +56,9 @@ def test_three_stage_runtime_agrees_with_llama_cpp(name, tmp_path, reference_mod
 
     assert abs(nll_ours - nll_ref) / nll_ref <= 0.01, (nll_ours, nll_ref)
     assert top1 >= min_top1, top1
+    # where llama.cpp's choice is clear (top-2 margin ≥ 0.05, above the rounding noise) we
+    # must make the same choice: a real runtime error would show here
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) >= 0.05
+    agree_clear = (ours.argmax(-1) == ref.argmax(-1))[clear].double().mean().item()
+    assert clear.sum() >= 450 and agree_clear >= 0.99, (int(clear.sum()), agree_clear)
