@@ -670,7 +670,7 @@ def simulate(ctx, model_arg, fleet_path, plan_path, trace_path, time_scale, star
     trace = _trace_spec(trace_path, time_scale, start, duration, limit, length_scale, max_total)
     fleet = load_fleet(fleet_path)
     model = _load_model(model_arg)
-    plan = json.loads(plan_path.read_text()) if plan_path else None
+    plan = _read_plan(plan_path) if plan_path else None
     spec = StudySpec(model, fleet, trace, tuple(whatifs), plan, max_ppl_increase, objective, concurrency, context,
                      slo_ttft, slo_tpot)
     with err_console.status("simulating"):
@@ -686,6 +686,19 @@ def simulate(ctx, model_arg, fleet_path, plan_path, trace_path, time_scale, star
     if out:
         files = write(out, summary, outs, result.events, title)
         err_console.print("wrote " + ", ".join(str(f) for f in files), highlight=False)
+
+
+def _read_plan(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"the plan file {path} does not exist; write one with `edgefleet plan ... --out PLAN.json`")
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a plan JSON ({e}); write one with `edgefleet plan ... --out PLAN.json`")
+    if not isinstance(plan, dict) or "stages" not in plan:
+        raise UserError(f"{path} holds JSON but not a plan (no `stages`); write one with "
+                        "`edgefleet plan ... --out PLAN.json`")
+    return plan
 
 
 def _load_model(model_arg: str):

@@ -25,10 +25,14 @@ import pulp
 
 from solver import cost as C
 from solver import ilp
+from solver.baselines import split
 from solver.plan import Plan, Stage, evaluate, finished, violations
 from solver.problem import Problem
 
 log = logging.getLogger(__name__)
+
+MASTER_SHARE = 0.8          # of the time limit; the rest builds the plan (and may close a gap)
+FULL_ILP_MIN_SHARE = 0.25   # the full ILP runs only with at least this share of the limit left
 
 
 def homogeneous(problem: Problem) -> bool:
@@ -158,6 +162,54 @@ def assign_types(problem: Problem, blocks: list[tuple[str, int, int]], cand: dic
     return stages
 
 
+def greedy_blocks(problem: Problem, cand: dict):
+    """A quick block split for when the master has no plan in time: the nodes fastest per
+    layer (at their smallest type), as many as it takes to hold every layer at that type plus
+    the embedding on the first and the head on the last, visited from the controller along
+    the cheapest next hop, filled fastest first or in proportion to room. The types are then chosen exactly
+    (assign_types). Yields such splits over ever more nodes (more room for better types
+    when the budget binds)."""
+    m, w, fleet = problem.model, problem.workload, problem.fleet
+    L = m.n_layer
+    net = C.Network(fleet)
+    rt = C.runtime_bytes(m, w)
+    ranked = []
+    for node in fleet.nodes:
+        opts = {q for l in range(L) for q in cand.get((l, node.name), [])}
+        if opts:
+            small = min(opts, key=lambda q: C.layer_bytes(m, 0, q, w))
+            size = C.layer_bytes(m, 0, small, w)
+            ranked.append((ilp._time(problem, node, 0, small), node.name, node.memory - rt, size))
+    ranked.sort()
+    for used in range(1, len(ranked) + 1):
+        chosen = ranked[:used]
+        order, here, todo = [], fleet.controller or chosen[0][1], [c[1] for c in chosen]
+        while todo:
+            nxt = min(todo, key=lambda n: net.transfer_s(here, n, m.act_bytes_per_token))
+            order.append(nxt)
+            todo.remove(nxt)
+            here = nxt
+        room = {}
+        for _, name, free, size in chosen:
+            free -= (m.embed_bytes if name == order[0] else 0) + (m.head_bytes if name == order[-1] else 0)
+            room[name] = max(0, free) // size
+        if sum(room.values()) < L:
+            continue
+        fastest, left = {}, L
+        for _, name, _, _ in chosen:
+            fastest[name] = min(room[name], left)
+            left -= fastest[name]
+        # filled fastest first, then spread in proportion to room (headroom for better types)
+        spread = dict(zip(order, split([float(room[n]) for n in order], L)))
+        for counts in (fastest, spread):
+            blocks, a = [], 0
+            for n in order:
+                if counts[n]:
+                    blocks.append((n, a, a + counts[n]))
+                    a += counts[n]
+            yield blocks
+
+
 def solve_fast(problem: Problem) -> Plan:
     """Bound from the master, plan from its counts, the full ILP only to close a gap."""
     from solver.explain import explain, unplaceable_pin
@@ -175,7 +227,8 @@ def solve_fast(problem: Problem) -> Plan:
         return Plan((), "infeasible", math.nan, math.nan, math.nan, time.perf_counter() - t0, o.solver,
                     why or explain(problem), None, stats)
     lp, v = master(problem, cand)
-    status, _, bound = ilp.run(lp, o, deadline - time.perf_counter(), 0.6 * o.gap)
+    # the master may take most of the time; building the plan from it must still fit
+    status, _, bound = ilp.run(lp, o, MASTER_SHARE * (deadline - time.perf_counter()), 0.6 * o.gap)
     stats["master_s"] = time.perf_counter() - t0
     if status == "infeasible":
         return Plan((), "infeasible", math.nan, math.nan, math.nan, time.perf_counter() - t0, o.solver,
@@ -192,16 +245,23 @@ def solve_fast(problem: Problem) -> Plan:
             blocks.append((n, a, a + counts[n]))
             a += counts[n]
         best = assign_types(problem, blocks, cand, deadline - time.perf_counter(), 0.3 * o.gap * bound)
-        broken = violations(problem, best) if best is not None else []
-        if broken:
-            log.warning("constructed plan violates constraints: %s", broken)
-            best = None
+    elif status == "timeout":
+        # the master found no plan in its time: build one greedily so the user still gets a plan
+        stats["greedy"] = True
+        for blocks in greedy_blocks(problem, cand):
+            best = assign_types(problem, blocks, cand, deadline - time.perf_counter())
+            if best is not None or time.perf_counter() > deadline:
+                break
+    broken = violations(problem, best) if best is not None else []
+    if broken:
+        log.warning("constructed plan violates constraints: %s", broken)
+        best = None
     stats["construct_s"] = time.perf_counter() - t0
     value = evaluate(problem, best).objective(o.objective) if best else math.inf
     if math.isnan(bound):
         bound = -math.inf
     gap = (value - bound) / value if best else math.inf
-    if gap > o.gap:
+    if gap > o.gap and deadline - time.perf_counter() > FULL_ILP_MIN_SHARE * o.time_limit:
         # close the gap with the full ILP, started from the plan, with the bound as a cut
         stats["full_ilp"] = True
         model = ilp.build(problem)
@@ -210,7 +270,7 @@ def solve_fast(problem: Problem) -> Plan:
             model.lp += obj >= bound * (1 - 1e-9), "master_bound"
         warm = _warm_start(model, best) if best else None
         left = deadline - time.perf_counter()
-        status2, _, bound2 = ilp.run(model.lp, o, left, o.gap / 4, warm=warm)
+        status2, _, bound2 = ilp.run(model.lp, o, left, o.gap / 4, warm=warm) if left > 0 else ("timeout", 0, math.nan)
         if status2 == "solved":
             stages = ilp.extract(model)
             v2 = evaluate(problem, stages).objective(o.objective)

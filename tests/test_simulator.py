@@ -183,6 +183,12 @@ def test_simulate_command_with_a_failure_writes_metrics_and_figures(tmp_path):
                         "--fleet", "examples/fleet-home4.yaml", "--trace", str(tmp_path / "none.csv")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    bad = tmp_path / "plan.json"
+    bad.write_text("stages: [laptop]\n")
+    r = subprocess.run([sys.executable, "-m", "controller.cli", "simulate", "--model", "llama-3.1-8b",
+                        "--fleet", "examples/fleet-home4.yaml", "--trace", str(AZURE), "--plan", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "is not a plan JSON" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_sweep_runs_every_combination_in_processes(tmp_path):
