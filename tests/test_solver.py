@@ -131,6 +131,27 @@ def test_time_limited_run_is_never_called_optimal():
         assert plan.gap > p.options.gap
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_greedy_fallback_gives_valid_plans_no_better_than_the_optimum(seed):
+    from solver.fast import assign_types, greedy_blocks
+
+    p = real_problem(8, seed, max_ppl_increase=5)
+    cand = ilp.candidates(p)
+    best = solve(p)
+    assert best.status == "optimal"
+    tried = 0
+    for blocks in greedy_blocks(p, cand):
+        tried += 1
+        assert [b[1] for b in blocks] == [0] + [b[2] for b in blocks[:-1]] and blocks[-1][2] == p.model.n_layer
+        stages = assign_types(p, blocks, cand, 10)
+        if stages is not None:
+            assert violations(p, stages) == []
+            assert evaluate(p, stages).latency_s >= best.objective * (1 - p.options.gap)
+            break
+    else:
+        pytest.fail(f"no greedy split of {tried} gave a plan")
+
+
 def test_throughput_objective_is_the_bottleneck():
     p = real_problem(6, 2, max_ppl_increase=5, objective="throughput", time_limit=5)
     plan = solve(p)
