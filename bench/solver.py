@@ -109,15 +109,14 @@ def why(sizes, seeds: int) -> dict:
 
 
 def quality(n_fleets: int) -> dict:
-    """Baseline / ours on realistic catalog fleets: Llama-3.1-8B on 4–8 devices and Llama-3-70B
+    """Baseline / ours on realistic catalog fleets: Llama-3.1-8B on 8 devices and Llama-3-70B
     on 16, alternately, both objectives, at the same budget."""
     ratios: dict = {(h, o): [] for h in SPLITS for o in ("latency", "throughput")}
     infeasible: dict = {(h, o): 0 for h in SPLITS for o in ("latency", "throughput")}
     for i in range(n_fleets):
         size = "80x16" if i % 2 else "32x8"
-        nodes = 16 if i % 2 else 4 + (i // 2) % 5
         for objective in ("latency", "throughput"):
-            p = problem(size, 100 + i, objective, limit=30, nodes=nodes)
+            p = problem(size, 100 + i, objective, limit=30)
             ours = solve(p)
             if not ours.ok:
                 continue
