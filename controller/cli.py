@@ -689,15 +689,15 @@ def simulate(ctx, model_arg, fleet_path, plan_path, trace_path, time_scale, star
 
 
 def _read_plan(path: Path) -> dict:
+    how = "write one with `edgefleet plan ... --out PLAN.json`"
     if not path.is_file():
-        raise UserError(f"the plan file {path} does not exist; write one with `edgefleet plan ... --out PLAN.json`")
+        raise UserError(f"the plan file {path} does not exist; {how}")
     try:
         plan = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not a plan JSON ({e}); write one with `edgefleet plan ... --out PLAN.json`")
+        raise UserError(f"{path} is not a plan JSON ({e}); {how}")
     if not isinstance(plan, dict) or "stages" not in plan:
-        raise UserError(f"{path} holds JSON but not a plan (no `stages`); write one with "
-                        "`edgefleet plan ... --out PLAN.json`")
+        raise UserError(f"{path} holds JSON but not a plan (no `stages`); {how}")
     return plan
 
 

@@ -162,13 +162,24 @@ def assign_types(problem: Problem, blocks: list[tuple[str, int, int]], cand: dic
     return stages
 
 
+def to_blocks(order: list[str], counts: dict[str, int]) -> list[tuple[str, int, int]]:
+    """Consecutive layer blocks (node, first, last) for nodes in pipeline order; nodes with no
+    layers are skipped."""
+    blocks, a = [], 0
+    for n in order:
+        if counts[n]:
+            blocks.append((n, a, a + counts[n]))
+            a += counts[n]
+    return blocks
+
+
 def greedy_blocks(problem: Problem, cand: dict):
     """A quick block split for when the master has no plan in time: the nodes fastest per
     layer (at their smallest type), as many as it takes to hold every layer at that type plus
     the embedding on the first and the head on the last, visited from the controller along
-    the cheapest next hop, filled fastest first or in proportion to room. The types are then chosen exactly
-    (assign_types). Yields such splits over ever more nodes (more room for better types
-    when the budget binds)."""
+    the cheapest next hop, filled fastest first or in proportion to room. The types are then
+    chosen exactly (assign_types). Yields such splits over ever more nodes (more room for
+    better types when the budget binds)."""
     m, w, fleet = problem.model, problem.workload, problem.fleet
     L = m.n_layer
     net = C.Network(fleet)
@@ -179,7 +190,7 @@ def greedy_blocks(problem: Problem, cand: dict):
         if opts:
             small = min(opts, key=lambda q: C.layer_bytes(m, 0, q, w))
             size = C.layer_bytes(m, 0, small, w)
-            ranked.append((ilp._time(problem, node, 0, small), node.name, node.memory - rt, size))
+            ranked.append((ilp.layer_time(problem, node, 0, small), node.name, node.memory - rt, size))
     ranked.sort()
     for used in range(1, len(ranked) + 1):
         chosen = ranked[:used]
@@ -201,13 +212,8 @@ def greedy_blocks(problem: Problem, cand: dict):
             left -= fastest[name]
         # filled fastest first, then spread in proportion to room (headroom for better types)
         spread = dict(zip(order, split([float(room[n]) for n in order], L)))
-        for counts in (fastest, spread):
-            blocks, a = [], 0
-            for n in order:
-                if counts[n]:
-                    blocks.append((n, a, a + counts[n]))
-                    a += counts[n]
-            yield blocks
+        yield to_blocks(order, fastest)
+        yield to_blocks(order, spread)
 
 
 def solve_fast(problem: Problem) -> Plan:
@@ -240,10 +246,7 @@ def solve_fast(problem: Problem) -> Plan:
         seq = [next(n for n in used if (v["first"][n].varValue or 0) > 0.5)]
         while len(seq) < len(used):
             seq.append(next(b for b in used if b != seq[-1] and (v["t"][seq[-1], b].varValue or 0) > 0.5))
-        blocks, a = [], 0
-        for n in seq:
-            blocks.append((n, a, a + counts[n]))
-            a += counts[n]
+        blocks = to_blocks(seq, counts)
         best = assign_types(problem, blocks, cand, deadline - time.perf_counter(), 0.3 * o.gap * bound)
     elif status == "timeout":
         # the master found no plan in its time: build one greedily so the user still gets a plan

@@ -58,7 +58,7 @@ def candidates(problem: Problem) -> dict[tuple[int, str], list[str]]:
             for q in allowed:
                 if q not in node.speed or C.layer_bytes(m, l, q, w) > room:
                     continue
-                key = (C.layer_bytes(m, l, q, w), _time(problem, node, l, q), lp.sensitivity[q])
+                key = (C.layer_bytes(m, l, q, w), layer_time(problem, node, l, q), lp.sensitivity[q])
                 opts.append((q, key))
             keep = [q for i, (q, k) in enumerate(opts)
                     if not any(all(a <= b for a, b in zip(k2, k)) and (k2 != k or j < i)
@@ -68,7 +68,8 @@ def candidates(problem: Problem) -> dict[tuple[int, str], list[str]]:
     return out
 
 
-def _time(problem: Problem, node, l: int, q: str) -> float:
+def layer_time(problem: Problem, node, l: int, q: str) -> float:
+    """A layer's time on a node at type q, in the objective's terms (latency share or decode step)."""
     lp, w = problem.model.layers[l], problem.workload
     if problem.options.objective == "latency":
         return C.layer_latency_s(node, lp, q, w)
