@@ -47,7 +47,7 @@ def explain(problem: Problem) -> str:
 
     free = dataclasses.replace(problem, options=dataclasses.replace(o, max_ppl_increase=1e12, objective="latency"))
     if fast.homogeneous(free):   # the aggregate model has the same feasible type choices
-        lp, v = fast.master(free, ilp.candidates(free))
+        lp, v = fast.master(free, ilp.candidates(free), transport=True)
         lp.setObjective(pulp.lpSum(m.layers[l].sensitivity[q] * g for (l, q), g in v["g"].items()))
     else:
         model = ilp.build(free)

@@ -17,6 +17,7 @@ plan with `objective ≥ bound` added.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MASTER_SHARE = 0.8          # of the time limit; the rest builds the plan (and may close a gap)
 FULL_ILP_MIN_SHARE = 0.25   # the full ILP runs only with at least this share of the limit left
+BUDGET_TOL = 1e-6           # relative: the MIP solver meets a cut only to its feasibility tolerance
 
 
 def homogeneous(problem: Problem) -> bool:
@@ -41,8 +43,10 @@ def homogeneous(problem: Problem) -> bool:
                and l.kv_bytes_per_token == ls[0].kv_bytes_per_token for l in ls)
 
 
-def master(problem: Problem, cand: dict) -> tuple[pulp.LpProblem, dict]:
-    """The aggregate relaxation (see module doc). Returns the model and its variables."""
+def master(problem: Problem, cand: dict, transport: bool = False) -> tuple[pulp.LpProblem, dict]:
+    """The aggregate relaxation (see module doc). Returns the model and its variables.
+    transport: meet the budget through the layer × type transportation rows (L×Q more columns);
+    without it the budget is left to the cuts that solve_master adds (budget_cut)."""
     m, w, o, fleet = problem.model, problem.workload, problem.options, problem.fleet
     L = m.n_layer
     lp0 = m.layers[0]
@@ -61,7 +65,6 @@ def master(problem: Problem, cand: dict) -> tuple[pulp.LpProblem, dict]:
         u[n] = pulp.LpVariable(f"u_{i}", cat="Binary")
         first[n] = pulp.LpVariable(f"first_{i}", cat="Binary")
         last[n] = pulp.LpVariable(f"last_{i}", cat="Binary")
-    g = {(l, q): pulp.LpVariable(f"g_{l}_{q}", lowBound=0, upBound=1) for l in range(L) for q in all_types}
     k = {n: pulp.lpSum(c[n, q] for q in types[n]) for n in nodes}
     for i, n in enumerate(nodes):
         node = fleet.node(n)
@@ -69,6 +72,10 @@ def master(problem: Problem, cand: dict) -> tuple[pulp.LpProblem, dict]:
         lp += k[n] >= u[n], f"count_lo_{i}"
         lp += first[n] <= u[n], f"first_used_{i}"
         lp += last[n] <= u[n], f"last_used_{i}"
+        if node.memory - rt - m.embed_bytes - m.head_bytes < L * min(C.layer_bytes(m, 0, q, w) for q in types[n]):
+            # cannot hold the whole model, so never both ends: without this row the relaxation
+            # makes one node fractionally first and last, and the ends' memory all but vanishes
+            lp += first[n] + last[n] <= u[n], f"one_end_{i}"
         lp += (pulp.lpSum(C.layer_bytes(m, 0, q, w) * c[n, q] for q in types[n]) + m.embed_bytes * first[n]
                + m.head_bytes * last[n] + rt * u[n]) * (1.0 / node.memory) <= u[n], f"memory_{i}"
         if n in o.pinned:
@@ -81,11 +88,15 @@ def master(problem: Problem, cand: dict) -> tuple[pulp.LpProblem, dict]:
     for group in ilp.identical_nodes(problem, nodes, net):   # interchangeable: fill them in name order
         for a, b in zip(group, group[1:]):
             lp += k[a] >= k[b], f"symmetry_{nodes.index(a)}_{nodes.index(b)}"
-    for l in range(L):
-        lp += pulp.lpSum(g[l, q] for q in all_types) == 1, f"layer_type_{l}"
-    for q in all_types:
-        lp += pulp.lpSum(g[l, q] for l in range(L)) == pulp.lpSum(c[n, q] for n in nodes if q in types[n]), f"type_count_{q}"
-    lp += pulp.lpSum(m.layers[l].sensitivity[q] * g[l, q] for (l, q) in g) <= o.budget, "budget"
+    count = {q: pulp.lpSum(c[n, q] for n in nodes if q in types[n]) for q in all_types}
+    g = {}
+    if transport:
+        g = {(l, q): pulp.LpVariable(f"g_{l}_{q}", lowBound=0, upBound=1) for l in range(L) for q in all_types}
+        for l in range(L):
+            lp += pulp.lpSum(g[l, q] for q in all_types) == 1, f"layer_type_{l}"
+        for q in all_types:
+            lp += pulp.lpSum(g[l, q] for l in range(L)) == count[q], f"type_count_{q}"
+        lp += pulp.lpSum(m.layers[l].sensitivity[q] * g[l, q] for (l, q) in g) <= o.budget, "budget"
 
     # the pipeline order: a path from the first node to the last through every used node
     # (degree rows + Miller–Tucker–Zemlin positions against cycles)
@@ -113,7 +124,74 @@ def master(problem: Problem, cand: dict) -> tuple[pulp.LpProblem, dict]:
                    + node.step_overhead_s * u[n] <= T), f"stage_time_{i}"
         for (a, b), var in t.items():
             lp += C.hop_step_s(net, m, w, a, b) * var <= T, f"hop_time_{nodes.index(a)}_{nodes.index(b)}"
-    return lp, {"c": c, "u": u, "first": first, "last": last, "t": t, "g": g, "nodes": nodes, "types": types}
+    return lp, {"c": c, "u": u, "first": first, "last": last, "t": t, "g": g, "nodes": nodes, "types": types,
+                "count": count}
+
+
+def least_dnll(problem: Problem, counts: dict[str, float]) -> tuple[float, float, dict[str, float]]:
+    """The least total ΔNLL of L layers with `counts` layers at each type (the transportation
+    problem: any layer may take any of the counted types), and a cut that bounds it from below
+    for every other count vector: least_dnll(k) ≥ a + Σ_q b_q·k_q. b is the transportation
+    LP's dual on the count rows; a = Σ_l min_q (ΔNLL[l][q] − b_q) keeps the pair dual-feasible,
+    so the cut holds whatever the LP solver's sign conventions, and it is tight at `counts`."""
+    m = problem.model
+    types = list(counts)
+    scale = dnll_scale(problem)   # ΔNLLs are ~1e-3: scaled so the LP's absolute tolerances are small
+    lp = pulp.LpProblem("transport", pulp.LpMinimize)
+    g = {(l, q): pulp.LpVariable(f"g_{l}_{q}", lowBound=0) for l in range(m.n_layer) for q in types}
+    lp += pulp.lpSum(scale * m.layers[l].sensitivity[q] * v for (l, q), v in g.items())
+    for l in range(m.n_layer):
+        lp += pulp.lpSum(g[l, q] for q in types) == 1, f"layer_{l}"
+    for i, q in enumerate(types):
+        lp += pulp.lpSum(g[l, q] for l in range(m.n_layer)) == counts[q], f"count_{i}"
+    lp.solve(pulp.HiGHS(msg=False))
+    b = {q: (lp.constraints[f"count_{i}"].pi or 0.0) / scale for i, q in enumerate(types)}
+    a = sum(min(lp_.sensitivity[q] - b[q] for q in types) for lp_ in m.layers)
+    return pulp.value(lp.objective) / scale, a, b
+
+
+def dnll_scale(problem: Problem) -> float:
+    """A factor that brings the budget (or, for a zero budget, the largest possible ΔNLL) to ~1."""
+    m = problem.model
+    worst = sum(max(lp.sensitivity.values()) for lp in m.layers)
+    return 1.0 / max(problem.options.budget, 1e-3 * worst, 1e-12)
+
+
+def solve_master(problem: Problem, cand: dict, time_limit: float, gap: float) -> tuple[str, float, dict]:
+    """The master with the budget met by cuts (Benders): solve, compute the least ΔNLL of the
+    chosen type counts, and while it exceeds the budget add the cut that forbids those counts
+    (and every count vector as bad) and solve again. The transportation rows are thus replaced
+    by a handful of cuts, which makes each branch-and-bound node several times cheaper. Cuts are
+    first gathered on the LP relaxation (cheap), then on integer solutions. Every cut is valid,
+    so the bound holds at any stop. Returns (status, bound, variables)."""
+    o = problem.options
+    deadline = time.perf_counter() + time_limit
+    lp, v = master(problem, cand)
+    kinds = {var.name: var.cat for var in lp.variables()}
+    scale = dnll_scale(problem)
+    cuts, used = 0, math.inf
+    status, bound = "error", -math.inf
+    for relaxed in (True, False):
+        for var in lp.variables():
+            var.cat = pulp.LpContinuous if relaxed else kinds[var.name]
+        while True:
+            status, _, bound = ilp.run(lp, o, deadline - time.perf_counter(), gap)
+            if status != "solved":
+                break
+            counts = {q: sum(v["c"][n, q].varValue or 0 for n in v["nodes"] if (n, q) in v["c"]) for q in v["count"]}
+            used, a, b = least_dnll(problem, counts)
+            over = lambda x: x > o.budget * (1 + BUDGET_TOL) + 1e-12   # noqa: E731
+            # stop when the counts meet the budget, or (numerically) the cut would not cut them off
+            if not over(used) or not over(a + sum(b[q] * counts[q] for q in b)) or time.perf_counter() > deadline:
+                break
+            lp += (a + pulp.lpSum(b[q] * v["count"][q] for q in b)) * scale <= o.budget * scale, f"budget_cut_{cuts}"
+            cuts += 1
+        if status != "solved":
+            break
+    v["cuts"] = cuts
+    if status == "solved" and used > o.budget * (1 + BUDGET_TOL) + 1e-12 and time.perf_counter() > deadline:
+        status = "timeout"   # out of time before the counts met the budget: a bound, no plan
+    return status, bound, v
 
 
 def assign_types(problem: Problem, blocks: list[tuple[str, int, int]], cand: dict,
@@ -171,6 +249,74 @@ def to_blocks(order: list[str], counts: dict[str, int]) -> list[tuple[str, int, 
             blocks.append((n, a, a + counts[n]))
             a += counts[n]
     return blocks
+
+
+MAX_ORDERS = 720   # middle permutations tried exhaustively; beyond that, pairwise swaps
+
+
+def block_orders(problem: Problem, seq: list[str], mix: dict[str, dict[str, int]], keep: int = 3) -> list[list[str]]:
+    """Orders of the master's stages worth building a plan from, best first. The master places
+    type counts on layers freely, but a plan puts each node's types on its own contiguous block,
+    and early (and late) layers are the sensitive ones, so which node sits where decides whether
+    the counts meet the budget. The ends stay (they hold the embedding and the head); the middle
+    nodes are permuted, each order scored by its hops (the compute is fixed by the counts) and
+    by the budget its counts use when each block gives its best types to its most sensitive
+    layers. Orders that meet the budget come first, by hop cost; then the rest, by budget used."""
+    m, w, o = problem.model, problem.workload, problem.options
+    net = C.Network(problem.fleet)
+    if len(seq) < 3:
+        return [seq]
+    hop = C.hop_latency_s if o.objective == "latency" else C.hop_step_s
+    H = {(a, b): hop(net, m, w, a, b) for a in seq for b in seq if a != b}
+
+    def score(order):
+        hops = [H[a, b] for a, b in zip(order, order[1:])]
+        used = sum(m.layers[l].sensitivity[q] for st in sorted_types(problem, order, mix)
+                   for l, q in zip(range(st.first, st.last), st.types))
+        over = max(0.0, used - o.budget)
+        return (over > 1e-12, over, sum(hops) if o.objective == "latency" else max(hops))
+
+    middle = seq[1:-1]
+    if math.factorial(len(middle)) <= MAX_ORDERS:
+        orders = [[seq[0], *p, seq[-1]] for p in itertools.permutations(middle)]
+    else:   # pairwise swaps from the master's order while they improve
+        orders, current = [seq], list(seq)
+        improved = True
+        while improved:
+            improved = False
+            for i in range(1, len(seq) - 1):
+                for j in range(i + 1, len(seq) - 1):
+                    trial = list(current)
+                    trial[i], trial[j] = trial[j], trial[i]
+                    orders.append(trial)
+                    if score(trial) < score(current):
+                        current, improved = trial, True
+    ranked = sorted(orders, key=score)
+    out = []
+    for order in [*ranked, seq]:
+        if order not in out:
+            out.append(order)
+        if len(out) == keep:
+            break
+    return out if seq in out else [*out, seq]
+
+
+def sorted_types(problem: Problem, order: list[str], mix: dict[str, dict[str, int]]) -> list[Stage]:
+    """Stages for nodes in pipeline order, each node's type counts (mix) placed on its block
+    with the most accurate types on the most sensitive layers (exact when ΔNLL[l][q] is a
+    layer weight times a type factor, as for the proxy; a good guess otherwise)."""
+    m = problem.model
+    weight = [sum(lp.sensitivity.values()) for lp in m.layers]
+    quality = sorted({q for n in order for q in mix[n]}, key=lambda q: sum(lp.sensitivity[q] for lp in m.layers))
+    stages, first = [], 0
+    for n in order:
+        k = sum(mix[n].values())
+        if k:
+            layers = sorted(range(first, first + k), key=lambda l: -weight[l])
+            at = dict(zip(layers, [q for q in quality for _ in range(mix[n].get(q, 0))]))
+            stages.append(Stage(n, first, first + k, tuple(at[l] for l in range(first, first + k))))
+        first += k
+    return stages
 
 
 def greedy_blocks(problem: Problem, cand: dict):
@@ -232,10 +378,10 @@ def solve_fast(problem: Problem) -> Plan:
     if why or any(not any((l, n.name) in cand for n in problem.fleet.nodes) for l in range(problem.model.n_layer)):
         return Plan((), "infeasible", math.nan, math.nan, math.nan, time.perf_counter() - t0, o.solver,
                     why or explain(problem), None, stats)
-    lp, v = master(problem, cand)
     # the master may take most of the time; building the plan from it must still fit
-    status, _, bound = ilp.run(lp, o, MASTER_SHARE * (deadline - time.perf_counter()), 0.6 * o.gap)
+    status, bound, v = solve_master(problem, cand, MASTER_SHARE * (deadline - time.perf_counter()), 0.6 * o.gap)
     stats["master_s"] = time.perf_counter() - t0
+    stats["budget_cuts"] = v["cuts"]
     if status == "infeasible":
         return Plan((), "infeasible", math.nan, math.nan, math.nan, time.perf_counter() - t0, o.solver,
                     explain(problem), None, stats)
@@ -246,8 +392,18 @@ def solve_fast(problem: Problem) -> Plan:
         seq = [next(n for n in used if (v["first"][n].varValue or 0) > 0.5)]
         while len(seq) < len(used):
             seq.append(next(b for b in used if b != seq[-1] and (v["t"][seq[-1], b].varValue or 0) > 0.5))
-        blocks = to_blocks(seq, counts)
-        best = assign_types(problem, blocks, cand, deadline - time.perf_counter(), 0.3 * o.gap * bound)
+        mix = {n: {q: round(v["c"][n, q].varValue or 0) for q in v["types"][n]} for n in used}
+        value = math.inf
+        for order in block_orders(problem, seq, mix):
+            stages = sorted_types(problem, order, mix)   # the master's counts as they are, if they fit
+            if violations(problem, stages) or evaluate(problem, stages).objective(o.objective) - bound > o.gap * bound:
+                stages = assign_types(problem, to_blocks(order, counts), cand, deadline - time.perf_counter(),
+                                      0.3 * o.gap * bound)
+            v2 = evaluate(problem, stages).objective(o.objective) if stages else math.inf
+            if v2 < value:
+                best, value = stages, v2
+            if value - bound <= o.gap * value or time.perf_counter() > deadline:
+                break
     elif status == "timeout":
         # the master found no plan in its time: build one greedily so the user still gets a plan
         stats["greedy"] = True
