@@ -86,7 +86,7 @@ def why(sizes, seeds: int) -> dict:
     for size in sizes:
         for seed in range(seeds):
             p = problem(size, seed)
-            lp, _ = master(p, candidates(p))
+            lp, _ = master(p, candidates(p), transport=True)
             lp.solve(pulp.HiGHS(mip=False, msg=False))
             relax = pulp.value(lp.objective)
             row = {"lp_relaxation": relax, "seconds": {}, "objective": {}, "gap": {}}

@@ -23,7 +23,8 @@ BPW = {"F16": 16, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q5_0": 5.5, "Q4_K":
 
 
 def random_problem(rng: random.Random, homogeneous: bool, objective: str, max_layers: int = 6,
-                   max_nodes: int = 4, max_types: int = 3) -> Problem:
+                   max_nodes: int = 4, max_types: int = 3, product: bool = True) -> Problem:
+    """product: ΔNLL[l][q] = layer weight × type factor (as the proxy); else each (l, q) drawn apart."""
     L = rng.randint(1, max_layers)
     Q = rng.randint(1, max_types)
     types = tuple(sorted(rng.sample(LAYER_TYPES, Q), key=LAYER_TYPES.index))
@@ -36,7 +37,9 @@ def random_problem(rng: random.Random, homogeneous: bool, objective: str, max_la
         layers.append(LayerProfile(bytes={q: int(params * scale * BPW[q] / 8) for q in types},
                                    flops=2.0 * params * scale, attn_flops_per_ctx=4.0 * 256,
                                    kv_bytes_per_token=2 * 64 * 2,
-                                   sensitivity={q: 0.0 if q == "F16" else base_sens[q] * w for q in types}))
+                                   sensitivity={q: 0.0 if q == "F16" else
+                                                base_sens[q] * (w if product else rng.uniform(0.3, 3.0))
+                                                for q in types}))
     model = ModelProfile(name="toy", n_embd=256, n_vocab=1000, layers=tuple(layers), embed_bytes=512_000,
                          head_bytes=600_000, scratch_bytes_per_token=4096, scratch_bytes=100_000)
     N = rng.randint(1, max_nodes)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from solver import ilp, solve
 from solver.baselines import SPLITS, baseline, naive_ilp, split
 from solver.catalog import model_profile, random_fleet
+from solver.fast import least_dnll, sorted_types
 from solver.plan import evaluate, violations
 from solver.problem import GiB, Options, Problem, Workload
 from solver_instances import brute_force, random_problem
@@ -52,6 +54,63 @@ def test_matches_brute_force(chunk):
             p = random_problem(rng, homogeneous=kind == 0, objective=("latency", "throughput")[(seed // 4) % 2])
         outcomes.append(check_against_brute_force(p))
     assert outcomes  # both feasible and infeasible cases occur across the chunks (see below)
+
+
+def test_matches_brute_force_with_unordered_sensitivities():
+    """40 uniform-layer instances (the aggregate path) whose ΔNLL is drawn per layer and type, so
+    no single order of layers by sensitivity holds for every type: the master's count cuts and
+    the placement of its counts on blocks must still give the enumerator's optimum."""
+    outcomes = set()
+    for seed in range(40):
+        p = random_problem(random.Random(5000 + seed), homogeneous=True, objective=("latency", "throughput")[seed % 2],
+                           max_layers=7, max_nodes=3, max_types=3, product=False)
+        outcomes.add(check_against_brute_force(p))
+    assert outcomes == {"optimal", "infeasible"}
+
+
+def test_least_dnll_is_the_transport_optimum_and_its_cuts_are_valid():
+    """least_dnll against enumeration of every type vector, and each cut below the least ΔNLL of
+    every other count vector, touching it at its own."""
+    rng = random.Random(7)
+    p = random_problem(rng, homogeneous=True, objective="latency", max_layers=6, max_types=3, product=False)
+    while p.model.n_layer < 4 or len(p.model.types) < 3:
+        p = random_problem(rng, homogeneous=True, objective="latency", max_layers=6, max_types=3, product=False)
+    m, types = p.model, list(p.model.types)
+    best: dict = {}
+    for vec in itertools.product(types, repeat=m.n_layer):
+        key = tuple(vec.count(q) for q in types)
+        best[key] = min(best.get(key, math.inf), sum(m.layers[l].sensitivity[q] for l, q in enumerate(vec)))
+    for key, want in best.items():
+        used, a, b = least_dnll(p, dict(zip(types, map(float, key))))
+        assert used == pytest.approx(want, rel=1e-7, abs=1e-12)
+        assert a + sum(b[q] * k for q, k in zip(types, key)) == pytest.approx(want, rel=1e-6, abs=1e-12)
+        for other, value in best.items():
+            assert a + sum(b[q] * k for q, k in zip(types, other)) <= value + 1e-12
+
+
+def test_sorted_types_is_exact_for_product_sensitivities():
+    """Each block's most accurate types on its most sensitive layers: the least ΔNLL over every
+    arrangement of the block's types, when ΔNLL is a layer weight times a type factor."""
+    rng = random.Random(3)
+    p = random_problem(rng, homogeneous=True, objective="latency", max_layers=8, max_types=3)
+    while p.model.n_layer < 6 or len(p.model.types) < 3:
+        p = random_problem(rng, homogeneous=True, objective="latency", max_layers=8, max_types=3)
+    m, types = p.model, list(p.model.types)
+    for trial in range(20):
+        sizes = [3, m.n_layer - 3]
+        order = [f"x{i}" for i in range(2)]
+        mix = {}
+        for n, k in zip(order, sizes):
+            cut = sorted(rng.choices(range(k + 1), k=len(types) - 1))
+            mix[n] = {q: hi - lo for q, lo, hi in zip(types, [0, *cut], [*cut, k])}
+        stages = sorted_types(p, order, mix)
+        assert [(s.first, s.last) for s in stages] == [(0, 3), (3, m.n_layer)]
+        for s, n in zip(stages, order):
+            assert {q: s.types.count(q) for q in types} == mix[n]
+            got = sum(m.layers[l].sensitivity[q] for l, q in zip(range(s.first, s.last), s.types))
+            want = min(sum(m.layers[l].sensitivity[q] for l, q in zip(range(s.first, s.last), perm))
+                       for perm in set(itertools.permutations(s.types)))
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
 
 
 def test_instance_mix_has_both_outcomes():
