@@ -4,16 +4,17 @@ incumbent, and the full ILP (warm-started, with the bound as a cut) only when th
 Transformer blocks of one model are the same shape, so a stage's time and memory depend
 only on how many of its layers are at each type, not on which. The *master* problem
 therefore chooses, per node, a count of layers per type (N×Q integers instead of L×N×Q
-binaries), and meets the accuracy budget through the best assignment of those type counts
-to layers (a transportation problem, integral, so its LP is exact). The pipeline order is
-a path through the used nodes (pair variables with Miller–Tucker–Zemlin positions), so
-hops cost exactly what they cost in a plan. Every real plan is feasible for the master,
-so its optimum is a lower bound. The plan is then built from it: the master's node
-order, the layers cut into blocks of the chosen sizes, and each layer's type chosen
-exactly for those blocks (a small ILP); only the placement of types on particular layers
-(their sensitivities) can differ from the master. When plan and bound agree within the
-gap, the plan is proven optimal; otherwise the full ILP (solver/ilp.py) runs from the
-plan with `objective ≥ bound` added.
+binaries). It meets the accuracy budget through cuts on those counts: the least ΔNLL of a
+count vector is a transportation problem (any layer may take any counted type), and its
+dual gives a plane below it that `solve_master` adds while the counts exceed the budget.
+The pipeline order is a path through the used nodes (pair variables with Miller–Tucker–
+Zemlin positions), so hops cost exactly what they cost in a plan. Every real plan is
+feasible for the master, so its optimum is a lower bound. The plan is then built from it:
+the master's nodes with the middle ones reordered so that each block's counts suit its
+layers' sensitivities (`block_orders`), the counts placed directly when they meet the
+budget (`sorted_types`), else each layer's type chosen exactly for those blocks (a small
+ILP). When plan and bound agree within the gap, the plan is proven optimal; otherwise the
+full ILP (solver/ilp.py) runs from the plan with `objective ≥ bound` added.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import logging
 import math
 import time
 
+import numpy as np
 import pulp
 
 from solver import cost as C
@@ -128,26 +130,45 @@ def master(problem: Problem, cand: dict, transport: bool = False) -> tuple[pulp.
                 "count": count}
 
 
+class LeastDnll:
+    """The least total ΔNLL of L layers with k_q layers at each type q (a transportation
+    problem: any layer may take any counted type), and a cut that bounds it from below for
+    every other count vector: least(k') ≥ a + Σ_q b_q·k'_q. b is the LP's dual on the count
+    rows; a = Σ_l min_q (ΔNLL[l][q] − b_q) keeps (a, b) dual-feasible, so the cut holds whatever
+    the LP solver's sign conventions, and it is tight at k. One HiGHS model serves every call
+    (only the count rows' bounds change): the master asks for many count vectors."""
+
+    def __init__(self, problem: Problem, types: list[str]):
+        import highspy
+
+        m = problem.model
+        self.types, self.sens = list(types), [[lp.sensitivity[q] for q in types] for lp in m.layers]
+        L, Q = m.n_layer, len(self.types)
+        self.scale = dnll_scale(problem)   # ΔNLLs are ~1e-3: scaled so the LP's absolute tolerances are small
+        h = self.h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        h.addVars(L * Q, np.zeros(L * Q), np.full(L * Q, highspy.kHighsInf))
+        h.changeColsCost(L * Q, np.arange(L * Q, dtype=np.int32),
+                         np.array([self.scale * x for row in self.sens for x in row]))
+        for l in range(L):   # each layer takes one type
+            h.addRow(1.0, 1.0, Q, np.arange(l * Q, (l + 1) * Q, dtype=np.int32), np.ones(Q))
+        for i in range(Q):   # k_q layers at type q
+            h.addRow(0.0, 0.0, L, np.arange(i, L * Q, Q, dtype=np.int32), np.ones(L))
+        self.first_count_row = L
+
+    def __call__(self, counts: dict[str, float]) -> tuple[float, float, dict[str, float]]:
+        for i, q in enumerate(self.types):
+            self.h.changeRowBounds(self.first_count_row + i, counts[q], counts[q])
+        self.h.run()
+        duals = self.h.getSolution().row_dual
+        b = {q: duals[self.first_count_row + i] / self.scale for i, q in enumerate(self.types)}
+        a = sum(min(row[i] - b[q] for i, q in enumerate(self.types)) for row in self.sens)
+        return self.h.getInfo().objective_function_value / self.scale, a, b
+
+
 def least_dnll(problem: Problem, counts: dict[str, float]) -> tuple[float, float, dict[str, float]]:
-    """The least total ΔNLL of L layers with `counts` layers at each type (the transportation
-    problem: any layer may take any of the counted types), and a cut that bounds it from below
-    for every other count vector: least_dnll(k) ≥ a + Σ_q b_q·k_q. b is the transportation
-    LP's dual on the count rows; a = Σ_l min_q (ΔNLL[l][q] − b_q) keeps the pair dual-feasible,
-    so the cut holds whatever the LP solver's sign conventions, and it is tight at `counts`."""
-    m = problem.model
-    types = list(counts)
-    scale = dnll_scale(problem)   # ΔNLLs are ~1e-3: scaled so the LP's absolute tolerances are small
-    lp = pulp.LpProblem("transport", pulp.LpMinimize)
-    g = {(l, q): pulp.LpVariable(f"g_{l}_{q}", lowBound=0) for l in range(m.n_layer) for q in types}
-    lp += pulp.lpSum(scale * m.layers[l].sensitivity[q] * v for (l, q), v in g.items())
-    for l in range(m.n_layer):
-        lp += pulp.lpSum(g[l, q] for q in types) == 1, f"layer_{l}"
-    for i, q in enumerate(types):
-        lp += pulp.lpSum(g[l, q] for l in range(m.n_layer)) == counts[q], f"count_{i}"
-    lp.solve(pulp.HiGHS(msg=False))
-    b = {q: (lp.constraints[f"count_{i}"].pi or 0.0) / scale for i, q in enumerate(types)}
-    a = sum(min(lp_.sensitivity[q] - b[q] for q in types) for lp_ in m.layers)
-    return pulp.value(lp.objective) / scale, a, b
+    """LeastDnll for one count vector: (least ΔNLL, a, b)."""
+    return LeastDnll(problem, list(counts))(counts)
 
 
 def dnll_scale(problem: Problem) -> float:
@@ -163,14 +184,21 @@ def solve_master(problem: Problem, cand: dict, time_limit: float, gap: float) ->
     (and every count vector as bad) and solve again. The transportation rows are thus replaced
     by a handful of cuts, which makes each branch-and-bound node several times cheaper. Cuts are
     first gathered on the LP relaxation (cheap), then on integer solutions. Every cut is valid,
-    so the bound holds at any stop. Returns (status, bound, variables)."""
+    so the bound holds at any stop. Returns (status, bound, variables); status is solved,
+    incumbent (a master solution whose counts still exceed the budget: the time ran out),
+    timeout (none) or infeasible."""
     o = problem.options
     deadline = time.perf_counter() + time_limit
     lp, v = master(problem, cand)
+    least = LeastDnll(problem, list(v["count"]))
     kinds = {var.name: var.cat for var in lp.variables()}
     scale = dnll_scale(problem)
     cuts, used = 0, math.inf
     status, bound = "error", -math.inf
+
+    def over(dnll: float) -> bool:
+        return dnll > o.budget * (1 + BUDGET_TOL) + 1e-12
+
     for relaxed in (True, False):
         for var in lp.variables():
             var.cat = pulp.LpContinuous if relaxed else kinds[var.name]
@@ -179,8 +207,7 @@ def solve_master(problem: Problem, cand: dict, time_limit: float, gap: float) ->
             if status != "solved":
                 break
             counts = {q: sum(v["c"][n, q].varValue or 0 for n in v["nodes"] if (n, q) in v["c"]) for q in v["count"]}
-            used, a, b = least_dnll(problem, counts)
-            over = lambda x: x > o.budget * (1 + BUDGET_TOL) + 1e-12   # noqa: E731
+            used, a, b = least(counts)
             # stop when the counts meet the budget, or (numerically) the cut would not cut them off
             if not over(used) or not over(a + sum(b[q] * counts[q] for q in b)) or time.perf_counter() > deadline:
                 break
@@ -189,8 +216,8 @@ def solve_master(problem: Problem, cand: dict, time_limit: float, gap: float) ->
         if status != "solved":
             break
     v["cuts"] = cuts
-    if status == "solved" and used > o.budget * (1 + BUDGET_TOL) + 1e-12 and time.perf_counter() > deadline:
-        status = "timeout"   # out of time before the counts met the budget: a bound, no plan
+    if status == "solved" and over(used):
+        status = "incumbent"   # out of time before the counts met the budget: a bound and a start
     return status, bound, v
 
 
@@ -386,7 +413,7 @@ def solve_fast(problem: Problem) -> Plan:
         return Plan((), "infeasible", math.nan, math.nan, math.nan, time.perf_counter() - t0, o.solver,
                     explain(problem), None, stats)
     best: list[Stage] | None = None
-    if status == "solved":
+    if status in ("solved", "incumbent"):   # an incumbent's blocks still make a plan with exact types
         used = [n for n in v["nodes"] if (v["u"][n].varValue or 0) > 0.5]
         counts = {n: round(sum((v["c"][n, q].varValue or 0) for q in v["types"][n])) for n in used}
         seq = [next(n for n in used if (v["first"][n].varValue or 0) > 0.5)]
@@ -404,8 +431,8 @@ def solve_fast(problem: Problem) -> Plan:
                 best, value = stages, v2
             if value - bound <= o.gap * value or time.perf_counter() > deadline:
                 break
-    elif status == "timeout":
-        # the master found no plan in its time: build one greedily so the user still gets a plan
+    if best is None:
+        # no plan from the master in its time: build one greedily so the user still gets a plan
         stats["greedy"] = True
         for blocks in greedy_blocks(problem, cand):
             best = assign_types(problem, blocks, cand, deadline - time.perf_counter())
