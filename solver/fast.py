@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 MASTER_SHARE = 0.8          # of the time limit; the rest builds the plan (and may close a gap)
 FULL_ILP_MIN_SHARE = 0.25   # the full ILP runs only with at least this share of the limit left
+FULL_ILP_S_PER_BINARY = 4e-4   # building the full ILP and handing it to HiGHS (measured: 7 s for 80×64×7);
+                               # it runs only when that takes at most half the time left
 BUDGET_TOL = 1e-6           # relative: the MIP solver meets a cut only to its feasibility tolerance
 
 
@@ -447,7 +449,9 @@ def solve_fast(problem: Problem) -> Plan:
     if math.isnan(bound):
         bound = -math.inf
     gap = (value - bound) / value if best else math.inf
-    if gap > o.gap and deadline - time.perf_counter() > FULL_ILP_MIN_SHARE * o.time_limit:
+    left = deadline - time.perf_counter()
+    binaries = sum(len(types) for types in cand.values())
+    if gap > o.gap and left > FULL_ILP_MIN_SHARE * o.time_limit and FULL_ILP_S_PER_BINARY * binaries < 0.5 * left:
         # close the gap with the full ILP, started from the plan, with the bound as a cut
         stats["full_ilp"] = True
         model = ilp.build(problem)
