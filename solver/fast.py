@@ -160,7 +160,8 @@ class LeastDnll:
 
     def __call__(self, counts: dict[str, float]) -> tuple[float, float, dict[str, float]]:
         for i, q in enumerate(self.types):
-            self.h.changeRowBounds(self.first_count_row + i, counts[q], counts[q])
+            k = max(0.0, counts[q])   # an LP's counts may sit a rounding error below zero
+            self.h.changeRowBounds(self.first_count_row + i, k, k)
         self.h.run()
         duals = self.h.getSolution().row_dual
         b = {q: duals[self.first_count_row + i] / self.scale for i, q in enumerate(self.types)}
