@@ -185,7 +185,7 @@ def solve_master(problem: Problem, cand: dict, time_limit: float, gap: float) ->
     """The master with the budget met by cuts (Benders): solve, compute the least ΔNLL of the
     chosen type counts, and while it exceeds the budget add the cut that forbids those counts
     (and every count vector as bad) and solve again. The transportation rows are thus replaced
-    by a handful of cuts, which makes each branch-and-bound node several times cheaper. Cuts are
+    by a handful of cuts (a model of ~110 columns instead of ~530 at 80 × 16). Cuts are
     first gathered on the LP relaxation (cheap), then on integer solutions. Every cut is valid,
     so the bound holds at any stop. Returns (status, bound, variables); status is solved,
     incumbent (a master solution whose counts still exceed the budget: the time ran out),
