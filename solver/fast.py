@@ -195,7 +195,6 @@ def solve_master(problem: Problem, cand: dict, time_limit: float, gap: float) ->
     lp, v = master(problem, cand)
     least = LeastDnll(problem, list(v["count"]))
     kinds = {var.name: var.cat for var in lp.variables()}
-    scale = dnll_scale(problem)
     cuts, used = 0, math.inf
     status, bound = "error", -math.inf
 
@@ -209,12 +208,13 @@ def solve_master(problem: Problem, cand: dict, time_limit: float, gap: float) ->
             status, _, bound = ilp.run(lp, o, deadline - time.perf_counter(), gap)
             if status != "solved":
                 break
-            counts = {q: sum(v["c"][n, q].varValue or 0 for n in v["nodes"] if (n, q) in v["c"]) for q in v["count"]}
+            counts = {q: pulp.value(expr) or 0.0 for q, expr in v["count"].items()}
             used, a, b = least(counts)
             # stop when the counts meet the budget, or (numerically) the cut would not cut them off
             if not over(used) or not over(a + sum(b[q] * counts[q] for q in b)) or time.perf_counter() > deadline:
                 break
-            lp += (a + pulp.lpSum(b[q] * v["count"][q] for q in b)) * scale <= o.budget * scale, f"budget_cut_{cuts}"
+            lp += (a + pulp.lpSum(b[q] * v["count"][q] for q in b)) * least.scale <= o.budget * least.scale, \
+                f"budget_cut_{cuts}"
             cuts += 1
         if status != "solved":
             break
@@ -310,7 +310,7 @@ def block_orders(problem: Problem, seq: list[str], mix: dict[str, dict[str, int]
     if math.factorial(len(middle)) <= MAX_ORDERS:
         orders = [[seq[0], *p, seq[-1]] for p in itertools.permutations(middle)]
     else:   # pairwise swaps from the master's order while they improve
-        orders, current = [seq], list(seq)
+        orders, current, best = [seq], list(seq), score(seq)
         improved = True
         while improved:
             improved = False
@@ -319,11 +319,10 @@ def block_orders(problem: Problem, seq: list[str], mix: dict[str, dict[str, int]
                     trial = list(current)
                     trial[i], trial[j] = trial[j], trial[i]
                     orders.append(trial)
-                    if score(trial) < score(current):
-                        current, improved = trial, True
-    ranked = sorted(orders, key=score)
+                    if (s := score(trial)) < best:
+                        current, best, improved = trial, s, True
     out = []
-    for order in [*ranked, seq]:
+    for order in sorted(orders, key=score):   # orders holds the master's own
         if order not in out:
             out.append(order)
         if len(out) == keep:
@@ -418,18 +417,19 @@ def solve_fast(problem: Problem) -> Plan:
     best: list[Stage] | None = None
     if status in ("solved", "incumbent"):   # an incumbent's blocks still make a plan with exact types
         used = [n for n in v["nodes"] if (v["u"][n].varValue or 0) > 0.5]
-        counts = {n: round(sum((v["c"][n, q].varValue or 0) for q in v["types"][n])) for n in used}
         seq = [next(n for n in used if (v["first"][n].varValue or 0) > 0.5)]
         while len(seq) < len(used):
             seq.append(next(b for b in used if b != seq[-1] and (v["t"][seq[-1], b].varValue or 0) > 0.5))
         mix = {n: {q: round(v["c"][n, q].varValue or 0) for q in v["types"][n]} for n in used}
+        counts = {n: sum(mix[n].values()) for n in used}
         value = math.inf
         for order in block_orders(problem, seq, mix):
             stages = sorted_types(problem, order, mix)   # the master's counts as they are, if they fit
-            if violations(problem, stages) or evaluate(problem, stages).objective(o.objective) - bound > o.gap * bound:
+            v2 = math.inf if violations(problem, stages) else evaluate(problem, stages).objective(o.objective)
+            if math.isinf(v2) or v2 - bound > o.gap * bound:
                 stages = assign_types(problem, to_blocks(order, counts), cand, deadline - time.perf_counter(),
                                       0.3 * o.gap * bound)
-            v2 = evaluate(problem, stages).objective(o.objective) if stages else math.inf
+                v2 = evaluate(problem, stages).objective(o.objective) if stages else math.inf
             if v2 < value:
                 best, value = stages, v2
             if value - bound <= o.gap * value or time.perf_counter() > deadline:
