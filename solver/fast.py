@@ -30,6 +30,7 @@ from solver import cost as C
 from solver import ilp
 from solver.baselines import split
 from solver.plan import Plan, Stage, evaluate, finished, violations
+from solver.quiet import no_stdout
 from solver.problem import Problem
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ class LeastDnll:
         self.types, self.sens = list(types), [[lp.sensitivity[q] for q in types] for lp in m.layers]
         L, Q = m.n_layer, len(self.types)
         self.scale = dnll_scale(problem)   # ΔNLLs are ~1e-3: scaled so the LP's absolute tolerances are small
-        h = self.h = highspy.Highs()
+        with no_stdout():
+            h = self.h = highspy.Highs()
         h.setOptionValue("output_flag", False)
         h.addVars(L * Q, np.zeros(L * Q), np.full(L * Q, highspy.kHighsInf))
         h.changeColsCost(L * Q, np.arange(L * Q, dtype=np.int32),

@@ -27,6 +27,7 @@ import pulp
 from solver import cost as C
 from solver.plan import Plan, Stage, finished, stages_from_layers
 from solver.problem import Options, Problem
+from solver.quiet import no_stdout
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,10 @@ class _WarmHiGHS(pulp.HiGHS):
     def __init__(self, warm: dict | None, **kw):
         super().__init__(**kw)
         self.warm = warm
+
+    def actualSolve(self, lp):
+        with no_stdout():   # the banner of the highspy.Highs() that PuLP makes
+            return super().actualSolve(lp)
 
     def callSolver(self, lp):
         if self.warm:
