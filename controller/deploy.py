@@ -19,6 +19,7 @@ from controller.planning import gguf_profile
 from controller.shards import ShardInfo, file_sha256, write_shard
 from proto.adapter import NodeInfo
 from proto.security import Security
+from solver.memory import batch_tokens
 from solver.plan import Plan
 from solver.problem import Fleet, Link, ModelProfile, Node, Options, Problem, Workload, measured_speed
 
@@ -194,7 +195,7 @@ def switch(deployment_id: str, targets: list[tuple[NodeInfo, ShardInfo]], opts: 
     """Prepare every stage, then activate every stage; on a prepare failure unload what was
     prepared (the previous deployment stays active) and raise AgentError."""
     prepared: list[NodeInfo] = []
-    batch = max(opts.prompt_tokens, opts.concurrency)
+    batch = batch_tokens(opts.prompt_tokens, opts.concurrency)   # as the plan's memory assumed
     try:
         for i, (node, shard) in enumerate(targets):
             nxt = targets[i + 1][0].address if i + 1 < len(targets) else ""

@@ -80,7 +80,8 @@ def test_cli_status_generate_and_events(fleet):
     assert r.returncode == 0 and "agent-registered" in r.stdout and "deploy" in r.stdout
     r = cli("plan", "--model", "models/reference/edgefleet-ref-f16.gguf", "--context", "256", controller=addr)
     assert r.returncode == 0, r.stderr
-    assert "stages, objective latency" in r.stdout and "desk" in r.stdout and "solver highs" in r.stdout
+    assert "stages, objective latency" in r.stdout and "solver highs" in r.stdout
+    assert any(name in r.stdout for name, _ in AGENTS)          # a plan on the live fleet's nodes
 
 
 def test_replay_sends_a_trace_and_reports_the_simulator_metrics(fleet, tmp_path):
@@ -99,8 +100,8 @@ def test_replay_sends_a_trace_and_reports_the_simulator_metrics(fleet, tmp_path)
 def test_a_refused_shard_rolls_back_and_the_old_deployment_keeps_serving(fleet, reference_model):
     before = fleet.status()
     want = [r.token for r in fleet.generate(12)]
-    # a 4x longer context: each stage fits alone, but not beside the active one (two-phase)
-    r = cli("deploy", str(reference_model), "--context", "1024", "--concurrency", "4", "--prompt-tokens", "64",
+    # a 2x longer context: each stage fits alone, but not beside the active one (two-phase)
+    r = cli("deploy", str(reference_model), "--context", "512", "--concurrency", "4", "--prompt-tokens", "64",
             controller=fleet.controller.address)
     assert r.returncode == 2 and "rolled back" in r.stderr and "offers" in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
