@@ -139,7 +139,7 @@ class Engine:
         self._lock = threading.RLock()
         self._jobs: queue.Queue = queue.Queue()
         self._deferred: list[Job] = []   # later steps of a session already in the running batch
-        self._forget: list[tuple[Stage, int]] = []   # (stage, seq) of ended sessions, cleared between batches
+        self._forget: list[tuple[Deployment, int]] = []   # (deployment, seq) of ended sessions, cleared between batches
         self._retired: list[Stage] = []              # dropped stages, closed between batches
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
@@ -253,12 +253,12 @@ class Engine:
             return d is not None and self._end(d, session_id)
 
     def _end(self, d: Deployment, session_id: str) -> bool:
-        """Free a session's slot (caller holds the lock); its cells go between batches."""
+        """End a session (caller holds the lock). Its sequence id is reused only after the
+        compute thread has removed its cells (_tidy), never before."""
         s = d.sessions.pop(session_id, None)
         if s is None:
             return False
-        d.free_seqs.append(s.seq)
-        self._forget.append((d.stage, s.seq))
+        self._forget.append((d, s.seq))
         return True
 
     def submit(self, job: Job) -> None:
@@ -283,13 +283,17 @@ class Engine:
     # -------------------------------------------------------------- the compute thread
 
     def _tidy(self) -> None:
-        """Forget ended sessions' cells and close retired stages (compute thread only)."""
+        """Remove ended sessions' cells, then free their sequence ids; close retired stages
+        (compute thread only, between batches)."""
         with self._lock:
             forget, self._forget = self._forget, []
             retired, self._retired = self._retired, []
-        for stage, seq in forget:
-            if stage not in retired:
-                stage.forget(seq)
+        for d, seq in forget:
+            if d.stage not in retired:
+                d.stage.forget(seq)
+        with self._lock:
+            for d, seq in forget:
+                d.free_seqs.append(seq)
         for stage in retired:
             stage.close()
 
@@ -321,6 +325,7 @@ class Engine:
                     self._jobs.put(nxt)   # keep calls and the stop marker for the next round
                     break
                 batch.append(nxt)
+            self._tidy()   # sessions that ended while this thread waited free their ids first
             by_dep: dict[str, list[Job]] = {}
             for j in batch:
                 by_dep.setdefault(j.deployment_id, []).append(j)

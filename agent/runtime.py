@@ -169,7 +169,8 @@ class Stage:
 
     def forget(self, seq: int, position: int = 0) -> None:
         """Drop a session's KV cells from `position` on (0: the whole session)."""
-        L.llama_memory_seq_rm(self._mem, seq, position, -1)
+        if self._ctx:
+            L.llama_memory_seq_rm(self._mem, seq, position, -1)
 
     # ---------------------------------------------------------- compute
 

@@ -20,11 +20,13 @@ SETTINGS = Settings(sessions=1, context=CTX, batch_tokens=BATCH, threads=THREADS
 class LlamaCpp:
     """llama-cpp-python's own runner of the whole GGUF, with our context settings."""
 
-    def __init__(self, path):
+    def __init__(self, path, logits_all: bool):
         import llama_cpp
 
+        # logits_all decides which rows llama.cpp's last layer computes (all, or the last
+        # token's), and so which kernel shapes run there: compare like with like
         self.llm = llama_cpp.Llama(str(path), n_ctx=CTX, n_batch=BATCH, n_ubatch=BATCH, n_threads=THREADS,
-                                   n_threads_batch=THREADS, flash_attn=SETTINGS.flash_attn, logits_all=True,
+                                   n_threads_batch=THREADS, flash_attn=SETTINGS.flash_attn, logits_all=logits_all,
                                    verbose=False)
 
     def greedy(self, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
@@ -32,8 +34,11 @@ class LlamaCpp:
         self.llm.reset()
         self.llm.eval(prompt)
         tokens, logits = [], []
+        import llama_cpp
+
         for _ in range(n):
-            row = np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+            ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)      # the last output's row
+            row = np.ctypeslib.as_array(ptr, (self.llm.n_vocab(),)).copy()
             logits.append(row)
             tokens.append(int(row.argmax()))
             self.llm.eval([tokens[-1]])
@@ -65,10 +70,13 @@ def check_splits(master, spec: str, splits, prompt, tmp_path, n_tokens: int = 64
     types = parse_types(spec, cfg.n_layer)
     whole = tmp_path / "whole.gguf"
     write_shard(master, whole, types)
-    ref = LlamaCpp(whole)
+    ref = LlamaCpp(whole, logits_all=False)
     try:
         want_tokens, want_logits = ref.greedy(prompt, n_tokens)
-        ref.llm.reset()
+    finally:
+        ref.close()
+    ref = LlamaCpp(whole, logits_all=True)
+    try:
         ref.llm.eval(prompt)
         want_prefill = np.array(ref.llm.scores[:len(prompt)], dtype=np.float32)
     finally:
