@@ -152,6 +152,16 @@ def make_problem(opts: DeployOptions, model: ModelProfile, fleet: Fleet) -> Prob
     return problem
 
 
+def keeping_types(model: ModelProfile, types: tuple[str, ...]) -> ModelProfile:
+    """The model with every type but types[l] ruled out for layer l: its ΔNLL set far above any
+    budget (1 nat per token), so a plan within the budget keeps each layer's type."""
+    if len(types) != len(model.layers):
+        return model
+    layers = tuple(replace(lp, sensitivity={q: (v if q == keep else 1.0) for q, v in lp.sensitivity.items()})
+                   for lp, keep in zip(model.layers, types))
+    return replace(model, layers=layers)
+
+
 def build_shards(model: Path, model_sha: str, plan: Plan, n_layer: int, workdir: Path,
                  report: Callable) -> list[ShardInfo]:
     """One shard per stage, named by its content so that identical stages are built once."""

@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.pipeline import LocalPipeline
@@ -316,3 +317,43 @@ def test_profile_times_types_and_measures_an_emulated_link(tmp_path, shards):
     finally:
         fast.terminate()
         peer.terminate()
+
+
+@pytest.mark.parametrize("model,spec,ranges", [
+    ("reference", "0-1:Q8_0,2-3:Q4_K,4-5:Q6_K,6-7:Q4_0", [(0, 3), (3, 6), (6, 8)]),
+    ("smollm2", "0-9:Q8_0,10-19:Q4_K,20-29:Q6_K", [(0, 8), (8, 16), (16, 23), (23, 30)])])
+def test_agents_generate_exactly_what_llama_cpp_does_on_the_whole_mixed_model(model, spec, ranges, request, tmp_path):
+    from agent.tokenizer import Tokenizer
+    from controller.shards import parse_types
+    from llama_ref import CTX, LlamaCpp
+
+    master = request.getfixturevalue("reference_model" if model == "reference" else "smollm2")
+    types = parse_types(spec, ranges[-1][1])
+    whole = write_shard(master, tmp_path / "whole.gguf", types).path
+    sha = file_sha256(master)
+    shards = [write_shard(master, tmp_path / f"s{i}.gguf", types, a, b, sha) for i, (a, b) in enumerate(ranges)]
+    prompt = Tokenizer(master).encode("The capital of France is")
+    ref = LlamaCpp(whole, logits_all=False)
+    try:
+        want_tokens, want_logits = ref.greedy(prompt, 64)
+    finally:
+        ref.close()
+    agents = [start_agent(f"x{i}", tmp_path) for i in range(len(ranges))]
+    try:
+        deploy_chain(agents, shards, "exact", 1, CTX)
+        pipe = PipelineStream(agents[0].address)
+        try:
+            pos, step_tokens, got, logits = 0, tuple(prompt), [], []
+            for i in range(64):
+                out = pipe.step(A.StepIn("s", pos, tokens=step_tokens, return_logits=True, finish=i == 63))
+                got.append(out.token)
+                logits.append(out.logits)
+                pos += len(step_tokens)
+                step_tokens = (out.token,)
+        finally:
+            pipe.close()
+    finally:
+        for a in agents:
+            a.terminate()
+    assert got == want_tokens
+    assert all(np.array_equal(np.asarray(a, np.float32), b) for a, b in zip(logits, want_logits))
