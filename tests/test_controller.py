@@ -106,20 +106,31 @@ def test_replay_sends_a_trace_and_reports_the_simulator_metrics(fleet, tmp_path)
     assert len((tmp_path / "run" / "requests.jsonl").read_text().splitlines()) == 6
 
 
-def test_a_refused_shard_rolls_back_and_the_old_deployment_keeps_serving(fleet, reference_model):
-    before = fleet.status()
-    want = [r.token for r in fleet.generate(12)]
-    # a 2x longer context: each stage fits alone, but not beside the active one (two-phase)
-    r = cli("deploy", str(reference_model), "--context", "512", "--concurrency", "4", "--prompt-tokens", "64",
-            controller=fleet.controller.address)
-    assert r.returncode == 2 and "rolled back" in r.stderr and "offers" in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and r.stderr.strip().endswith(errors[0]) and "Traceback" not in r.stderr
-    assert fleet.status().active_deployment_id == before.active_deployment_id
-    assert [x.token for x in fleet.generate(12)] == want
-    for name in [n.node.name for n in before.nodes if n.layers]:
-        with AgentClient(fleet.agents[name].address) as c:
-            assert [s.deployment_id for s in c.state().stages] == [before.active_deployment_id]
+def test_a_refused_shard_rolls_back_and_the_old_deployment_keeps_serving(tmp_path, reference_model):
+    # Two 9 MiB agents: neither holds the model alone, so every plan uses both. The active
+    # deployment (context 256) and the new one (context 512) together need more than the
+    # 18 MiB both offer, so one agent must refuse the new stage beside the active one
+    # (two-phase), while each new stage fits on its own.
+    pair = Fleet(tmp_path, (("a", "9MiB"), ("b", "9MiB")))
+    try:
+        r = cli("deploy", str(reference_model), "--context", "256", "--concurrency", "4", "--prompt-tokens", "64",
+                controller=pair.controller.address)
+        assert r.returncode == 0, r.stderr
+        before = pair.status()
+        assert all(n.layers for n in before.nodes)
+        want = [r.token for r in pair.generate(12)]
+        r = cli("deploy", str(reference_model), "--context", "512", "--concurrency", "4", "--prompt-tokens", "64",
+                controller=pair.controller.address)
+        assert r.returncode == 2 and "rolled back" in r.stderr and "offers" in r.stderr, r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and r.stderr.strip().endswith(errors[0]) and "Traceback" not in r.stderr
+        assert pair.status().active_deployment_id == before.active_deployment_id
+        assert [x.token for x in pair.generate(12)] == want
+        for name in ("a", "b"):
+            with AgentClient(pair.agents[name].address) as c:
+                assert [s.deployment_id for s in c.state().stages] == [before.active_deployment_id]
+    finally:
+        pair.stop()
 
 
 def test_controller_kill9_while_idle_resumes_without_repushing(fleet):
