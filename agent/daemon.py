@@ -20,16 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import torch
 
 from agent.engine import Engine
-from agent.quant import LAYER_TYPES
 from agent.server import AgentService
 from agent.shaping import Shaper
 from agent.store import ShardStore
 from proto import adapter as A
 from proto import edgefleet_pb2_grpc as rpc
 from proto.security import SERVER_OPTIONS, Security
+from solver.ggml_types import LAYER_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ class AgentConfig:
     listen: str = "0.0.0.0:50061"      # where the Agent service listens (port 0 = any free port)
     advertise: str = ""                # address announced to the controller (default: from listen)
     memory_bytes: int = 4 * 2 ** 30    # memory the agent may use for shards + KV cache
-    threads: int = 0                   # torch compute threads (0 = torch's default)
+    threads: int = 0                   # llama.cpp compute threads (0 = all cores)
     data_dir: Path = Path("~/.edgefleet/agent")
     security: Security = Security()
     emulate_bandwidth: float | None = None   # bytes/s of the emulated uplink (None = off)
@@ -119,7 +118,7 @@ def serve(cfg: AgentConfig) -> int:
                          interceptors=cfg.security.interceptors(), options=SERVER_OPTIONS)
     port = cfg.security.bind(server, cfg.listen)
     address = cfg.advertise or _advertised(cfg.listen, port)
-    node = A.NodeInfo(cfg.name, address, cfg.memory_bytes, LAYER_TYPES, cfg.threads or torch.get_num_threads(), "cpu")
+    node = A.NodeInfo(cfg.name, address, cfg.memory_bytes, LAYER_TYPES, engine.threads, "cpu")
     service = AgentService(node, store, engine, cfg.security, shaper)
     rpc.add_AgentServicer_to_server(service, server)
     server.start()

@@ -1,9 +1,11 @@
-"""Stage execution on an agent: loaded stages, one KV cache per session, and one compute
-thread that batches the steps of concurrent sessions into one forward pass.
+"""Stage execution on an agent: loaded stages (agent/runtime.py, llama.cpp), sessions as
+llama.cpp sequence ids, and one compute thread that puts the steps of concurrent sessions
+into one `llama_decode`.
 
 Nothing here knows about gRPC: steps come in as `Job`s, answers leave through each job's
 `done` callback (called on the compute thread; it must not block). Loading runs on a
-loader thread, computing on the compute thread; callers never run torch themselves.
+loader thread, computing on the compute thread; only the compute thread touches a loaded
+stage (a session that ends is forgotten, and a dropped stage closed, between batches).
 """
 from __future__ import annotations
 
@@ -17,16 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from agent import weights as W
-from agent.model import KVCache, Stage, Step
-from agent.quant import DEQUANT_CHUNK_BYTES
+from agent.runtime import Settings, Stage, Step
 from agent.sampling import Sampling, sample
+from solver.memory import StageMemory, stage_memory
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 64          # steps computed together in one forward pass at most
+MAX_BATCH = 64          # steps computed together in one llama_decode at most
 
 
 class EngineError(Exception):
@@ -37,41 +38,36 @@ class EngineError(Exception):
         self.code = code
 
 
-def gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB"
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Memory a stage needs, known from the shard's header before anything is loaded."""
-
-    weights: int        # tensor bytes as stored (weights stay quantized in memory)
-    kv_cache: int       # max_sessions x context_length positions, float16 K and V
-    scratch: int        # one dequantized row slice, a logits row, activations of a batch
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.scratch
+def size(n: float) -> str:
+    """Bytes in the unit that fits (MiB below 1 GiB)."""
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
 def footprint(path: Path, max_sessions: int, context_length: int,
-              max_batch_tokens: int = 512) -> tuple[Footprint, W.ModelConfig, tuple[int, int]]:
-    """The same accounting as the solver's cost model (solver/cost.py: kv_bytes, runtime_bytes)."""
+              max_batch_tokens: int = 512) -> tuple[StageMemory, W.ModelConfig, tuple[int, int]]:
+    """Memory a shard needs as a stage, known from its header before anything is loaded:
+    the same formula as the solver's (solver/memory.py)."""
     reader = W.open_gguf(path)
     cfg = W.read_config(reader)
     first, last = W.stage_range(reader, cfg)
-    weights = sum(int(t.n_bytes) for t in reader.tensors)
-    kv_dim = cfg.n_head_kv * cfg.head_dim
-    kv = max_sessions * context_length * (last - first) * 2 * kv_dim * 2
-    biggest = max(int(np.prod(t.shape)) for t in reader.tensors)
-    per_token = 4 * (4 * cfg.n_embd + 2 * kv_dim + 3 * cfg.n_ff)
-    scratch = min(4 * biggest, DEQUANT_CHUNK_BYTES) + 4 * cfg.n_vocab + per_token * max_batch_tokens
-    return Footprint(weights, kv, scratch), cfg, (first, last)
+    # llama.cpp maps the file: a tensor it never reads is never resident. A later stage takes
+    # hidden states, so an untied model's token_embd (which llama.cpp requires) stays cold.
+    cold = {"token_embd.weight"} if first > 0 and not cfg.tied_embeddings else set()
+    weights = sum(int(t.n_bytes) for t in reader.tensors if t.name not in cold)
+    embd_type = W.field_value(reader, W.KEY_INPUT_TYPE)
+    if embd_type is not None:
+        weights += Path(path).stat().st_size - int(reader.tensors[-1].data_offset + reader.tensors[-1].n_bytes)
+    n_out = cfg.n_vocab if last == cfg.n_layer else 1
+    need = stage_memory(weights, n_layers=last - first, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                        n_head_kv=cfg.n_head_kv, n_ff=cfg.n_ff, n_vocab=n_out,
+                        sessions=max_sessions, context=context_length, batch_tokens=max_batch_tokens)
+    return need, cfg, (first, last)
 
 
 @dataclass
 class Session:
-    cache: KVCache
+    seq: int            # llama.cpp sequence id
+    length: int         # positions the stage holds for it
     last_used: float
 
 
@@ -83,13 +79,17 @@ class Deployment:
     next_address: str
     max_sessions: int
     context_length: int
-    memory: Footprint
+    memory: StageMemory
     active: bool = False
     sessions: dict[str, Session] = field(default_factory=dict)
+    free_seqs: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.free_seqs = list(range(self.max_sessions))
 
     @property
     def is_last(self) -> bool:
-        return self.stage.w.has_head
+        return self.stage.has_head
 
 
 @dataclass
@@ -128,15 +128,19 @@ class Job:
 
 class Engine:
     def __init__(self, memory_bytes: int, session_timeout_s: float = 300.0, threads: int | None = None):
+        import os
+
+        self.threads = threads or os.cpu_count() or 1
         self.memory_bytes = memory_bytes
         self.session_timeout_s = session_timeout_s
-        self.threads = threads
         self.draining = False
         self.steps_computed = 0
         self._deployments: dict[str, Deployment] = {}
         self._lock = threading.RLock()
         self._jobs: queue.Queue = queue.Queue()
         self._deferred: list[Job] = []   # later steps of a session already in the running batch
+        self._forget: list[tuple[Deployment, int]] = []   # (deployment, seq) of ended sessions, cleared between batches
+        self._retired: list[Stage] = []              # dropped stages, closed between batches
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
         self._thread.start()
@@ -181,14 +185,15 @@ class Engine:
             used = sum(d.memory.total for k, d in self._deployments.items() if k != deployment_id)
             if used + need.total > self.memory_bytes:
                 raise EngineError(
-                    f"shard {sha256[:12]} (layers {first}-{last - 1}) needs {gib(need.total)} "
-                    f"({gib(need.weights)} weights + {gib(need.kv_cache)} KV cache for {max_sessions} x "
-                    f"{context_length} tokens + {gib(need.scratch)} scratch) but this agent offers "
-                    f"{gib(self.memory_bytes)} with {gib(used)} in use; plan with less context or "
+                    f"shard {sha256[:12]} (layers {first}-{last - 1}) needs {size(need.total)} "
+                    f"({size(need.weights)} weights + {size(need.kv_cache)} KV cache for {max_sessions} x "
+                    f"{context_length} tokens + {size(need.compute)} llama.cpp compute buffers) but this agent "
+                    f"offers {size(self.memory_bytes)} with {size(used)} in use; plan with less context or "
                     "concurrency, or give the agent more --memory", "RESOURCE_EXHAUSTED")
         t0 = time.perf_counter()
         try:
-            stage = Stage(W.load_stage(path))
+            stage = Stage(path, Settings(sessions=max_sessions, context=context_length,
+                                         batch_tokens=max_batch_tokens, threads=self.threads))
         except ValueError as exc:
             raise EngineError(f"shard {sha256[:12]} cannot be loaded: {exc}", "DATA_LOSS") from None
         dep = Deployment(deployment_id, sha256, stage, next_address, max_sessions, context_length, need)
@@ -196,8 +201,11 @@ class Engine:
             prev = self._deployments.get(deployment_id)
             dep.active = prev.active if prev is not None else False
             self._deployments[deployment_id] = dep
+            if prev is not None:
+                self._retired.append(prev.stage)
+        self._jobs.put(False)   # wake the compute thread to close what was retired
         log.info("prepared deployment %s: layers [%d, %d) from shard %s in %.2f s (%s reserved)",
-                 deployment_id, first, last, sha256[:12], time.perf_counter() - t0, gib(need.total))
+                 deployment_id, first, last, sha256[:12], time.perf_counter() - t0, size(need.total))
         return dep
 
     def activate(self, deployment_id: str) -> None:
@@ -209,6 +217,7 @@ class Engine:
             for k, d in list(self._deployments.items()):
                 if k != deployment_id and d.active:
                     del self._deployments[k]
+                    self._retired.append(d.stage)
                     log.info("dropped deployment %s (%d sessions)", k, len(d.sessions))
             self._deployments[deployment_id].active = True
         log.info("activated deployment %s", deployment_id)
@@ -216,6 +225,9 @@ class Engine:
     def unload(self, deployment_id: str) -> bool:
         with self._lock:
             d = self._deployments.pop(deployment_id, None)
+            if d is not None:
+                self._retired.append(d.stage)
+        self._jobs.put(False)
         if d is not None:
             log.info("unloaded deployment %s (%d sessions dropped)", deployment_id, len(d.sessions))
         return d is not None
@@ -238,7 +250,16 @@ class Engine:
     def cancel(self, deployment_id: str, session_id: str) -> bool:
         with self._lock:
             d = self._deployments.get(deployment_id) if deployment_id else self.active()
-            return d is not None and d.sessions.pop(session_id, None) is not None
+            return d is not None and self._end(d, session_id)
+
+    def _end(self, d: Deployment, session_id: str) -> bool:
+        """End a session (caller holds the lock). Its sequence id is reused only after the
+        compute thread has removed its cells (_tidy), never before."""
+        s = d.sessions.pop(session_id, None)
+        if s is None:
+            return False
+        self._forget.append((d, s.seq))
+        return True
 
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
@@ -253,14 +274,33 @@ class Engine:
         self._stop.set()
         self._jobs.put(None)
         self._thread.join(timeout=10)
+        with self._lock:
+            for d in self._deployments.values():
+                self._retired.append(d.stage)
+            self._deployments.clear()
+        self._tidy()
 
     # -------------------------------------------------------------- the compute thread
 
+    def _tidy(self) -> None:
+        """Remove ended sessions' cells, then free their sequence ids; close retired stages
+        (compute thread only, between batches)."""
+        with self._lock:
+            forget, self._forget = self._forget, []
+            retired, self._retired = self._retired, []
+        for d, seq in forget:
+            if d.stage not in retired:
+                d.stage.forget(seq)
+        with self._lock:
+            for d, seq in forget:
+                d.free_seqs.append(seq)
+        for stage in retired:
+            stage.close()
+
     def _compute_loop(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
         last_reap = time.monotonic()
         while not self._stop.is_set():
+            self._tidy()
             try:
                 item = self._deferred.pop(0) if self._deferred else self._jobs.get(timeout=1.0)
             except queue.Empty:
@@ -285,6 +325,7 @@ class Engine:
                     self._jobs.put(nxt)   # keep calls and the stop marker for the next round
                     break
                 batch.append(nxt)
+            self._tidy()   # sessions that ended while this thread waited free their ids first
             by_dep: dict[str, list[Job]] = {}
             for j in batch:
                 by_dep.setdefault(j.deployment_id, []).append(j)
@@ -301,36 +342,47 @@ class Engine:
             fut.set_exception(exc)
 
     def _admit(self, d: Deployment, j: Job) -> Session:
-        """The session's KV cache for this step, or an EngineError saying why not."""
+        """The session's slot for this step, or an EngineError saying why not."""
         s = d.sessions.get(j.session_id)
         n = j.n_tokens
+        length = s.length if s is not None else 0
         if s is None:
             if j.position != 0:
                 raise EngineError(f"session {j.session_id} is unknown on this stage (its KV cache was freed or "
                                   "lost); replay it from position 0", "NOT_FOUND")
             if self.draining:
                 raise EngineError("this agent is shutting down and takes no new sessions", "UNAVAILABLE")
-            if len(d.sessions) >= d.max_sessions:
+            if not d.free_seqs:
                 raise EngineError(f"all {d.max_sessions} KV-cache slots are in use; retry when a session ends",
                                   "RESOURCE_EXHAUSTED")
-            s = Session(d.stage.new_cache(limit=d.context_length), time.monotonic())
-        if j.position > s.cache.length:
+        if j.position > length:
             raise EngineError(f"session {j.session_id} step at position {j.position} but the stage holds "
-                              f"{s.cache.length} positions; replay the missing tokens", "FAILED_PRECONDITION")
+                              f"{length} positions; replay the missing tokens", "FAILED_PRECONDITION")
         if j.position + n > d.context_length:
             raise EngineError(f"session {j.session_id} would reach {j.position + n} tokens, beyond the "
                               f"deployment's context of {d.context_length}", "OUT_OF_RANGE")
-        if d.stage.w.has_embedding:
-            if j.hidden is not None or not j.tokens:
-                raise EngineError("the first stage takes token ids, not hidden states", "INVALID_ARGUMENT")
-            bad = [t for t in j.tokens if not 0 <= t < d.stage.cfg.n_vocab]
-            if bad:
-                raise EngineError(f"token id {bad[0]} is outside the vocabulary of {d.stage.cfg.n_vocab}",
-                                  "INVALID_ARGUMENT")
-        elif j.hidden is None or j.hidden.shape[1] != d.stage.cfg.n_embd:
-            raise EngineError(f"this stage takes hidden states [tokens, {d.stage.cfg.n_embd}]", "INVALID_ARGUMENT")
-        d.sessions[j.session_id] = s
+        problem = self._input_problem(d.stage, j)
+        if problem:
+            raise EngineError(problem, "INVALID_ARGUMENT")
+        if s is None:
+            s = d.sessions[j.session_id] = Session(d.free_seqs.pop(), 0, time.monotonic())
         return s
+
+    @staticmethod
+    def _input_problem(stage: Stage, j: Job) -> str:
+        """Why a step cannot enter this stage, or ""."""
+        if stage.takes_tokens:
+            if j.hidden is not None or not j.tokens:
+                return "the first stage takes token ids, not hidden states"
+            bad = [t for t in j.tokens if not 0 <= t < stage.input_vocab]
+            if bad:
+                return f"token id {bad[0]} is outside the vocabulary of {stage.input_vocab}"
+            return ""
+        if j.hidden is None or j.hidden.ndim != 2 or j.hidden.shape[1] != stage.n_embd or not len(j.hidden):
+            return f"this stage takes hidden states [tokens, {stage.n_embd}]"
+        if not np.isfinite(j.hidden).all():
+            return "the hidden states contain NaN or infinity"
+        return ""
 
     def _run_batch(self, dep_id: str, jobs: list[Job]) -> None:
         start = time.perf_counter()
@@ -353,14 +405,17 @@ class Engine:
                     self._fail(j, exc, start)
         if not admitted:
             return
-        steps = [Step(s.cache, j.position,
-                      tokens=torch.tensor(j.tokens, dtype=torch.int64) if j.hidden is None else None,
-                      hidden=torch.from_numpy(np.array(j.hidden, dtype=np.float32)) if j.hidden is not None else None)
+        steps = [Step(s.seq, j.position,
+                      tokens=np.asarray(j.tokens, dtype=np.int32) if j.hidden is None else None,
+                      hidden=np.asarray(j.hidden, dtype=np.float32) if j.hidden is not None else None)
                  for j, s in admitted]
         try:
             outs = d.stage.forward(steps)
         except Exception as exc:  # a bug or an out-of-memory: answer every step, keep serving
             log.exception("forward pass failed on deployment %s", dep_id)
+            with self._lock:
+                for j, _ in admitted:
+                    self._end(d, j.session_id)
             for j, _ in admitted:
                 self._fail(j, EngineError(f"stage computation failed: {exc}", "INTERNAL"), start)
             return
@@ -369,18 +424,19 @@ class Engine:
         self.steps_computed += len(admitted)
         for (j, s), out in zip(admitted, outs):
             s.last_used = now
+            s.length = j.position + j.n_tokens
             r = Result(j.session_id, j.position, compute_s=compute, queue_s=start - j.enqueued,
                        batch_size=len(admitted))
             if d.is_last:
                 logits = out[-1]
                 r.token = sample(logits, j.sampling, j.position + j.n_tokens)
                 if j.return_logits:
-                    r.logits = logits.numpy().copy()
+                    r.logits = logits
             else:
-                r.hidden = out.numpy()
+                r.hidden = out
             if j.finish:
                 with self._lock:
-                    d.sessions.pop(j.session_id, None)
+                    self._end(d, j.session_id)
             j.done(r)
 
     @staticmethod
@@ -392,5 +448,5 @@ class Engine:
         with self._lock:
             for d in self._deployments.values():
                 for sid in [k for k, s in d.sessions.items() if s.last_used < cutoff]:
-                    del d.sessions[sid]
+                    self._end(d, sid)
                     log.info("freed the KV cache of idle session %s", sid)

@@ -1,38 +1,64 @@
-"""Measure how fast this machine runs a real layer at each GGUF type.
+"""Measure how fast this machine runs a real layer at each GGUF type, on llama.cpp.
 
-The layer is one of the loaded model's: its matrices are dequantized and re-quantized to
-each type with llama.cpp's quantizer, then timed for prefill (many tokens at once) and for
-decode (one token against a cache of that many positions). The median of the repeats is
-reported, which is what the solver's measured node speeds are built from.
+The layer is the first of a shard this agent holds: its matrices are dequantized and
+re-quantized to each type with llama.cpp's own code (with llama.cpp's fallback where rows do
+not split into the type's blocks), written as a one-layer stage, and run by the same engine
+that serves requests: prefill (many tokens at once) and decode (one token against a cache of
+that many positions). The median of the repeats is reported; the solver's measured node
+speeds are built from it.
 """
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
-from dataclasses import replace
+from pathlib import Path
 
-import torch
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-from agent.model import Stage, Step
-from agent.quant import LAYER_TYPES, QTensor
-from agent.weights import StageWeights
+from agent import weights as W
+from agent.quant import dequantize, quantize
+from agent.runtime import Settings, Stage, Step
 from proto.adapter import TypeTiming
+from solver.ggml_types import LAYER_TYPES, stored_type
 
 
-def _requantized(layer: dict, qtype: str) -> dict:
-    out = {}
-    for name, t in layer.items():
-        if isinstance(t, QTensor):
-            t = t if t.qtype == qtype else QTensor.from_float(t.dequantize().numpy(), qtype)
-        out[name] = t
-    return out
-
-
-def _single_layer(w: StageWeights, qtype: str) -> Stage:
-    """A stage of one middle layer (no embedding, no head) at qtype."""
-    cfg = replace(w.cfg, n_layer=3)
-    return Stage(StageWeights(cfg=cfg, first=1, last=2, layer_types=[qtype],
-                              layers=[_requantized(w.layers[0], qtype)]))
+def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> None:
+    """A one-layer stage (no vocabulary, no head) from the first layer of `shard`, at qtype."""
+    reader = W.open_gguf(shard)
+    cfg = W.read_config(reader)
+    writer = GGUFWriter(str(out), cfg.arch)
+    for key, f in reader.fields.items():
+        if key.startswith(("GGUF.", "tokenizer.", "edgefleet.")) or key == "general.architecture":
+            continue
+        if key in (f"{cfg.arch}.block_count", f"{cfg.arch}.vocab_size"):
+            continue
+        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    writer.add_uint32(f"{cfg.arch}.block_count", 1)
+    writer.add_uint32(f"{cfg.arch}.vocab_size", 1)
+    writer.add_string("tokenizer.ggml.model", "none")
+    writer.add_uint32(W.KEY_MODEL_LAYERS, 3)   # a middle stage: layer 1 of 3
+    writer.add_uint32(W.KEY_FIRST, 1)
+    writer.add_uint32(W.KEY_LAST, 2)
+    writer.add_array(W.KEY_TYPES, [qtype])
+    for t in reader.tensors:
+        if t.name.startswith("blk.0."):
+            if len(t.shape) == 2:
+                target = stored_type(qtype, int(t.shape[0]))
+                x = dequantize(np.asarray(t.data), t.tensor_type.name, int(t.n_elements)).reshape(-1, int(t.shape[0]))
+                writer.add_tensor(t.name, quantize(x, target), raw_dtype=GGMLQuantizationType[target])
+            else:
+                writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+        elif t.name == "rope_freqs.weight":
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.add_tensor("token_embd.weight", np.zeros((1, cfg.n_embd), np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(cfg.n_embd, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -45,23 +71,26 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-@torch.inference_mode()
-def time_types(w: StageWeights, types: list[str] | None = None, prefill_tokens: int = 64,
-               repeats: int = 5) -> list[TypeTiming]:
+def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens: int = 64,
+               repeats: int = 5, threads: int = 1) -> list[TypeTiming]:
     types = list(types or LAYER_TYPES)
     bad = [t for t in types if t not in LAYER_TYPES]
     if bad:
         raise ValueError(f"cannot profile GGUF type {bad[0]}; choose from {', '.join(LAYER_TYPES)}")
-    if not w.layers:
-        raise ValueError("the loaded stage has no layers to time")
-    prefill_tokens = max(1, prefill_tokens)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(prefill_tokens, w.cfg.n_embd, generator=gen)
+    prefill_tokens = max(1, min(prefill_tokens, 512))
+    cfg = W.read_config(W.open_gguf(shard))
+    x = np.random.default_rng(0).standard_normal((prefill_tokens, cfg.n_embd)).astype(np.float32)
     out = []
-    for q in types:
-        stage = _single_layer(w, q)
-        cache = stage.new_cache(capacity=prefill_tokens + 1)
-        prefill = _median_time(lambda: stage.forward([Step(cache, 0, hidden=x)]), repeats)
-        decode = _median_time(lambda: stage.forward([Step(cache, prefill_tokens - 1, hidden=x[-1:])]), repeats)
-        out.append(TypeTiming(q, decode, prefill / prefill_tokens))
+    with tempfile.TemporaryDirectory(prefix="edgefleet-profile-") as d:
+        for q in types:
+            path = Path(d) / f"{q}.gguf"
+            write_probe_layer(shard, q, path)
+            stage = Stage(path, Settings(sessions=1, context=prefill_tokens + 1, batch_tokens=prefill_tokens,
+                                         threads=threads))
+            try:
+                prefill = _median_time(lambda: stage.forward([Step(0, 0, hidden=x)]), repeats)
+                decode = _median_time(lambda: stage.forward([Step(0, prefill_tokens - 1, hidden=x[-1:])]), repeats)
+            finally:
+                stage.close()
+            out.append(TypeTiming(q, decode, prefill / prefill_tokens))
     return out

@@ -6,9 +6,10 @@ same continuation as an undisturbed one.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -18,25 +19,26 @@ class Sampling:
     seed: int = 0              # seeds the session's generator
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a number >= 0, got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample(logits: torch.Tensor, s: Sampling, position: int) -> int:
+def sample(logits: np.ndarray, s: Sampling, position: int) -> int:
     """Next token id from logits [vocab]; `position` is the index the new token will take."""
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
     if s.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.to(torch.float64) / s.temperature, dim=-1)
+        return int(np.argmax(logits))
+    z = logits / s.temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
     if s.top_p < 1:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < s.top_p   # always keeps the top token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=_generator(s.seed, position)))
-
-
-def _generator(seed: int, position: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + position) % (1 << 63))
-    return g
+        order = np.argsort(-p, kind="stable")
+        sorted_p = p[order]
+        keep = np.cumsum(sorted_p) - sorted_p < s.top_p   # always keeps the top token
+        p = np.zeros_like(p)
+        p[order[keep]] = sorted_p[keep]
+        p /= p.sum()
+    rng = np.random.default_rng([s.seed % (1 << 64), position])
+    return int(rng.choice(len(p), p=p))

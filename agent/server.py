@@ -18,12 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from agent import weights as W
 from agent.engine import Engine, EngineError, Job, Result
 from agent.profile import time_types
 from agent.sampling import Sampling
 from agent.shaping import Shaper
 from agent.store import Chunk, PushError, ShardStore, check_sha
-from agent.weights import load_stage
 from proto import adapter as A
 from proto import edgefleet_pb2 as pb
 from proto import edgefleet_pb2_grpc as rpc
@@ -37,8 +37,8 @@ def _abort(context, code: str, message: str):
 
 
 def _spec(d) -> A.StageSpec:
-    w = d.stage.w
-    return A.StageSpec(w.first, w.last, tuple(w.layer_types), w.has_embedding, w.has_head)
+    st = d.stage
+    return A.StageSpec(st.first, st.last, tuple(st.layer_types), st.has_embedding, st.has_head)
 
 
 class Downstream:
@@ -262,7 +262,7 @@ class AgentService(rpc.AgentServicer):
         except EngineError as exc:
             log.warning("prepare refused: %s", exc)
             _abort(context, exc.code, str(exc))
-        return pb.Ack(message=f"prepared layers [{d.stage.w.first}, {d.stage.w.last}) for deployment "
+        return pb.Ack(message=f"prepared layers [{d.stage.first}, {d.stage.last}) for deployment "
                               f"{d.deployment_id}")
 
     def Activate(self, request, context):
@@ -293,15 +293,19 @@ class AgentService(rpc.AgentServicer):
         n_embd = n_ff = 0
         if not request.link_only:
             try:
-                weights = self._profile_weights(request.sha256)
+                shard = self._profile_shard(request.sha256)
+                cfg = W.read_config(W.open_gguf(shard))
             except EngineError as exc:
                 _abort(context, exc.code, str(exc))
+            except ValueError as exc:
+                _abort(context, "DATA_LOSS", str(exc))
             try:
                 timings = tuple(self.engine.call(lambda: time_types(
-                    weights, list(request.gguf_types), request.prefill_tokens or 64, request.repeats or 5)).result())
+                    shard, list(request.gguf_types), request.prefill_tokens or 64, request.repeats or 5,
+                    self.engine.threads)).result())
             except ValueError as exc:
                 _abort(context, "INVALID_ARGUMENT", str(exc))
-            n_embd, n_ff = weights.cfg.n_embd, weights.cfg.n_ff
+            n_embd, n_ff = cfg.n_embd, cfg.n_ff
         rtt = bandwidth = 0.0
         if request.peer_address:
             try:
@@ -311,19 +315,17 @@ class AgentService(rpc.AgentServicer):
                        f"peer {request.peer_address} is unreachable: {exc.details() or exc.code().name}")
         return A.profile_pb(A.ProfileResult(timings, rtt, bandwidth, n_embd, n_ff))
 
-    def _profile_weights(self, sha: str):
+    def _profile_shard(self, sha: str):
+        """The shard whose first layer is timed: the one named, else the active stage's."""
         if sha:
-            for d in self.engine.deployments():
-                if d.sha256 == sha:
-                    return d.stage.w
             if not self.store.has(sha):
                 raise EngineError(f"shard {sha[:12]} is not on this agent; push it first", "NOT_FOUND")
-            return self.engine.call(lambda: load_stage(self.store.path(sha))).result()
+            return self.store.path(sha)
         d = self.engine.active()
         if d is None:
             raise EngineError("nothing to profile: no deployment is active; name a pushed shard's sha256",
                               "FAILED_PRECONDITION")
-        return d.stage.w
+        return d.stage.path
 
     def _measure_link(self, address: str, probe_bytes: int) -> tuple[float, float]:
         """Median round trip of small echoes, and bandwidth from one large echo."""

@@ -1,21 +1,19 @@
-"""Read llama-family GGUF files (whole models and shards) into a config and per-stage weights.
+"""Read llama-family GGUF files (whole models and stage shards): configuration and layout.
 
 Tensor names follow llama.cpp: token_embd, blk.N.{attn_norm,attn_q,attn_k,attn_v,attn_output,
 ffn_norm,ffn_gate,ffn_up,ffn_down}, output_norm, output (absent when embeddings are tied),
-rope_freqs (llama-3 rope scaling factors). A shard keeps the master's names and metadata and
-adds `edgefleet.*` keys that say which layers it holds.
+rope_freqs (llama-3 rope scaling factors). A shard is itself a llama.cpp model of the
+stage's layers renumbered from 0; its `edgefleet.*` keys say where they sit in the whole
+model (controller/shards.py writes them).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from gguf import GGUFReader
-
-from agent.quant import QTensor, LOADABLE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +30,9 @@ KEY_TYPES = "edgefleet.layer_types"
 KEY_EMBED = "edgefleet.has_embedding"
 KEY_HEAD = "edgefleet.has_head"
 KEY_TIED = "edgefleet.tied_embeddings"
+KEY_MODEL_LAYERS = "edgefleet.model_layers"      # layers of the whole model (block_count is the stage's)
+KEY_INPUT_TYPE = "edgefleet.input_embedding.type"  # a first stage that is not last: the token
+KEY_INPUT_ROWS = "edgefleet.input_embedding.rows"  # embedding table follows the GGUF data
 
 
 @dataclass(frozen=True)
@@ -55,44 +56,6 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-
-@dataclass
-class StageWeights:
-    """Weights of layers [first, last) plus the embedding and/or head when the stage has them."""
-
-    cfg: ModelConfig
-    first: int
-    last: int
-    layer_types: list[str]                       # GGUF type of each layer's matrices
-    layers: list[dict[str, QTensor | torch.Tensor]]
-    token_embd: QTensor | None = None            # first stage (and last, when tied)
-    output_norm: torch.Tensor | None = None      # last stage
-    output: QTensor | None = None                # last stage
-    rope_freqs: torch.Tensor | None = None       # llama-3 frequency factors
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def has_embedding(self) -> bool:
-        return self.first == 0
-
-    @property
-    def has_head(self) -> bool:
-        return self.last == self.cfg.n_layer
-
-    def tensor_bytes(self) -> int:
-        """Bytes of all tensors held (the GGUF encoding size)."""
-        total = 0
-        for t in self._all_tensors():
-            total += t.nbytes if isinstance(t, QTensor) else t.numel() * t.element_size()
-        return total
-
-    def _all_tensors(self):
-        for layer in self.layers:
-            yield from layer.values()
-        for t in (self.token_embd, self.output_norm, self.output, self.rope_freqs):
-            if t is not None:
-                yield t
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
@@ -139,7 +102,7 @@ def read_config(reader: GGUFReader) -> ModelConfig:
     scaling = field_value(reader, f"{arch}.rope.scaling.type", "none")
     return ModelConfig(
         arch=arch,
-        n_layer=int(key("block_count")),
+        n_layer=int(field_value(reader, KEY_MODEL_LAYERS, key("block_count"))),
         n_embd=int(key("embedding_length")),
         n_head=n_head,
         n_head_kv=int(key("attention.head_count_kv", n_head)),
@@ -155,21 +118,6 @@ def read_config(reader: GGUFReader) -> ModelConfig:
     )
 
 
-def _qtensor(t) -> QTensor:
-    name = t.tensor_type.name
-    if name not in LOADABLE_TYPES:
-        raise ValueError(f"tensor {t.name} has GGUF type {name}, which edgefleet cannot run; "
-                         f"re-quantize it to one of {', '.join(LOADABLE_TYPES)}")
-    torch_shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-    return QTensor.from_bytes(t.data, name, torch_shape)
-
-
-def _vector(t) -> torch.Tensor:
-    if t.tensor_type.name != "F32":
-        return _qtensor(t).dequantize().reshape(-1)
-    return torch.from_numpy(np.array(t.data, dtype=np.float32).reshape(-1))
-
-
 def stage_range(reader: GGUFReader, cfg: ModelConfig) -> tuple[int, int]:
     """Layers a file holds: a shard's declared range, or every layer of a whole model."""
     first = field_value(reader, KEY_FIRST)
@@ -179,46 +127,29 @@ def stage_range(reader: GGUFReader, cfg: ModelConfig) -> tuple[int, int]:
     return int(first), int(last)
 
 
-def load_stage(path: str | Path, first: int | None = None, last: int | None = None) -> StageWeights:
-    """Load layers [first, last) of a GGUF model or shard (default: all the file holds)."""
-    reader = open_gguf(path)
+def layer_types(reader: GGUFReader) -> list[str]:
+    """Per layer, the type asked for it (a shard's record, else its ffn_down's stored type)."""
+    recorded = field_value(reader, KEY_TYPES)
+    if recorded is not None:
+        return [str(t) for t in recorded]
     cfg = read_config(reader)
-    have_first, have_last = stage_range(reader, cfg)
-    first = have_first if first is None else first
-    last = have_last if last is None else last
-    if not (have_first <= first < last <= have_last):
-        raise ValueError(f"layer range [{first}, {last}) is out of bounds: {Path(path).name} holds "
-                         f"layers [{have_first}, {have_last}) of {cfg.n_layer}")
-    tensors = {t.name: t for t in reader.tensors}
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    return [types.get(f"blk.{i}.ffn_down.weight", "?") for i in range(cfg.n_layer)]
 
-    def need(name: str):
-        if name not in tensors:
-            raise ValueError(f"{Path(path).name} lacks tensor {name}; the file is incomplete or not a {cfg.arch} model")
-        return tensors[name]
 
-    layers, types = [], []
-    for i in range(first, last):
-        layer: dict[str, QTensor | torch.Tensor] = {}
-        for m in LAYER_MATRICES:
-            layer[m] = _qtensor(need(f"blk.{i}.{m}.weight"))
-        for v in LAYER_VECTORS:
-            name = f"blk.{i}.{v}" if v.endswith(".bias") else f"blk.{i}.{v}.weight"
-            if name in tensors:
-                layer[v] = _vector(tensors[name])
-            elif not v.endswith(".bias"):
-                need(name)
-        layers.append(layer)
-        types.append(layer["ffn_down"].qtype)
+def input_embedding(path: str | Path, reader: GGUFReader, cfg: ModelConfig) -> tuple[np.ndarray, str] | None:
+    """A first stage's token embedding table, kept after the GGUF data: (raw rows, type)."""
+    qtype = field_value(reader, KEY_INPUT_TYPE)
+    if qtype is None:
+        return None
+    from solver.ggml_types import block
 
-    w = StageWeights(cfg=cfg, first=first, last=last, layer_types=types, layers=layers)
-    if first == 0 or (last == cfg.n_layer and cfg.tied_embeddings):
-        w.token_embd = _qtensor(need("token_embd.weight"))
-    if last == cfg.n_layer:
-        w.output_norm = _vector(need("output_norm.weight"))
-        if not cfg.tied_embeddings:
-            w.output = _qtensor(need("output.weight"))
-    if "rope_freqs.weight" in tensors:
-        w.rope_freqs = _vector(tensors["rope_freqs.weight"])
-    w.meta = {k: field_value(reader, k) for k in (KEY_MODEL_ID, KEY_MASTER_SHA) if k in reader.fields}
-    log.info("loaded layers [%d, %d) of %s (%s)", first, last, Path(path).name, ",".join(sorted(set(types))))
-    return w
+    rows = int(field_value(reader, KEY_INPUT_ROWS))
+    elems, size = block(str(qtype))
+    row_bytes = cfg.n_embd // elems * size
+    total = rows * row_bytes
+    size_on_disk = Path(path).stat().st_size
+    if total > size_on_disk:
+        raise ValueError(f"{Path(path).name} is truncated: its embedding table needs {total} bytes")
+    table = np.memmap(path, dtype=np.uint8, mode="r", offset=size_on_disk - total, shape=(rows, row_bytes))
+    return table, str(qtype)

@@ -1,10 +1,15 @@
-"""Decode speed and memory of the torch runtime vs llama-cpp-python, per GGUF type.
+"""The stage runtime (llama.cpp through agent/runtime.py) side by side with llama-cpp-python's
+own `Llama` on the same GGUF, threads and context settings (flash attention on for both).
 
-    .venv/bin/python bench/runtime.py [--tokens 64] [--threads 2]
+    .venv/bin/python bench/runtime.py [--models reference,smollm2] [--threads 2] [--no-profile]
 
-For each type, the whole reference model is quantized to it; both engines decode the same
-greedy continuation of a short prompt (one token per step, KV cache on) and report tokens/s.
-Resident memory is measured in a fresh process per engine after loading the model.
+Per model and type (the whole master quantized to it with llama.cpp's quantizers, with
+llama.cpp's fallback where rows do not split into 256-blocks): greedy decode tokens/s over 64
+tokens and 512-token prefill tokens/s, each engine in its own fresh process, and the
+process's resident memory after loading. Then: tokens/s of 1 vs 8 concurrent sessions on one
+stage; the resident memory of an idle agent process; the time of a full sensitivity profile
+of SmolLM2 (every layer type, 2,048 held-out tokens). Each figure is the best of --repeats
+runs (other processes share the cores).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,75 +27,158 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from agent.quant import LAYER_TYPES  # noqa: E402
-from controller.shards import parse_types, write_shard  # noqa: E402
+from agent import weights as W  # noqa: E402
+from controller.shards import file_sha256, parse_types, write_shard  # noqa: E402
 
 REFERENCE = ROOT / "models" / "reference" / "edgefleet-ref-f16.gguf"
+TYPES = ("F16", "Q8_0", "Q4_K", "Q4_0")
 
 PROBE = r"""
-import gc, json, sys, time, psutil, torch
-engine, path, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-torch.set_num_threads(threads)
+import json, sys, time
+import numpy as np, psutil
+engine, path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 proc = psutil.Process()
-base = proc.memory_info().rss
-prompt = [1, 450, 1051, 1134]
+prompt = [1] + [100 + i for i in range(15)]
+long = [1] + [(37 * i) % 3000 + 10 for i in range(511)]
 if engine == "ours":
-    from agent.pipeline import LocalPipeline
-    pipe = LocalPipeline.from_model(path, 1)
-    gc.collect(); rss = proc.memory_info().rss
-    list(pipe.generate(prompt, 4))                      # warm-up
-    t = time.perf_counter(); out = list(pipe.generate(prompt, n)); dt = time.perf_counter() - t
+    import agent  # the agent's thread spin policy
+    from agent.runtime import Settings, Stage, Step
+    st = Stage(path, Settings(sessions=1, context=640, batch_tokens=512, threads=threads))
+    rss = proc.memory_info().rss
+    def decode(n):
+        row = st.forward([Step(0, 0, tokens=np.array(prompt))])[0][-1]
+        out, pos = [], len(prompt)
+        t = time.perf_counter()
+        for _ in range(n):
+            out.append(int(row.argmax()))
+            row = st.forward([Step(0, pos, tokens=np.array(out[-1:]))])[0][-1]
+            pos += 1
+        return out, n / (time.perf_counter() - t)
+    def prefill():
+        t = time.perf_counter(); st.forward([Step(0, 0, tokens=np.array(long))]); return len(long) / (time.perf_counter() - t)
 else:
-    import llama_cpp
-    llm = llama_cpp.Llama(path, n_ctx=512, n_threads=threads, verbose=False)
-    gc.collect(); rss = proc.memory_info().rss
-    def gen(k):
-        toks = []
-        for t in llm.generate(prompt, temp=0.0, reset=True):   # greedy, KV cache on
-            toks.append(int(t))
-            if len(toks) == k:
-                return toks
-        return toks
-    gen(4)
-    t = time.perf_counter(); out = gen(n); dt = time.perf_counter() - t
-print(json.dumps({"tokens_per_s": n / dt, "rss_model_mb": (rss - base) / 1e6, "rss_total_mb": rss / 1e6, "tokens": out}))
+    import agent, llama_cpp
+    llm = llama_cpp.Llama(path, n_ctx=640, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+                          flash_attn=True, verbose=False)
+    rss = proc.memory_info().rss
+    def decode(n):
+        llm.reset(); llm.eval(prompt)
+        out = []
+        t = time.perf_counter()
+        for _ in range(n):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(out[-1:])
+        return out, n / (time.perf_counter() - t)
+    def prefill():
+        llm.reset(); t = time.perf_counter(); llm.eval(long); return len(long) / (time.perf_counter() - t)
+decode(4); prefill()
+best_d, best_p, toks = 0.0, 0.0, None
+for _ in range(int(sys.argv[4])):
+    toks, d = decode(64); best_d = max(best_d, d); best_p = max(best_p, prefill())
+print(json.dumps({"decode": best_d, "prefill": best_p, "rss_mb": rss / 2**20, "tokens": toks}))
+"""
+
+CONCURRENT = r"""
+import json, sys, time
+import numpy as np
+import agent
+from agent.runtime import Settings, Stage, Step
+path, threads, n_sessions = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+st = Stage(path, Settings(sessions=8, context=256, batch_tokens=512, threads=threads))
+prompts = [[1] + [100 + 7 * s + i for i in range(15)] for s in range(n_sessions)]
+rows = st.forward([Step(s, 0, tokens=np.array(p)) for s, p in enumerate(prompts)])
+pos = [len(p) for p in prompts]
+nxt = [int(r[-1].argmax()) for r in rows]
+t = time.perf_counter()
+for _ in range(48):
+    rows = st.forward([Step(s, pos[s], tokens=np.array([nxt[s]])) for s in range(n_sessions)])
+    nxt = [int(r[-1].argmax()) for r in rows]
+    pos = [p + 1 for p in pos]
+print(json.dumps({"tokens_per_s": 48 * n_sessions / (time.perf_counter() - t)}))
+"""
+
+IDLE = r"""
+import json, psutil, grpc
+import agent
+from agent.engine import Engine
+from agent.server import AgentService
+from agent.store import ShardStore
+import llama_cpp
+from agent.runtime import init_llama
+init_llama()
+e = Engine(1 << 30, threads=1)
+print(json.dumps({"rss_mb": psutil.Process().memory_info().rss / 2**20,
+                  "torch": "torch" in __import__("sys").modules, "solver_stack": "pulp" in __import__("sys").modules}))
+e.stop()
 """
 
 
-def probe(engine: str, path: Path, n: int, threads: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, engine, str(path), str(n), str(threads)],
-                         capture_output=True, text=True, cwd=ROOT)
+def run(code: str, *args) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
+        raise SystemExit(f"probe failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--models", default="reference,smollm2")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    a = ap.parse_args()
-    table = Table(title=f"Reference model decode, {a.tokens} tokens, {a.threads} threads")
-    for col in ("type", "file MB", "ours tok/s", "llama.cpp tok/s", "ours/llama.cpp", "ours RSS MB", "llama.cpp RSS MB", "same tokens"):
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-profile", action="store_true", help="Skip the timed SmolLM2 sensitivity profile.")
+    args = ap.parse_args()
+    console = Console(width=100)
+    masters = {"reference": REFERENCE}
+    if "smollm2" in args.models:
+        from models import smollm2
+
+        masters["smollm2"] = smollm2.path("F16")
+    table = Table(title=f"single stage vs llama-cpp-python, same GGUF, {args.threads} threads, flash attention on")
+    for col in ("model", "type", "decode ours", "decode llama", "ratio", "prefill ours", "prefill llama",
+                "ratio", "same 64", "RSS ours / llama MiB"):
         table.add_column(col, justify="right")
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for t in LAYER_TYPES:
-            path = Path(tmp) / f"{t}.gguf"
-            info = write_shard(REFERENCE, path, parse_types(t, 8))
-            ours, ref = probe("ours", path, a.tokens, a.threads), probe("llama", path, a.tokens, a.threads)
-            same = sum(x == y for x, y in zip(ours["tokens"], ref["tokens"]))
-            row = {"type": t, "file_mb": info.bytes / 1e6, "ours_tps": ours["tokens_per_s"], "llama_tps": ref["tokens_per_s"],
-                   "ours_rss_mb": ours["rss_model_mb"], "llama_rss_mb": ref["rss_model_mb"], "same_tokens": same}
-            rows.append(row)
-            table.add_row(t, f"{row['file_mb']:.1f}", f"{row['ours_tps']:.1f}", f"{row['llama_tps']:.1f}",
-                          f"{row['ours_tps'] / row['llama_tps']:.3f}", f"{row['ours_rss_mb']:.1f}",
-                          f"{row['llama_rss_mb']:.1f}", f"{same}/{a.tokens}")
-            print(f"{t}: ours {row['ours_tps']:.1f} tok/s, llama.cpp {row['llama_tps']:.1f} tok/s", file=sys.stderr)
-    Console(width=160).print(table)
-    if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        for name, master in masters.items():
+            if name not in args.models:
+                continue
+            sha = file_sha256(master)
+            n_layer = W.read_config(W.open_gguf(master)).n_layer
+            for q in TYPES:
+                path = Path(d) / f"{name}-{q}.gguf"
+                write_shard(master, path, parse_types(q, n_layer), master_sha256=sha)
+                ours = run(PROBE, "ours", path, args.threads, args.repeats)
+                ref = run(PROBE, "llama", path, args.threads, args.repeats)
+                same = sum(a == b for a, b in zip(ours["tokens"], ref["tokens"]))
+                r = {"model": name, "type": q, "ours": ours, "llama": ref, "same": same,
+                     "decode_ratio": ours["decode"] / ref["decode"], "prefill_ratio": ours["prefill"] / ref["prefill"]}
+                results.append(r)
+                table.add_row(name, q, f"{ours['decode']:.1f}", f"{ref['decode']:.1f}", f"{r['decode_ratio']:.2f}",
+                              f"{ours['prefill']:.0f}", f"{ref['prefill']:.0f}", f"{r['prefill_ratio']:.2f}",
+                              f"{same}/64", f"{ours['rss_mb']:.0f} / {ref['rss_mb']:.0f}")
+                if q == "Q4_0":
+                    one = run(CONCURRENT, path, args.threads, 1)["tokens_per_s"]
+                    eight = run(CONCURRENT, path, args.threads, 8)["tokens_per_s"]
+                    results.append({"model": name, "concurrent": {"1": one, "8": eight}})
+    console.print(table)
+    for r in results:
+        if "concurrent" in r:
+            c = r["concurrent"]
+            console.print(f"{r['model']} Q4_0, one stage: 1 session {c['1']:.1f} tok/s, 8 sessions {c['8']:.1f} tok/s "
+                          f"({c['8'] / c['1']:.2f}x)")
+    idle = run(IDLE)
+    console.print(f"idle agent process (engine + service modules + llama.cpp loaded, no stage): "
+                  f"{idle['rss_mb']:.0f} MiB RSS; torch imported: {idle['torch']}; solver stack imported: "
+                  f"{idle['solver_stack']}")
+    if not args.no_profile and "smollm2" in masters:
+        from controller import sensitivity as S
+        from solver.ggml_types import LAYER_TYPES
+
+        text = (ROOT / "models" / "reference" / "heldout.txt").read_text(encoding="utf-8")
+        t = time.perf_counter()
+        res = S.measure(masters["smollm2"], text, types=LAYER_TYPES, tokens=2048, validate=0)
+        console.print(f"SmolLM2 full sensitivity profile: {len(LAYER_TYPES)} types x 30 layers, "
+                      f"{res['eval_tokens']} tokens: {time.perf_counter() - t:.0f} s")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
     Also checks the additive model (predicted Σ vs measured ΔNLL on random mixed
     configurations) and caches the result as JSON keyed by the GGUF's SHA-256.
     """
-    from agent.quant import LAYER_TYPES
+    from solver.ggml_types import LAYER_TYPES
     from controller import sensitivity as S
 
     types = LAYER_TYPES if types_csv is None else tuple(t.strip() for t in types_csv.split(",") if t.strip())

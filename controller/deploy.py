@@ -19,6 +19,7 @@ from controller.planning import gguf_profile
 from controller.shards import ShardInfo, file_sha256, write_shard
 from proto.adapter import NodeInfo
 from proto.security import Security
+from solver.memory import batch_tokens
 from solver.plan import Plan
 from solver.problem import Fleet, Link, ModelProfile, Node, Options, Problem, Workload, measured_speed
 
@@ -151,6 +152,16 @@ def make_problem(opts: DeployOptions, model: ModelProfile, fleet: Fleet) -> Prob
     return problem
 
 
+def keeping_types(model: ModelProfile, types: tuple[str, ...]) -> ModelProfile:
+    """The model with every type but types[l] ruled out for layer l: its ΔNLL set far above any
+    budget (1 nat per token), so a plan within the budget keeps each layer's type."""
+    if len(types) != len(model.layers):
+        return model
+    layers = tuple(replace(lp, sensitivity={q: (v if q == keep else 1.0) for q, v in lp.sensitivity.items()})
+                   for lp, keep in zip(model.layers, types))
+    return replace(model, layers=layers)
+
+
 def build_shards(model: Path, model_sha: str, plan: Plan, n_layer: int, workdir: Path,
                  report: Callable) -> list[ShardInfo]:
     """One shard per stage, named by its content so that identical stages are built once."""
@@ -194,7 +205,7 @@ def switch(deployment_id: str, targets: list[tuple[NodeInfo, ShardInfo]], opts: 
     """Prepare every stage, then activate every stage; on a prepare failure unload what was
     prepared (the previous deployment stays active) and raise AgentError."""
     prepared: list[NodeInfo] = []
-    batch = max(opts.prompt_tokens, opts.concurrency)
+    batch = batch_tokens(opts.prompt_tokens, opts.concurrency)   # as the plan's memory assumed
     try:
         for i, (node, shard) in enumerate(targets):
             nxt = targets[i + 1][0].address if i + 1 < len(targets) else ""

@@ -17,7 +17,7 @@ def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
     """Shapes from the GGUF's metadata; sensitivity from a `model profile` result (None: zero
     for every type, for timing predictions that do not involve the accuracy budget)."""
     from agent import weights as W
-    from agent.quant import LAYER_TYPES
+    from solver.ggml_types import LAYER_TYPES
 
     reader = W.open_gguf(path)
     cfg = W.read_config(reader)
@@ -57,13 +57,13 @@ def plan_table(problem: Problem, plan: Plan) -> Table:
              f"budget {o.max_ppl_increase:g} % perplexity, prompt {w.prompt_tokens} / output {w.output_tokens} "
              f"tokens × {w.concurrency}")
     t = Table(title=title)
-    for col, just in (("stage", "right"), ("node", "left"), ("layers", "left"), ("types", "left"),
-                      ("memory used / available", "right"), ("prefill ms", "right"), ("decode ms/token", "right"),
-                      ("transfer ms", "right")):
+    for col, just in (("#", "right"), ("node", "left"), ("layers", "left"), ("types", "left"),
+                      ("memory used/offered", "right"), ("prefill ms", "right"), ("ms/token", "right"),
+                      ("link ms", "right")):
         t.add_column(col, justify=just)
     for i, (s, sp) in enumerate(zip(plan.stages, pred.stages)):
         t.add_row(str(i), s.node, f"{s.first}-{s.last - 1}", compact_types(s.types),
-                  f"{sp.memory / GiB:.2f} / {sp.memory_available / GiB:.2f} GiB", f"{sp.prefill_s * 1e3:.1f}",
+                  used_of(sp.memory, sp.memory_available), f"{sp.prefill_s * 1e3:.1f}",
                   f"{sp.decode_s * 1e3:.2f}", f"{sp.transfer_s * 1e3:.1f}")
     t.caption = (f"predicted: TTFT {pred.ttft_s * 1e3:.1f} ms, {pred.tpot_s * 1e3:.2f} ms/token, request "
                  f"{pred.latency_s:.3f} s, {pred.tokens_per_s:.1f} tokens/s at {w.concurrency} in flight; "
@@ -85,6 +85,13 @@ def deployed_table(plan: Plan, title: str, unit: str = "GiB") -> Table:
                   f"{sp.memory / scale:.{digits}f} / {sp.memory_available / scale:.{digits}f} {unit}",
                   f"{sp.decode_s * 1e3:.2f}")
     return t
+
+
+def used_of(used: float, offered: float) -> str:
+    """'12.3/16.0 MiB' or '1.20/4.00 GiB': the unit that fits the larger figure."""
+    unit, scale = ("GiB", GiB) if max(used, offered) >= GiB else ("MiB", 2 ** 20)
+    digits = 2 if unit == "GiB" else 1
+    return f"{used / scale:.{digits}f}/{offered / scale:.{digits}f} {unit}"
 
 
 def compact_types(types: tuple[str, ...]) -> str:

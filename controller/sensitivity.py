@@ -1,7 +1,7 @@
 """Sensitivity table: the held-out NLL increase when a single layer is quantized to a type.
 
 sensitivity[l][q] = NLL(model with only layer l at type q) - NLL(master), per token, measured
-with the torch runtime on held-out text. The solver predicts a mixed configuration's loss as
+on held-out text by llama.cpp's engine (agent/runtime.py), the one that serves requests. The solver predicts a mixed configuration's loss as
 the sum over layers (the additive model); `validate_additivity` measures how good that is on
 random mixed configurations and fits a calibration factor when the plain sum is biased.
 
@@ -20,13 +20,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from agent.model import Stage, Step
-from agent.quant import LAYER_TYPES, QTensor
+from agent import weights as W
+from agent.pipeline import log_softmax
+from agent.runtime import Settings, Stage, Step
 from agent.tokenizer import Tokenizer
-from agent.weights import LAYER_MATRICES, StageWeights, load_stage
+from controller.shards import write_shard
+from solver.ggml_types import LAYER_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -38,65 +38,66 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet")) / "profiles"
 
 
-@dataclass
 class Evaluator:
-    """NLL of held-out windows with any layers swapped to other types; layers below the
-    first changed one are not recomputed (their outputs are cached per window)."""
+    """NLL of held-out windows with any layers at other types. Every layer is its own
+    one-layer stage (a shard of the master built by controller/shards.py), so a variant
+    reuses the master's stages and only its changed layers are built; the hidden state
+    entering each layer of the master is kept per window, so layers below the first
+    changed one are not recomputed."""
 
-    master: StageWeights
-    windows: list[list[int]]
-
-    def __post_init__(self):
-        self._quant: dict[tuple[int, str], dict[str, QTensor]] = {}
-        self._inputs: list[list[torch.Tensor | None]] = []   # [window][layer] hidden state entering the layer
+    def __init__(self, master: str | Path, windows: list[list[int]], workdir: Path, threads: int = 0):
+        reader = W.open_gguf(master)
+        self.cfg = W.read_config(reader)
+        self.master_types = W.layer_types(reader)
+        self.master, self.windows, self.workdir = Path(master), windows, Path(workdir)
+        window = max(len(w) for w in windows)
+        self.settings = Settings(sessions=1, context=window, batch_tokens=window, threads=threads or os.cpu_count() or 1)
+        self.sha = ""
+        self._stages = [self._layer_stage(l, self.master_types[l]) for l in range(self.cfg.n_layer)]
+        self._inputs: list[list[np.ndarray]] = []    # [window][layer] hidden state entering the layer (l >= 1)
         self.base_nll = self._run({}, record=True)
 
-    def layer_variant(self, layer: int, qtype: str) -> dict:
-        key = (layer, qtype)
-        if key not in self._quant:
-            src = self.master.layers[layer]
-            q = dict(src)
-            for m in LAYER_MATRICES:
-                q[m] = QTensor.from_float(src[m].dequantize().numpy(), qtype)
-            self._quant[key] = q
-        return self._quant[key]
+    def close(self) -> None:
+        for s in self._stages:
+            s.close()
+
+    def _layer_stage(self, layer: int, qtype: str) -> Stage:
+        types = list(self.master_types)
+        types[layer] = qtype
+        path = self.workdir / f"layer{layer}-{qtype}.gguf"
+        if not path.exists():
+            write_shard(self.master, path, types, layer, layer + 1, master_sha256=self.sha or "0" * 64)
+        return Stage(path, self.settings)
 
     def nll(self, types: dict[int, str]) -> float:
         """Mean NLL per token with layer l at types[l] (others at the master's type)."""
-        return self._run({l: q for l, q in types.items() if q != self.master.layer_types[l]})
+        return self._run({l: q for l, q in types.items() if q != self.master_types[l]})
 
     def _run(self, types: dict[int, str], record: bool = False) -> float:
         start = min(types) if types else 0
-        layers = [self.layer_variant(l, types[l]) if l in types else self.master.layers[l]
-                  for l in range(start, self.master.last)]
-        w = replace(self.master, first=start, layers=layers,
-                    layer_types=[types.get(l, self.master.layer_types[l]) for l in range(start, self.master.last)])
-        stage = Stage(w)
-        total, count = 0.0, 0
-        for wi, ids in enumerate(self.windows):
-            cache = stage.new_cache(len(ids))
-            if record:
-                logits = self._record(wi, ids)
-            elif start == 0:
-                logits = stage.forward([Step(cache, 0, tokens=torch.tensor(ids))], all_logits=True)[0]
-            else:
-                logits = stage.forward([Step(cache, 0, hidden=self._inputs[wi][start])], all_logits=True)[0]
-            total += F.cross_entropy(logits[:-1].double(), torch.tensor(ids[1:]), reduction="sum").item()
-            count += len(ids) - 1
-        return total / count
-
-    def _record(self, wi: int, ids: list[int]) -> torch.Tensor:
-        """Run the master one layer at a time, keeping the hidden state entering each layer."""
-        w = self.master
-        inputs: list[torch.Tensor | None] = []
-        x: torch.Tensor | None = None
-        for l in range(w.last):
-            one = Stage(replace(w, first=l, last=l + 1, layers=[w.layers[l]], layer_types=[w.layer_types[l]]))
-            inputs.append(x)    # None for layer 0, which starts from the tokens
-            step = Step(one.new_cache(len(ids)), 0, tokens=torch.tensor(ids) if l == 0 else None, hidden=x)
-            x = one.forward([step], all_logits=True)[0]
-        self._inputs.append(inputs)
-        return x
+        own = {l: self._layer_stage(l, q) for l, q in types.items()}
+        try:
+            total, count = 0.0, 0
+            for wi, ids in enumerate(self.windows):
+                x: np.ndarray | None = None if start == 0 else self._inputs[wi][start]
+                kept: list[np.ndarray] = [np.zeros(0)]
+                for l in range(start, self.cfg.n_layer):
+                    stage = own.get(l, self._stages[l])
+                    last = l == self.cfg.n_layer - 1
+                    step = (Step(0, 0, tokens=np.asarray(ids), all_logits=last) if x is None
+                            else Step(0, 0, hidden=x, all_logits=last))
+                    x = stage.forward([step])[0]
+                    if record and not last:
+                        kept.append(x)
+                if record:
+                    self._inputs.append(kept)
+                lp = log_softmax(x[:-1])
+                total += float(-lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].sum())
+                count += len(ids) - 1
+            return total / count
+        finally:
+            for st in own.values():
+                st.close()
 
 
 def heldout_windows(model: str | Path, text: str, tokens: int, window: int = 512) -> list[list[int]]:
@@ -113,27 +114,33 @@ def measure(model: str | Path, text: str, types: tuple[str, ...] = LAYER_TYPES, 
     sha256: the GGUF's hash when the caller already has it (hashing a large model is slow)."""
     from controller.shards import file_sha256
 
-    t0 = time.perf_counter()
-    master = load_stage(model)
-    windows = heldout_windows(model, text, tokens)
-    ev = Evaluator(master, windows)
-    n = master.cfg.n_layer
-    todo = [(l, q) for l in range(n) for q in types if q != master.layer_types[l]]
-    table = {str(l): {master.layer_types[l]: 0.0} for l in range(n)}
-    for i, (l, q) in enumerate(todo):
-        table[str(l)][q] = ev.nll({l: q}) - ev.base_nll
-        if progress:
-            progress("sensitivity", i + 1, len(todo))
+    import tempfile
 
-    rng = random.Random(seed)
-    checks = []
-    for i in range(validate):
-        config = {l: rng.choice(types) for l in range(n)}
-        predicted = sum(table[str(l)][q] for l, q in config.items())
-        measured = ev.nll(config) - ev.base_nll
-        checks.append({"types": [config[l] for l in range(n)], "predicted": predicted, "measured": measured})
-        if progress:
-            progress("validation", i + 1, validate)
+    t0 = time.perf_counter()
+    windows = heldout_windows(model, text, tokens)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-sensitivity-") as work:
+        ev = Evaluator(model, windows, Path(work))
+        try:
+            n = ev.cfg.n_layer
+            todo = [(l, q) for l in range(n) for q in types if q != ev.master_types[l]]
+            table = {str(l): {ev.master_types[l]: 0.0} for l in range(n)}
+            for i, (l, q) in enumerate(todo):
+                table[str(l)][q] = ev.nll({l: q}) - ev.base_nll
+                (Path(work) / f"layer{l}-{q}.gguf").unlink(missing_ok=True)
+                if progress:
+                    progress("sensitivity", i + 1, len(todo))
+
+            rng = random.Random(seed)
+            checks = []
+            for i in range(validate):
+                config = {l: rng.choice(types) for l in range(n)}
+                predicted = sum(table[str(l)][q] for l, q in config.items())
+                measured = ev.nll(config) - ev.base_nll
+                checks.append({"types": [config[l] for l in range(n)], "predicted": predicted, "measured": measured})
+                if progress:
+                    progress("validation", i + 1, validate)
+        finally:
+            ev.close()
     return {
         "model": str(model),
         "sha256": sha256 or file_sha256(model),

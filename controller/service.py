@@ -123,8 +123,10 @@ class Control:
         with self._deploy_lock:
             return self._deploy(opts, report, "deploy")
 
-    def plan(self, opts: D.DeployOptions, report: Callable = lambda *a: None):
-        """(problem, plan, live nodes) for these options on the live fleet; nothing is deployed."""
+    def plan(self, opts: D.DeployOptions, report: Callable = lambda *a: None, keep_types: tuple[str, ...] = ()):
+        """(problem, plan, live nodes) for these options on the live fleet; nothing is deployed.
+        keep_types (one per layer): first try a plan with exactly these types (failover keeps
+        the output the same); if the fleet cannot hold them, plan freely."""
         if not opts.model_path.is_file():
             raise ValueError(f"model {opts.model_path} does not exist on the controller's machine; "
                              "give the path of a GGUF file there")
@@ -147,14 +149,17 @@ class Control:
         # excluded nodes are already left out of the live fleet
         problem = D.make_problem(replace(opts, exclude=()), model, D.live_fleet(nodes, model, profiles, links))
         report("plan", f"solving placement on {len(nodes)} nodes", 0, 0)
-        plan = solve(problem)
+        plan = solve(replace(problem, model=D.keeping_types(model, keep_types))) if keep_types else None
+        if plan is None or not plan.ok:
+            plan = solve(problem)
         if not plan.ok:
             raise ValueError(plan.message)
         report("plan", f"{len(plan.stages)} stages, {plan.status}", 1, 1, plan.to_json())
         return problem, plan, nodes
 
-    def _deploy(self, opts: D.DeployOptions, report: Callable, reason: str) -> Deployment:
-        problem, plan, nodes = self.plan(opts, report)
+    def _deploy(self, opts: D.DeployOptions, report: Callable, reason: str,
+                keep_types: tuple[str, ...] = ()) -> Deployment:
+        problem, plan, nodes = self.plan(opts, report, keep_types)
         model = problem.model
         sha = model.sha256
         by_name = {n.name: n for n in nodes}
@@ -268,16 +273,23 @@ class Control:
             # lost nodes are out of registry.usable(); only pins on them must go
             opts = D.DeployOptions.from_dict(dep.request)
             opts = replace(opts, pin=tuple(p for p in opts.pin if p not in dead))
+            old_types = tuple(q for st in dep.plan["stages"] for q in st["types"])
             try:
-                new = self._deploy(opts, lambda *a: None, "failover")
+                new = self._deploy(opts, lambda *a: None, "failover", keep_types=old_types)
             except (ValueError, AgentError) as exc:
                 self.metrics.failovers.labels("failed").inc()
                 self.state.event("failover-failed", f"lost {', '.join(dead)}: {exc}")
                 raise ValueError(f"lost {', '.join(dead)} and cannot re-plan: {exc}") from None
             self.last_recovery_s = time.monotonic() - t0
             self.metrics.failovers.labels("ok").inc()
+            new_types = tuple(q for st in new.plan["stages"] for q in st["types"])
+            same = ("every layer keeps its type, so the output is the one an undisturbed run gives"
+                    if new_types == old_types else
+                    f"the survivors cannot hold the old types: {sum(a != b for a, b in zip(old_types, new_types))} "
+                    f"layers changed type, so the output may differ (predicted perplexity "
+                    f"+{new.plan['prediction']['ppl_increase_pct']:.2f} %)")
             self.state.event("failover", f"lost {', '.join(dead)} ({why}); deployment {new.id} active after "
-                                         f"{self.last_recovery_s:.2f} s")
+                                         f"{self.last_recovery_s:.2f} s; {same}")
             return True
 
     # ---------------------------------------------------------- requests

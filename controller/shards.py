@@ -1,8 +1,16 @@
 """Build shards: GGUF files that hold one stage's tensors, quantized to the plan's per-layer types.
 
-A shard keeps the master's metadata (so it is a self-describing llama-family GGUF) and adds
-the edgefleet.* keys of agent/weights.py. Written for the whole layer range, the same code
-produces a mixed-precision model that llama.cpp loads as is.
+A shard is a llama.cpp model of the stage's layers renumbered from 0 (`block_count` = the
+stage's layer count), with the master's metadata and the edgefleet.* keys of agent/weights.py.
+- A stage that is not last has a one-token vocabulary (`tokenizer.ggml.model` "none"), a
+  1 x n_embd token_embd and a unit output_norm: llama.cpp loads it as it is, and its head
+  costs nothing. It takes hidden states, not tokens.
+- A first stage that is not last looks tokens up itself: the master's token_embd rows follow
+  the GGUF data (llama.cpp and the gguf reader ignore bytes after the last tensor).
+- The last stage keeps the real vocabulary, token_embd, output_norm and output.
+Written for the whole layer range, the same code produces a mixed-precision model that
+llama.cpp loads and runs as is. Each matrix gets the type the plan asks for, or llama.cpp's
+own fallback when its rows do not split into that type's blocks (solver/ggml_types.py).
 """
 from __future__ import annotations
 
@@ -16,7 +24,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from agent import weights as W
-from agent.quant import LAYER_TYPES, QTensor, quantize
+from agent.quant import dequantize, quantize
+from solver.ggml_types import LAYER_TYPES, parse_type, stored_type
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +78,28 @@ def parse_types(spec: str, n_layer: int) -> list[str]:
         parts = parts * n_layer
     elif len(parts) != n_layer:
         raise ValueError(f"{len(parts)} types given for a model of {n_layer} layers; give 1 or {n_layer}")
-    for t in parts:
-        if t not in LAYER_TYPES:
-            raise ValueError(f"unsupported GGUF type {t!r}; choose from {', '.join(LAYER_TYPES)}")
-    return list(parts)
+    return [parse_type(t) for t in parts]
 
 
-def _copy_metadata(reader, writer: GGUFWriter) -> None:
+def _copy_metadata(reader, writer: GGUFWriter, arch: str, stage_layers: int, real_vocab: bool) -> None:
     for key, f in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key.startswith("edgefleet."):
             continue
+        if not real_vocab and (key.startswith("tokenizer.") or key == f"{arch}.vocab_size"):
+            continue
+        value = stage_layers if key == f"{arch}.block_count" else f.contents()
         vtype = f.types[0]
         sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, f.contents(), vtype, sub_type=sub)
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    if not real_vocab:
+        writer.add_string("tokenizer.ggml.model", "none")
+        writer.add_uint32(f"{arch}.vocab_size", 1)
 
 
 def _float_rows(t) -> np.ndarray:
-    """A master tensor as float32 [rows, n_per_row] (dequantized if the master is quantized)."""
-    shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-    if t.tensor_type.name == "F32":
-        return np.asarray(t.data, dtype=np.float32).reshape(shape[0] if len(shape) > 1 else 1, -1)
-    q = QTensor.from_bytes(t.data, t.tensor_type.name, shape)
-    return q.dequantize().numpy().reshape(shape[0] if len(shape) > 1 else 1, -1)
+    """A master tensor as float32 [rows, n_per_row] (dequantized with llama.cpp if quantized)."""
+    n_per_row = int(t.shape[0])
+    return dequantize(np.asarray(t.data), t.tensor_type.name, int(t.n_elements)).reshape(-1, n_per_row)
 
 
 def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
@@ -100,29 +109,41 @@ def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
     reader = W.open_gguf(master)
     cfg = W.read_config(reader)
     last = cfg.n_layer if last is None else last
+    if W.field_value(reader, W.KEY_FIRST) is not None:
+        raise ValueError(f"{Path(master).name} is a shard, not a whole model; build shards from the master GGUF")
     if not (0 <= first < last <= cfg.n_layer):
         raise ValueError(f"layer range [{first}, {last}) is out of bounds for a model of {cfg.n_layer} layers")
     if len(layer_types) != cfg.n_layer:
         raise ValueError(f"{len(layer_types)} layer types given for a model of {cfg.n_layer} layers")
-    for t in layer_types:
-        if t not in LAYER_TYPES:
-            raise ValueError(f"unsupported GGUF type {t!r}; choose from {', '.join(LAYER_TYPES)}")
+    layer_types = [parse_type(t) for t in layer_types]
     master_sha256 = master_sha256 or file_sha256(master)
     has_embd, has_head = first == 0, last == cfg.n_layer
+    tensors = {t.name: t for t in reader.tensors}
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     writer = GGUFWriter(str(tmp), cfg.arch)
-    _copy_metadata(reader, writer)
+    _copy_metadata(reader, writer, cfg.arch, last - first, real_vocab=has_head)
     writer.add_string(W.KEY_MODEL_ID, str(W.field_value(reader, "general.name", Path(master).stem)))
     writer.add_string(W.KEY_MASTER_SHA, master_sha256)
+    writer.add_uint32(W.KEY_MODEL_LAYERS, cfg.n_layer)
     writer.add_uint32(W.KEY_FIRST, first)
     writer.add_uint32(W.KEY_LAST, last)
     writer.add_array(W.KEY_TYPES, list(layer_types[first:last]))
     writer.add_bool(W.KEY_EMBED, has_embd)
     writer.add_bool(W.KEY_HEAD, has_head)
     writer.add_bool(W.KEY_TIED, cfg.tied_embeddings)
+    embd = tensors.get("token_embd.weight")
+    if embd is None:
+        raise ValueError(f"{Path(master).name} lacks token_embd.weight; it is not a complete {cfg.arch} model")
+    trailer = has_embd and not has_head
+    if trailer:
+        writer.add_string(W.KEY_INPUT_TYPE, embd.tensor_type.name)
+        writer.add_uint32(W.KEY_INPUT_ROWS, int(embd.shape[1]))
+
+    def copy(t, name: str | None = None) -> None:
+        writer.add_tensor(name or t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
 
     for t in reader.tensors:
         m = _LAYER_TENSOR.match(t.name)
@@ -130,28 +151,28 @@ def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
             layer = int(m.group(1))
             if not first <= layer < last:
                 continue
-            is_matrix = len(t.shape) == 2
-            target = layer_types[layer] if is_matrix else "F32"
-        elif t.name == "token_embd.weight":
-            if not (has_embd or (has_head and cfg.tied_embeddings)):
-                continue
-            target = None  # keep the master's encoding
-        elif t.name in ("output_norm.weight", "output.weight"):
-            if not has_head:
-                continue
-            target = None
+            name = f"blk.{layer - first}.{m.group(2)}"
+            target = stored_type(layer_types[layer], int(t.shape[0])) if len(t.shape) == 2 else "F32"
+            if target == t.tensor_type.name:
+                copy(t, name)
+            else:
+                writer.add_tensor(name, quantize(_float_rows(t), target), raw_dtype=GGMLQuantizationType[target])
+        elif t.name in ("token_embd.weight", "output_norm.weight", "output.weight"):
+            if has_head:
+                copy(t)
         else:
-            target = None  # rope_freqs and other global tensors travel with every shard
-        if target is None or target == t.tensor_type.name:
-            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-            continue
-        data = quantize(_float_rows(t), target)
-        writer.add_tensor(t.name, data, raw_dtype=GGMLQuantizationType[target])
+            copy(t)  # rope_freqs and other global tensors travel with every shard
+    if not has_head:   # the one-token vocabulary's embedding and head
+        writer.add_tensor("token_embd.weight", np.zeros((1, cfg.n_embd), np.float32))
+        writer.add_tensor("output_norm.weight", np.ones(cfg.n_embd, np.float32))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if trailer:
+        with open(tmp, "ab") as f:
+            f.write(np.asarray(embd.data).tobytes())
     tmp.replace(out)
     info = ShardInfo(path=out, sha256=file_sha256(out), first=first, last=last,
                      layer_types=tuple(layer_types[first:last]), bytes=out.stat().st_size)

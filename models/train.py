@@ -22,7 +22,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from agent.model import apply_rope, rms_norm, rope_angles
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x [..., d], weight [d]
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """Rotation angles [T, D/2] for absolute positions [T]."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return positions.to(torch.float64)[:, None] * inv_freq[None, :]
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor, neox: bool) -> torch.Tensor:
+    """Rotate x [T, heads, D] by angles [T, D/2]: adjacent pairs (llama) or halves (neox)."""
+    cos = torch.cos(angles).to(x.dtype)[:, None, :]
+    sin = torch.sin(angles).to(x.dtype)[:, None, :]
+    if neox:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
 @dataclass(frozen=True)

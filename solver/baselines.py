@@ -93,7 +93,7 @@ def naive_ilp(problem: Problem) -> Plan:
             for k in range(a + 2, L):
                 lp += x[a, n] + x[k, n] - 1 <= x[k - 1, n], f"contig_{a}_{k}_{i}"
         lp += (pulp.lpSum(C.layer_bytes(m, l, q, w) * y[l, n, q] for l in range(L) for q in allowed if (l, n, q) in y)
-               + m.embed_bytes * x[0, n] + m.head_bytes * x[L - 1, n] + C.runtime_bytes(m, w) * u[n]
+               + m.embed_bytes * x[0, n] + C.head_bytes(m, w) * x[L - 1, n] + C.runtime_bytes(m, w) * u[n]
                <= node.memory), f"memory_{i}"
         if n in o.pinned:
             lp += pulp.lpSum(x[l, n] for l in range(L)) >= 1, f"pinned_{i}"

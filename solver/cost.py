@@ -10,6 +10,8 @@ from functools import cached_property
 
 import networkx as nx
 
+from solver import memory as M
+
 from solver.problem import Fleet, LayerProfile, ModelProfile, Node, Workload
 
 REPLY_BYTES = 16      # a sampled token (+ framing) going back up the chain
@@ -46,14 +48,28 @@ def stage_overhead_latency_s(node: Node, w: Workload) -> float:
 
 
 def kv_bytes(layer: LayerProfile, w: Workload) -> int:
-    """KV cache of one layer for all concurrent sequences at full context."""
+    """KV cache of one layer for all concurrent sequences at full context (llama.cpp pads the
+    context to a multiple of 256 positions: the agent's admission counts that, the plan not)."""
     return layer.kv_bytes_per_token * w.ctx * w.concurrency
 
 
 def runtime_bytes(model: ModelProfile, w: Workload) -> int:
-    """Working memory of a stage beyond weights and KV: one dequantized matrix and the
-    activations of a prompt (or of a decode batch) in flight."""
-    return model.scratch_bytes + model.scratch_bytes_per_token * max(w.prompt_tokens, w.concurrency)
+    """Working memory of a stage beyond weights and KV: llama.cpp's compute buffer."""
+    return model.scratch_bytes - M.FIXED_BYTES + M.compute_bytes(
+        model.scratch_bytes_per_token, model.mask_bytes_per_position, w.concurrency, w.ctx,
+        M.batch_tokens(w.prompt_tokens, w.concurrency))
+
+
+def head_bytes(model: ModelProfile, w: Workload) -> int:
+    """What the last stage holds beyond a middle one: the head's weights, and llama.cpp's
+    larger compute buffer while the head runs (with the logits rows it keeps)."""
+    if not model.head_scratch_bytes_per_token:
+        return model.head_bytes
+    head = model.scratch_bytes - M.FIXED_BYTES + M.compute_bytes(
+        model.head_scratch_bytes_per_token, 2 * model.mask_bytes_per_position, w.concurrency, w.ctx,
+        M.batch_tokens(w.prompt_tokens, w.concurrency)) \
+        + 4 * model.n_vocab * w.concurrency
+    return model.head_bytes + max(0, head - runtime_bytes(model, w))
 
 
 def layer_bytes(model: ModelProfile, l: int, q: str, w: Workload) -> int:

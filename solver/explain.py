@@ -35,7 +35,7 @@ def explain(problem: Problem) -> str:
         if not sizes:
             return f"no node supports any of the allowed types ({', '.join(allowed)})"
         smallest.append(min(sizes))
-    weights = sum(b for b, _ in smallest) + m.embed_bytes + m.head_bytes + C.runtime_bytes(m, w)
+    weights = sum(b for b, _ in smallest) + m.embed_bytes + C.head_bytes(m, w) + C.runtime_bytes(m, w)
     kv = sum(C.kv_bytes(lp, w) for lp in m.layers)
     q_min = max(smallest)[1]
     if weights + kv > offered:

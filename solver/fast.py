@@ -77,12 +77,12 @@ def master(problem: Problem, cand: dict, transport: bool = False) -> tuple[pulp.
         lp += k[n] >= u[n], f"count_lo_{i}"
         lp += first[n] <= u[n], f"first_used_{i}"
         lp += last[n] <= u[n], f"last_used_{i}"
-        if node.memory - rt - m.embed_bytes - m.head_bytes < L * min(C.layer_bytes(m, 0, q, w) for q in types[n]):
+        if node.memory - rt - m.embed_bytes - C.head_bytes(m, w) < L * min(C.layer_bytes(m, 0, q, w) for q in types[n]):
             # cannot hold the whole model, so never both ends: without this row the relaxation
             # makes one node fractionally first and last, and the ends' memory all but vanishes
             lp += first[n] + last[n] <= u[n], f"one_end_{i}"
         lp += (pulp.lpSum(C.layer_bytes(m, 0, q, w) * c[n, q] for q in types[n]) + m.embed_bytes * first[n]
-               + m.head_bytes * last[n] + rt * u[n]) * (1.0 / node.memory) <= u[n], f"memory_{i}"
+               + C.head_bytes(m, w) * last[n] + rt * u[n]) * (1.0 / node.memory) <= u[n], f"memory_{i}"
         if n in o.pinned:
             lp += u[n] == 1, f"pinned_{i}"
     lp += pulp.lpSum(k.values()) == L, "all_layers"
@@ -245,7 +245,7 @@ def assign_types(problem: Problem, blocks: list[tuple[str, int, int]], cand: dic
     stage_time = []
     for i, (node_name, a, b) in enumerate(blocks):
         node = fleet.node(node_name)
-        fixed = C.runtime_bytes(m, w) + (m.embed_bytes if i == 0 else 0) + (m.head_bytes if i == len(blocks) - 1 else 0)
+        fixed = C.runtime_bytes(m, w) + (m.embed_bytes if i == 0 else 0) + (C.head_bytes(m, w) if i == len(blocks) - 1 else 0)
         lp += pulp.lpSum(C.layer_bytes(m, l, q, w) * z[l, q] for l in range(a, b) for q in cand[(l, node_name)]) \
             <= node.memory - fixed, f"memory_{i}"
         if o.objective == "latency":
@@ -379,7 +379,7 @@ def greedy_blocks(problem: Problem, cand: dict):
             here = nxt
         room = {}
         for _, name, free, size in chosen:
-            free -= (m.embed_bytes if name == order[0] else 0) + (m.head_bytes if name == order[-1] else 0)
+            free -= (m.embed_bytes if name == order[0] else 0) + (C.head_bytes(m, w) if name == order[-1] else 0)
             room[name] = max(0, free) // size
         if sum(room.values()) < L:
             continue

@@ -54,7 +54,7 @@ def candidates(problem: Problem) -> dict[tuple[int, str], list[str]]:
             continue
         for l, lp in enumerate(m.layers):
             room = node.memory - C.runtime_bytes(m, w) - (m.embed_bytes if l == 0 else 0) \
-                - (m.head_bytes if l == m.n_layer - 1 else 0)
+                - (C.head_bytes(m, w) if l == m.n_layer - 1 else 0)
             opts = []
             for q in allowed:
                 if q not in node.speed or C.layer_bytes(m, l, q, w) > room:
@@ -109,7 +109,7 @@ def build(problem: Problem) -> Model:
         lp += used[n] <= 1, f"contiguous_{i}"
         node = fleet.node(n)
         mem = (pulp.lpSum(C.layer_bytes(m, l, q, w) * z[l, n, q] for l in range(L) for q in cand.get((l, n), []))
-               + m.embed_bytes * f[0, n] + m.head_bytes * f[L - 1, n] + C.runtime_bytes(m, w) * used[n])
+               + m.embed_bytes * f[0, n] + C.head_bytes(m, w) * f[L - 1, n] + C.runtime_bytes(m, w) * used[n])
         # capacity scaled by `used`: in the LP relaxation a node cannot hold a fraction of the
         # model while paying only a fraction of its fixed (runtime, embedding) memory
         lp += mem * (1.0 / node.memory) <= used[n], f"memory_{i}"

@@ -155,7 +155,7 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
 def stage_memory(problem: Problem, st: Stage, first: bool, last: bool) -> int:
     m, w = problem.model, problem.workload
     b = sum(C.layer_bytes(m, l, q, problem.workload) for l, q in zip(range(st.first, st.last), st.types))
-    return b + C.runtime_bytes(m, w) + (m.embed_bytes if first else 0) + (m.head_bytes if last else 0)
+    return b + C.runtime_bytes(m, w) + (m.embed_bytes if first else 0) + (C.head_bytes(m, w) if last else 0)
 
 
 def violations(problem: Problem, stages: tuple[Stage, ...] | list[Stage], tol: float = 1e-6) -> list[str]:

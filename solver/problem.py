@@ -18,8 +18,9 @@ import gguf
 import networkx as nx
 import yaml
 
-# Types a layer may be quantized to, best quality first.
-LAYER_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
+from solver.ggml_types import LAYER_TYPES, tensor_bytes
+from solver.memory import FIXED_BYTES, kv_bytes_per_token
+
 GiB = 1024 ** 3
 
 
@@ -50,8 +51,10 @@ class ModelProfile:
     layers: tuple[LayerProfile, ...]
     embed_bytes: int                # token embedding, held by the first stage
     head_bytes: int                 # output norm + LM head, held by the last stage
-    scratch_bytes_per_token: int    # runtime activation memory per prompt token in flight
-    scratch_bytes: int              # fixed runtime memory of a stage (largest matrix dequantized)
+    scratch_bytes_per_token: int    # llama.cpp compute buffer per token of a batch (solver/memory.py)
+    scratch_bytes: int              # fixed runtime memory of a stage
+    mask_bytes_per_position: int = 0     # compute buffer per token of a batch and context position
+    head_scratch_bytes_per_token: int = 0   # compute buffer per token of a batch while the LM head runs
     sensitivity_source: str = "measured"   # or the proxy used (docs/cost-model.md)
     sha256: str = ""
 
@@ -83,30 +86,28 @@ def model_from_shape(name: str, n_layer: int, n_embd: int, n_head: int, n_head_k
         raise ValueError(f"the sensitivity table has {len(sensitivity)} layers; the model has {n_layer}")
     head_dim = n_embd // n_head
     kv_dim = n_head_kv * head_dim
-    matrices = [n_embd * n_embd, n_embd * kv_dim, n_embd * kv_dim, n_embd * n_embd,  # q k v o
-                n_embd * n_ff, n_embd * n_ff, n_ff * n_embd]                          # gate up down
+    # (rows, elements per row) of q k v o, gate up down: a type applies per row (ggml_types.stored_type)
+    matrices = [(n_embd, n_embd), (kv_dim, n_embd), (kv_dim, n_embd), (n_embd, n_embd),
+                (n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff)]
     norms = 2 * n_embd * 4                                                             # f32 norms
-    params = sum(matrices)
+    params = sum(r * c for r, c in matrices)
     layers = []
     for sens in sensitivity:
         sizes = {}
         for q in LAYER_TYPES:
-            try:
-                sizes[q] = sum(type_bytes(q, m) for m in matrices) + norms
-            except ValueError:
-                continue  # rows not a multiple of this type's block: the type does not apply
+            sizes[q] = sum(tensor_bytes(q, r, c) for r, c in matrices) + norms
         layers.append(LayerProfile(bytes=sizes, flops=2.0 * params, attn_flops_per_ctx=4.0 * n_embd,
-                                   kv_bytes_per_token=2 * kv_dim * 2, sensitivity=dict(sens)))
+                                   kv_bytes_per_token=kv_bytes_per_token(1, n_head_kv, head_dim),
+                                   sensitivity=dict(sens)))
     emb = type_bytes(master_type, n_vocab * n_embd)
     head = n_embd * 4 + (0 if tied else type_bytes(master_type, n_vocab * n_embd))
     if tied:
         head += emb  # the last stage needs the tied matrix too
     return ModelProfile(
         name=name, n_embd=n_embd, n_vocab=n_vocab, layers=tuple(layers), embed_bytes=emb, head_bytes=head,
-        # per prompt token: residual, q/k/v, attention out, gate/up/act (f32) and its logits row
-        scratch_bytes_per_token=4 * (4 * n_embd + 2 * kv_dim + 3 * n_ff),
-        # one weight slice dequantized at a time (agent.quant.DEQUANT_CHUNK_BYTES) + a logits row
-        scratch_bytes=min(4 * max(n_embd * n_ff, n_vocab * n_embd), 64 * 2 ** 20) + 4 * n_vocab,
+        # llama.cpp's compute buffers (solver/memory.py: layer_compute_bytes, head_compute_bytes)
+        scratch_bytes_per_token=4 * (4 * n_embd + 3 * n_ff), scratch_bytes=FIXED_BYTES, mask_bytes_per_position=2,
+        head_scratch_bytes_per_token=4 * (n_vocab + 2 * n_embd),
         sensitivity_source=sensitivity_source, sha256=sha256)
 
 

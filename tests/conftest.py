@@ -19,3 +19,11 @@ def reference_model() -> Path:
 @pytest.fixture(scope="session")
 def heldout_text() -> str:
     return HELDOUT.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct's F16 master, built from the PyPI package (cached outside the repo)."""
+    from models import smollm2
+
+    return smollm2.path("F16")

@@ -13,20 +13,21 @@ from proto import edgefleet_pb2 as pb
 from proto import edgefleet_pb2_grpc as rpc
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENTS = (("desk", "16MiB"), ("laptop", "14MiB"), ("mini", "12MiB"), ("pi", "10MiB"))
+AGENTS = (("desk", "9MiB"), ("laptop", "8MiB"), ("mini", "7MiB"), ("pi", "6MiB"))
 PROMPT = [1, 50, 60, 70, 80, 90]
 
 
 class Fleet:
     token = ""
 
-    def __init__(self, work: Path, agents=AGENTS, token: str = "", extra: tuple[str, ...] = ()):
+    def __init__(self, work: Path, agents=AGENTS, token: str = "", extra: tuple[str, ...] = (),
+                 agent_extra: tuple[str, ...] = ()):
         self.work = work
         self.token = token
         self.controller = start_controller(work, token=token, extra=extra)
         self.port = self.controller.info["port"]
         self.agents = {name: start_agent(name, work, memory=mem, controller=self.controller.address,
-                                          token=token)
+                                          token=token, extra=agent_extra)
                        for name, mem in agents}
         self.wait_alive(len(agents))
 

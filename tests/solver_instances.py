@@ -112,7 +112,7 @@ def brute_force(p: Problem) -> tuple[float, list[Stage] | None]:
                     sub = TV[:, a:b]
                     ok &= sup[sub].all(axis=1)
                     mem = lbytes[np.arange(a, b), sub].sum(axis=1) + C.runtime_bytes(m, w) \
-                        + (m.embed_bytes if i == 0 else 0) + (m.head_bytes if i == S - 1 else 0)
+                        + (m.embed_bytes if i == 0 else 0) + (C.head_bytes(m, w) if i == S - 1 else 0)
                     ok &= mem <= node.memory
                     with np.errstate(invalid="ignore"):
                         lat_total += lat[np.arange(a, b), sub].sum(axis=1)

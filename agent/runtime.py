@@ -1,0 +1,271 @@
+"""A pipeline stage on llama.cpp's own engine, through its public C API (llama-cpp-python's
+low-level bindings).
+
+A stage is a shard (controller/shards.py): a llama.cpp model of the stage's layers. Sessions
+are llama.cpp sequence ids in one context with a unified KV cache, so the steps of several
+sessions go into one `llama_decode` and stay in batch order. A stage that is not first takes
+hidden states through `llama_batch.embd`; a first stage that is not last looks its tokens up
+in the shard's embedding table with ggml's own `to_float` and feeds them the same way. A
+stage that is not last reads the residual stream after its last layer (the tensor llama.cpp
+names `l_out-{k-1}`) in the `cb_eval` callback, with every token of the batch marked as an
+output (llama.cpp keeps only output rows in the last layer). A split is therefore exactly
+llama.cpp running the whole model.
+
+Shapes: N = rows of one decode (tokens of all steps), d = n_embd, V = the stage's vocabulary.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as L
+import numpy as np
+
+from agent import weights as W
+from agent.quant import dequantize
+
+log = logging.getLogger(__name__)
+llama_log = logging.getLogger("llama.cpp")
+
+
+# ------------------------------------------------------------------ the C pieces the bindings lack
+
+@functools.cache
+def _ggml() -> ctypes.CDLL:
+    """libggml-base: tensor names and contents, which the bindings do not expose."""
+    lib = ctypes.CDLL(str(Path(L.__file__).resolve().parent / "lib" / "libggml-base.so"))
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    return lib
+
+
+# ggml log levels: 1 debug, 2 info, 3 warn, 4 error, 5 continue (llama.cpp warns about much that is benign)
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
+_last_level = [logging.DEBUG]
+
+
+@L.llama_log_callback
+def _route_log(level: int, text: bytes, _user) -> None:
+    # llama.cpp's own log goes to our logger (never straight to stdout/stderr); level 5 continues a line
+    lvl = _last_level[0] if level == 5 else _LEVELS.get(level, logging.DEBUG)
+    _last_level[0] = lvl
+    msg = text.decode("utf-8", errors="replace").rstrip("\n")
+    if msg:
+        llama_log.log(lvl, "%s", msg)
+
+
+@functools.cache
+def init_llama() -> None:
+    """Route llama.cpp's log to the logger and initialise its backend (once per process)."""
+    L.llama_log_set(_route_log, ctypes.c_void_p(0))
+    L.llama_backend_init()
+
+
+# ------------------------------------------------------------------ settings and steps
+
+@dataclass(frozen=True)
+class Settings:
+    """How a stage's llama.cpp context is made."""
+
+    sessions: int = 1          # sequences that may hold KV cache at once (n_seq_max)
+    context: int = 512         # positions per session (the KV cache holds sessions x context)
+    batch_tokens: int = 512    # most tokens in one llama_decode (n_batch = n_ubatch)
+    threads: int = 2           # compute threads (their spin policy: OMP_WAIT_POLICY, see agent/daemon.py)
+    flash_attn: bool = True    # llama.cpp's flash attention: faster prefill and smaller compute buffers here (docs/runtime.md)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One session's new tokens for one stage."""
+
+    seq: int                           # llama.cpp sequence id of the session
+    position: int                      # absolute position of the first new token
+    tokens: np.ndarray | None = None   # [T] int (first stage)
+    hidden: np.ndarray | None = None   # [T, d] float32 (later stages)
+    all_logits: bool = False           # last stage: logits of every token, not only the last
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens) if self.tokens is not None else int(self.hidden.shape[0])
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused a decode (no KV slot, bad input); the message says which."""
+
+
+# ------------------------------------------------------------------ the stage
+
+class Stage:
+    """Layers [first, last) of a model, loaded from a shard (or a whole model) with llama.cpp.
+
+    Not thread-safe: one thread (the agent's compute thread) calls forward/forget."""
+
+    def __init__(self, path: str | Path, settings: Settings = Settings()):
+        init_llama()
+        self.path = Path(path)
+        self.settings = settings
+        reader = W.open_gguf(path)
+        self.cfg = W.read_config(reader)
+        self.first, self.last = W.stage_range(reader, self.cfg)
+        self.layer_types = W.layer_types(reader)
+        self.has_embedding = self.first == 0
+        self.has_head = self.last == self.cfg.n_layer
+        embedding = W.input_embedding(path, reader, self.cfg) if self.has_embedding and not self.has_head else None
+        self._embedding = embedding            # (raw rows [V_in, row bytes], type) for a first stage
+        self.input_vocab = embedding[0].shape[0] if embedding else (self.cfg.n_vocab if self.has_embedding else 0)
+        self.takes_tokens = self.has_embedding
+        self._feeds_tokens = self.has_embedding and self.has_head    # a whole model reads token ids itself
+        del reader
+
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        self._model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self._model:
+            raise ValueError(f"llama.cpp cannot load {self.path.name}; rebuild the shard from its master")
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self._model))
+        self.n_embd = self.cfg.n_embd
+
+        cp = L.llama_context_default_params()
+        cp.n_ctx = settings.sessions * settings.context
+        cp.n_batch = cp.n_ubatch = settings.batch_tokens
+        cp.n_seq_max = settings.sessions
+        cp.n_threads = cp.n_threads_batch = settings.threads
+        cp.kv_unified = True          # one cache for all sessions: batches keep their order
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cp.no_perf = True
+        self._target = f"l_out-{self.last - self.first - 1}".encode()
+        self._captured: list[np.ndarray] = []
+        if not self.has_head:
+            self._cb = L.ggml_backend_sched_eval_callback(self._capture)
+            cp.cb_eval = self._cb
+        self._ctx = L.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            L.llama_model_free(self._model)
+            raise ValueError(f"llama.cpp cannot make a context of {cp.n_ctx} positions for {self.path.name}")
+        self._mem = L.llama_get_memory(self._ctx)
+        cap = settings.batch_tokens
+        self._batch = L.llama_batch_init(cap, 0 if self._feeds_tokens else self.n_embd, 1)
+        b = self._batch
+        self._b_tok = np.ctypeslib.as_array(b.token, (cap,)) if self._feeds_tokens else None
+        self._b_embd = None if self._feeds_tokens else np.ctypeslib.as_array(b.embd, (cap, self.n_embd))
+        self._b_pos = np.ctypeslib.as_array(b.pos, (cap,))
+        self._b_nseq = np.ctypeslib.as_array(b.n_seq_id, (cap,))
+        self._b_out = np.ctypeslib.as_array(b.logits, (cap,))
+        self._b_seq = [b.seq_id[i] for i in range(cap)]
+        self._lock = threading.Lock()
+        log.info("loaded layers [%d, %d) of %s: %d sessions x %d positions, batch %d, %d threads",
+                 self.first, self.last, self.path.name, settings.sessions, settings.context,
+                 settings.batch_tokens, settings.threads)
+
+    # ---------------------------------------------------------- sessions
+
+    def forget(self, seq: int, position: int = 0) -> None:
+        """Drop a session's KV cells from `position` on (0: the whole session)."""
+        if self._ctx:
+            L.llama_memory_seq_rm(self._mem, seq, position, -1)
+
+    # ---------------------------------------------------------- compute
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """Rows of the input embedding table for token ids [T] -> [T, d] float32."""
+        table, qtype = self._embedding
+        rows = table[np.asarray(tokens, dtype=np.int64)]
+        return dequantize(rows, qtype, rows.shape[0] * self.n_embd).reshape(-1, self.n_embd)
+
+    def forward(self, steps: list[Step]) -> list[np.ndarray]:
+        """Run the steps through this stage. Returns per step the hidden states [T, d] (a stage
+        that is not last) or logits: [T, V] if step.all_logits else [1, V] (the last stage).
+        Each step first forgets the session's cells from its position (a replay)."""
+        for s in steps:
+            self.forget(s.seq, s.position)
+        rows_seq = np.concatenate([np.full(s.n_tokens, s.seq, np.int32) for s in steps])
+        rows_pos = np.concatenate([np.arange(s.position, s.position + s.n_tokens, dtype=np.int32) for s in steps])
+        ends = np.cumsum([s.n_tokens for s in steps])
+        wanted = np.zeros(len(rows_seq), np.int8)
+        for s, end in zip(steps, ends):
+            if not self.has_head:
+                wanted[end - s.n_tokens:end] = 1
+            elif s.all_logits:
+                wanted[end - s.n_tokens:end] = 1
+            else:
+                wanted[end - 1] = 1
+        if self._feeds_tokens:
+            inputs = np.concatenate([np.asarray(s.tokens, np.int32) for s in steps])
+        elif self.has_embedding:
+            inputs = self.embed(np.concatenate([np.asarray(s.tokens) for s in steps]))
+        else:
+            inputs = np.concatenate([np.asarray(s.hidden, np.float32).reshape(-1, self.n_embd) for s in steps])
+
+        out_rows: list[np.ndarray] = []
+        cap = self.settings.batch_tokens
+        for a in range(0, len(rows_seq), cap):
+            out_rows.extend(self._decode(inputs[a:a + cap], rows_pos[a:a + cap], rows_seq[a:a + cap],
+                                         wanted[a:a + cap]))
+        flat = np.concatenate(out_rows) if out_rows else np.zeros((0, self.n_embd), np.float32)
+        # split the output rows back into steps
+        outs, i = [], 0
+        for s in steps:
+            n = s.n_tokens if (not self.has_head or s.all_logits) else 1
+            outs.append(flat[i:i + n])
+            i += n
+        return outs
+
+    def _decode(self, inputs: np.ndarray, pos: np.ndarray, seq: np.ndarray, wanted: np.ndarray) -> list[np.ndarray]:
+        n = len(pos)
+        if self._feeds_tokens:
+            self._b_tok[:n] = inputs
+        else:
+            self._b_embd[:n] = inputs
+        self._b_pos[:n] = pos
+        self._b_nseq[:n] = 1
+        self._b_out[:n] = wanted
+        for i in range(n):
+            self._b_seq[i][0] = int(seq[i])
+        self._batch.n_tokens = n
+        self._captured = []
+        rc = L.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise LlamaError(f"llama_decode failed with status {rc}"
+                             + (" (no free KV-cache cells)" if rc == 1 else ""))
+        if not self.has_head:
+            rows = np.concatenate(self._captured) if len(self._captured) > 1 else self._captured[0]
+            assert rows.shape == (n, self.n_embd), (rows.shape, n)
+            return [rows]
+        out = []
+        for i in np.flatnonzero(wanted):
+            ptr = L.llama_get_logits_ith(self._ctx, int(i))
+            out.append(np.ctypeslib.as_array(ptr, (1, self.n_vocab)).copy())
+        return out
+
+    def _capture(self, tensor, ask: bool, _user) -> bool:
+        base = _ggml()
+        if base.ggml_get_name(tensor) != self._target:
+            return False if ask else True
+        if ask:
+            return True
+        nbytes = base.ggml_nbytes(tensor)
+        buf = np.empty(nbytes // 4, dtype=np.float32)
+        base.ggml_backend_tensor_get(tensor, buf.ctypes.data, 0, nbytes)
+        self._captured.append(buf.reshape(-1, self.n_embd))
+        return True
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            L.llama_batch_free(self._batch)
+            L.llama_free(self._ctx)
+            self._ctx = None
+            L.llama_model_free(self._model)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass

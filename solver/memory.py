@@ -1,0 +1,84 @@
+"""The memory model: what a stage costs on its node when llama.cpp runs it (one formula, used
+by the solver's constraints, the controller's messages and the agent's admission).
+
+A stage holds
+- its weights (the shard's tensors; llama.cpp maps the file and reads every page it uses),
+- the KV cache: F16 K and V for each of its layers, for n_ctx = sessions x context positions
+  rounded up to a multiple of 256 (llama.cpp pads the context so),
+- llama.cpp's compute buffer, sized when the context is made for the largest batch: with
+  flash attention, T tokens (T = min(batch, n_ctx)) of activations, 4 x (4 d + 3 n_ff) bytes
+  each, and the F16 attention mask (2 x T x n_ctx); a stage with the LM head may peak instead
+  at the head: T rows of logits and two of d, 4 bytes each, while the mask is still live,
+- the logits rows llama.cpp keeps for the sessions (last stage: n_vocab floats per session).
+The compute-buffer terms were read off llama.cpp's own log ("CPU compute buffer size") for
+SmolLM2-135M and the reference model across sessions 1-8, context 256-2048 and batches
+64-512 (the formula is at or above every reading; tests/test_memory.py checks the resident
+memory of real agents against it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BATCH_TOKENS = 512          # most tokens in one llama_decode (a prompt is fed in slices of this)
+CTX_PAD = 256               # llama.cpp rounds the context up to a multiple of this
+FIXED_BYTES = 1 << 20       # small buffers of a context (graph metadata, inputs)
+
+
+def batch_tokens(prompt_tokens: int, concurrency: int) -> int:
+    """Tokens one llama_decode of a deployment takes at most: a whole prompt, or one decode
+    step of every session, up to BATCH_TOKENS (a longer prompt goes in slices)."""
+    return max(1, min(BATCH_TOKENS, max(prompt_tokens, concurrency)))
+
+
+def padded_context(sessions: int, context: int) -> int:
+    n = max(1, sessions * context)
+    return -(-n // CTX_PAD) * CTX_PAD
+
+
+def kv_bytes_per_token(n_layers: int, n_head_kv: int, head_dim: int) -> int:
+    """F16 K and V of one position in n_layers layers (GQA: only the KV heads are stored)."""
+    return n_layers * 2 * n_head_kv * head_dim * 2
+
+
+def compute_bytes(per_token: int, per_token_position: int, sessions: int, context: int,
+                  batch_tokens: int = BATCH_TOKENS) -> int:
+    """A compute buffer sized for T = min(batch, n_ctx) tokens: per_token bytes each, and
+    per_token_position bytes for each of them and each of the n_ctx positions (the mask)."""
+    n_ctx = padded_context(sessions, context)
+    t = min(batch_tokens, n_ctx)
+    return t * (per_token + per_token_position * n_ctx) + FIXED_BYTES
+
+
+def layer_compute_bytes(n_embd: int, n_ff: int, sessions: int, context: int,
+                        batch_tokens: int = BATCH_TOKENS) -> int:
+    """llama.cpp's compute buffer for a stage without the LM head."""
+    return compute_bytes(4 * (4 * n_embd + 3 * n_ff), 2, sessions, context, batch_tokens)
+
+
+def head_compute_bytes(n_embd: int, n_vocab: int, sessions: int, context: int,
+                       batch_tokens: int = BATCH_TOKENS) -> int:
+    """llama.cpp's compute buffer while the LM head runs, plus the logits rows it keeps."""
+    return compute_bytes(4 * (n_vocab + 2 * n_embd), 4, sessions, context, batch_tokens) + 4 * n_vocab * sessions
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes a stage needs on its node."""
+
+    weights: int     # the shard's tensors (and a first stage's embedding table)
+    kv_cache: int    # F16 K and V, sessions x context positions (padded)
+    compute: int     # llama.cpp's compute buffer and kept logits
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute
+
+
+def stage_memory(weights: int, n_layers: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int,
+                 n_vocab: int, sessions: int, context: int, batch_tokens: int = BATCH_TOKENS) -> StageMemory:
+    """Memory of a stage of n_layers layers; n_vocab is 1 for a stage without the LM head."""
+    kv = kv_bytes_per_token(n_layers, n_head_kv, n_embd // n_head) * padded_context(sessions, context)
+    compute = layer_compute_bytes(n_embd, n_ff, sessions, context, batch_tokens)
+    if n_vocab > 1:
+        compute = max(compute, head_compute_bytes(n_embd, n_vocab, sessions, context, batch_tokens))
+    return StageMemory(weights, kv, compute)
