@@ -61,22 +61,33 @@ def model_info(model_path: Path, as_json: bool) -> None:
     reader = W.open_gguf(model_path)
     cfg = W.read_config(reader)
     first, last = W.stage_range(reader, cfg)
-    layer_types = {}
+    stored: dict[int, dict[str, str]] = {}     # layer -> matrix -> type it is stored at
     for t in reader.tensors:
-        if t.name.startswith("blk.") and t.name.endswith("ffn_down.weight"):
-            layer_types[int(t.name.split(".")[1])] = t.tensor_type.name
+        parts = t.name.split(".")
+        if parts[0] == "blk" and len(t.shape) == 2:
+            stored.setdefault(first + int(parts[1]), {})[parts[2]] = t.tensor_type.name
+    asked = W.layer_types(reader)
     info = {"path": str(model_path), "config": cfg.__dict__, "layers": [first, last],
-            "layer_types": [layer_types[i] for i in sorted(layer_types)],
+            "layer_types": asked, "tensor_types": [stored[i] for i in sorted(stored)],
             "tensor_bytes": int(sum(int(t.n_bytes) for t in reader.tensors))}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
     table = Table(title=f"{model_path.name}: {cfg.arch}, {cfg.n_layer} layers, d={cfg.n_embd}, "
-                        f"heads {cfg.n_head}/{cfg.n_head_kv}, ffn {cfg.n_ff}, vocab {cfg.n_vocab}")
-    table.add_column("layers")
-    table.add_column("types")
-    table.add_column("tensor bytes", justify="right")
-    table.add_row(f"[{first}, {last})", ",".join(info["layer_types"]), f"{info['tensor_bytes']:,}")
+                        f"heads {cfg.n_head}/{cfg.n_head_kv}, ffn {cfg.n_ff}, vocab {cfg.n_vocab}; "
+                        f"{info['tensor_bytes'] / 2 ** 20:.1f} MiB of tensors")
+    for col in ("layers", "type", "matrices stored as (fallback where rows do not fit)"):
+        table.add_column(col)
+    rows: list[list] = []
+    for i, q in zip(sorted(stored), asked):
+        kinds = list(stored[i].values())
+        mix = ", ".join(f"{t}×{kinds.count(t)}" for t in dict.fromkeys(kinds)) if set(kinds) != {q} else q
+        if rows and rows[-1][1:] == [q, mix] and rows[-1][0][1] == i - 1:
+            rows[-1][0][1] = i
+        else:
+            rows.append([[i, i], q, mix])
+    for (a_, b_), q, mix in rows:
+        table.add_row(f"{a_}" if a_ == b_ else f"{a_}-{b_}", q, mix)
     console.print(table)
 
 

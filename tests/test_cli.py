@@ -129,3 +129,15 @@ def test_plan_from_gguf_uses_measured_sensitivity(reference_model, tmp_path):
     plan = json.loads(out.stdout)
     assert plan["status"] == "optimal"
     assert plan["prediction"]["ppl_increase_pct"] <= 5.0
+
+
+def test_info_shows_the_type_each_matrix_really_gets(smollm2, tmp_path):
+    out = run("model", "shard", str(smollm2), "--types", "Q4_K", "--layers", "0:2", "-o", str(tmp_path / "s.gguf"))
+    assert out.returncode == 0, out.stderr
+    info = run("model", "info", str(tmp_path / "s.gguf"), "--json")
+    data = json.loads(info.stdout)
+    assert data["layer_types"] == ["Q4_K", "Q4_K"]
+    # rows of 576 do not split into 256-blocks: llama.cpp's quantize gives those matrices Q5_0
+    assert data["tensor_types"][0]["attn_q"] == "Q5_0" and data["tensor_types"][0]["ffn_down"] == "Q4_K"
+    table = run("model", "info", str(tmp_path / "s.gguf"))
+    assert "Q4_K×1, Q5_0×6" in table.stdout
