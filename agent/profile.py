@@ -37,8 +37,7 @@ def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> None:
         sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
         writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
     writer.add_uint32(f"{cfg.arch}.block_count", 1)
-    writer.add_uint32(f"{cfg.arch}.vocab_size", 1)
-    writer.add_string("tokenizer.ggml.model", "none")
+    W.add_one_token_vocabulary(writer, cfg.arch, cfg.n_embd)
     writer.add_uint32(W.KEY_MODEL_LAYERS, 3)   # a middle stage: layer 1 of 3
     writer.add_uint32(W.KEY_FIRST, 1)
     writer.add_uint32(W.KEY_LAST, 2)
@@ -53,12 +52,7 @@ def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> None:
                 writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
         elif t.name == "rope_freqs.weight":
             writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    writer.add_tensor("token_embd.weight", np.zeros((1, cfg.n_embd), np.float32))
-    writer.add_tensor("output_norm.weight", np.ones(cfg.n_embd, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    W.write_out(writer)
 
 
 def _median_time(fn, repeats: int) -> float:

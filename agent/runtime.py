@@ -160,6 +160,9 @@ class Stage:
         self._b_nseq = np.ctypeslib.as_array(b.n_seq_id, (cap,))
         self._b_out = np.ctypeslib.as_array(b.logits, (cap,))
         self._b_seq = [b.seq_id[i] for i in range(cap)]
+        self._seq_set = [-1] * cap                     # what each batch row's seq_id[0] holds now
+        self._held: dict[int, int] = {}                # seq -> positions it holds
+        self._logits_row = ctypes.c_float * self.n_vocab
         self._lock = threading.Lock()
         log.info("loaded layers [%d, %d) of %s: %d sessions x %d positions, batch %d, %d threads",
                  self.first, self.last, self.path.name, settings.sessions, settings.context,
@@ -169,8 +172,9 @@ class Stage:
 
     def forget(self, seq: int, position: int = 0) -> None:
         """Drop a session's KV cells from `position` on (0: the whole session)."""
-        if self._ctx:
+        if self._ctx and self._held.get(seq, 0) > position:
             L.llama_memory_seq_rm(self._mem, seq, position, -1)
+        self._held[seq] = min(self._held.get(seq, 0), position)
 
     # ---------------------------------------------------------- compute
 
@@ -184,32 +188,26 @@ class Stage:
         """Run the steps through this stage. Returns per step the hidden states [T, d] (a stage
         that is not last) or logits: [T, V] if step.all_logits else [1, V] (the last stage).
         Each step first forgets the session's cells from its position (a replay)."""
+        rows_seq, rows_pos, wanted, inputs = [], [], [], []
         for s in steps:
             self.forget(s.seq, s.position)
-        rows_seq = np.concatenate([np.full(s.n_tokens, s.seq, np.int32) for s in steps])
-        rows_pos = np.concatenate([np.arange(s.position, s.position + s.n_tokens, dtype=np.int32) for s in steps])
-        ends = np.cumsum([s.n_tokens for s in steps])
-        wanted = np.zeros(len(rows_seq), np.int8)
-        for s, end in zip(steps, ends):
-            if not self.has_head:
-                wanted[end - s.n_tokens:end] = 1
-            elif s.all_logits:
-                wanted[end - s.n_tokens:end] = 1
-            else:
-                wanted[end - 1] = 1
-        if self._feeds_tokens:
-            inputs = np.concatenate([np.asarray(s.tokens, np.int32) for s in steps])
-        elif self.has_embedding:
-            inputs = self.embed(np.concatenate([np.asarray(s.tokens) for s in steps]))
-        else:
-            inputs = np.concatenate([np.asarray(s.hidden, np.float32).reshape(-1, self.n_embd) for s in steps])
+            n = s.n_tokens
+            rows_seq += [s.seq] * n
+            rows_pos += range(s.position, s.position + n)
+            every = not self.has_head or s.all_logits
+            wanted += [1] * n if every else [0] * (n - 1) + [1]
+            inputs.append(s.tokens if s.tokens is not None else np.asarray(s.hidden, np.float32).reshape(-1, self.n_embd))
+            self._held[s.seq] = s.position + n
+        inputs = np.concatenate(inputs) if len(inputs) > 1 else np.asarray(inputs[0])
+        if self.has_embedding and not self._feeds_tokens:
+            inputs = self.embed(inputs)
 
         out_rows: list[np.ndarray] = []
         cap = self.settings.batch_tokens
         for a in range(0, len(rows_seq), cap):
             out_rows.extend(self._decode(inputs[a:a + cap], rows_pos[a:a + cap], rows_seq[a:a + cap],
                                          wanted[a:a + cap]))
-        flat = np.concatenate(out_rows) if out_rows else np.zeros((0, self.n_embd), np.float32)
+        flat = np.concatenate(out_rows) if len(out_rows) > 1 else out_rows[0]
         # split the output rows back into steps
         outs, i = [], 0
         for s in steps:
@@ -218,7 +216,7 @@ class Stage:
             i += n
         return outs
 
-    def _decode(self, inputs: np.ndarray, pos: np.ndarray, seq: np.ndarray, wanted: np.ndarray) -> list[np.ndarray]:
+    def _decode(self, inputs: np.ndarray, pos: list[int], seq: list[int], wanted: list[int]) -> list[np.ndarray]:
         n = len(pos)
         if self._feeds_tokens:
             self._b_tok[:n] = inputs
@@ -228,11 +226,15 @@ class Stage:
         self._b_nseq[:n] = 1
         self._b_out[:n] = wanted
         for i in range(n):
-            self._b_seq[i][0] = int(seq[i])
+            if self._seq_set[i] != seq[i]:      # ctypes writes only where the sequence changed
+                self._b_seq[i][0] = self._seq_set[i] = seq[i]
         self._batch.n_tokens = n
         self._captured = []
         rc = L.llama_decode(self._ctx, self._batch)
         if rc != 0:
+            for s in set(seq):        # what this decode may have left half-written is not held
+                self._held[s] = 0
+                L.llama_memory_seq_rm(self._mem, s, -1, -1)
             raise LlamaError(f"llama_decode failed with status {rc}"
                              + (" (no free KV-cache cells)" if rc == 1 else ""))
         if not self.has_head:
@@ -240,9 +242,11 @@ class Stage:
             assert rows.shape == (n, self.n_embd), (rows.shape, n)
             return [rows]
         out = []
-        for i in np.flatnonzero(wanted):
-            ptr = L.llama_get_logits_ith(self._ctx, int(i))
-            out.append(np.ctypeslib.as_array(ptr, (1, self.n_vocab)).copy())
+        for i, w in enumerate(wanted):
+            if w:
+                ptr = L.llama_get_logits_ith(self._ctx, i)
+                row = self._logits_row.from_address(ctypes.cast(ptr, ctypes.c_void_p).value)
+                out.append(np.frombuffer(row, dtype=np.float32).reshape(1, -1).copy())
         return out
 
     def _capture(self, tensor, ask: bool, _user) -> bool:

@@ -153,3 +153,20 @@ def input_embedding(path: str | Path, reader: GGUFReader, cfg: ModelConfig) -> t
         raise ValueError(f"{Path(path).name} is truncated: its embedding table needs {total} bytes")
     table = np.memmap(path, dtype=np.uint8, mode="r", offset=size_on_disk - total, shape=(rows, row_bytes))
     return table, str(qtype)
+
+
+def add_one_token_vocabulary(writer, arch: str, n_embd: int) -> None:
+    """What makes a stage without the LM head a llama.cpp model: a one-token vocabulary, its
+    1 x n_embd embedding and a unit output norm (the head then costs nothing)."""
+    writer.add_string("tokenizer.ggml.model", "none")
+    writer.add_uint32(f"{arch}.vocab_size", 1)
+    writer.add_tensor("token_embd.weight", np.zeros((1, n_embd), np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+
+
+def write_out(writer) -> None:
+    """Write a GGUFWriter's header, metadata and tensors, and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -61,12 +61,15 @@ else:
     llm = llama_cpp.Llama(path, n_ctx=640, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
                           flash_attn=True, verbose=False)
     rss = proc.memory_info().rss
+    def last_logits():
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, (llm.n_vocab(),))
     def decode(n):
         llm.reset(); llm.eval(prompt)
         out = []
         t = time.perf_counter()
         for _ in range(n):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            out.append(int(np.argmax(last_logits())))
             llm.eval(out[-1:])
         return out, n / (time.perf_counter() - t)
     def prefill():

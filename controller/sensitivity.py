@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from agent import weights as W
-from agent.pipeline import log_softmax
+from agent.pipeline import token_nll
 from agent.runtime import Settings, Stage, Step
 from agent.tokenizer import Tokenizer
 from controller.shards import write_shard
@@ -39,11 +39,13 @@ def cache_dir() -> Path:
 
 
 class Evaluator:
-    """NLL of held-out windows with any layers at other types. Every layer is its own
-    one-layer stage (a shard of the master built by controller/shards.py), so a variant
-    reuses the master's stages and only its changed layers are built; the hidden state
-    entering each layer of the master is kept per window, so layers below the first
-    changed one are not recomputed."""
+    """NLL of held-out windows with any layers at other types, on llama.cpp stages built from
+    the master by controller/shards.py. The hidden state entering each layer of the master is
+    kept per window, so layers below the first changed one are not recomputed. Unchanged
+    layers run as master stages: one-layer stages up to the next multiple of CHUNK, then
+    CHUNK-layer stages (fewer, larger decodes); a changed layer is its own one-layer stage."""
+
+    CHUNK = 6
 
     def __init__(self, master: str | Path, windows: list[list[int]], workdir: Path, threads: int = 0):
         reader = W.open_gguf(master)
@@ -52,22 +54,37 @@ class Evaluator:
         self.master, self.windows, self.workdir = Path(master), windows, Path(workdir)
         window = max(len(w) for w in windows)
         self.settings = Settings(sessions=1, context=window, batch_tokens=window, threads=threads or os.cpu_count() or 1)
-        self.sha = ""
-        self._stages = [self._layer_stage(l, self.master_types[l]) for l in range(self.cfg.n_layer)]
+        n = self.cfg.n_layer
+        self._stages = {(l, l + 1): self._stage(l, l + 1, {}) for l in range(n)}
+        self._stages.update({(a, min(a + self.CHUNK, n)): self._stage(a, min(a + self.CHUNK, n), {})
+                             for a in range(0, n, self.CHUNK)})
         self._inputs: list[list[np.ndarray]] = []    # [window][layer] hidden state entering the layer (l >= 1)
         self.base_nll = self._run({}, record=True)
 
     def close(self) -> None:
-        for s in self._stages:
+        for s in self._stages.values():
             s.close()
 
-    def _layer_stage(self, layer: int, qtype: str) -> Stage:
-        types = list(self.master_types)
-        types[layer] = qtype
-        path = self.workdir / f"layer{layer}-{qtype}.gguf"
+    def _stage(self, first: int, last: int, types: dict[int, str]) -> Stage:
+        """Layers [first, last) with the master's types but where `types` says otherwise."""
+        full = [types.get(l, q) for l, q in enumerate(self.master_types)]
+        path = self.workdir / f"layers{first}-{last}-{'.'.join(full[first:last])}.gguf"
         if not path.exists():
-            write_shard(self.master, path, types, layer, layer + 1, master_sha256=self.sha or "0" * 64)
+            write_shard(self.master, path, full, first, last, master_sha256="0" * 64)
         return Stage(path, self.settings)
+
+    def _route(self, start: int, types: dict[int, str], record: bool) -> list[tuple[int, int]]:
+        """The stages, as layer ranges, that carry layers [start, n): one layer at a time where
+        a layer changes or every layer's input is recorded, master chunks elsewhere."""
+        n, out, l = self.cfg.n_layer, [], start
+        while l < n:
+            if record or l in types or l % self.CHUNK or any(c in types for c in range(l, l + self.CHUNK)):
+                out.append((l, l + 1))
+                l += 1
+            else:
+                out.append((l, min(l + self.CHUNK, n)))
+                l = out[-1][1]
+        return out
 
     def nll(self, types: dict[int, str]) -> float:
         """Mean NLL per token with layer l at types[l] (others at the master's type)."""
@@ -75,15 +92,16 @@ class Evaluator:
 
     def _run(self, types: dict[int, str], record: bool = False) -> float:
         start = min(types) if types else 0
-        own = {l: self._layer_stage(l, q) for l, q in types.items()}
+        own = {(l, l + 1): self._stage(l, l + 1, {l: q}) for l, q in types.items()}
+        route = self._route(start, types, record)
         try:
             total, count = 0.0, 0
             for wi, ids in enumerate(self.windows):
                 x: np.ndarray | None = None if start == 0 else self._inputs[wi][start]
                 kept: list[np.ndarray] = [np.zeros(0)]
-                for l in range(start, self.cfg.n_layer):
-                    stage = own.get(l, self._stages[l])
-                    last = l == self.cfg.n_layer - 1
+                for a, b in route:
+                    stage = own.get((a, b)) or self._stages[(a, b)]
+                    last = b == self.cfg.n_layer
                     step = (Step(0, 0, tokens=np.asarray(ids), all_logits=last) if x is None
                             else Step(0, 0, hidden=x, all_logits=last))
                     x = stage.forward([step])[0]
@@ -91,8 +109,7 @@ class Evaluator:
                         kept.append(x)
                 if record:
                     self._inputs.append(kept)
-                lp = log_softmax(x[:-1])
-                total += float(-lp[np.arange(len(ids) - 1), np.asarray(ids[1:])].sum())
+                total += float(token_nll(x[:-1], ids[1:]).sum())
                 count += len(ids) - 1
             return total / count
         finally:
@@ -126,7 +143,6 @@ def measure(model: str | Path, text: str, types: tuple[str, ...] = LAYER_TYPES, 
             table = {str(l): {ev.master_types[l]: 0.0} for l in range(n)}
             for i, (l, q) in enumerate(todo):
                 table[str(l)][q] = ev.nll({l: q}) - ev.base_nll
-                (Path(work) / f"layer{l}-{q}.gguf").unlink(missing_ok=True)
                 if progress:
                     progress("sensitivity", i + 1, len(todo))
 

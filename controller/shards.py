@@ -14,6 +14,7 @@ own fallback when its rows do not split into that type's blocks (solver/ggml_typ
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -91,9 +92,6 @@ def _copy_metadata(reader, writer: GGUFWriter, arch: str, stage_layers: int, rea
         vtype = f.types[0]
         sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(key, value, vtype, sub_type=sub)
-    if not real_vocab:
-        writer.add_string("tokenizer.ggml.model", "none")
-        writer.add_uint32(f"{arch}.vocab_size", 1)
 
 
 def _float_rows(t) -> np.ndarray:
@@ -102,11 +100,19 @@ def _float_rows(t) -> np.ndarray:
     return dequantize(np.asarray(t.data), t.tensor_type.name, int(t.n_elements)).reshape(-1, n_per_row)
 
 
+@functools.lru_cache(maxsize=2)
+def _master(path: str, size: int, mtime_ns: int):
+    """An open master (parsing a real vocabulary's metadata takes seconds): kept while the
+    file is unchanged, for the many shards built from one master."""
+    return W.open_gguf(path)
+
+
 def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
                 first: int = 0, last: int | None = None, master_sha256: str | None = None) -> ShardInfo:
     """Write layers [first, last) of `master` to `out`, layer i's matrices quantized to
     layer_types[i] (a list over all layers of the model) with llama.cpp's quantizer."""
-    reader = W.open_gguf(master)
+    st = Path(master).stat() if Path(master).is_file() else None
+    reader = _master(str(master), st.st_size, st.st_mtime_ns) if st else W.open_gguf(master)
     cfg = W.read_config(reader)
     last = cfg.n_layer if last is None else last
     if W.field_value(reader, W.KEY_FIRST) is not None:
@@ -162,14 +168,9 @@ def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
                 copy(t)
         else:
             copy(t)  # rope_freqs and other global tensors travel with every shard
-    if not has_head:   # the one-token vocabulary's embedding and head
-        writer.add_tensor("token_embd.weight", np.zeros((1, cfg.n_embd), np.float32))
-        writer.add_tensor("output_norm.weight", np.ones(cfg.n_embd, np.float32))
-
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    if not has_head:
+        W.add_one_token_vocabulary(writer, cfg.arch, cfg.n_embd)
+    W.write_out(writer)
     if trailer:
         with open(tmp, "ab") as f:
             f.write(np.asarray(embd.data).tobytes())

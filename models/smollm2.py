@@ -83,10 +83,7 @@ def _build_f16(src: Path, dest: Path) -> None:
             writer.add_tensor(t.name, x.reshape(shape).astype(np.float16), raw_dtype=GGMLQuantizationType.F16)
         else:
             writer.add_tensor(t.name, x.reshape(shape))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    W.write_out(writer)
     tmp.replace(dest)
 
 
