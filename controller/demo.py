@@ -18,7 +18,7 @@ from controller.local import ServiceProcess, start_agent, start_controller
 from controller.planning import deployed_table
 
 # (name, memory cap): no single agent can hold the model with its KV cache and scratch
-DEMO_AGENTS = (("desk", "16MiB"), ("laptop", "12MiB"), ("mini", "10MiB"), ("pi", "8MiB"))
+DEMO_AGENTS = (("desk", "9MiB"), ("laptop", "8MiB"), ("mini", "7MiB"), ("pi", "6MiB"))
 
 
 def run_demo(model: Path, prompt: str, max_tokens: int, budget: float, bandwidth: str, latency: str,
