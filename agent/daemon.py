@@ -118,7 +118,15 @@ def serve(cfg: AgentConfig) -> int:
                          interceptors=cfg.security.interceptors(), options=SERVER_OPTIONS)
     port = cfg.security.bind(server, cfg.listen)
     address = cfg.advertise or _advertised(cfg.listen, port)
-    node = A.NodeInfo(cfg.name, address, cfg.memory_bytes, LAYER_TYPES, engine.threads, "cpu")
+    import psutil
+
+    from agent.runtime import init_llama
+
+    init_llama()
+    own = psutil.Process().memory_info().rss      # the agent itself, before any stage: reported, not offered
+    log.info("agent process holds %.1f MiB before any stage; stages may use --memory %.1f MiB beside it",
+             own / 2 ** 20, cfg.memory_bytes / 2 ** 20)
+    node = A.NodeInfo(cfg.name, address, cfg.memory_bytes, LAYER_TYPES, engine.threads, "cpu", own)
     service = AgentService(node, store, engine, cfg.security, shaper)
     rpc.add_AgentServicer_to_server(service, server)
     server.start()

@@ -23,7 +23,7 @@ import numpy as np
 from agent import weights as W
 from agent.runtime import Settings, Stage, Step
 from agent.sampling import Sampling, sample
-from solver.memory import StageMemory, stage_memory
+from solver.memory import StageMemory, fmt_bytes, stage_memory
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,6 @@ class EngineError(Exception):
     def __init__(self, message: str, code: str):
         super().__init__(message)
         self.code = code
-
-
-def size(n: float) -> str:
-    """Bytes in the unit that fits (MiB below 1 GiB)."""
-    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
 def footprint(path: Path, max_sessions: int, context_length: int,
@@ -185,10 +180,10 @@ class Engine:
             used = sum(d.memory.total for k, d in self._deployments.items() if k != deployment_id)
             if used + need.total > self.memory_bytes:
                 raise EngineError(
-                    f"shard {sha256[:12]} (layers {first}-{last - 1}) needs {size(need.total)} "
-                    f"({size(need.weights)} weights + {size(need.kv_cache)} KV cache for {max_sessions} x "
-                    f"{context_length} tokens + {size(need.compute)} llama.cpp compute buffers) but this agent "
-                    f"offers {size(self.memory_bytes)} with {size(used)} in use; plan with less context or "
+                    f"shard {sha256[:12]} (layers {first}-{last - 1}) needs {fmt_bytes(need.total)} "
+                    f"({fmt_bytes(need.weights)} weights + {fmt_bytes(need.kv_cache)} KV cache for {max_sessions} x "
+                    f"{context_length} tokens + {fmt_bytes(need.compute)} llama.cpp compute buffers) but this agent "
+                    f"offers {fmt_bytes(self.memory_bytes)} with {fmt_bytes(used)} in use; plan with less context or "
                     "concurrency, or give the agent more --memory", "RESOURCE_EXHAUSTED")
         t0 = time.perf_counter()
         try:
@@ -205,7 +200,7 @@ class Engine:
                 self._retired.append(prev.stage)
         self._jobs.put(False)   # wake the compute thread to close what was retired
         log.info("prepared deployment %s: layers [%d, %d) from shard %s in %.2f s (%s reserved)",
-                 deployment_id, first, last, sha256[:12], time.perf_counter() - t0, size(need.total))
+                 deployment_id, first, last, sha256[:12], time.perf_counter() - t0, fmt_bytes(need.total))
         return dep
 
     def activate(self, deployment_id: str) -> None:

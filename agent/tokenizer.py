@@ -15,7 +15,10 @@ class Tokenizer:
         import llama_cpp
         from llama_cpp._internals import LlamaModel
 
+        from agent.runtime import init_llama
         from agent.weights import open_gguf
+
+        init_llama()   # llama.cpp's log goes to our logger, never to stdout
 
         open_gguf(gguf_path)  # clear error for a missing / non-GGUF file
         params = llama_cpp.llama_model_default_params()

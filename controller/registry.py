@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from controller.state import State
+from solver.memory import fmt_bytes
 from proto.adapter import AgentState, NodeInfo
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class Registry:
             drained = prev.drained if prev else False
             self._agents[node.name] = Live(node, drained, time.monotonic())
         self.state.upsert_agent(node)
-        self.state.event("agent-registered", f"{node.name} at {node.address}, {node.memory_bytes / 2 ** 30:.2f} GiB")
+        self.state.event("agent-registered", f"{node.name} at {node.address}: {fmt_bytes(node.memory_bytes)} for stages, "
+                                             f"the agent itself {fmt_bytes(node.agent_bytes)}")
         log.info("agent %s registered from %s", node.name, node.address)
 
     def heartbeat(self, st: AgentState) -> bool:

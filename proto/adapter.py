@@ -48,17 +48,20 @@ class NodeInfo:
     gguf_types: tuple[str, ...]   # GGUF types the node can execute
     threads: int
     device: str = "cpu"
+    agent_bytes: int = 0          # the agent process's own resident memory at start
 
 
 def node_pb(n: NodeInfo) -> pb.NodeInfo:
     return pb.NodeInfo(name=n.name, address=n.address, memory_bytes=n.memory_bytes,
-                       gguf_types=list(n.gguf_types), threads=n.threads, device=n.device)
+                       gguf_types=list(n.gguf_types), threads=n.threads, device=n.device,
+                       agent_bytes=n.agent_bytes)
 
 
 def node_info(m: pb.NodeInfo) -> NodeInfo:
     if not m.name:
         raise WireError("node info without a name")
-    return NodeInfo(m.name, m.address, int(m.memory_bytes), tuple(m.gguf_types), int(m.threads), m.device or "cpu")
+    return NodeInfo(m.name, m.address, int(m.memory_bytes), tuple(m.gguf_types), int(m.threads), m.device or "cpu",
+                    int(m.agent_bytes))
 
 
 @dataclass(frozen=True)

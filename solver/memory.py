@@ -24,6 +24,11 @@ CTX_PAD = 256               # llama.cpp rounds the context up to a multiple of t
 FIXED_BYTES = 1 << 20       # small buffers of a context (graph metadata, inputs)
 
 
+def fmt_bytes(n: float) -> str:
+    """Bytes in the unit that fits: GiB from 1 GiB, MiB below."""
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
 def batch_tokens(prompt_tokens: int, concurrency: int) -> int:
     """Tokens one llama_decode of a deployment takes at most: a whole prompt, or one decode
     step of every session, up to BATCH_TOKENS (a longer prompt goes in slices)."""

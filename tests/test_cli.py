@@ -141,3 +141,14 @@ def test_info_shows_the_type_each_matrix_really_gets(smollm2, tmp_path):
     assert data["tensor_types"][0]["attn_q"] == "Q5_0" and data["tensor_types"][0]["ffn_down"] == "Q4_K"
     table = run("model", "info", str(tmp_path / "s.gguf"))
     assert "Q4_K×1, Q5_0×6" in table.stdout
+
+
+def test_every_json_output_is_one_document(reference_model, tmp_path):
+    """--json prints exactly one JSON document on stdout and nothing else, for every command
+    that has it (HiGHS, llama.cpp and gguf write nothing there behind the CLI's back)."""
+    for args in (["model", "info", str(reference_model), "--json"],
+                 ["plan", "--model", "llama-3-70b", "--fleet", FLEET, "--max-ppl-increase", "10", "--json"],
+                 ["plan", "--model", str(reference_model), "--fleet", FLEET, "--json", "--tokens", "1024"]):
+        out = run(*args)
+        assert out.returncode == 0, out.stderr
+        json.loads(out.stdout)          # one document: trailing text would make this fail

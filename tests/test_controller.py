@@ -6,6 +6,7 @@ run in file order, the destructive ones last.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -87,6 +88,10 @@ def test_cli_status_generate_and_events(fleet):
     assert r.returncode == 0 and len(r.stdout.split()) == 8 and "tokens/s" in r.stderr
     r = cli("events", controller=addr)
     assert r.returncode == 0 and "agent-registered" in r.stdout and "deploy" in r.stdout
+    # each agent reports its own footprint at registration: an edge device's budget is that
+    # plus --memory; the bound for an idle agent is 100 MB (bench/runtime.py: 63 MiB)
+    own = [float(m) for m in re.findall(r"the agent itself ([\d.]+) MiB", r.stdout)]
+    assert own and all(20 < x < 100 for x in own), own
     r = cli("plan", "--model", "models/reference/edgefleet-ref-f16.gguf", "--context", "256", controller=addr)
     assert r.returncode == 0, r.stderr
     assert "stages, objective latency" in r.stdout and "solver highs" in r.stdout
