@@ -16,7 +16,6 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np

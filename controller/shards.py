@@ -26,7 +26,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from agent import weights as W
 from agent.quant import dequantize, quantize
-from solver.ggml_types import LAYER_TYPES, parse_type, stored_type
+from solver.ggml_types import parse_type, stored_type
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from agent.tokenizer import Tokenizer
 from agent import weights as W
 from controller.shards import file_sha256, parse_types, write_shard
 from solver.ggml_types import stored_type
-from llama_ref import BATCH, CTX, SETTINGS, THREADS, LlamaCpp
+from llama_ref import SETTINGS, THREADS, LlamaCpp
 
 
 def shards_of(master, types: list[str], ranges, d) -> list:
