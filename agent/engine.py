@@ -424,7 +424,13 @@ class Engine:
                        batch_size=len(admitted))
             if d.is_last:
                 logits = out[-1]
-                r.token = sample(logits, j.sampling, j.position + j.n_tokens)
+                try:
+                    r.token = sample(logits, j.sampling, j.position + j.n_tokens)
+                except ValueError as exc:   # e.g. logits that are not finite: this session fails, no other
+                    with self._lock:
+                        self._end(d, j.session_id)
+                    self._fail(j, EngineError(f"cannot sample from this step's logits: {exc}", "INTERNAL"), start)
+                    continue
                 if j.return_logits:
                     r.logits = logits
             else:

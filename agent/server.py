@@ -105,7 +105,12 @@ class Hop:
                 except A.WireError as exc:
                     self._answer_now(A.StepOut(m.session_id, m.position, error=str(exc), error_code="INVALID_ARGUMENT"))
                     continue
-                self._handle(step)
+                try:
+                    self._handle(step)
+                except Exception as exc:  # a bug must fail this one step, never the stream's reader
+                    log.exception("step %s@%d failed", step.session_id, step.position)
+                    self._answer_now(A.StepOut(step.session_id, step.position, error=f"internal error: {exc}",
+                                               error_code="INTERNAL"))
         except grpc.RpcError:
             pass   # upstream went away; _cancelled cleans up
         finally:
@@ -125,10 +130,16 @@ class Hop:
             if not dep.is_last and dep.next_address:
                 self._downstream(dep.next_address).send(step)
             return
+        try:
+            sampling = Sampling(step.temperature, step.top_p, step.seed)
+        except ValueError as exc:
+            self._answer_now(A.StepOut(step.session_id, step.position, error=f"{exc}; fix the request",
+                                       error_code="INVALID_ARGUMENT"))
+            return
         with self._lock:
             self._pending += 1
         eng.submit(Job(dep.deployment_id, step.session_id, step.position, step.tokens, step.hidden,
-                       Sampling(step.temperature, step.top_p, step.seed), step.return_logits, step.finish,
+                       sampling, step.return_logits, step.finish,
                        done=lambda r, s=step, d=dep: self._computed(r, s, d)))
 
     def _computed(self, r: Result, step: A.StepIn, dep) -> None:

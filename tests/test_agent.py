@@ -158,6 +158,25 @@ def test_step_errors_are_answered_without_breaking_the_stream(fleet):
         with pytest.raises(StepFailed) as e:
             pipe.step(A.StepIn("long", 0, tokens=tuple(range(1, 300))))
         assert e.value.code == "OUT_OF_RANGE"
+        # bad sampling parameters fail their step at the first agent; the stream's reader lives on
+        for i, (temperature, top_p) in enumerate(((-1.0, 1.0), (float("nan"), 1.0), (0.5, 5.0))):
+            with pytest.raises(StepFailed) as e:
+                pipe.step(A.StepIn(f"bad{i}", 0, tokens=(1, 2), temperature=temperature, top_p=top_p), timeout_s=30)
+            assert e.value.code == "INVALID_ARGUMENT" and "fix the request" in str(e.value)
+        assert len(list(pipe.generate(PROMPTS[0], 3))) == 3
+    finally:
+        pipe.close()
+    middle = PipelineStream(fleet[1].address)     # hidden states that are not finite, sent to a later stage
+    try:
+        with pytest.raises(StepFailed) as e:
+            middle.step(A.StepIn("nan", 0, hidden=np.full((2, 256), np.nan, np.float32)), timeout_s=30)
+        assert e.value.code == "INVALID_ARGUMENT" and "NaN" in str(e.value)
+    finally:
+        middle.close()
+    with AgentClient(fleet[1].address) as c:
+        assert c.state().sessions == 0
+    pipe = PipelineStream(fleet[0].address)
+    try:
         assert len(list(pipe.generate(PROMPTS[0], 3))) == 3
     finally:
         pipe.close()
