@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from agent.sampling import Sampling
 from controller import deploy as D
 from controller.agents import AgentClient, AgentError, PipelineStream, StepFailed
 from controller.metrics import Metrics
@@ -317,6 +318,10 @@ class Control:
             raise BadRequest("the prompt is empty; send at least one token")
         if max_tokens < 1:
             raise BadRequest(f"max_tokens must be at least 1, not {max_tokens}")
+        try:
+            Sampling(temperature, top_p, seed)
+        except ValueError as exc:
+            raise BadRequest(f"{exc}; fix the request") from None
         ctx = int(self.active.request.get("context", 512))
         if len(prompt) + max_tokens > ctx:
             raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the deployment's "

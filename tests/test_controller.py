@@ -98,6 +98,16 @@ def test_cli_status_generate_and_events(fleet):
     assert any(name in r.stdout for name, _ in AGENTS)          # a plan on the live fleet's nodes
 
 
+def test_bad_sampling_parameters_are_one_sentence_and_the_fleet_keeps_serving(fleet):
+    addr = fleet.controller.address
+    for args, what in ((["--temperature", "-1"], "temperature"), (["--temperature", "nan"], "temperature"),
+                       (["--top-p", "5"], "top_p")):
+        r = cli("generate", "The function returns", "--max-tokens", "4", *args, controller=addr)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and what in r.stderr, r.stderr
+        assert "fix the request" in r.stderr and "Traceback" not in r.stderr
+    assert len(fleet.generate(4)) == 4
+
+
 def test_replay_sends_a_trace_and_reports_the_simulator_metrics(fleet, tmp_path):
     from simulations.workload import Request, write_jsonl
 
