@@ -24,6 +24,7 @@ class Tokenizer:
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         self._model = LlamaModel(path_model=str(gguf_path), params=params, verbose=False)
+        self.n_vocab = self._model.n_vocab()
         self.bos = self._model.token_bos()
         self.eos = self._model.token_eos()
         self.bos_text = self._model.token_get_text(self.bos)

@@ -60,7 +60,7 @@ class Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2 ** 63)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -306,7 +306,11 @@ def create_app(control: Control, token: str = "") -> FastAPI:
             prompt = prompt[0]
         if isinstance(prompt, str):
             tok = await anyio.to_thread.run_sync(control.tokenizer, dep.model_path)
-            ids = tok.encode(prompt)
+            try:   # a long prompt is tokenized on a worker thread, never in the event loop
+                ids = await anyio.to_thread.run_sync(tok.encode, prompt, limiter=api.limiter)
+            except UnicodeEncodeError:
+                raise ApiError(400, "the prompt is not valid Unicode text (it holds a lone surrogate); "
+                                    "send UTF-8 text", param="prompt") from None
         else:
             ids = list(prompt)
         return await api.run("text", body.model, dep, ids, params, body.stream,

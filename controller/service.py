@@ -322,6 +322,10 @@ class Control:
             Sampling(temperature, top_p, seed)
         except ValueError as exc:
             raise BadRequest(f"{exc}; fix the request") from None
+        n_vocab = self.tokenizer(self.active.model_path).n_vocab
+        bad = [t for t in prompt if not 0 <= t < n_vocab]
+        if bad:
+            raise BadRequest(f"token id {bad[0]} is outside the model's vocabulary; send ids from 0 to {n_vocab - 1}")
         ctx = int(self.active.request.get("context", 512))
         if len(prompt) + max_tokens > ctx:
             raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the deployment's "

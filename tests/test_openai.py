@@ -2,6 +2,7 @@
 real local fleet (a controller with --http and three agents)."""
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -162,6 +163,23 @@ def test_errors_have_openai_shape_and_status(fleet, client):
     assert r.status_code == 401                     # the key is checked before the body
     # nothing above hurt the controller
     assert fleet.controller.alive() and [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_client_errors_are_400_and_nothing_else_changes(fleet):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    bad = [{"prompt": [1, 2, 10 ** 6]}, {"prompt": [1, -5]},                 # token ids outside the vocabulary
+           {"prompt": "hi", "seed": -1}, {"prompt": "hi", "seed": 2 ** 70}]   # seeds the wire cannot carry
+    bodies = [json.dumps({"model": MODEL, "max_tokens": 2, **extra}).encode() for extra in bad]
+    # a lone surrogate, escaped as JSON allows (no client library would encode it)
+    bodies.append(b'{"model": "%s", "max_tokens": 2, "prompt": "a\\ud800b"}' % MODEL.encode())
+    for body in bodies:
+        r = httpx.post(fleet.http + "/v1/completions", headers={**headers, "Content-Type": "application/json"},
+                       content=body, timeout=60)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        assert r.json()["error"]["message"]
+    r = httpx.post(fleet.http + "/v1/completions", headers=headers, timeout=60,
+                   json={"model": MODEL, "prompt": "The function returns", "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_session(fleet, client):
