@@ -439,8 +439,10 @@ def agent(controller, name, listen, advertise, memory, threads, data_dir, emulat
               help="Also serve the OpenAI-compatible API and /metrics here, e.g. 0.0.0.0:8080.")
 @click.option("--max-queue", default=256, show_default=True,
               help="Requests that may wait for a free slot; more are refused (HTTP 429).")
+@click.option("--max-body", default="4MiB", show_default=True,
+              help="Largest HTTP request body accepted; larger ones are refused (HTTP 413).")
 @security_options
-def controller_cmd(listen, state_path, heartbeat, node_timeout, http, max_queue, token, tls_cert, tls_key,
+def controller_cmd(listen, state_path, heartbeat, node_timeout, http, max_queue, max_body, token, tls_cert, tls_key,
                    tls_ca) -> None:
     """Run the control plane: registry, deployments, request routing, failover."""
     from agent.daemon import setup_logging
@@ -450,7 +452,7 @@ def controller_cmd(listen, state_path, heartbeat, node_timeout, http, max_queue,
     cfg = ControllerConfig(listen=listen, state_path=state_path, security=make_security(token, tls_cert, tls_key, tls_ca),
                            heartbeat_s=parse_quantity(heartbeat, "--heartbeat"),
                            timeout_s=parse_quantity(node_timeout, "--node-timeout"), http=http,
-                           max_queue=max_queue)
+                           max_queue=max_queue, max_body=int(parse_quantity(max_body, "--max-body")))
     setup_logging(logging.getLogger().getEffectiveLevel() < logging.WARNING)
     sys.exit(serve(cfg))
 

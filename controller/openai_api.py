@@ -237,24 +237,28 @@ class Shape:
 
 
 class KeyCheck:
-    """ASGI middleware: the key is checked before anything else, the body included (a plain
-    ASGI class, so that streamed responses pass through untouched)."""
+    """ASGI middleware: the key and the declared body size are checked before anything else,
+    the body included (a plain ASGI class, so that streamed responses pass through untouched)."""
 
-    def __init__(self, app, api: Api, failure):
-        self.app, self.api, self.failure = app, api, failure
+    def __init__(self, app, api: Api, failure, max_body: int):
+        self.app, self.api, self.failure, self.max_body = app, api, failure, max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             request = Request(scope)
             try:
                 self.api.authorize(request)
+                declared = request.headers.get("content-length", "0")
+                if not declared.isdigit() or int(declared) > self.max_body:
+                    raise ApiError(413, f"the request body is {declared} bytes; the limit is {self.max_body} "
+                                        "(the controller's --max-body)", param="body")
             except ApiError as exc:
                 await self.failure(request, exc)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-def create_app(control: Control, token: str = "") -> FastAPI:
+def create_app(control: Control, token: str = "", max_body: int = 4 * 2 ** 20) -> FastAPI:
     api = Api(control, token)
     app = FastAPI(title="edgefleet", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -267,7 +271,7 @@ def create_app(control: Control, token: str = "") -> FastAPI:
     async def on_api_error(request: Request, exc: ApiError):
         return failure(request, exc)
 
-    app.add_middleware(KeyCheck, api=api, failure=failure)
+    app.add_middleware(KeyCheck, api=api, failure=failure, max_body=max_body)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError):

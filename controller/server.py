@@ -41,6 +41,7 @@ class ControllerConfig:
     timeout_s: float = 3.0                # no heartbeat for this long: the node is lost
     http: str = ""                        # HOST:PORT of the OpenAI API and /metrics ("" = none)
     max_queue: int = 256                  # requests that may wait for a KV-cache slot (beyond: 429)
+    max_body: int = 4 * 2 ** 20           # largest HTTP request body accepted (beyond: 413)
 
 
 def _options(request: pb.DeployRequest) -> D.DeployOptions:
@@ -180,7 +181,7 @@ def serve(cfg: ControllerConfig) -> int:
     if cfg.http:
         from controller.openai_api import HttpServer, create_app
 
-        http = HttpServer(create_app(control, cfg.security.token), cfg.http, cfg.security.tls_cert,
+        http = HttpServer(create_app(control, cfg.security.token, cfg.max_body), cfg.http, cfg.security.tls_cert,
                           cfg.security.tls_key)
     server = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
                          interceptors=cfg.security.interceptors(), options=SERVER_OPTIONS)

@@ -177,6 +177,10 @@ def test_client_errors_are_400_and_nothing_else_changes(fleet):
                        content=body, timeout=60)
         assert r.status_code == 400, (body, r.status_code, r.text)
         assert r.json()["error"]["message"]
+    # a body over the controller's --max-body (4 MiB by default) is refused before it is read
+    r = httpx.post(fleet.http + "/v1/completions", headers={**headers, "Content-Type": "application/json"},
+                   content=b'{"model": "x", "prompt": "' + b"a" * (5 * 2 ** 20) + b'"}', timeout=60)
+    assert r.status_code == 413 and "--max-body" in r.json()["error"]["message"]
     r = httpx.post(fleet.http + "/v1/completions", headers=headers, timeout=60,
                    json={"model": MODEL, "prompt": "The function returns", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
