@@ -395,13 +395,14 @@ class Control:
     def _steps(self, sid, prompt, max_tokens, temperature, top_p, seed, eos) -> Iterator[Token]:
         produced: list[int] = []
         pos, pending = 0, tuple(prompt)
+        replay: list[int] = []      # tokens already produced that new stages must see again
         recovered = 0.0
         attempts = 0
         while len(produced) < max_tokens:
             dep = self.active
             if dep is None:
                 raise NoDeployment("the deployment was removed while the request ran")
-            last = len(produced) == max_tokens - 1
+            last = not replay and len(produced) == max_tokens - 1
             try:
                 out = self._stream(dep).step(A.StepIn(sid, pos, tokens=pending, temperature=temperature, top_p=top_p,
                                                       seed=seed, finish=last, deployment_id=dep.id), timeout_s=120)
@@ -413,9 +414,15 @@ class Control:
                 log.warning("request %s: %s; recovering", sid[:8], exc)
                 self.recover(dep.id, str(exc))
                 recovered += time.monotonic() - t0
-                pos, pending = 0, tuple(prompt) + tuple(produced)    # replay on the new stages
+                # replay on the new stages in the steps the request was first computed in (the
+                # prompt at once, then one token a step): llama.cpp's sums depend on a batch's
+                # shape, so only the same steps rebuild the very same KV cache and output
+                pos, pending, replay = 0, tuple(prompt), list(produced)
                 continue
             attempts = 0
+            if replay:              # this step recomputed a token the caller already has
+                pos, pending = pos + len(pending), (replay.pop(0),)
+                continue
             self.metrics.observe_stages(out.stage_times)
             produced.append(out.token)
             yield Token(out.token, recovered)
