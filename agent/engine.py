@@ -10,6 +10,7 @@ stage (a session that ends is forgotten, and a dropped stage closed, between bat
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -49,9 +50,9 @@ def footprint(path: Path, max_sessions: int, context_length: int,
     # hidden states, so an untied model's token_embd (which llama.cpp requires) stays cold.
     cold = {"token_embd.weight"} if first > 0 and not cfg.tied_embeddings else set()
     weights = sum(int(t.n_bytes) for t in reader.tensors if t.name not in cold)
-    embd_type = W.field_value(reader, W.KEY_INPUT_TYPE)
-    if embd_type is not None:
-        weights += Path(path).stat().st_size - int(reader.tensors[-1].data_offset + reader.tensors[-1].n_bytes)
+    table = W.input_embedding_shape(reader, cfg)
+    if table is not None:       # a first stage's embedding table, after the GGUF data
+        weights += table[1] * table[2]
     n_out = cfg.n_vocab if last == cfg.n_layer else 1
     need = stage_memory(weights, n_layers=last - first, n_embd=cfg.n_embd, n_head=cfg.n_head,
                         n_head_kv=cfg.n_head_kv, n_ff=cfg.n_ff, n_vocab=n_out,
@@ -61,8 +62,7 @@ def footprint(path: Path, max_sessions: int, context_length: int,
 
 @dataclass
 class Session:
-    seq: int            # llama.cpp sequence id
-    length: int         # positions the stage holds for it
+    seq: int            # llama.cpp sequence id (the stage knows the positions it holds)
     last_used: float
 
 
@@ -123,8 +123,6 @@ class Job:
 
 class Engine:
     def __init__(self, memory_bytes: int, session_timeout_s: float = 300.0, threads: int | None = None):
-        import os
-
         self.threads = threads or os.cpu_count() or 1
         self.memory_bytes = memory_bytes
         self.session_timeout_s = session_timeout_s
@@ -340,7 +338,7 @@ class Engine:
         """The session's slot for this step, or an EngineError saying why not."""
         s = d.sessions.get(j.session_id)
         n = j.n_tokens
-        length = s.length if s is not None else 0
+        length = d.stage.held(s.seq) if s is not None else 0
         if s is None:
             if j.position != 0:
                 raise EngineError(f"session {j.session_id} is unknown on this stage (its KV cache was freed or "
@@ -360,7 +358,7 @@ class Engine:
         if problem:
             raise EngineError(problem, "INVALID_ARGUMENT")
         if s is None:
-            s = d.sessions[j.session_id] = Session(d.free_seqs.pop(), 0, time.monotonic())
+            s = d.sessions[j.session_id] = Session(d.free_seqs.pop(), time.monotonic())
         return s
 
     @staticmethod
@@ -419,7 +417,6 @@ class Engine:
         self.steps_computed += len(admitted)
         for (j, s), out in zip(admitted, outs):
             s.last_used = now
-            s.length = j.position + j.n_tokens
             r = Result(j.session_id, j.position, compute_s=compute, queue_s=start - j.enqueued,
                        batch_size=len(admitted))
             if d.is_last:

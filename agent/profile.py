@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGUFWriter
 
 from agent import weights as W
-from agent.quant import dequantize, quantize
+from agent.quant import requantize
 from agent.runtime import Settings, Stage, Step
 from proto.adapter import TypeTiming
-from solver.ggml_types import LAYER_TYPES, stored_type
+from solver.ggml_types import LAYER_TYPES
 
 
 def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> None:
@@ -29,14 +29,8 @@ def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> None:
     reader = W.open_gguf(shard)
     cfg = W.read_config(reader)
     writer = GGUFWriter(str(out), cfg.arch)
-    for key, f in reader.fields.items():
-        if key.startswith(("GGUF.", "tokenizer.", "edgefleet.")) or key == "general.architecture":
-            continue
-        if key in (f"{cfg.arch}.block_count", f"{cfg.arch}.vocab_size"):
-            continue
-        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
-    writer.add_uint32(f"{cfg.arch}.block_count", 1)
+    W.copy_metadata(reader, writer, drop=lambda k: k.startswith(("tokenizer.", "edgefleet.", f"{cfg.arch}.vocab_size")),
+                    values={f"{cfg.arch}.block_count": 1})
     W.add_one_token_vocabulary(writer, cfg.arch, cfg.n_embd)
     writer.add_uint32(W.KEY_MODEL_LAYERS, 3)   # a middle stage: layer 1 of 3
     writer.add_uint32(W.KEY_FIRST, 1)
@@ -45,9 +39,8 @@ def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> None:
     for t in reader.tensors:
         if t.name.startswith("blk.0."):
             if len(t.shape) == 2:
-                target = stored_type(qtype, int(t.shape[0]))
-                x = dequantize(np.asarray(t.data), t.tensor_type.name, int(t.n_elements)).reshape(-1, int(t.shape[0]))
-                writer.add_tensor(t.name, quantize(x, target), raw_dtype=GGMLQuantizationType[target])
+                data, stored = requantize(t, qtype)
+                writer.add_tensor(t.name, data, raw_dtype=stored)
             else:
                 writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
         elif t.name == "rope_freqs.weight":

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from solver.ggml_types import block
+from solver.ggml_types import block, stored_type
 
 
 @functools.cache
@@ -99,3 +99,15 @@ def dequantize(raw: np.ndarray, name: str, n_elements: int) -> np.ndarray:
     out = np.empty(n_elements, dtype=np.float32)
     _to_float(name)(data.ctypes.data, out.ctypes.data, n_elements)
     return out
+
+
+def requantize(t, qtype: str) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """A 2-D tensor of a GGUFReader as `qtype` asks, with llama.cpp's fallback where its rows do
+    not split into that type's blocks: (raw data, stored type). The bytes are copied when the
+    tensor already has that type, else dequantized and quantized with llama.cpp's code."""
+    n_per_row = int(t.shape[0])
+    target = stored_type(qtype, n_per_row)
+    if target == t.tensor_type.name:
+        return np.asarray(t.data), t.tensor_type
+    rows = dequantize(np.asarray(t.data), t.tensor_type.name, int(t.n_elements)).reshape(-1, n_per_row)
+    return quantize(rows, target), GGMLQuantizationType[target]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,7 +120,6 @@ class Stage:
         embedding = W.input_embedding(path, reader, self.cfg) if self.has_embedding and not self.has_head else None
         self._embedding = embedding            # (raw rows [V_in, row bytes], type) for a first stage
         self.input_vocab = embedding[0].shape[0] if embedding else (self.cfg.n_vocab if self.has_embedding else 0)
-        self.takes_tokens = self.has_embedding
         self._feeds_tokens = self.has_embedding and self.has_head    # a whole model reads token ids itself
         del reader
 
@@ -163,12 +161,20 @@ class Stage:
         self._seq_set = [-1] * cap                     # what each batch row's seq_id[0] holds now
         self._held: dict[int, int] = {}                # seq -> positions it holds
         self._logits_row = ctypes.c_float * self.n_vocab
-        self._lock = threading.Lock()
         log.info("loaded layers [%d, %d) of %s: %d sessions x %d positions, batch %d, %d threads",
                  self.first, self.last, self.path.name, settings.sessions, settings.context,
                  settings.batch_tokens, settings.threads)
 
+    @property
+    def takes_tokens(self) -> bool:
+        """A first stage takes token ids; the others take hidden states."""
+        return self.has_embedding
+
     # ---------------------------------------------------------- sessions
+
+    def held(self, seq: int) -> int:
+        """Positions this stage holds for a session."""
+        return self._held.get(seq, 0)
 
     def forget(self, seq: int, position: int = 0) -> None:
         """Drop a session's KV cells from `position` on (0: the whole session)."""

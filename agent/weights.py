@@ -137,22 +137,43 @@ def layer_types(reader: GGUFReader) -> list[str]:
     return [types.get(f"blk.{i}.ffn_down.weight", "?") for i in range(cfg.n_layer)]
 
 
-def input_embedding(path: str | Path, reader: GGUFReader, cfg: ModelConfig) -> tuple[np.ndarray, str] | None:
-    """A first stage's token embedding table, kept after the GGUF data: (raw rows, type)."""
+def input_embedding_shape(reader: GGUFReader, cfg: ModelConfig) -> tuple[str, int, int] | None:
+    """(type, rows, bytes per row) of the token embedding table a first stage that is not
+    last carries after its GGUF data; None for any other file."""
     qtype = field_value(reader, KEY_INPUT_TYPE)
     if qtype is None:
         return None
     from solver.ggml_types import block
 
-    rows = int(field_value(reader, KEY_INPUT_ROWS))
     elems, size = block(str(qtype))
-    row_bytes = cfg.n_embd // elems * size
+    return str(qtype), int(field_value(reader, KEY_INPUT_ROWS)), cfg.n_embd // elems * size
+
+
+def input_embedding(path: str | Path, reader: GGUFReader, cfg: ModelConfig) -> tuple[np.ndarray, str] | None:
+    """A first stage's token embedding table, kept after the GGUF data: (raw rows, type)."""
+    shape = input_embedding_shape(reader, cfg)
+    if shape is None:
+        return None
+    qtype, rows, row_bytes = shape
     total = rows * row_bytes
     size_on_disk = Path(path).stat().st_size
     if total > size_on_disk:
         raise ValueError(f"{Path(path).name} is truncated: its embedding table needs {total} bytes")
     table = np.memmap(path, dtype=np.uint8, mode="r", offset=size_on_disk - total, shape=(rows, row_bytes))
-    return table, str(qtype)
+    return table, qtype
+
+
+def copy_metadata(reader: GGUFReader, writer, drop=lambda key: False, values: dict | None = None) -> None:
+    """Copy a GGUF's key-values to a GGUFWriter (not the reader's own GGUF.* keys nor the
+    architecture, which the writer sets); keys `drop` accepts stay out, `values` replaces some."""
+    from gguf import GGUFValueType
+
+    values = values or {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or drop(key):
+            continue
+        sub = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, values.get(key, f.contents()), f.types[0], sub_type=sub)
 
 
 def add_one_token_vocabulary(writer, arch: str, n_embd: int) -> None:

@@ -8,6 +8,7 @@ from typing import Callable
 from rich.table import Table
 
 from solver.plan import Plan
+from solver.memory import unit_for
 from solver.problem import GiB, ModelProfile, Problem, load_model_profile, model_from_shape
 
 Progress = Callable[[str, int, int], None]
@@ -89,8 +90,7 @@ def deployed_table(plan: Plan, title: str, unit: str = "GiB") -> Table:
 
 def used_of(used: float, offered: float) -> str:
     """'12.3/16.0 MiB' or '1.20/4.00 GiB': the unit that fits the larger figure."""
-    unit, scale = ("GiB", GiB) if max(used, offered) >= GiB else ("MiB", 2 ** 20)
-    digits = 2 if unit == "GiB" else 1
+    unit, scale, digits = unit_for(max(used, offered))
     return f"{used / scale:.{digits}f}/{offered / scale:.{digits}f} {unit}"
 
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+from gguf import GGUFWriter
 
 from agent import weights as W
-from agent.quant import dequantize, quantize
-from solver.ggml_types import parse_type, stored_type
+from agent.quant import dequantize, requantize
+from solver.ggml_types import parse_type
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +82,6 @@ def parse_types(spec: str, n_layer: int) -> list[str]:
     return [parse_type(t) for t in parts]
 
 
-def _copy_metadata(reader, writer: GGUFWriter, arch: str, stage_layers: int, real_vocab: bool) -> None:
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key.startswith("edgefleet."):
-            continue
-        if not real_vocab and (key.startswith("tokenizer.") or key == f"{arch}.vocab_size"):
-            continue
-        value = stage_layers if key == f"{arch}.block_count" else f.contents()
-        vtype = f.types[0]
-        sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, value, vtype, sub_type=sub)
-
-
-def _float_rows(t) -> np.ndarray:
-    """A master tensor as float32 [rows, n_per_row] (dequantized with llama.cpp if quantized)."""
-    n_per_row = int(t.shape[0])
-    return dequantize(np.asarray(t.data), t.tensor_type.name, int(t.n_elements)).reshape(-1, n_per_row)
-
-
 @functools.lru_cache(maxsize=2)
 def _master(path: str, size: int, mtime_ns: int):
     """An open master (parsing a real vocabulary's metadata takes seconds): kept while the
@@ -130,7 +112,9 @@ def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     writer = GGUFWriter(str(tmp), cfg.arch)
-    _copy_metadata(reader, writer, cfg.arch, last - first, real_vocab=has_head)
+    vocab = ("tokenizer.", f"{cfg.arch}.vocab_size")       # a stage without the head gets a one-token one
+    W.copy_metadata(reader, writer, drop=lambda k: k.startswith("edgefleet.") or (not has_head and k.startswith(vocab)),
+                    values={f"{cfg.arch}.block_count": last - first})
     writer.add_string(W.KEY_MODEL_ID, str(W.field_value(reader, "general.name", Path(master).stem)))
     writer.add_string(W.KEY_MASTER_SHA, master_sha256)
     writer.add_uint32(W.KEY_MODEL_LAYERS, cfg.n_layer)
@@ -158,11 +142,13 @@ def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
             if not first <= layer < last:
                 continue
             name = f"blk.{layer - first}.{m.group(2)}"
-            target = stored_type(layer_types[layer], int(t.shape[0])) if len(t.shape) == 2 else "F32"
-            if target == t.tensor_type.name:
+            if len(t.shape) == 2:
+                data, stored = requantize(t, layer_types[layer])
+                writer.add_tensor(name, data, raw_dtype=stored)
+            elif t.tensor_type.name == "F32":
                 copy(t, name)
-            else:
-                writer.add_tensor(name, quantize(_float_rows(t), target), raw_dtype=GGMLQuantizationType[target])
+            else:   # norms and biases run in F32
+                writer.add_tensor(name, dequantize(np.asarray(t.data), t.tensor_type.name, int(t.n_elements)))
         elif t.name in ("token_embd.weight", "output_norm.weight", "output.weight"):
             if has_head:
                 copy(t)

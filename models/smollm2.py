@@ -62,7 +62,7 @@ def _fetch_q4_1(dest: Path) -> None:
 
 
 def _build_f16(src: Path, dest: Path) -> None:
-    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+    from gguf import GGMLQuantizationType, GGUFWriter
 
     from agent import weights as W
     from agent.quant import dequantize
@@ -71,11 +71,7 @@ def _build_f16(src: Path, dest: Path) -> None:
     arch = W.field_value(reader, "general.architecture")
     tmp = dest.with_suffix(".partial")
     writer = GGUFWriter(str(tmp), arch)
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        value = 1 if key == "general.file_type" else f.contents()   # 1 = LLAMA_FTYPE_MOSTLY_F16
-        writer.add_key_value(key, value, f.types[0], sub_type=f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None)
+    W.copy_metadata(reader, writer, values={"general.file_type": 1})   # 1 = LLAMA_FTYPE_MOSTLY_F16
     for t in reader.tensors:
         x = dequantize(np.asarray(t.data), t.tensor_type.name, int(t.n_elements))
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))

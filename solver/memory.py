@@ -24,9 +24,15 @@ CTX_PAD = 256               # llama.cpp rounds the context up to a multiple of t
 FIXED_BYTES = 1 << 20       # small buffers of a context (graph metadata, inputs)
 
 
+def unit_for(n: float) -> tuple[str, int, int]:
+    """(name, bytes, decimals) of the unit that fits n bytes: GiB from 1 GiB, MiB below."""
+    return ("GiB", 2 ** 30, 2) if n >= 2 ** 30 else ("MiB", 2 ** 20, 1)
+
+
 def fmt_bytes(n: float) -> str:
-    """Bytes in the unit that fits: GiB from 1 GiB, MiB below."""
-    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+    """Bytes in the unit that fits, e.g. '63.0 MiB' or '1.20 GiB'."""
+    unit, scale, digits = unit_for(n)
+    return f"{n / scale:.{digits}f} {unit}"
 
 
 def batch_tokens(prompt_tokens: int, concurrency: int) -> int:
