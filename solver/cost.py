@@ -48,28 +48,32 @@ def stage_overhead_latency_s(node: Node, w: Workload) -> float:
 
 
 def kv_bytes(layer: LayerProfile, w: Workload) -> int:
-    """KV cache of one layer for all concurrent sequences at full context (llama.cpp pads the
-    context to a multiple of 256 positions: the agent's admission counts that, the plan not)."""
-    return layer.kv_bytes_per_token * w.ctx * w.concurrency
+    """KV cache of one layer for all concurrent sequences at full context, padded as llama.cpp
+    pads it (solver/memory.py)."""
+    return layer.kv_bytes_per_token * M.padded_context(w.concurrency, w.ctx)
+
+
+def _compute_bytes(model: ModelProfile, w: Workload, per_token: int, per_token_position: int) -> int:
+    return model.scratch_bytes - M.FIXED_BYTES + M.compute_bytes(
+        per_token, per_token_position, w.concurrency, w.ctx, M.batch_tokens(w.prompt_tokens, w.concurrency))
 
 
 def runtime_bytes(model: ModelProfile, w: Workload) -> int:
-    """Working memory of a stage beyond weights and KV: llama.cpp's compute buffer."""
-    return model.scratch_bytes - M.FIXED_BYTES + M.compute_bytes(
-        model.scratch_bytes_per_token, model.mask_bytes_per_position, w.concurrency, w.ctx,
-        M.batch_tokens(w.prompt_tokens, w.concurrency))
+    """What every stage holds beyond its layers: llama.cpp's compute buffer, and the tensors
+    every shard carries (solver/memory.py)."""
+    return model.stage_bytes + _compute_bytes(model, w, model.scratch_bytes_per_token, model.mask_bytes_per_position)
 
 
 def head_bytes(model: ModelProfile, w: Workload) -> int:
-    """What the last stage holds beyond a middle one: the head's weights, and llama.cpp's
-    larger compute buffer while the head runs (with the logits rows it keeps)."""
+    """What the last stage holds beyond a middle one: the head's weights instead of the
+    one-row vocabulary, and llama.cpp's larger compute buffer while the head runs (with the
+    logits rows it keeps)."""
+    weights = model.head_bytes - model.stage_bytes
     if not model.head_scratch_bytes_per_token:
-        return model.head_bytes
-    head = model.scratch_bytes - M.FIXED_BYTES + M.compute_bytes(
-        model.head_scratch_bytes_per_token, 2 * model.mask_bytes_per_position, w.concurrency, w.ctx,
-        M.batch_tokens(w.prompt_tokens, w.concurrency)) \
+        return weights
+    head = _compute_bytes(model, w, model.head_scratch_bytes_per_token, 2 * model.mask_bytes_per_position) \
         + 4 * model.n_vocab * w.concurrency
-    return model.head_bytes + max(0, head - runtime_bytes(model, w))
+    return weights + max(0, head - (runtime_bytes(model, w) - model.stage_bytes))
 
 
 def layer_bytes(model: ModelProfile, l: int, q: str, w: Workload) -> int:

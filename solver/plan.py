@@ -153,9 +153,12 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
 
 
 def stage_memory(problem: Problem, st: Stage, first: bool, last: bool) -> int:
+    """Bytes the stage needs on its node: the figure the agent admits the shard by (solver/memory.py)."""
     m, w = problem.model, problem.workload
     b = sum(C.layer_bytes(m, l, q, problem.workload) for l, q in zip(range(st.first, st.last), st.types))
-    return b + C.runtime_bytes(m, w) + (m.embed_bytes if first else 0) + (C.head_bytes(m, w) if last else 0)
+    # one stage with both ends of a tied model holds the embedding once (the ILP counts it twice)
+    embed = m.embed_bytes if first and not (last and m.tied_embeddings) else 0
+    return b + C.runtime_bytes(m, w) + embed + (C.head_bytes(m, w) if last else 0)
 
 
 def violations(problem: Problem, stages: tuple[Stage, ...] | list[Stage], tol: float = 1e-6) -> list[str]:

@@ -54,3 +54,28 @@ def test_stage_memory_is_within_the_admission_formula(model, spec, first, last, 
         need, _, _ = footprint(path, sessions, context, batch)
         delta = measured_delta(path, sessions, context, batch)
         assert delta <= need.total + SLACK, (sessions, context, batch, delta, need)
+
+
+@pytest.mark.parametrize("model,spec,first,last", [
+    ("reference", "Q4_K", 0, 3), ("reference", "Q8_0", 3, 8), ("reference", "Q6_K", 0, 8),
+    ("smollm2", "Q8_0", 0, 10), ("smollm2", "Q4_0", 10, 20), ("smollm2", "Q5_K", 20, 30),
+    ("smollm2", "Q4_K", 0, 30)])
+def test_the_solver_and_the_agent_agree_on_a_stage_s_memory(model, spec, first, last, tmp_path, request):
+    """The plan's memory figure for a stage (what the solver constrains) is the very figure the
+    agent admits that stage's shard by, byte for byte, for several workloads."""
+    from controller.planning import gguf_profile
+    from solver.memory import batch_tokens
+    from solver.plan import Stage, stage_memory
+    from solver.problem import Fleet, Node, Problem, TypeSpeed, Workload
+
+    master = request.getfixturevalue("reference_model" if model == "reference" else "smollm2")
+    profile = gguf_profile(master, None)
+    n = profile.n_layer
+    types = parse_types(spec, n)
+    path = write_shard(master, tmp_path / "s.gguf", types, first, last, file_sha256(master)).path
+    node = Node("a", 1 << 40, {q: TypeSpeed(1e9, 1e9) for q in profile.types})
+    for w in (Workload(256, 128, 8, 512), Workload(20, 3, 1, 30), Workload(512, 128, 4, 0)):
+        problem = Problem(profile, Fleet((node,), ()), w)
+        solver = stage_memory(problem, Stage("a", first, last, tuple(types[first:last])), first == 0, last == n)
+        agent, _, _ = footprint(path, w.concurrency, w.ctx, batch_tokens(w.prompt_tokens, w.concurrency))
+        assert solver == agent.total, (w, solver, agent)
