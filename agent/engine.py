@@ -24,11 +24,9 @@ import numpy as np
 from agent import weights as W
 from agent.runtime import Settings, Stage, Step
 from agent.sampling import Sampling, sample
-from solver.memory import StageMemory, fmt_bytes, stage_memory
+from solver.memory import MAX_BATCH, StageMemory, fmt_bytes, stage_memory
 
 log = logging.getLogger(__name__)
-
-MAX_BATCH = 64          # steps computed together in one llama_decode at most
 
 
 class EngineError(Exception):

@@ -24,7 +24,7 @@ import pulp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from solver import solve  # noqa: E402
+from solver.fast import solve  # noqa: E402
 from solver.baselines import SPLITS, baseline, naive_ilp  # noqa: E402
 from solver.fast import master  # noqa: E402
 from solver.ilp import candidates  # noqa: E402

@@ -301,7 +301,7 @@ def plan(model_arg, fleet_path, max_ppl_increase, objective, prompt_tokens, outp
          controller_addr, token, tls_cert, tls_key, tls_ca) -> None:
     """Choose placement and per-layer types for a model on a fleet file, or on the live fleet."""
     from controller.planning import load_profile, plan_table
-    from solver import solve
+    from solver.fast import solve
     from solver.problem import Options, Problem, Workload, load_fleet
 
     if fleet_path is None:

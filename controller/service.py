@@ -23,7 +23,7 @@ from controller.registry import Registry
 from controller.state import Deployment, State
 from proto import adapter as A
 from proto.security import Security
-from solver import solve
+from solver.fast import solve
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,11 @@ from dataclasses import dataclass, replace
 import networkx as nx
 
 from solver import cost as C
+from solver.cost import roofline_s
+from solver.memory import MAX_BATCH
 from solver.plan import Plan, Stage, stage_memory
 from solver.problem import Fleet, Link, Node, Problem
 from simulations.workload import Request
-
-MAX_BATCH = 64      # as agent/engine.py
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,11 @@ class _StageState:
         self.busy_s = 0.0
 
     def batch_s(self, ntok: int, ctxw: float) -> float:
+        """One batch of ntok tokens whose attention spans ctxw positions in all: each layer
+        group's roofline (solver/cost.py) and the node's step overhead."""
         total = self.overhead
         for n, read, flops, attn, pf in self.groups:
-            compute = (ntok * flops + attn * ctxw) / pf
-            total += n * (read if read > compute else compute)
+            total += n * roofline_s(read, ntok * flops + attn * ctxw, pf)
         return total
 
 
@@ -455,7 +456,7 @@ class Simulator:
         self.serving = False
 
     def _replan(self, t: float, why: str, keep_serving: bool = False) -> None:
-        from solver import solve
+        from solver.fast import solve
 
         alive = tuple(n for n in self.fleet.nodes if n.name not in self.down)
         problem = replace(self.problem, fleet=replace(self.fleet, nodes=alive),

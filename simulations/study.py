@@ -75,7 +75,7 @@ def prepare(spec: StudySpec) -> tuple[Problem, Plan, list[W.Request], list]:
     if spec.plan is not None:
         plan = plan_from_dict(spec.plan)
     else:
-        from solver import solve
+        from solver.fast import solve
 
         plan = solve(problem)
         if not plan.ok:

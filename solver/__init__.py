@@ -2,13 +2,9 @@
 
 Plain data in, plan out; imports nothing from controller/agent.
 
-    from solver import solve
+    from solver.fast import solve
     plan = solve(Problem(model, fleet, workload, options))
+
+The package itself imports nothing, so that the agent may use solver.memory and
+solver.ggml_types without loading the solver stack (PuLP, HiGHS).
 """
-
-
-def solve(problem):
-    """The best plan for a problem (solver/fast.py: proven optimal or with its gap)."""
-    from solver.fast import solve_fast
-
-    return solve_fast(problem)

@@ -15,6 +15,7 @@ import time
 import pulp
 
 from solver import cost as C
+from solver import terms
 from solver.ilp import run
 from solver.plan import Plan, Stage, evaluate, finished, stages_from_layers, violations
 from solver.problem import Problem
@@ -71,7 +72,22 @@ def naive_ilp(problem: Problem) -> Plan:
     pair for link costs. Same data, same cost model, same solver options."""
     t0 = time.perf_counter()
     problem.validate()
-    m, w, o, fleet = problem.model, problem.workload, problem.options, problem.fleet
+    o, L = problem.options, problem.model.n_layer
+    lp, y = naive_model(problem)
+    build_s = time.perf_counter() - t0
+    status, _, bound = run(lp, o, o.time_limit, o.gap)
+    elapsed = time.perf_counter() - t0
+    stats = {"build_s": build_s, "variables": len(lp.variables()), "constraints": len(lp.constraints)}
+    if status != "solved":
+        return Plan((), "infeasible" if status == "infeasible" else "timeout", math.nan, bound, math.nan, elapsed,
+                    "naive-ilp", "", None, stats)
+    choice = [next((n, q) for (l2, n, q), v in y.items() if l2 == l and (v.varValue or 0) > 0.5) for l in range(L)]
+    return finished(problem, stages_from_layers(choice), bound, elapsed, "naive-ilp", stats)
+
+
+def naive_model(problem: Problem) -> tuple[pulp.LpProblem, dict]:
+    """The naive model (naive_ilp) and its y variables: (layer, node, type) -> binary."""
+    m, o, fleet = problem.model, problem.options, problem.fleet
     L = m.n_layer
     net = C.Network(fleet)
     nodes = [n.name for n in fleet.nodes if n.name not in o.excluded]
@@ -86,43 +102,36 @@ def naive_ilp(problem: Problem) -> Plan:
     for l in range(L):
         lp += pulp.lpSum(x[l, n] for n in nodes) == 1, f"assign_{l}"
     for i, n in enumerate(nodes):
-        node = fleet.node(n)
-        for l in range(L):
-            lp += x[l, n] <= u[n], f"used_{l}_{i}"
-        for a in range(L):
-            for k in range(a + 2, L):
-                lp += x[a, n] + x[k, n] - 1 <= x[k - 1, n], f"contig_{a}_{k}_{i}"
-        lp += (pulp.lpSum(C.layer_bytes(m, l, q, w) * y[l, n, q] for l in range(L) for q in allowed if (l, n, q) in y)
-               + m.embed_bytes * x[0, n] + C.head_bytes(m, w) * x[L - 1, n] + C.runtime_bytes(m, w) * u[n]
-               <= node.memory), f"memory_{i}"
-        if n in o.pinned:
-            lp += pulp.lpSum(x[l, n] for l in range(L)) >= 1, f"pinned_{i}"
+        naive_node_rows(lp, problem, i, n, y, x, u[n])
     for (l, a, b), v in tr.items():
         lp += v >= x[l, a] + x[l + 1, b] - 1, f"trans_{l}_{nodes.index(a)}_{nodes.index(b)}"
     lp += pulp.lpSum(m.layers[l].sensitivity[q] * v for (l, n, q), v in y.items()) <= o.budget, "budget"
     if o.max_stages:
         lp += pulp.lpSum(u.values()) <= o.max_stages, "max_stages"
+    stages = {n: terms.stage_time(problem, fleet.node(n), [((l, q), y[l, n, q])
+                                                           for l in range(L) for q in allowed if (l, n, q) in y])
+              for n in nodes}
     if o.objective == "latency":
-        lp += (pulp.lpSum(C.layer_latency_s(fleet.node(n), m.layers[l], q, w) * v for (l, n, q), v in y.items())
-               + pulp.lpSum(C.stage_overhead_latency_s(fleet.node(n), w) * u[n] for n in nodes)
-               + pulp.lpSum(C.hop_latency_s(net, m, w, a, b) * v for (l, a, b), v in tr.items())
-               + pulp.lpSum(C.controller_latency_s(net, w, n) * x[0, n] for n in nodes))
+        lp += terms.latency(problem, net, stages.values(), u, (((a, b), v) for (l, a, b), v in tr.items()),
+                            {n: x[0, n] for n in nodes}), "latency"
     else:
-        T = pulp.LpVariable("T", lowBound=0)
-        lp += T
-        for i, n in enumerate(nodes):
-            node = fleet.node(n)
-            lp += (pulp.lpSum(C.decode_s(node, m.layers[l], q, w, w.concurrency) * y[l, n, q]
-                              for l in range(L) for q in allowed if (l, n, q) in y)
-                   + node.step_overhead_s * u[n] <= T), f"stage_time_{i}"
-        for (l, a, b), v in tr.items():
-            lp += C.hop_step_s(net, m, w, a, b) * v <= T, f"hop_time_{l}_{nodes.index(a)}_{nodes.index(b)}"
-    build_s = time.perf_counter() - t0
-    status, _, bound = run(lp, o, o.time_limit, o.gap)
-    elapsed = time.perf_counter() - t0
-    stats = {"build_s": build_s, "variables": len(lp.variables()), "constraints": len(lp.constraints)}
-    if status != "solved":
-        return Plan((), "infeasible" if status == "infeasible" else "timeout", math.nan, bound, math.nan, elapsed,
-                    "naive-ilp", "", None, stats)
-    choice = [next((n, q) for (l2, n, q), v in y.items() if l2 == l and (v.varValue or 0) > 0.5) for l in range(L)]
-    return finished(problem, stages_from_layers(choice), bound, elapsed, "naive-ilp", stats)
+        steps = {f"stage_time_{i}": terms.step_time(fleet.node(n), stages[n], u[n]) for i, n in enumerate(nodes)}
+        hops = {f"hop_time_{l}_{nodes.index(a)}_{nodes.index(b)}": (a, b, v) for (l, a, b), v in tr.items()}
+        terms.bottleneck(lp, problem, net, steps, hops)
+    return lp, y
+
+
+def naive_node_rows(lp: pulp.LpProblem, problem: Problem, i: int, n: str, y: dict, x: dict, used) -> None:
+    """Node n's rows: used if it holds a layer, contiguity by pairwise rows, memory, pinned."""
+    m, w, o, L = problem.model, problem.workload, problem.options, problem.model.n_layer
+    allowed = [q for q in m.types if not o.types or q in o.types]
+    for l in range(L):
+        lp += x[l, n] <= used, f"used_{l}_{i}"
+    for a in range(L):
+        for k in range(a + 2, L):
+            lp += x[a, n] + x[k, n] - 1 <= x[k - 1, n], f"contig_{a}_{k}_{i}"
+    lp += (pulp.lpSum(C.layer_bytes(m, l, q, w) * y[l, n, q] for l in range(L) for q in allowed if (l, n, q) in y)
+           + m.embed_bytes * x[0, n] + C.head_bytes(m, w) * x[L - 1, n] + C.runtime_bytes(m, w) * used
+           <= problem.fleet.node(n).memory), f"memory_{i}"
+    if n in o.pinned:
+        lp += pulp.lpSum(x[l, n] for l in range(L)) >= 1, f"pinned_{i}"

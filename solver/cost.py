@@ -18,14 +18,20 @@ REPLY_BYTES = 16      # a sampled token (+ framing) going back up the chain
 TOKEN_BYTES = 4       # a token id entering the first stage
 
 
+def roofline_s(read_s: float, flops: float, flop_s: float) -> float:
+    """The roofline: the larger of reading the weights (read_s seconds) and doing `flops`
+    FLOPs at flop_s FLOP/s (also the simulator's batch time, simulations/engine.py)."""
+    compute = flops / flop_s
+    return read_s if read_s > compute else compute
+
+
 def layer_step_s(node: Node, layer: LayerProfile, q: str, tokens: int, ctx: float) -> float:
     """Seconds for one layer at type q to process `tokens` tokens (a decode batch or a prompt)
     whose attention spans `ctx` positions on average: the larger of reading the weights and
     doing the FLOPs (a roofline with measured or declared per-type speeds)."""
     s = node.speed[q]
-    read = layer.bytes[q] / s.decode_bytes_per_s
-    compute = tokens * (layer.flops + layer.attn_flops_per_ctx * ctx) / s.prefill_flops
-    return max(read, compute)
+    return roofline_s(layer.bytes[q] / s.decode_bytes_per_s,
+                      tokens * (layer.flops + layer.attn_flops_per_ctx * ctx), s.prefill_flops)
 
 
 def prefill_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:

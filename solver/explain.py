@@ -1,13 +1,15 @@
-"""Why no plan exists, in one sentence naming the binding resource."""
+"""Why no plan exists, in one sentence naming the binding resource.
+
+Plain sentences from figures: the solvers (solver/fast.py) decide which question to ask,
+and run the one optimization the last question needs (the least ΔNLL of any placement).
+"""
 from __future__ import annotations
 
-import dataclasses
 import math
-
-import pulp
+from dataclasses import dataclass
 
 from solver import cost as C
-from solver.problem import GiB, Problem
+from solver.problem import GiB, Node, Problem
 
 
 def unplaceable_pin(problem: Problem, cand: dict) -> str:
@@ -21,14 +23,24 @@ def unplaceable_pin(problem: Problem, cand: dict) -> str:
     return ""
 
 
-def explain(problem: Problem) -> str:
-    m, w, o, fleet = problem.model, problem.workload, problem.options, problem.fleet
+@dataclass(frozen=True)
+class Need:
+    """The least memory any plan needs: every layer at its smallest type some usable node supports."""
+    usable: tuple[Node, ...]   # nodes not excluded
+    offered: int               # their memory together
+    weights: int               # those layers, the embedding, the head and the runtime
+    kv: int                    # every layer's KV cache
+    q_min: str                 # the type of the largest of those layers
+    layer: int                 # the first layer at its smallest type, with its KV cache
+
+
+def need(problem: Problem) -> Need | str:
+    """The least memory any plan needs, or a sentence when no node or type is usable at all."""
+    m, w, o = problem.model, problem.workload, problem.options
     allowed = [q for q in m.types if not o.types or q in o.types]
-    usable = [n for n in fleet.nodes if n.name not in o.excluded]
-    offered = sum(n.memory for n in usable)
+    usable = tuple(n for n in problem.fleet.nodes if n.name not in o.excluded)
     if not usable:
         return "every node is excluded; remove some --exclude options"
-    # the least memory any plan needs: every layer at its smallest type any node supports
     smallest = []
     for lp in m.layers:
         sizes = [(lp.bytes[q], q) for q in allowed if any(q in n.speed for n in usable)]
@@ -36,29 +48,32 @@ def explain(problem: Problem) -> str:
             return f"no node supports any of the allowed types ({', '.join(allowed)})"
         smallest.append(min(sizes))
     weights = sum(b for b, _ in smallest) + m.embed_bytes + C.head_bytes(m, w) + C.runtime_bytes(m, w)
-    kv = sum(C.kv_bytes(lp, w) for lp in m.layers)
-    q_min = max(smallest)[1]
-    if weights + kv > offered:
-        return (f"the fleet offers {offered / GiB:.2f} GiB; the model needs at least {weights / GiB:.2f} GiB "
-                f"at {q_min} plus {kv / GiB:.2f} GiB of KV cache for {w.concurrency} × {w.ctx} tokens; "
-                f"add nodes, or lower --concurrency or the context")
-    # drop the budget: is there any placement at all, and what is the least ΔNLL it can reach?
-    from solver import fast, ilp
+    return Need(usable=usable, offered=sum(n.memory for n in usable), weights=weights,
+                kv=sum(C.kv_bytes(lp, w) for lp in m.layers), q_min=max(smallest)[1],
+                layer=smallest[0][0] + C.kv_bytes(m.layers[0], w))
 
-    free = dataclasses.replace(problem, options=dataclasses.replace(o, max_ppl_increase=1e12, objective="latency"))
-    if fast.homogeneous(free):   # the aggregate model has the same feasible type choices
-        lp, v = fast.master(free, ilp.candidates(free), transport=True)
-        lp.setObjective(pulp.lpSum(m.layers[l].sensitivity[q] * g for (l, q), g in v["g"].items()))
-    else:
-        model = ilp.build(free)
-        lp = model.lp
-        lp.setObjective(pulp.lpSum(m.layers[l].sensitivity[q] * z for (l, n, q), z in model.z.items()))
-    lp.constraints.pop("budget", None)
-    status, best, _ = ilp.run(lp, o, o.time_limit, o.gap / 4)
+
+def shortfall(problem: Problem) -> str:
+    """A sentence when no placement can exist whatever the budget: nothing usable, or less
+    memory in the whole fleet than the model needs at its smallest types (else "")."""
+    n, w = need(problem), problem.workload
+    if isinstance(n, str):
+        return n
+    if n.weights + n.kv > n.offered:
+        return (f"the fleet offers {n.offered / GiB:.2f} GiB; the model needs at least {n.weights / GiB:.2f} GiB "
+                f"at {n.q_min} plus {n.kv / GiB:.2f} GiB of KV cache for {w.concurrency} × {w.ctx} tokens; "
+                f"add nodes, or lower --concurrency or the context")
+    return ""
+
+
+def verdict(problem: Problem, status: str, best: float) -> str:
+    """The sentence once the fleet has room in all: `status` and `best` are those of the
+    least ΔNLL of any placement without the budget (solved, timeout, or none exists)."""
+    o, n = problem.options, need(problem)
     if status == "solved":
         return (f"no assignment meets a {o.max_ppl_increase:g} % perplexity budget on this fleet: the best possible "
                 f"is {100 * math.expm1(best):.2f} %; raise --max-ppl-increase or add memory")
-    largest = max(usable, key=lambda n: n.memory)
+    largest = max(n.usable, key=lambda x: x.memory)
     if status == "timeout":
         return f"the solver could not decide within {o.time_limit:g} s whether any plan fits; raise --time-limit"
     if o.max_stages:
@@ -66,6 +81,6 @@ def explain(problem: Problem) -> str:
                 f"{largest.memory / GiB:.2f} GiB); raise --max-stages")
     if o.pinned:
         return f"no plan uses every pinned node ({', '.join(o.pinned)}) within memory; unpin some"
-    return (f"the fleet offers {offered / GiB:.2f} GiB in total but the layers cannot be split to fit each node "
-            f"(the model needs {(weights + kv) / GiB:.2f} GiB at {q_min}, a layer "
-            f"{(smallest[0][0] + C.kv_bytes(m.layers[0], w)) / GiB:.3f} GiB); add memory or lower the context")
+    return (f"the fleet offers {n.offered / GiB:.2f} GiB in total but the layers cannot be split to fit each node "
+            f"(the model needs {(n.weights + n.kv) / GiB:.2f} GiB at {n.q_min}, a layer "
+            f"{n.layer / GiB:.3f} GiB); add memory or lower the context")

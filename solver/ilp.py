@@ -1,4 +1,4 @@
-"""The placement ILP: build → solve → extract, every constraint named.
+"""The placement ILP: build, run, extract, every constraint named (fast.solve_ilp chains them).
 
 Variables (after filtering, see `candidates`):
   z[l,n,q]  binary   layer l runs on node n at type q
@@ -25,7 +25,8 @@ import numpy as np
 import pulp
 
 from solver import cost as C
-from solver.plan import Plan, Stage, finished, stages_from_layers
+from solver import terms
+from solver.plan import Stage, stages_from_layers
 from solver.problem import Options, Problem
 from solver.quiet import no_stdout
 
@@ -40,6 +41,20 @@ class Model:
     problem: Problem
     nodes: list       # node names that may be used
     stats: dict
+
+
+@dataclass(frozen=True)
+class Vars:
+    """The ILP's variables and the expressions on them (module doc)."""
+    cand: dict        # (l, n) -> candidate types
+    nodes: list       # node names that may be used
+    z: dict           # (l, n, q) -> binary
+    f: dict           # (l, n) -> Σ_q z[l, n, q]
+    s: dict           # (l, n) -> stage start
+    t: dict           # (n, m) -> binary
+    start: dict       # n -> first layer of n (0 if unused)
+    used: dict        # n -> 1 if n holds a stage
+    count: dict       # n -> layers on n
 
 
 def candidates(problem: Problem) -> dict[tuple[int, str], list[str]]:
@@ -59,7 +74,7 @@ def candidates(problem: Problem) -> dict[tuple[int, str], list[str]]:
             for q in allowed:
                 if q not in node.speed or C.layer_bytes(m, l, q, w) > room:
                     continue
-                key = (C.layer_bytes(m, l, q, w), layer_time(problem, node, l, q), lp.sensitivity[q])
+                key = (C.layer_bytes(m, l, q, w), terms.layer_time(problem, node, l, q), lp.sensitivity[q])
                 opts.append((q, key))
             keep = [q for i, (q, k) in enumerate(opts)
                     if not any(all(a <= b for a, b in zip(k2, k)) and (k2 != k or j < i)
@@ -69,93 +84,104 @@ def candidates(problem: Problem) -> dict[tuple[int, str], list[str]]:
     return out
 
 
-def layer_time(problem: Problem, node, l: int, q: str) -> float:
-    """A layer's time on a node at type q, in the objective's terms (latency share or decode step)."""
-    lp, w = problem.model.layers[l], problem.workload
-    if problem.options.objective == "latency":
-        return C.layer_latency_s(node, lp, q, w)
-    return C.decode_s(node, lp, q, w, w.concurrency)
-
-
-def build(problem: Problem) -> Model:
-    problem.validate()
-    t0 = time.perf_counter()
-    m, w, o, fleet = problem.model, problem.workload, problem.options, problem.fleet
-    L = m.n_layer
-    cand = candidates(problem)
-    nodes = [n.name for n in fleet.nodes if any((l, n.name) in cand for l in range(L))]
-    net = C.Network(fleet)
-    lp = pulp.LpProblem("placement", pulp.LpMinimize)
-
+def variables(problem: Problem, cand: dict) -> Vars:
+    """z, s and t for the nodes that may hold a layer, and f, start, used and count on them."""
+    L = problem.model.n_layer
+    nodes = [n.name for n in problem.fleet.nodes if any((l, n.name) in cand for l in range(L))]
     z = {(l, n, q): pulp.LpVariable(f"z_{l}_{i}_{q}", cat="Binary")
          for i, n in enumerate(nodes) for l in range(L) for q in cand.get((l, n), [])}
     f = {(l, n): pulp.lpSum(z[l, n, q] for q in cand.get((l, n), [])) for l in range(L) for n in nodes}
     s = {(l, n): pulp.LpVariable(f"s_{l}_{i}", lowBound=0) for i, n in enumerate(nodes) for l in range(L)}
     t = {(a, b): pulp.LpVariable(f"t_{i}_{j}", cat="Binary")
          for i, a in enumerate(nodes) for j, b in enumerate(nodes) if a != b}
-    start = {n: pulp.lpSum(l * s[l, n] for l in range(L)) for n in nodes}        # first layer of n (0 if unused)
-    used = {n: pulp.lpSum(s[l, n] for l in range(L)) for n in nodes}            # 1 if n holds a stage
-    count = {n: pulp.lpSum(f[l, n] for l in range(L)) for n in nodes}           # layers on n
+    return Vars(cand=cand, nodes=nodes, z=z, f=f, s=s, t=t,
+                start={n: pulp.lpSum(l * s[l, n] for l in range(L)) for n in nodes},
+                used={n: pulp.lpSum(s[l, n] for l in range(L)) for n in nodes},
+                count={n: pulp.lpSum(f[l, n] for l in range(L)) for n in nodes})
 
+
+def build(problem: Problem) -> Model:
+    """The ILP of a problem (module doc), every row named."""
+    problem.validate()
+    t0 = time.perf_counter()
+    o, L = problem.options, problem.model.n_layer
+    v = variables(problem, candidates(problem))
+    net = C.Network(problem.fleet)
+    lp = pulp.LpProblem("placement", pulp.LpMinimize)
     for l in range(L):
-        lp += pulp.lpSum(f[l, n] for n in nodes) == 1, f"assign_{l}"
-    for i, n in enumerate(nodes):
-        for l in range(L):
-            prev = f[l - 1, n] if l else 0
-            lp += s[l, n] >= f[l, n] - prev, f"start_lo_{l}_{i}"
-            lp += s[l, n] <= f[l, n], f"start_hi_{l}_{i}"
-            if l:
-                lp += s[l, n] <= 1 - prev, f"start_first_{l}_{i}"
-        lp += used[n] <= 1, f"contiguous_{i}"
-        node = fleet.node(n)
-        mem = (pulp.lpSum(C.layer_bytes(m, l, q, w) * z[l, n, q] for l in range(L) for q in cand.get((l, n), []))
-               + m.embed_bytes * f[0, n] + C.head_bytes(m, w) * f[L - 1, n] + C.runtime_bytes(m, w) * used[n])
-        # capacity scaled by `used`: in the LP relaxation a node cannot hold a fraction of the
-        # model while paying only a fraction of its fixed (runtime, embedding) memory
-        lp += mem * (1.0 / node.memory) <= used[n], f"memory_{i}"
-        smallest = min(C.layer_bytes(m, l, q, w) for l in range(L) for q in cand.get((l, n), []))
-        most = (node.memory - C.runtime_bytes(m, w)) // smallest
-        if most < L:
-            lp += count[n] <= most * used[n], f"max_layers_{i}"
-        # a stage after the first needs a predecessor; each node hands over to at most one
-        lp += pulp.lpSum(t[a, n] for a in nodes if a != n) >= used[n] - f[0, n], f"pred_{i}"
-        lp += pulp.lpSum(t[a, n] for a in nodes if a != n) <= 1, f"pred_max_{i}"
-        lp += pulp.lpSum(t[n, b] for b in nodes if b != n) <= 1, f"succ_max_{i}"
-        if n in o.pinned:
-            lp += count[n] >= 1, f"pinned_{i}"
-    for (a, b), v in t.items():   # m follows n only where n ends: P[m] = P[n] + count[n]
-        i, j = nodes.index(a), nodes.index(b)
-        lp += start[b] - start[a] - count[a] <= L * (1 - v), f"follow_hi_{i}_{j}"
-        lp += start[b] - start[a] - count[a] >= -L * (1 - v), f"follow_lo_{i}_{j}"
-    lp += pulp.lpSum(m.layers[l].sensitivity[q] * v for (l, n, q), v in z.items()) <= o.budget, "budget"
+        lp += pulp.lpSum(v.f[l, n] for n in v.nodes) == 1, f"assign_{l}"
+    for i, n in enumerate(v.nodes):
+        node_rows(lp, problem, v, i, n)
+    for (a, b), x in v.t.items():   # m follows n only where n ends: P[m] = P[n] + count[n]
+        i, j = v.nodes.index(a), v.nodes.index(b)
+        lp += v.start[b] - v.start[a] - v.count[a] <= L * (1 - x), f"follow_hi_{i}_{j}"
+        lp += v.start[b] - v.start[a] - v.count[a] >= -L * (1 - x), f"follow_lo_{i}_{j}"
+    lp += pulp.lpSum(problem.model.layers[l].sensitivity[q] * x for (l, n, q), x in v.z.items()) <= o.budget, "budget"
     if o.max_stages:
-        lp += pulp.lpSum(used.values()) <= o.max_stages, "max_stages"
-
-    # symmetry: of identical nodes (same figures, same routes), use them in name order
-    for group in identical_nodes(problem, nodes, net):
-        for a, b in zip(group, group[1:]):
-            i, j = nodes.index(a), nodes.index(b)
-            lp += used[a] >= used[b], f"sym_used_{i}_{j}"
-            lp += start[a] <= start[b] + L * (1 - used[b]), f"sym_order_{i}_{j}"
-
-    if o.objective == "latency":
-        lp += (pulp.lpSum(C.layer_latency_s(fleet.node(n), m.layers[l], q, w) * v for (l, n, q), v in z.items())
-               + pulp.lpSum(C.stage_overhead_latency_s(fleet.node(n), w) * used[n] for n in nodes)
-               + pulp.lpSum(C.hop_latency_s(net, m, w, a, b) * v for (a, b), v in t.items())
-               + pulp.lpSum(C.controller_latency_s(net, w, n) * f[0, n] for n in nodes)), "latency"
-    else:
-        T = pulp.LpVariable("T", lowBound=0)
-        lp += T, "bottleneck"
-        for i, n in enumerate(nodes):
-            node = fleet.node(n)
-            lp += (pulp.lpSum(C.decode_s(node, m.layers[l], q, w, w.concurrency) * z[l, n, q]
-                              for l in range(L) for q in cand.get((l, n), []))
-                   + node.step_overhead_s * used[n] <= T), f"stage_time_{i}"
-        for (a, b), v in t.items():
-            lp += C.hop_step_s(net, m, w, a, b) * v <= T, f"hop_time_{nodes.index(a)}_{nodes.index(b)}"
+        lp += pulp.lpSum(v.used.values()) <= o.max_stages, "max_stages"
+    symmetry_rows(lp, problem, v, net)
+    objective(lp, problem, v, net)
     stats = {"variables": len(lp.variables()), "constraints": len(lp.constraints),
-             "binaries": len(z) + len(t), "build_s": time.perf_counter() - t0}
-    return Model(lp=lp, z=z, t=t, problem=problem, nodes=nodes, stats=stats)
+             "binaries": len(v.z) + len(v.t), "build_s": time.perf_counter() - t0}
+    return Model(lp=lp, z=v.z, t=v.t, problem=problem, nodes=v.nodes, stats=stats)
+
+
+def node_rows(lp: pulp.LpProblem, problem: Problem, v: Vars, i: int, n: str) -> None:
+    """Node n's rows: one contiguous stage, memory, a predecessor unless first, pinned."""
+    L = problem.model.n_layer
+    for l in range(L):
+        prev = v.f[l - 1, n] if l else 0
+        lp += v.s[l, n] >= v.f[l, n] - prev, f"start_lo_{l}_{i}"
+        lp += v.s[l, n] <= v.f[l, n], f"start_hi_{l}_{i}"
+        if l:
+            lp += v.s[l, n] <= 1 - prev, f"start_first_{l}_{i}"
+    lp += v.used[n] <= 1, f"contiguous_{i}"
+    memory_rows(lp, problem, v, i, n)
+    # a stage after the first needs a predecessor; each node hands over to at most one
+    lp += pulp.lpSum(v.t[a, n] for a in v.nodes if a != n) >= v.used[n] - v.f[0, n], f"pred_{i}"
+    lp += pulp.lpSum(v.t[a, n] for a in v.nodes if a != n) <= 1, f"pred_max_{i}"
+    lp += pulp.lpSum(v.t[n, b] for b in v.nodes if b != n) <= 1, f"succ_max_{i}"
+    if n in problem.options.pinned:
+        lp += v.count[n] >= 1, f"pinned_{i}"
+
+
+def memory_rows(lp: pulp.LpProblem, problem: Problem, v: Vars, i: int, n: str) -> None:
+    """Node n's memory, and the most layers it can hold at its smallest type."""
+    m, w, L = problem.model, problem.workload, problem.model.n_layer
+    node = problem.fleet.node(n)
+    mem = (pulp.lpSum(C.layer_bytes(m, l, q, w) * v.z[l, n, q] for l in range(L) for q in v.cand.get((l, n), []))
+           + m.embed_bytes * v.f[0, n] + C.head_bytes(m, w) * v.f[L - 1, n] + C.runtime_bytes(m, w) * v.used[n])
+    # capacity scaled by `used`: in the LP relaxation a node cannot hold a fraction of the
+    # model while paying only a fraction of its fixed (runtime, embedding) memory
+    lp += mem * (1.0 / node.memory) <= v.used[n], f"memory_{i}"
+    smallest = min(C.layer_bytes(m, l, q, w) for l in range(L) for q in v.cand.get((l, n), []))
+    most = (node.memory - C.runtime_bytes(m, w)) // smallest
+    if most < L:
+        lp += v.count[n] <= most * v.used[n], f"max_layers_{i}"
+
+
+def symmetry_rows(lp: pulp.LpProblem, problem: Problem, v: Vars, net: C.Network) -> None:
+    """Of identical nodes (same figures, same routes), use them in name order."""
+    L = problem.model.n_layer
+    for group in identical_nodes(problem, v.nodes, net):
+        for a, b in zip(group, group[1:]):
+            i, j = v.nodes.index(a), v.nodes.index(b)
+            lp += v.used[a] >= v.used[b], f"sym_used_{i}_{j}"
+            lp += v.start[a] <= v.start[b] + L * (1 - v.used[b]), f"sym_order_{i}_{j}"
+
+
+def objective(lp: pulp.LpProblem, problem: Problem, v: Vars, net: C.Network) -> None:
+    """The chosen objective on the ILP's variables (solver/terms.py)."""
+    fleet, L = problem.fleet, problem.model.n_layer
+    stages = {n: terms.stage_time(problem, fleet.node(n), [((l, q), v.z[l, n, q])
+                                                           for l in range(L) for q in v.cand.get((l, n), [])])
+              for n in v.nodes}
+    if problem.options.objective == "latency":
+        lp += terms.latency(problem, net, stages.values(), v.used, v.t.items(), {n: v.f[0, n] for n in v.nodes}), "latency"
+        return
+    steps = {f"stage_time_{i}": terms.step_time(fleet.node(n), stages[n], v.used[n]) for i, n in enumerate(v.nodes)}
+    hops = {f"hop_time_{v.nodes.index(a)}_{v.nodes.index(b)}": (a, b, x) for (a, b), x in v.t.items()}
+    terms.bottleneck(lp, problem, net, steps, hops)
 
 
 def identical_nodes(problem: Problem, nodes: list[str], net: C.Network) -> list[list[str]]:
@@ -260,26 +286,3 @@ def extract(model: Model) -> list[Stage]:
             chosen[l] = (n, q)
     assert len(chosen) == model.problem.model.n_layer, "the solver returned a partial assignment"
     return stages_from_layers([chosen[l] for l in range(len(chosen))])
-
-
-def solve_ilp(problem: Problem) -> Plan:
-    """build → solve → extract, with status, objective (recomputed by the cost model),
-    bound, gap and time. A run stopped by the time limit is 'feasible', never 'optimal'."""
-    from solver.explain import explain, unplaceable_pin
-
-    t0 = time.perf_counter()
-    o = problem.options
-    why = unplaceable_pin(problem, candidates(problem))
-    if why:
-        return Plan((), "infeasible", math.nan, math.nan, math.nan, 0.0, o.solver, why)
-    model = build(problem)
-    status, _, bound = run(model.lp, o, o.time_limit, o.gap)
-    elapsed = time.perf_counter() - t0
-    if status == "infeasible":
-        return Plan((), "infeasible", math.nan, math.nan, math.nan, elapsed, o.solver, explain(problem), None,
-                    model.stats)
-    if status != "solved":
-        msg = (f"the solver found no plan within {o.time_limit:g} s; raise --time-limit"
-               if status == "timeout" else "the solver failed; try --solver cbc")
-        return Plan((), status, math.nan, bound, math.nan, elapsed, o.solver, msg, None, model.stats)
-    return finished(problem, extract(model), bound, elapsed, o.solver, model.stats)

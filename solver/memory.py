@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BATCH_TOKENS = 512          # most tokens in one llama_decode (a prompt is fed in slices of this)
+MAX_BATCH = 64              # steps computed together in one llama_decode at most (agent and simulator)
 CTX_PAD = 256               # llama.cpp rounds the context up to a multiple of this
 FIXED_BYTES = 1 << 20       # small buffers of a context (graph metadata, inputs)
 

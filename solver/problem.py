@@ -18,10 +18,9 @@ import gguf
 import networkx as nx
 import yaml
 
+from solver.devices import DEVICES, GiB, TypeSpeed, declared_speed
 from solver.ggml_types import LAYER_TYPES, tensor_bytes
 from solver.memory import FIXED_BYTES, kv_bytes_per_token
-
-GiB = 1024 ** 3
 
 
 def type_bytes(qtype: str, n_elements: int) -> int:
@@ -128,12 +127,6 @@ def load_model_profile(path: str | Path) -> ModelProfile:
 
 # ----------------------------------------------------------------------------- fleet
 
-@dataclass(frozen=True)
-class TypeSpeed:
-    decode_bytes_per_s: float   # effective weight bytes/s of a batch-1 decode step at this type
-    prefill_flops: float        # effective FLOP/s of a prefill (many tokens) at this type
-
-
 def measured_speed(layer: "LayerProfile", q: str, decode_s: float, prefill_s_per_token: float) -> TypeSpeed:
     """A node's speed at type q from an agent's timing of one real layer (Profile RPC): the
     weight bytes it streamed per second in a decode step, the FLOPs it did per second in a prefill."""
@@ -214,8 +207,6 @@ def parse_quantity(value, what: str, unit: str = "") -> float:
 def node_from_dict(d: dict, where: str) -> Node:
     """One node entry of a fleet file: either `device: <catalog name>` or declared figures
     (memory_bandwidth, flops, efficiency per type) or measured `profile` seconds."""
-    from solver.catalog import DEVICES, declared_speed
-
     if not isinstance(d, dict) or "name" not in d:
         raise ValueError(f"{where}: each node needs at least a name and a memory size")
     name = str(d["name"])

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from solver import ilp, solve
+from solver import ilp
 from solver.baselines import SPLITS, baseline, naive_ilp, split
 from solver.catalog import model_profile, random_fleet
-from solver.fast import least_dnll, sorted_types
+from solver.fast import least_dnll, solve, solve_ilp, sorted_types
 from solver.plan import evaluate, violations
 from solver.problem import GiB, Options, Problem, Workload
 from solver_instances import brute_force, random_problem
@@ -155,7 +155,7 @@ def real_problem(n_nodes=8, seed=0, **opts):
 def test_real_shapes_proven_optimal_and_fast_path_equals_plain_ilp():
     p = real_problem(4, 3, max_ppl_increase=5, gap=1e-4)
     a = solve(p)
-    b = ilp.solve_ilp(p)
+    b = solve_ilp(p)
     assert a.status == "optimal" and b.status == "optimal"
     assert a.objective == pytest.approx(b.objective, rel=2e-4)
 
@@ -184,7 +184,7 @@ def test_infeasible_budget_reports_best_possible():
 def test_time_limited_run_is_never_called_optimal():
     p = Problem(model_profile("llama-3-70b"), random_fleet(16, 1), Workload(512, 128, 1),
                 Options(max_ppl_increase=5, time_limit=0.5))
-    plan = ilp.solve_ilp(p)
+    plan = solve_ilp(p)
     assert plan.status in ("feasible", "timeout")
     if plan.status == "feasible":
         assert plan.gap > p.options.gap
