@@ -104,7 +104,7 @@ def predict(agents, shards, timings, prompt: int, tokens: int, bandwidth: float,
     # one emulated latency per round trip, i.e. latency/2 each way on the controller's link
     links.append(Link("bench", names[0], bandwidth, latency / 2))
     problem = Problem(model, Fleet(tuple(nodes), tuple(links), controller="bench"),
-                      Workload(prompt_tokens=prompt, output_tokens=tokens, concurrency=1))
+                      Workload(prompt_tokens=prompt, output_tokens=tokens, concurrency=1, context=0))
     p = evaluate(problem, stages)
     return {"ttft": p.ttft_s, "tpot": p.tpot_s}
 

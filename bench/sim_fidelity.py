@@ -33,7 +33,10 @@ from proto.security import Security  # noqa: E402
 from simulations.engine import simulate  # noqa: E402
 from simulations.metrics import summarize  # noqa: E402
 from simulations.study import TraceSpec, outcomes  # noqa: E402
-from solver.plan import plan_from_dict  # noqa: E402
+from solver.problem import problem_for  # noqa: E402
+from solver.request import PlacementRequest, Workload  # noqa: E402
+from proto.adapter import placement_pb  # noqa: E402
+from controller.planning import load_profile  # noqa: E402
 
 MODEL = ROOT / "models" / "reference" / "edgefleet-ref-f16.gguf"
 TRACE = ROOT.parent / "shared" / "data" / "AzureLLMInferenceTrace_conv.csv"
@@ -45,13 +48,12 @@ def simulated(state_path: Path, requests) -> tuple[dict, list]:
     st = State(state_path)
     try:
         dep = st.active()
-        opts = D.DeployOptions.from_dict(dep.request)
-        model = D.model_profile_for(opts)
+        model = load_profile(dep.request)
         nodes = [n for n, _ in st.agents()]
         profiles = {n.name: st.profile(n.name, model.sha256) for n in nodes}
         fleet = D.live_fleet(nodes, model, profiles, st.links())
-        problem = D.make_problem(opts, model, fleet)
-        plan = plan_from_dict(dep.plan)
+        problem = problem_for(dep.request, model, fleet)
+        plan = dep.plan
     finally:
         st.close()
     result = simulate(problem, plan, requests)
@@ -88,9 +90,8 @@ def main() -> None:
             stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
             while sum(n.health == "alive" for n in stub.Status(pb.Empty()).nodes) < len(AGENTS):
                 time.sleep(0.2)
-            for _ in stub.Deploy(pb.DeployRequest(model_path=str(MODEL), max_ppl_increase=5.0,
-                                                  prompt_tokens=round(mean_p), output_tokens=round(mean_o),
-                                                  concurrency=args.concurrency, context=256)):
+            request = PlacementRequest(str(MODEL), Workload(round(mean_p), round(mean_o), args.concurrency, 256))
+            for _ in stub.Deploy(placement_pb(request)):
                 pass
             t0 = time.perf_counter()
             real = summarize(replay(ctl.address, Security(), requests))

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simulations.study import StudySpec, TraceSpec, prepare  # noqa: E402
+from solver.request import PlacementRequest, Workload  # noqa: E402
 from simulations.engine import simulate  # noqa: E402
 from simulations.metrics import summarize  # noqa: E402
 from simulations.study import outcomes  # noqa: E402
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     spec = StudySpec(model_profile("llama-3.1-8b"), fleet_from_dict(FLEET), TraceSpec(str(TRACE)),
-                     max_ppl_increase=5.0, concurrency=16, context=4096)
+                     PlacementRequest("llama-3.1-8b", Workload(concurrency=16, context=4096)))
     t0 = time.perf_counter()
     problem, plan, requests, events = prepare(spec)
     print(f"trace: {len(requests)} requests over {requests[-1].arrival_s / 60:.1f} min; read and planned in "

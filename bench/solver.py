@@ -44,7 +44,7 @@ def problem(size: str, seed: int, objective: str = "latency", limit: float = 60.
             gap: float = 0.001, nodes: int = 0) -> Problem:
     model, n, budget = SIZES[size]
     fleet = random_fleet(nodes or n, seed, BIG if model.endswith("405b") else tuple(DEVICES))
-    return Problem(model_profile(model), fleet, Workload(512, 128, 1),
+    return Problem(model_profile(model), fleet, Workload(512, 128, 1, 0),
                    Options(objective=objective, max_ppl_increase=budget, types=TYPES, time_limit=limit, solver=solver,
                            gap=gap))
 

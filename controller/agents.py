@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -178,29 +177,6 @@ class PipelineStream:
 
     def cancel_session(self, session_id: str) -> None:
         self._q.put(A.step_pb(A.StepIn(session_id, 0, cancel=True, deployment_id=self.deployment_id)))
-
-    def generate(self, prompt: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, eos: int | None = None, session_id: str | None = None
-                 ) -> Iterator[A.StepOut]:
-        """Prefill the prompt, then decode one token per step; yields each step's answer."""
-        sid = session_id or uuid.uuid4().hex
-        common = dict(temperature=temperature, top_p=top_p, seed=seed, deployment_id=self.deployment_id)
-        pos, tokens, produced = 0, tuple(prompt), 0
-        try:
-            while produced < max_tokens:
-                last = produced == max_tokens - 1
-                out = self.step(A.StepIn(sid, pos, tokens=tokens, finish=last, **common))
-                produced += 1
-                yield out
-                if out.token == eos:
-                    if not last:
-                        self.cancel_session(sid)
-                    return
-                pos += len(tokens)
-                tokens = (out.token,)
-        except GeneratorExit:
-            self.cancel_session(sid)
-            raise
 
     def close(self) -> None:
         self._q.put(None)

@@ -272,70 +272,97 @@ def _call(controller_addr, token, tls_cert, tls_key, tls_ca) -> ControllerCall:
 
 # ------------------------------------------------------------------ plan
 
+def placement_options(f):
+    """The placement request's options, with its one set of defaults (solver/request.py),
+    shared by plan and deploy."""
+    from solver.request import Options, PlacementRequest, Workload
+
+    w, o, r = Workload(), Options(), PlacementRequest("")
+    opts = [
+        click.option("--max-ppl-increase", default=o.max_ppl_increase, show_default=True,
+                     help="Accuracy budget, % perplexity increase."),
+        click.option("--objective", type=click.Choice(["latency", "throughput"]), default=o.objective,
+                     show_default=True),
+        click.option("--prompt-tokens", default=w.prompt_tokens, show_default=True, help="Prompt length planned for."),
+        click.option("--output-tokens", default=w.output_tokens, show_default=True, help="Output length planned for."),
+        click.option("--concurrency", default=w.concurrency, show_default=True,
+                     help="Requests in flight: KV-cache slots per stage, and the decode batch."),
+        click.option("--context", default=w.context, show_default=True,
+                     help="KV-cache tokens per request (0: prompt + output)."),
+        click.option("--types", "types_csv", default="", help="Allowed layer types, comma-separated (default all)."),
+        click.option("--pin", multiple=True, help="Node that must hold a stage (repeatable)."),
+        click.option("--exclude", multiple=True, help="Node that must not be used (repeatable)."),
+        click.option("--max-stages", default=o.max_stages, show_default=True, help="At most this many stages (0: no limit)."),
+        click.option("--solver", type=click.Choice(["highs", "cbc"]), default=o.solver, show_default=True),
+        click.option("--time-limit", default=o.time_limit, show_default=True, help="Solver time limit, seconds."),
+        click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
+                     help="Held-out text to measure sensitivity on, when no table is cached (default: heldout.txt "
+                          "beside the model, else the reference model's English text)."),
+        click.option("--tokens", default=r.tokens, show_default=True,
+                     help="Held-out tokens a sensitivity table must cover (measured if none does)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def placement_request(model: str, kw: dict):
+    """The placement request from the options placement_options added (removed from kw)."""
+    from solver.request import Options, PlacementRequest, Workload, check
+
+    w = Workload(kw.pop("prompt_tokens"), kw.pop("output_tokens"), kw.pop("concurrency"), kw.pop("context"))
+    types = tuple(t.strip() for t in kw.pop("types_csv").split(",") if t.strip())
+    o = Options(objective=kw.pop("objective"), max_ppl_increase=kw.pop("max_ppl_increase"), types=types,
+                pinned=tuple(kw.pop("pin")), excluded=tuple(kw.pop("exclude")), max_stages=kw.pop("max_stages"),
+                solver=kw.pop("solver"), time_limit=kw.pop("time_limit"))
+    text = kw.pop("text_path")
+    r = PlacementRequest(model, w, o, str(text.resolve()) if text else "", kw.pop("tokens"))
+    check(r)
+    return r
+
+
 @cli.command()
 @click.option("--model", "model_arg", required=True, metavar="MODEL",
               help="MODEL.gguf (sensitivity measured and cached), a profile JSON, or a catalog shape "
                    "(llama-3.1-8b, qwen2.5-7b, llama-3-70b, …).")
 @click.option("--fleet", "fleet_path", type=click.Path(path_type=Path), default=None,
               help="Fleet file (YAML/TOML); without it, plan on the live fleet of --controller.")
-@click.option("--max-ppl-increase", default=5.0, show_default=True, help="Accuracy budget, % perplexity increase.")
-@click.option("--objective", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True)
-@click.option("--prompt-tokens", default=512, show_default=True)
-@click.option("--output-tokens", default=128, show_default=True)
-@click.option("--concurrency", default=1, show_default=True, help="Sequences in flight (KV cache, batch).")
-@click.option("--context", default=0, help="KV-cache tokens per sequence (default prompt + output).")
-@click.option("--types", "types_csv", default="", help="Allowed layer types, comma-separated (default all).")
-@click.option("--pin", multiple=True, help="Node that must hold a stage (repeatable).")
-@click.option("--exclude", multiple=True, help="Node that must not be used (repeatable).")
-@click.option("--max-stages", default=0, help="At most this many stages (0: no limit).")
-@click.option("--solver", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True)
-@click.option("--time-limit", default=60.0, show_default=True, help="Seconds.")
+@placement_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the plan JSON here.")
 @click.option("--save-profile", type=click.Path(path_type=Path), default=None, help="Write the model profile JSON here.")
-@click.option("--tokens", default=2048, show_default=True, help="Held-out tokens if sensitivity must be measured.")
 @controller_option
 @security_options
-def plan(model_arg, fleet_path, max_ppl_increase, objective, prompt_tokens, output_tokens, concurrency, context,
-         types_csv, pin, exclude, max_stages, solver, time_limit, as_json, out, save_profile, tokens,
-         controller_addr, token, tls_cert, tls_key, tls_ca) -> None:
+def plan(model_arg, fleet_path, as_json, out, save_profile, controller_addr, token, tls_cert, tls_key, tls_ca,
+         **kw) -> None:
     """Choose placement and per-layer types for a model on a fleet file, or on the live fleet."""
     from controller.planning import load_profile, plan_table
+    from proto.adapter import placement_pb
     from solver.fast import solve
-    from solver.problem import Options, Problem, Workload, load_fleet
+    from solver.problem import load_fleet, problem_for
 
     if fleet_path is None:
-        from proto import edgefleet_pb2 as pb
-
+        model_file = Path(model_arg)
         if save_profile:
             raise UserError("--save-profile needs --fleet (offline planning)")
-        model_file = Path(model_arg)
         if not model_file.is_file():
             raise UserError(f"model {model_arg} does not exist; planning on the live fleet needs a GGUF file")
-        call = _call(controller_addr, token, tls_cert, tls_key, tls_ca)
-        req = pb.DeployRequest(
-            model_path=str(model_file.resolve()), max_ppl_increase=max_ppl_increase, objective=objective,
-            prompt_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=concurrency,
-            context=context or prompt_tokens + output_tokens, types=[t for t in types_csv.split(",") if t],
-            pin=list(pin), exclude=list(exclude), max_stages=max_stages, time_limit_seconds=time_limit)
+        request = placement_request(str(model_file.resolve()), kw)
         final = None
-        for ev in call.stream("Plan", req):
+        for ev in _call(controller_addr, token, tls_cert, tls_key, tls_ca).stream("Plan", placement_pb(request)):
             log.info("plan %s: %s", ev.phase, ev.message)
             final = ev
         if out:
             out.write_text(final.plan_json)
         click.echo(final.plan_json) if as_json else click.echo(final.message, nl=False)
         return
-
+    request = placement_request(model_arg, kw)
     fleet = load_fleet(fleet_path)
     with progress_bar() as progress:
-        model = load_profile(model_arg, HELDOUT_TEXT, tokens, progress)
+        model = load_profile(request, progress)
     if save_profile:
         save_profile.write_text(model.to_json())
-    types = tuple(t.strip() for t in types_csv.split(",") if t.strip())
-    problem = Problem(model, fleet, Workload(prompt_tokens, output_tokens, concurrency, context),
-                      Options(objective=objective, max_ppl_increase=max_ppl_increase, types=types, pinned=pin,
-                              excluded=exclude, max_stages=max_stages, solver=solver, time_limit=time_limit))
+    problem = problem_for(request, model, fleet)
     result = solve(problem)
     if out:
         out.write_text(result.to_json())
@@ -486,34 +513,16 @@ def status(controller_addr, as_json, token, tls_cert, tls_key, tls_ca) -> None:
 @cli.command()
 @click.argument("model_path", metavar="MODEL.gguf", type=click.Path(path_type=Path))
 @controller_option
-@click.option("--max-ppl-increase", default=5.0, show_default=True, help="Accuracy budget, % perplexity increase.")
-@click.option("--objective", type=click.Choice(["latency", "throughput"]), default="latency", show_default=True)
-@click.option("--prompt-tokens", default=256, show_default=True)
-@click.option("--output-tokens", default=128, show_default=True)
-@click.option("--concurrency", default=8, show_default=True, help="Requests in flight (KV-cache slots per stage).")
-@click.option("--context", default=512, show_default=True, help="KV-cache tokens per request.")
-@click.option("--types", "types_csv", default="", help="Allowed layer types, comma-separated (default all).")
-@click.option("--pin", multiple=True, help="Node that must hold a stage (repeatable).")
-@click.option("--exclude", multiple=True, help="Node that must not be used (repeatable).")
-@click.option("--max-stages", default=0, help="At most this many stages (0: no limit).")
-@click.option("--time-limit", default=60.0, show_default=True, help="Solver time limit, seconds.")
-@click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
-              help="Held-out text for the sensitivity table, when none is cached.")
+@placement_options
 @security_options
-def deploy(model_path, controller_addr, max_ppl_increase, objective, prompt_tokens, output_tokens, concurrency,
-           context, types_csv, pin, exclude, max_stages, time_limit, text_path, token, tls_cert, tls_key,
-           tls_ca) -> None:
+def deploy(model_path, controller_addr, token, tls_cert, tls_key, tls_ca, **kw) -> None:
     """Plan on the live fleet, build and push shards, switch the fleet to the new plan."""
     from controller.planning import deployed_table
-    from proto import edgefleet_pb2 as pb
+    from proto.adapter import placement_pb
     from solver.plan import plan_from_dict
 
     call = _call(controller_addr, token, tls_cert, tls_key, tls_ca)
-    req = pb.DeployRequest(
-        model_path=str(model_path.resolve()), max_ppl_increase=max_ppl_increase, objective=objective,
-        prompt_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=concurrency, context=context,
-        types=[t for t in types_csv.split(",") if t], pin=list(pin), exclude=list(exclude), max_stages=max_stages,
-        time_limit_seconds=time_limit, text_path=str(text_path.resolve()) if text_path else "")
+    req = placement_pb(placement_request(str(model_path.resolve()), kw))
     plan_json, dep_id = "", ""
     with progress_bar() as progress:
         for ev in call.stream("Deploy", req):
@@ -577,6 +586,17 @@ def drain(node, controller_addr, token, tls_cert, tls_key, tls_ca) -> None:
 
     click.echo(_call(controller_addr, token, tls_cert, tls_key, tls_ca)("Drain", pb.DrainRequest(node=node),
                                                                        timeout=600).message)
+
+
+@cli.command()
+@click.argument("node")
+@controller_option
+@security_options
+def resume(node, controller_addr, token, tls_cert, tls_key, tls_ca) -> None:
+    """Let a drained NODE take stages again (from the next deploy, drain or failover)."""
+    from proto import edgefleet_pb2 as pb
+
+    click.echo(_call(controller_addr, token, tls_cert, tls_key, tls_ca)("Resume", pb.DrainRequest(node=node)).message)
 
 
 @cli.command()
@@ -684,8 +704,8 @@ def simulate(ctx, model_arg, fleet_path, plan_path, trace_path, time_scale, star
     fleet = load_fleet(fleet_path)
     model = _load_model(model_arg)
     plan = _read_plan(plan_path) if plan_path else None
-    spec = StudySpec(model, fleet, trace, tuple(whatifs), plan, max_ppl_increase, objective, concurrency, context,
-                     slo_ttft, slo_tpot)
+    spec = StudySpec(model, fleet, trace, study_request(model_arg, objective, max_ppl_increase, concurrency, context),
+                     tuple(whatifs), plan, slo_ttft, slo_tpot)
     with err_console.status("simulating"):
         summary, result, outs, problem, plan_used = run(spec)
     sim = summary["simulation"]
@@ -699,6 +719,16 @@ def simulate(ctx, model_arg, fleet_path, plan_path, trace_path, time_scale, star
     if out:
         files = write(out, summary, outs, result.events, title)
         err_console.print("wrote " + ", ".join(str(f) for f in files), highlight=False)
+
+
+def study_request(model: str, objective: str, max_ppl_increase: float, concurrency: int, context: int):
+    """A simulation's placement request (prompt and output lengths come from the trace)."""
+    from solver.request import Options, PlacementRequest, Workload, check
+
+    r = PlacementRequest(model, Workload(concurrency=concurrency, context=context),
+                         Options(objective=objective, max_ppl_increase=max_ppl_increase))
+    check(r)
+    return r
 
 
 def _read_plan(path: Path) -> dict:
@@ -717,8 +747,10 @@ def _read_plan(path: Path) -> dict:
 def _load_model(model_arg: str):
     from controller.planning import load_profile
 
+    from solver.request import PlacementRequest
+
     with progress_bar() as progress:
-        return load_profile(model_arg, HELDOUT_TEXT, 2048, progress)
+        return load_profile(PlacementRequest(model_arg), progress)
 
 
 @simulate.command("sweep")
@@ -752,7 +784,8 @@ def simulate_sweep(model_arg, fleet_paths, trace_path, time_scale, start, durati
         raise UserError("--budgets and --rates take comma-separated numbers, e.g. --budgets 2,5 --rates 0.5,1,2") from None
     fleets = [(p.stem, load_fleet(p)) for p in fleet_paths]
     model = _load_model(model_arg)
-    base = StudySpec(model, fleets[0][1], trace, tuple(whatifs), None, budget_list[0], objective, concurrency, context,
+    base = StudySpec(model, fleets[0][1], trace,
+                     study_request(model_arg, objective, budget_list[0], concurrency, context), tuple(whatifs), None,
                      slo_ttft, slo_tpot)
     specs = variants(base, fleets, budget_list, rate_list)
     with progress_bar() as progress:

@@ -17,8 +17,9 @@ from rich.console import Console
 from controller.local import ServiceProcess, start_agent, start_controller
 from controller.planning import deployed_table
 
-# (name, memory cap): no single agent can hold the model with its KV cache and scratch
-DEMO_AGENTS = (("desk", "9MiB"), ("laptop", "8MiB"), ("mini", "7MiB"), ("pi", "6MiB"))
+# (name, memory cap): no single agent can hold the reference model with the default workload's
+# KV cache and compute buffers (23.5 MiB at the least, all layers Q2_K)
+DEMO_AGENTS = (("desk", "20MiB"), ("laptop", "16MiB"), ("mini", "14MiB"), ("pi", "12MiB"))
 
 
 def run_demo(model: Path, prompt: str, max_tokens: int, budget: float, bandwidth: str, latency: str,
@@ -27,7 +28,9 @@ def run_demo(model: Path, prompt: str, max_tokens: int, budget: float, bandwidth
 
     from proto import edgefleet_pb2 as pb
     from proto import edgefleet_pb2_grpc as rpc
+    from proto.adapter import placement_pb
     from solver.plan import plan_from_dict
+    from solver.request import Options, PlacementRequest
 
     procs: list[ServiceProcess] = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-demo-") as tmp:
@@ -50,9 +53,8 @@ def run_demo(model: Path, prompt: str, max_tokens: int, budget: float, bandwidth
             console.print(f"fleet up in {time.perf_counter() - t_start:.1f} s; deploying {model.name} "
                           f"with at most {budget:g} % perplexity increase")
             plan_json = ""
-            for ev in stub.Deploy(pb.DeployRequest(model_path=str(model.resolve()), max_ppl_increase=budget,
-                                                   prompt_tokens=64, output_tokens=max_tokens, concurrency=4,
-                                                   context=256)):
+            request = PlacementRequest(str(model.resolve()), options=Options(max_ppl_increase=budget))
+            for ev in stub.Deploy(placement_pb(request)):
                 if ev.phase in ("plan", "push", "done") and (ev.phase != "push" or ev.done == ev.total):
                     console.print(f"  {ev.phase}: {ev.message}")
                 plan_json = ev.plan_json or plan_json

@@ -11,57 +11,22 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from controller.agents import AgentClient, AgentError
-from controller.planning import gguf_profile
 from controller.shards import ShardInfo, file_sha256, write_shard
 from proto.adapter import NodeInfo
 from proto.security import Security
 from solver.memory import batch_tokens
 from solver.plan import Plan
-from solver.problem import Fleet, Link, ModelProfile, Node, Options, Problem, Workload, measured_speed
+from solver.problem import Fleet, Link, ModelProfile, Node, Workload, measured_speed
 
 log = logging.getLogger(__name__)
 
 CONTROLLER_VERTEX = "controller"
 MEMORY_HEADROOM = 0.98      # plan with 2 % less than offered: norms, allocator slack
 PROBE_BYTES = 256 * 1024    # bandwidth probe between agents
-
-
-@dataclass(frozen=True)
-class DeployOptions:
-    model_path: Path
-    max_ppl_increase: float = 5.0
-    objective: str = "latency"
-    prompt_tokens: int = 256
-    output_tokens: int = 128
-    concurrency: int = 8
-    context: int = 512
-    types: tuple[str, ...] = ()
-    pin: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    max_stages: int = 0
-    time_limit_s: float = 60.0
-    text_path: Path | None = None
-
-    def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["model_path"] = str(self.model_path)
-        d["text_path"] = str(self.text_path) if self.text_path else None
-        for k in ("types", "pin", "exclude"):
-            d[k] = list(d[k])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DeployOptions":
-        d = dict(d)
-        d["model_path"] = Path(d["model_path"])
-        d["text_path"] = Path(d["text_path"]) if d.get("text_path") else None
-        for k in ("types", "pin", "exclude"):
-            d[k] = tuple(d.get(k, ()))
-        return cls(**d)
 
 
 def probe_layers(n_layer: int) -> tuple[int, int]:
@@ -142,16 +107,6 @@ def live_fleet(nodes: list[NodeInfo], model: ModelProfile, profiles: dict[str, d
     return Fleet(tuple(fleet_nodes), fleet_links, controller=CONTROLLER_VERTEX)
 
 
-def make_problem(opts: DeployOptions, model: ModelProfile, fleet: Fleet) -> Problem:
-    problem = Problem(model, fleet,
-                      Workload(opts.prompt_tokens, opts.output_tokens, opts.concurrency, opts.context),
-                      Options(objective=opts.objective, max_ppl_increase=opts.max_ppl_increase,
-                              types=tuple(opts.types), pinned=tuple(opts.pin), excluded=tuple(opts.exclude),
-                              max_stages=opts.max_stages, time_limit=opts.time_limit_s))
-    problem.validate()
-    return problem
-
-
 def keeping_types(model: ModelProfile, types: tuple[str, ...]) -> ModelProfile:
     """The model with every type but types[l] ruled out for layer l: its ΔNLL set far above any
     budget (1 nat per token), so a plan within the budget keeps each layer's type."""
@@ -200,17 +155,17 @@ def push_all(targets: list[tuple[NodeInfo, ShardInfo]], security: Security, repo
     return sent
 
 
-def switch(deployment_id: str, targets: list[tuple[NodeInfo, ShardInfo]], opts: DeployOptions,
-           security: Security, report: Callable) -> None:
+def switch(deployment_id: str, targets: list[tuple[NodeInfo, ShardInfo]], w: Workload, security: Security,
+           report: Callable) -> None:
     """Prepare every stage, then activate every stage; on a prepare failure unload what was
     prepared (the previous deployment stays active) and raise AgentError."""
     prepared: list[NodeInfo] = []
-    batch = batch_tokens(opts.prompt_tokens, opts.concurrency)   # as the plan's memory assumed
+    batch = batch_tokens(w.prompt_tokens, w.concurrency)   # as the plan's memory assumed
     try:
         for i, (node, shard) in enumerate(targets):
             nxt = targets[i + 1][0].address if i + 1 < len(targets) else ""
             with AgentClient(node.address, security, node.name) as c:
-                c.prepare(deployment_id, shard.sha256, nxt, opts.concurrency, opts.context, batch)
+                c.prepare(deployment_id, shard.sha256, nxt, w.concurrency, w.ctx, batch)
             prepared.append(node)
             report("prepare", f"{node.name} loaded layers {shard.first}-{shard.last - 1}", i + 1, len(targets))
     except AgentError:
@@ -237,27 +192,3 @@ def unload_everywhere(deployment_id: str, nodes: list[NodeInfo], security: Secur
         except AgentError:
             missed.append(n.name)
     return missed
-
-
-def with_exclusions(opts: DeployOptions, names: list[str]) -> DeployOptions:
-    return replace(opts, exclude=tuple(sorted(set(opts.exclude) | set(names))),
-                   pin=tuple(p for p in opts.pin if p not in names))
-
-
-def model_profile_for(opts: DeployOptions, tokens: int = 1024, progress=None) -> ModelProfile:
-    """The model's shapes with its sensitivity table: cached, shipped beside the model, or
-    measured on the held-out text (--text, or heldout.txt beside the model)."""
-    from controller.sensitivity import cached_or_measured, load_cached
-
-    sha = file_sha256(opts.model_path)
-    cached = load_cached(sha, tokens=tokens, model=opts.model_path)
-    if cached is not None:
-        return gguf_profile(opts.model_path, cached)
-    text = opts.text_path
-    if text is None and opts.model_path.with_name("heldout.txt").exists():
-        text = opts.model_path.with_name("heldout.txt")
-    if text is None:
-        raise ValueError(f"no sensitivity table for {opts.model_path.name} and no held-out text to measure one; "
-                         "pass --text FILE (plain text in the model's language)")
-    return gguf_profile(opts.model_path, cached_or_measured(opts.model_path, text, tokens=tokens,
-                                                            progress=progress, sha256=sha)[0])

@@ -24,18 +24,20 @@ import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from controller.agents import AgentError
+from controller import page
 from controller.chat import chat_tokens
-from controller.service import BadRequest, Busy, Control, NoDeployment, Piece
+from controller.errors import ControlError, answer
+from controller.requests import Piece, Requests
 
 log = logging.getLogger(__name__)
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+PUBLIC_PATHS = ("/", "/health")          # no key: a probe, and a page that asks for the key itself
 
 
 class ApiError(Exception):
@@ -99,11 +101,11 @@ def _openai_reason(piece: Piece) -> str | None:
 class Api:
     """Request handling; one instance per controller."""
 
-    def __init__(self, control: Control, token: str = "", threads: int | None = None):
-        self.control = control
+    def __init__(self, requests: Requests, token: str = "", threads: int | None = None):
+        self.requests = requests
         self.token = token
         # a thread per running or queued request (the fleet's own admission limit answers 429)
-        self.limiter = anyio.CapacityLimiter(threads or control.max_queue + 64)
+        self.limiter = anyio.CapacityLimiter(threads or requests.max_queue + 64)
 
     # ---------------------------------------------------------------- checks
 
@@ -116,7 +118,7 @@ class Api:
                            "invalid_request_error", "invalid_api_key")
 
     def deployment(self, model: str | None = None):
-        dep = self.control.active
+        dep = self.requests.deployments.active
         if dep is None:
             raise ApiError(503, "no deployment is active; run `edgefleet deploy MODEL.gguf` first",
                            "service_unavailable", "no_deployment")
@@ -142,7 +144,7 @@ class Api:
     # ---------------------------------------------------------------- generation
 
     async def run(self, kind: str, model: str, dep, ids: list[int], params: dict, stream: bool, usage_chunk: bool):
-        it = self.control.complete(dep.model_path, ids, api="openai", **params)
+        it = self.requests.complete(dep.model_path, ids, api="openai", **params)
         first = await self._next(it)            # errors before the first token get their status code
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -158,18 +160,12 @@ class Api:
 
     async def _call(self, fn, *args):
         """fn(*args) on a worker thread (generation blocks); fleet errors become ApiErrors
-        (Control.complete has counted them in the metrics already)."""
+        (Requests.complete has counted them in the metrics already)."""
         try:
             return await anyio.to_thread.run_sync(fn, *args, limiter=self.limiter)
-        except Busy as exc:
-            err = ApiError(429, str(exc), "server_overloaded", "fleet_queue_full")
-        except BadRequest as exc:
-            err = ApiError(400, str(exc), code=exc.code)
-        except NoDeployment as exc:
-            err = ApiError(503, str(exc), "service_unavailable", "no_deployment")
-        except (ValueError, AgentError) as exc:     # the fleet failed and could not recover
-            err = ApiError(503, f"the request failed in the fleet: {exc}; retry it", "service_unavailable",
-                           "fleet_unavailable")
+        except ControlError as exc:
+            a = answer(exc)
+            err = ApiError(a.http, str(exc), a.type, exc.code or a.code or None)
         err.counted = True
         raise err
 
@@ -247,7 +243,8 @@ class KeyCheck:
         if scope["type"] == "http":
             request = Request(scope)
             try:
-                self.api.authorize(request)
+                if request.url.path not in PUBLIC_PATHS:
+                    self.api.authorize(request)
                 declared = request.headers.get("content-length", "0")
                 if not declared.isdigit() or int(declared) > self.max_body:
                     raise ApiError(413, f"the request body is {declared} bytes; the limit is {self.max_body} "
@@ -258,13 +255,13 @@ class KeyCheck:
         await self.app(scope, receive, send)
 
 
-def create_app(control: Control, token: str = "", max_body: int = 4 * 2 ** 20) -> FastAPI:
-    api = Api(control, token)
+def create_app(requests: Requests, token: str = "", max_body: int = 4 * 2 ** 20) -> FastAPI:
+    api = Api(requests, token)
     app = FastAPI(title="edgefleet", docs_url=None, redoc_url=None, openapi_url=None)
 
     def failure(request: Request, exc: ApiError) -> JSONResponse:
         if request.url.path in GENERATION_PATHS and not exc.counted:
-            control.metrics.requests.labels("openai", "rejected").inc()
+            requests.metrics.requests.labels("openai", "rejected").inc()
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(ApiError)
@@ -294,7 +291,7 @@ def create_app(control: Control, token: str = "", max_body: int = 4 * 2 ** 20) -
 
     @app.get("/v1/models")
     async def models():
-        dep = control.active
+        dep = requests.deployments.active
         data = [] if dep is None else [{"id": model_id(dep.model_path), "object": "model",
                                         "created": int(dep.created_at), "owned_by": "edgefleet"}]
         return {"object": "list", "data": data}
@@ -309,7 +306,7 @@ def create_app(control: Control, token: str = "", max_body: int = 4 * 2 ** 20) -
                 raise ApiError(400, "send one prompt per request", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            tok = await anyio.to_thread.run_sync(control.tokenizer, dep.model_path)
+            tok = await anyio.to_thread.run_sync(requests.tokenizer, dep.model_path)
             try:   # a long prompt is tokenized on a worker thread, never in the event loop
                 ids = await anyio.to_thread.run_sync(tok.encode, prompt, limiter=api.limiter)
             except UnicodeEncodeError:
@@ -324,7 +321,7 @@ def create_app(control: Control, token: str = "", max_body: int = 4 * 2 ** 20) -
     async def chat(body: ChatBody):
         dep = api.deployment(body.model)
         params = api.sampling(body, 256)
-        tok = await anyio.to_thread.run_sync(control.tokenizer, dep.model_path)
+        tok = await anyio.to_thread.run_sync(requests.tokenizer, dep.model_path)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
@@ -335,9 +332,22 @@ def create_app(control: Control, token: str = "", max_body: int = 4 * 2 ** 20) -
         return await api.run("chat", body.model, dep, ids, params, body.stream,
                              bool(body.stream_options and body.stream_options.include_usage))
 
+    @app.get("/health")
+    async def health():
+        status, body = page.health(requests.deployments)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/api/fleet")
+    async def fleet():
+        return page.fleet(requests.deployments, requests.metrics)
+
+    @app.get("/")
+    async def index():
+        return HTMLResponse(page.PAGE)
+
     @app.get("/metrics")
     async def metrics():
-        return Response(control.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(requests.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -7,19 +7,24 @@ from typing import Callable
 
 from rich.table import Table
 
-from solver.plan import Plan
+from agent import weights as W
+from controller.sensitivity import cached_or_measured
+from controller.shards import master_sha256
+from solver.catalog import MODEL_SHAPES, model_profile
+from solver.ggml_types import LAYER_TYPES
 from solver.memory import unit_for
+from solver.plan import Plan
 from solver.problem import GiB, ModelProfile, Problem, load_model_profile, model_from_shape
+from solver.request import PlacementRequest
 
 Progress = Callable[[str, int, int], None]
+BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "models" / "reference" / "heldout.txt"
+_PROFILES: dict[tuple[str, int], ModelProfile] = {}
 
 
 def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
     """Shapes from the GGUF's metadata; sensitivity from a `model profile` result (None: zero
     for every type, for timing predictions that do not involve the accuracy budget)."""
-    from agent import weights as W
-    from solver.ggml_types import LAYER_TYPES
-
     reader = W.open_gguf(path)
     cfg = W.read_config(reader)
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
@@ -34,10 +39,22 @@ def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
                             sensitivity_source=source, sha256=sha)
 
 
-def load_profile(arg: str, text_file: Path, tokens: int, progress: Progress | None = None) -> ModelProfile:
-    """MODEL.gguf (measured sensitivity), PROFILE.json, or a catalog shape name (proxy sensitivity)."""
-    from solver.catalog import MODEL_SHAPES, model_profile
+def text_for(model: Path, text: str) -> Path:
+    """The held-out text to measure a model's sensitivity on: the one given, else heldout.txt
+    beside the model, else the English text that ships with the reference model."""
+    if text:
+        if not Path(text).is_file():
+            raise ValueError(f"the held-out text {text} does not exist; give a plain-text file")
+        return Path(text)
+    beside = model.with_name("heldout.txt")
+    return beside if beside.is_file() else BUNDLED_TEXT
 
+
+def load_profile(request: PlacementRequest, progress: Progress | None = None) -> ModelProfile:
+    """The request's model: a catalog shape (proxy sensitivity), a profile JSON, or a GGUF with
+    its sensitivity table (cached, shipped beside it, or measured now). A GGUF's profile is
+    built once per master and token count."""
+    arg = request.model
     if arg in MODEL_SHAPES:
         return model_profile(arg)
     p = Path(arg)
@@ -46,9 +63,12 @@ def load_profile(arg: str, text_file: Path, tokens: int, progress: Progress | No
     if not p.is_file():
         raise ValueError(f"model {arg} does not exist; give a GGUF file, a profile JSON or one of "
                          f"{', '.join(MODEL_SHAPES)}")
-    from controller.sensitivity import cached_or_measured
-
-    return gguf_profile(p, cached_or_measured(p, text_file, tokens=tokens, progress=progress)[0])
+    key = (master_sha256(p), request.tokens)
+    if key not in _PROFILES:
+        table, _ = cached_or_measured(p, text_for(p, request.text), tokens=request.tokens, progress=progress,
+                                      sha256=key[0])
+        _PROFILES[key] = gguf_profile(p, table)
+    return _PROFILES[key]
 
 
 def plan_table(problem: Problem, plan: Plan) -> Table:

@@ -51,6 +51,19 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_MASTER_SHA: dict[tuple[str, int, int], str] = {}
+
+
+def master_sha256(path: str | Path) -> str:
+    """A master's SHA-256, hashed once per path, size and modification time."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _MASTER_SHA:
+        _MASTER_SHA[key] = file_sha256(p)
+    return _MASTER_SHA[key]
+
+
 def parse_types(spec: str, n_layer: int) -> list[str]:
     """Per-layer types from "Q4_K" (all layers), "Q8_0,Q4_K,..." (one per layer) or
     "0-3:Q8_0,4-7:Q4_K" (ranges, inclusive)."""

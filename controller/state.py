@@ -9,10 +9,12 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from proto.adapter import NodeInfo
+from solver.plan import Plan, plan_from_dict
+from solver.request import Options, PlacementRequest, Workload
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -44,9 +46,9 @@ CREATE TABLE IF NOT EXISTS deployments (
     id TEXT PRIMARY KEY,
     model_path TEXT NOT NULL,
     model_sha TEXT NOT NULL,
-    request TEXT NOT NULL,             -- JSON of the deploy options
+    request TEXT NOT NULL,             -- JSON of the placement request
     plan TEXT NOT NULL,                -- solver Plan JSON
-    stages TEXT NOT NULL,              -- JSON [{node, address, sha256, first, last}]
+    stages TEXT NOT NULL,              -- JSON [{node, address, sha256, first, last, types}]
     status TEXT NOT NULL,              -- preparing | active | failed | retired
     created_at REAL NOT NULL
 );
@@ -60,15 +62,54 @@ CREATE TABLE IF NOT EXISTS events (
 
 
 @dataclass(frozen=True)
+class StageRef:
+    """Where one stage of a deployment runs."""
+    node: str
+    address: str                   # the agent's host:port
+    sha256: str                    # the shard's content
+    first: int                     # first layer (inclusive)
+    last: int                      # last layer (exclusive)
+    types: tuple[str, ...]         # GGUF type of each layer in [first, last)
+
+
+@dataclass(frozen=True)
 class Deployment:
     id: str
-    model_path: str
+    model_path: str                # the master GGUF on the controller's machine
     model_sha: str
-    request: dict
-    plan: dict
-    stages: list[dict]     # in pipeline order: node, address, sha256, first, last, types
-    status: str
+    request: PlacementRequest      # what was asked for (re-planned with on drain and failover)
+    plan: Plan                     # the solver's plan, with its prediction
+    stages: tuple[StageRef, ...]   # in pipeline order
+    status: str                    # preparing | active | failed | retired
     created_at: float
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(s.node for s in self.stages)
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """Every layer's type, in layer order."""
+        return tuple(q for s in self.stages for q in s.types)
+
+
+def _request(d: dict) -> PlacementRequest:
+    if "workload" not in d:     # written before the placement request had a type (deploy options)
+        d = {"model": d["model_path"], "text": d.get("text_path") or "",
+             "workload": {k: d[k] for k in ("prompt_tokens", "output_tokens", "concurrency", "context")},
+             "options": {"objective": d["objective"], "max_ppl_increase": d["max_ppl_increase"], "types": d["types"],
+                         "pinned": d["pin"], "excluded": d["exclude"], "max_stages": d["max_stages"],
+                         "time_limit": d["time_limit_s"]}}
+    o = dict(d["options"])
+    for k in ("types", "pinned", "excluded"):
+        o[k] = tuple(o.get(k, ()))
+    return PlacementRequest(model=d["model"], text=d.get("text", ""), tokens=d.get("tokens", 1024),
+                            workload=Workload(**d["workload"]), options=Options(**o))
+
+
+def _stages(rows: list[dict]) -> tuple[StageRef, ...]:
+    return tuple(StageRef(s["node"], s["address"], s["sha256"], int(s["first"]), int(s["last"]), tuple(s["types"]))
+                 for s in rows)
 
 
 class State:
@@ -141,8 +182,8 @@ class State:
 
     def save_deployment(self, d: Deployment) -> None:
         self._tx("INSERT OR REPLACE INTO deployments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                 (d.id, d.model_path, d.model_sha, json.dumps(d.request), json.dumps(d.plan), json.dumps(d.stages),
-                  d.status, d.created_at))
+                 (d.id, d.model_path, d.model_sha, json.dumps(asdict(d.request)), d.plan.to_json(),
+                  json.dumps([asdict(s) for s in d.stages]), d.status, d.created_at))
 
     def set_status(self, deployment_id: str, status: str) -> None:
         self._tx("UPDATE deployments SET status=? WHERE id=?", (status, deployment_id))
@@ -164,7 +205,8 @@ class State:
         if not rows:
             return None
         r = rows[0]
-        return Deployment(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), json.loads(r[5]), r[6], r[7])
+        return Deployment(r[0], r[1], r[2], _request(json.loads(r[3])), plan_from_dict(json.loads(r[4])),
+                          _stages(json.loads(r[5])), r[6], r[7])
 
     # ---------------------------------------------------------- events
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from proto import edgefleet_pb2 as pb
+from solver.request import Options, PlacementRequest, Workload, check
 
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 BEARER = "authorization"
@@ -245,3 +246,29 @@ def profile_result(m: pb.ProfileReply) -> ProfileResult:
     return ProfileResult(tuple(TypeTiming(t.gguf_type, t.decode_seconds_per_layer, t.prefill_seconds_per_layer_token)
                                for t in m.timings),
                          m.rtt_seconds, m.bandwidth_bytes_per_second, int(m.n_embd), int(m.n_ff))
+
+
+# ------------------------------------------------------------------ placement requests
+
+def placement_pb(r: PlacementRequest) -> pb.DeployRequest:
+    w, o = r.workload, r.options
+    return pb.DeployRequest(
+        model_path=r.model, max_ppl_increase=o.max_ppl_increase, objective=o.objective,
+        prompt_tokens=w.prompt_tokens, output_tokens=w.output_tokens, concurrency=w.concurrency, context=w.context,
+        types=list(o.types), pin=list(o.pinned), exclude=list(o.excluded), max_stages=o.max_stages,
+        time_limit_seconds=o.time_limit, text_path=r.text, solver=o.solver, sensitivity_tokens=r.tokens)
+
+
+def placement(m: pb.DeployRequest) -> PlacementRequest:
+    """The request as sent (every field is sent: a zero is a zero), checked."""
+    r = PlacementRequest(
+        model=m.model_path, text=m.text_path, tokens=m.sensitivity_tokens,
+        workload=Workload(m.prompt_tokens, m.output_tokens, m.concurrency, m.context),
+        options=Options(objective=m.objective, max_ppl_increase=m.max_ppl_increase, types=tuple(m.types),
+                        pinned=tuple(m.pin), excluded=tuple(m.exclude), max_stages=m.max_stages,
+                        solver=m.solver, time_limit=m.time_limit_seconds))
+    try:
+        check(r)
+    except ValueError as exc:
+        raise WireError(str(exc)) from None
+    return r

@@ -503,6 +503,11 @@ class ControllerStub:
                 request_serializer=proto_dot_edgefleet__pb2.DrainRequest.SerializeToString,
                 response_deserializer=proto_dot_edgefleet__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_unary(
+                '/edgefleet.Controller/Resume',
+                request_serializer=proto_dot_edgefleet__pb2.DrainRequest.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.Ack.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/edgefleet.Controller/Generate',
                 request_serializer=proto_dot_edgefleet__pb2.GenerateRequest.SerializeToString,
@@ -571,6 +576,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """Let a drained node take stages again (the running deployment is not changed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Generate(self, request, context):
         """Generate from a prompt through the active deployment; one message per token.
         """
@@ -620,6 +632,11 @@ def add_ControllerServicer_to_server(servicer, server):
             ),
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
+                    request_deserializer=proto_dot_edgefleet__pb2.DrainRequest.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.Ack.SerializeToString,
+            ),
+            'Resume': grpc.unary_unary_rpc_method_handler(
+                    servicer.Resume,
                     request_deserializer=proto_dot_edgefleet__pb2.DrainRequest.FromString,
                     response_serializer=proto_dot_edgefleet__pb2.Ack.SerializeToString,
             ),
@@ -823,6 +840,33 @@ class Controller:
             request,
             target,
             '/edgefleet.Controller/Drain',
+            proto_dot_edgefleet__pb2.DrainRequest.SerializeToString,
+            proto_dot_edgefleet__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgefleet.Controller/Resume',
             proto_dot_edgefleet__pb2.DrainRequest.SerializeToString,
             proto_dot_edgefleet__pb2.Ack.FromString,
             options,

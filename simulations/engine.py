@@ -163,9 +163,9 @@ def _stage_groups(problem: Problem, st: Stage, node: Node):
 
 def _kv_capacity(problem: Problem, st: Stage, first: bool, last: bool, memory: int) -> int:
     """Tokens of KV cache that fit on the node beside the stage's weights and runtime."""
-    per_token = sum(problem.model.layers[l].kv_bytes_per_token for l in range(st.first, st.last))
-    one_token = replace(problem, workload=replace(problem.workload, concurrency=1, context=1))
-    fixed = stage_memory(one_token, st, first, last) - per_token
+    layers = [problem.model.layers[l] for l in range(st.first, st.last)]
+    per_token = sum(lp.kv_bytes_per_token for lp in layers)
+    fixed = stage_memory(problem, st, first, last) - sum(C.kv_bytes(lp, problem.workload) for lp in layers)
     return max(0, (memory - fixed) // per_token) if per_token else 1 << 62
 
 

@@ -17,7 +17,8 @@ from simulations.engine import Result, SimOptions, simulate
 from simulations.metrics import Outcome, summarize
 from simulations.whatif import Spike, parse
 from solver.plan import Plan, plan_from_dict
-from solver.problem import Fleet, ModelProfile, Options, Problem, Workload
+from solver.problem import Fleet, ModelProfile, Problem
+from solver.request import PlacementRequest, Workload
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,12 @@ class StudySpec:
     model: ModelProfile
     fleet: Fleet
     trace: TraceSpec
+    # objective, budget, types, pins, stage limit, solver; the workload's concurrency and
+    # context (0: p99 of prompt + output over the trace, rounded up to 256); prompt and
+    # output lengths come from the trace
+    request: PlacementRequest = PlacementRequest("", Workload(context=0))
     whatifs: tuple[str, ...] = ()
     plan: dict | None = None            # a plan JSON; solved when None
-    max_ppl_increase: float = 5.0
-    objective: str = "latency"
-    concurrency: int = 8
-    context: int = 0                    # 0: p99 of prompt + output over the trace, rounded up to 256
     slo_ttft_s: float = 0.0
     slo_tpot_s: float = 0.0
     options: SimOptions = SimOptions()
@@ -70,8 +71,8 @@ def prepare(spec: StudySpec) -> tuple[Problem, Plan, list[W.Request], list]:
             requests = W.spike(requests, w.factor, w.start_s, w.end_s)
         else:
             events.append(w)
-    problem = Problem(spec.model, spec.fleet, workload_for(requests, spec.concurrency, spec.context),
-                      Options(objective=spec.objective, max_ppl_increase=spec.max_ppl_increase))
+    w = spec.request.workload
+    problem = Problem(spec.model, spec.fleet, workload_for(requests, w.concurrency, w.context), spec.request.options)
     if spec.plan is not None:
         plan = plan_from_dict(spec.plan)
     else:
@@ -143,7 +144,8 @@ def variants(base: StudySpec, fleets: list[tuple[str, Fleet]], budgets: list[flo
     for name, fleet in fleets:
         for b in budgets:
             for r in rates:
-                out.append(replace(base, fleet=fleet, max_ppl_increase=b, plan=None,
+                request = replace(base.request, options=replace(base.request.options, max_ppl_increase=b))
+                out.append(replace(base, fleet=fleet, request=request, plan=None,
                                    trace=replace(base.trace, time_scale=base.trace.time_scale / r),
                                    label=f"{name} | {b:g} % | load x{r:g}"))
     return out

@@ -8,7 +8,6 @@ sentence.
 from __future__ import annotations
 
 import json
-import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ import yaml
 from solver.devices import DEVICES, GiB, TypeSpeed, declared_speed
 from solver.ggml_types import LAYER_TYPES, tensor_bytes
 from solver.memory import FIXED_BYTES, kv_bytes_per_token
+from solver.request import Options, PlacementRequest, Workload, check
 
 
 def type_bytes(qtype: str, n_elements: int) -> int:
@@ -286,37 +286,7 @@ def load_fleet(path: str | Path) -> Fleet:
     return fleet_from_dict(d, str(p))
 
 
-# ----------------------------------------------------------------------------- workload etc.
-
-@dataclass(frozen=True)
-class Workload:
-    prompt_tokens: int = 512
-    output_tokens: int = 128
-    concurrency: int = 1        # sequences decoded together (and KV caches held) per stage
-    context: int = 0            # KV cache tokens per sequence; 0 = prompt + output
-
-    @property
-    def ctx(self) -> int:
-        return self.context or self.prompt_tokens + self.output_tokens
-
-
-@dataclass(frozen=True)
-class Options:
-    objective: str = "latency"                 # latency | throughput
-    max_ppl_increase: float = 5.0              # percent; ΔNLL budget = ln(1 + x/100)
-    types: tuple[str, ...] = ()                # allowed layer types ("" = all the model has)
-    pinned: tuple[str, ...] = ()               # nodes that must hold a stage
-    excluded: tuple[str, ...] = ()             # nodes that must not
-    max_stages: int = 0                        # 0 = no limit
-    solver: str = "highs"                      # highs | cbc
-    time_limit: float = 60.0                   # seconds
-    gap: float = 0.001                         # relative gap at which a solution counts as optimal
-    threads: int = 0                           # 0 = solver default
-
-    @property
-    def budget(self) -> float:
-        return math.log1p(self.max_ppl_increase / 100.0)
-
+# ----------------------------------------------------------------------------- the problem
 
 @dataclass(frozen=True)
 class Problem:
@@ -327,10 +297,7 @@ class Problem:
 
     def validate(self) -> None:
         o = self.options
-        if o.objective not in ("latency", "throughput"):
-            raise ValueError(f"objective must be latency or throughput, not {o.objective!r}")
-        if o.max_ppl_increase < 0:
-            raise ValueError("the perplexity budget must be ≥ 0 %")
+        check(PlacementRequest(self.model.name, self.workload, o))
         names = {n.name for n in self.fleet.nodes}
         for n in (*o.pinned, *o.excluded):
             if n not in names:
@@ -338,6 +305,10 @@ class Problem:
         bad = [q for q in o.types if q not in self.model.types]
         if bad:
             raise ValueError(f"types {bad} are not available for this model (it has {', '.join(self.model.types)})")
-        w = self.workload
-        if w.prompt_tokens < 1 or w.output_tokens < 1 or w.concurrency < 1:
-            raise ValueError("prompt tokens, output tokens and concurrency must all be ≥ 1")
+
+
+def problem_for(request: PlacementRequest, model: ModelProfile, fleet: Fleet) -> Problem:
+    """The solver's problem for a request, a model profile and a fleet (validated)."""
+    problem = Problem(model, fleet, request.workload, request.options)
+    problem.validate()
+    return problem

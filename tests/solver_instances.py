@@ -61,7 +61,7 @@ def random_problem(rng: random.Random, homogeneous: bool, objective: str, max_la
         links.append(Link(a, b, 1.25e9, 0.0001))
     fleet = Fleet(tuple(nodes), tuple(links), controller="sw" if rng.random() < 0.5 else "")
     w = Workload(prompt_tokens=rng.choice((16, 128)), output_tokens=rng.choice((1, 8, 32)),
-                 concurrency=rng.choice((1, 4)))
+                 concurrency=rng.choice((1, 4)), context=0)
     names = [n.name for n in nodes]
     pinned = tuple(rng.sample(names, 1)) if N > 1 and rng.random() < 0.15 else ()
     excluded = tuple(n for n in rng.sample(names, 1) if n not in pinned) if N > 2 and rng.random() < 0.15 else ()

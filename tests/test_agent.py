@@ -12,6 +12,7 @@ import pytest
 from agent.pipeline import LocalPipeline
 from agent.sampling import Sampling
 from controller.agents import AgentClient, AgentError, PipelineStream, StepFailed
+from controller.generate import generate
 from controller.shards import file_sha256, write_shard
 from proto import adapter as A
 from proto import edgefleet_pb2 as pb
@@ -57,7 +58,7 @@ def fleet(tmp_path_factory, shards):
 def test_three_agents_generate_exactly_what_one_process_does(fleet, reference):
     pipe = PipelineStream(fleet[0].address)
     try:
-        outs = list(pipe.generate(PROMPTS[0], 24))
+        outs = list(generate(lambda: pipe, PROMPTS[0], 24))
     finally:
         pipe.close()
     assert [o.token for o in outs] == list(reference.generate(PROMPTS[0], 24))
@@ -73,9 +74,9 @@ def test_concurrent_sessions_are_batched_and_each_matches(fleet, reference):
 
     def run(i):
         if i == 3:   # one sampled session among the greedy ones
-            results[i] = list(pipe.generate(PROMPTS[i], 16, sampled.temperature, sampled.top_p, sampled.seed))
+            results[i] = list(generate(lambda: pipe, PROMPTS[i], 16, sampled))
         else:
-            results[i] = list(pipe.generate(PROMPTS[i], 16))
+            results[i] = list(generate(lambda: pipe, PROMPTS[i], 16))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     try:
@@ -95,7 +96,7 @@ def test_concurrent_sessions_are_batched_and_each_matches(fleet, reference):
     assert len(results[3]) == 16
     alone = PipelineStream(fleet[0].address)
     try:
-        twice = [[o.token for o in alone.generate(PROMPTS[3], 16, sampled.temperature, sampled.top_p, sampled.seed)]
+        twice = [[o.token for o in generate(lambda: alone, PROMPTS[3], 16, sampled)]
                  for _ in range(2)]
     finally:
         alone.close()
@@ -141,7 +142,7 @@ def test_corrupt_and_truncated_pushes_are_refused_and_the_old_stage_keeps_servin
     assert sorted(p.name for p in (data_dir / "shards").iterdir()) == [f"{sha}.gguf"]
     pipe = PipelineStream(fleet[0].address)
     try:
-        assert [o.token for o in pipe.generate(PROMPTS[1], 6)] == list(reference.generate(PROMPTS[1], 6))
+        assert [o.token for o in generate(lambda: pipe, PROMPTS[1], 6)] == list(reference.generate(PROMPTS[1], 6))
     finally:
         pipe.close()
 
@@ -163,7 +164,7 @@ def test_step_errors_are_answered_without_breaking_the_stream(fleet):
             with pytest.raises(StepFailed) as e:
                 pipe.step(A.StepIn(f"bad{i}", 0, tokens=(1, 2), temperature=temperature, top_p=top_p), timeout_s=30)
             assert e.value.code == "INVALID_ARGUMENT" and "fix the request" in str(e.value)
-        assert len(list(pipe.generate(PROMPTS[0], 3))) == 3
+        assert len(list(generate(lambda: pipe, PROMPTS[0], 3))) == 3
     finally:
         pipe.close()
     middle = PipelineStream(fleet[1].address)     # hidden states that are not finite, sent to a later stage
@@ -177,7 +178,7 @@ def test_step_errors_are_answered_without_breaking_the_stream(fleet):
         assert c.state().sessions == 0
     pipe = PipelineStream(fleet[0].address)
     try:
-        assert len(list(pipe.generate(PROMPTS[0], 3))) == 3
+        assert len(list(generate(lambda: pipe, PROMPTS[0], 3))) == 3
     finally:
         pipe.close()
 
@@ -283,7 +284,7 @@ def test_sigterm_drains_running_sessions(tmp_path, shards, reference):
         deploy(agents, shards)
         pipe = PipelineStream(agents[0].address)
         got = []
-        gen = pipe.generate(PROMPTS[2], 30)
+        gen = generate(lambda: pipe, PROMPTS[2], 30)
         for o in gen:
             got.append(o.token)
             if len(got) == 3:

@@ -92,7 +92,8 @@ def test_cli_status_generate_and_events(fleet):
     # plus --memory; the bound for an idle agent is 100 MB (bench/runtime.py: 63 MiB)
     own = [float(m) for m in re.findall(r"the agent itself ([\d.]+) MiB", r.stdout)]
     assert own and all(20 < x < 100 for x in own), own
-    r = cli("plan", "--model", "models/reference/edgefleet-ref-f16.gguf", "--context", "256", controller=addr)
+    r = cli("plan", "--model", "models/reference/edgefleet-ref-f16.gguf", "--context", "256", "--concurrency", "4",
+            "--prompt-tokens", "64", controller=addr)
     assert r.returncode == 0, r.stderr
     assert "stages, objective latency" in r.stdout and "solver highs" in r.stdout
     assert any(name in r.stdout for name, _ in AGENTS)          # a plan on the live fleet's nodes
@@ -239,11 +240,19 @@ def test_drain_moves_the_stages_off_a_node(tmp_path, reference_model):
             assert c.state().stages == ()
         r = cli("drain", "no-such-node", controller=roomy.controller.address)
         assert r.returncode == 2 and "no node named" in r.stderr
+        r = cli("resume", node, controller=roomy.controller.address)      # a drained node comes back
+        assert r.returncode == 0 and "resumed" in r.stdout, r.stderr
+        assert [n.health for n in roomy.status().nodes if n.node.name == node] == ["alive"]
+        r = cli("resume", node, controller=roomy.controller.address)
+        assert r.returncode == 2 and "is not drained" in r.stderr
+        events = cli("events", controller=roomy.controller.address).stdout
+        assert "drain" in events and "resume" in events
     finally:
         roomy.stop()
 
 
-COMMANDS = ["status", "deploy", "generate", "drain", "undeploy", "events", "controller", "agent", "demo", "plan"]
+COMMANDS = ["status", "deploy", "generate", "drain", "resume", "undeploy", "events", "controller", "agent", "demo",
+            "plan"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -292,3 +301,29 @@ def test_agent_registers_again_with_a_controller_that_lost_its_state(tmp_path):
     finally:
         agent.terminate()
         first.terminate()
+
+
+def test_plan_on_the_live_fleet_uses_the_solver_asked_for(fleet, reference_model):
+    # `--solver` used to stop at the CLI when planning on the live fleet (HiGHS ran instead)
+    r = cli("plan", "--model", str(reference_model), "--solver", "cbc", "--json", "--context", "256",
+            "--concurrency", "4", "--prompt-tokens", "64", controller=fleet.controller.address)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["solver"] == "cbc"
+
+
+def test_plan_and_deploy_solve_the_same_problem_by_default(tmp_path, reference_model):
+    # plan and deploy used to default to different workloads (prompt 512 × 1 vs 256 × 8), so
+    # the plan a user read was not the one deploy ran; one request type now has one set of
+    # defaults, and on one fleet (timings measured once, kept in the state) both give one plan
+    roomy = Fleet(tmp_path, (("big", "64MiB"), ("other", "64MiB")))
+    try:
+        r = cli("plan", "--model", str(reference_model), "--json", controller=roomy.controller.address)
+        assert r.returncode == 0, r.stderr
+        planned = json.loads(r.stdout)
+        r = cli("deploy", str(reference_model), controller=roomy.controller.address)
+        assert r.returncode == 0, r.stderr
+        deployed = json.loads(roomy.status().plan_json)
+        assert deployed["stages"] == planned["stages"]
+        assert deployed["prediction"] == planned["prediction"]
+    finally:
+        roomy.stop()

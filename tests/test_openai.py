@@ -13,7 +13,7 @@ import pytest
 
 from agent.tokenizer import Tokenizer
 from controller.chat import chat_tokens, render
-from controller.service import StopText
+from controller.requests import StopText
 from fleet import Fleet, cli
 
 TOKEN = "fleet-secret"
@@ -276,6 +276,30 @@ def test_fifty_concurrent_streams_complete_and_metrics_count_them(fleet):
     assert all(after[f'edgefleet_node_up{{node="{name}"}}'] == 1 for name, _ in AGENTS)
 
 
+def test_health_and_the_fleet_page(fleet, client):
+    r = httpx.get(fleet.http + "/health", timeout=30)            # no key needed: a probe
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    page = httpx.get(fleet.http + "/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<table id=\"nodes\">" in page.text and "/api/fleet" in page.text
+    assert httpx.get(fleet.http + "/api/fleet", timeout=30).status_code == 401      # the data needs the key
+    before = httpx.get(fleet.http + "/api/fleet", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    done = client.completions.create(model=MODEL, prompt="hi", max_tokens=5, temperature=0)
+    f = httpx.get(fleet.http + "/api/fleet", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    assert f["generated_tokens"] - before["generated_tokens"] == done.usage.completion_tokens > 0
+    assert f["time"] > before["time"]
+    st = fleet.status()
+    assert f["deployment"]["id"] == st.active_deployment_id and f["deployment"]["model"] == MODEL + ".gguf"
+    assert f["deployment"]["concurrency"] == CONCURRENCY and f["deployment"]["context"] == 256
+    by_name = {n["name"]: n for n in f["nodes"]}
+    assert set(by_name) == {name for name, _ in AGENTS}
+    for n in st.nodes:      # the page shows what `edgefleet status` shows
+        assert by_name[n.node.name]["health"] == n.health and by_name[n.node.name]["layers"] == n.layers
+        assert by_name[n.node.name]["types"] == n.layer_types
+        assert by_name[n.node.name]["memory_offered_bytes"] == n.node.memory_bytes
+    assert json.loads(json.dumps(f, allow_nan=False)) == f
+
+
 def test_no_deployment_is_503(fleet, client):
     r = cli("undeploy", "--token", TOKEN, controller=fleet.controller.address)
     assert r.returncode == 0, r.stderr
@@ -283,3 +307,5 @@ def test_no_deployment_is_503(fleet, client):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
     assert e.value.status_code == 503 and "edgefleet deploy" in e.value.message
     assert client.models.list().data == []
+    r = httpx.get(fleet.http + "/health", timeout=30)
+    assert r.status_code == 503 and r.json() == {"status": "unavailable", "reason": "no deployment is active"}

@@ -21,6 +21,7 @@ import pytest
 from simulations.engine import SimOptions, WhatIf, simulate
 from simulations.workload import Request, read_trace, scale_lengths, select, spike, synthetic, write_jsonl
 from simulations.whatif import Spike, parse
+from solver import cost as C
 from solver.plan import Plan, Stage, stage_memory
 from solver.problem import Fleet, LayerProfile, Link, ModelProfile, Node, Problem, TypeSpeed, Workload
 
@@ -73,7 +74,8 @@ def test_two_overlapping_requests_queue_at_each_stage_and_on_the_link():
 def test_a_full_kv_cache_makes_the_next_request_wait():
     # each node holds exactly 30 tokens of KV cache: A needs 23, B 12, so B waits for A
     small = toy()
-    need = stage_memory(replace(small, workload=Workload(20, 3, 1, 30)), PLAN.stages[0], True, False)
+    kv = C.kv_bytes(small.model.layers[0], small.workload)      # the stage's KV cache as the plan counts it
+    need = stage_memory(small, PLAN.stages[0], True, False) - kv + 30 * small.model.layers[0].kv_bytes_per_token
     problem = toy(memory=need)
     (a_first, a_done, _), (b_first, b_done, b_status) = times(
         simulate(problem, PLAN, [Request(0, 0.0, 20, 3), Request(1, 0.005, 10, 2)]))
@@ -87,11 +89,11 @@ def test_a_full_kv_cache_makes_the_next_request_wait():
 
 
 def test_a_failure_replans_pushes_the_changed_shard_and_replays():
-    # n0 holds a layer with the embedding (1.51 MB) but not with the head (1.53 MB); n1 and n2
-    # hold either: the re-plan without n1 is n0 -> n2 (and nothing else)
+    # n0 holds a layer with the embedding (1.526 MB with its KV cache) but not with the head
+    # (1.546 MB); n1 and n2 hold either: the re-plan without n1 is n0 -> n2 (and nothing else)
     problem = toy(memory=1_600_000, nodes=("n0", "n1", "n2"), head=520_000)
     problem = replace(problem, model=replace(problem.model, embed_bytes=500_000),
-                      fleet=replace(problem.fleet, nodes=(replace(problem.fleet.nodes[0], memory=1_520_000),
+                      fleet=replace(problem.fleet, nodes=(replace(problem.fleet.nodes[0], memory=1_530_000),
                                                           *problem.fleet.nodes[1:])))
     opts = SimOptions(replan_s=1.0, switch_s=0.5, push_bandwidth=1e7)
     result = simulate(problem, PLAN, [Request(0, 0.0, 20, 3)], [WhatIf(0.09, "fail", node="n1")], opts)

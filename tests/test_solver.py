@@ -148,7 +148,7 @@ def test_every_plan_meets_memory_contiguity_and_budget(seed, homogeneous, object
 
 
 def real_problem(n_nodes=8, seed=0, **opts):
-    return Problem(model_profile("llama-3.1-8b"), random_fleet(n_nodes, seed), Workload(512, 128, 1),
+    return Problem(model_profile("llama-3.1-8b"), random_fleet(n_nodes, seed), Workload(512, 128, 1, 0),
                    Options(**opts))
 
 
@@ -182,7 +182,7 @@ def test_infeasible_budget_reports_best_possible():
 
 
 def test_time_limited_run_is_never_called_optimal():
-    p = Problem(model_profile("llama-3-70b"), random_fleet(16, 1), Workload(512, 128, 1),
+    p = Problem(model_profile("llama-3-70b"), random_fleet(16, 1), Workload(512, 128, 1, 0),
                 Options(max_ppl_increase=5, time_limit=0.5))
     plan = solve_ilp(p)
     assert plan.status in ("feasible", "timeout")

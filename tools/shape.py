@@ -36,7 +36,8 @@ def project_imports(node: ast.AST, name: str, known: set[str]) -> list[str]:
     return [n for n in names if n in known and n != name]
 
 
-def main() -> int:
+def survey() -> tuple[nx.DiGraph, dict[str, list[str]], dict[str, list[str]]]:
+    """(import graph of project modules, long functions per package, function-local imports per package)."""
     mods = modules()
     known = set(mods)
     graph = nx.DiGraph()
@@ -55,7 +56,16 @@ def main() -> int:
                         local.setdefault(name.split(".")[0], []).append(f"{name} -> {target}")
             for target in project_imports(node, name, known):
                 graph.add_edge(name, target)
-    cycles = [c for c in nx.strongly_connected_components(graph) if len(c) > 1]
+    return graph, long_fns, local
+
+
+def cycles(graph: nx.DiGraph) -> list[set[str]]:
+    return [c for c in nx.strongly_connected_components(graph) if len(c) > 1]
+
+
+def main() -> int:
+    graph, long_fns, local = survey()
+    found = cycles(graph)
     for pkg in PACKAGES:
         print(f"{pkg:12} functions over {LONG} lines: {len(long_fns.get(pkg, []))}; "
               f"function-local project imports: {len(local.get(pkg, []))}")
@@ -63,10 +73,10 @@ def main() -> int:
             print(f"    long  {f}")
         for f in local.get(pkg, []):
             print(f"    local {f}")
-    print(f"import cycles: {len(cycles)}")
-    for c in cycles:
+    print(f"import cycles: {len(found)}")
+    for c in found:
         print("    " + ", ".join(sorted(c)))
-    print(f"total: {sum(map(len, long_fns.values()))} functions over {LONG} lines, {len(cycles)} import cycles, "
+    print(f"total: {sum(map(len, long_fns.values()))} functions over {LONG} lines, {len(found)} import cycles, "
           f"{sum(map(len, local.values()))} function-local project imports")
     return 0
 
