@@ -56,10 +56,8 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
         while len(produced) < max_tokens:
             pipe = pipeline()
             last = not replay and len(produced) == max_tokens - 1
-            step = A.StepIn(sid, pos, tokens=pending, temperature=sampling.temperature, top_p=sampling.top_p,
-                            seed=sampling.seed, finish=last, deployment_id=pipe.deployment_id)
             try:
-                out = pipe.step(step, timeout_s)
+                out = pipe.step(_step(sid, pos, pending, sampling, last, pipe.deployment_id), timeout_s)
             except AgentError as exc:
                 t0 = time.monotonic()
                 if recover is None or failures >= MAX_RECOVERIES or not recover(exc, pipe.deployment_id):
@@ -81,6 +79,15 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
                 return
             pos, pending = pos + len(pending), (out.token,)
     except GeneratorExit:           # the caller stopped early: free the session's KV cache now
-        with contextlib.suppress(Exception):    # best effort: there may be no pipeline any more
-            pipeline().cancel_session(sid)
+        _cancel(pipeline, sid)
         raise
+
+
+def _step(sid: str, pos: int, tokens: tuple[int, ...], s: Sampling, last: bool, deployment_id: str) -> A.StepIn:
+    return A.StepIn(sid, pos, tokens=tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, finish=last,
+                    deployment_id=deployment_id)
+
+
+def _cancel(pipeline: Callable[[], Pipeline], sid: str) -> None:
+    with contextlib.suppress(Exception):    # best effort: there may be no pipeline any more
+        pipeline().cancel_session(sid)

@@ -141,6 +141,21 @@ class Api:
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max
         return dict(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed, stop=stop)
 
+    async def prompt_ids(self, dep, prompt) -> list[int]:
+        """A completion's prompt as token ids: text (one string) or ids as sent."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "send one prompt per request", param="prompt")
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            return list(prompt)
+        tok = await anyio.to_thread.run_sync(self.requests.tokenizer, dep.model_path)
+        try:   # a long prompt is tokenized on a worker thread, never in the event loop
+            return await anyio.to_thread.run_sync(tok.encode, prompt, limiter=self.limiter)
+        except UnicodeEncodeError:
+            raise ApiError(400, "the prompt is not valid Unicode text (it holds a lone surrogate); "
+                                "send UTF-8 text", param="prompt") from None
+
     # ---------------------------------------------------------------- generation
 
     async def run(self, kind: str, model: str, dep, ids: list[int], params: dict, stream: bool, usage_chunk: bool):
@@ -256,6 +271,7 @@ class KeyCheck:
 
 
 def create_app(requests: Requests, token: str = "", max_body: int = 4 * 2 ** 20) -> FastAPI:
+    """The HTTP API: the OpenAI routes, the fleet page and /metrics."""
     api = Api(requests, token)
     app = FastAPI(title="edgefleet", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -264,11 +280,19 @@ def create_app(requests: Requests, token: str = "", max_body: int = 4 * 2 ** 20)
             requests.metrics.requests.labels("openai", "rejected").inc()
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    app.add_middleware(KeyCheck, api=api, failure=failure, max_body=max_body)
+    add_error_handlers(app, failure)
+    add_openai_routes(app, api, requests)
+    add_fleet_routes(app, requests)
+    return app
+
+
+def add_error_handlers(app: FastAPI, failure) -> None:
+    """Every error leaves as an OpenAI-style error body with one sentence."""
+
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError):
         return failure(request, exc)
-
-    app.add_middleware(KeyCheck, api=api, failure=failure, max_body=max_body)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError):
@@ -289,48 +313,9 @@ def create_app(requests: Requests, token: str = "", max_body: int = 4 * 2 ** 20)
         log.exception("HTTP request failed")
         return failure(request, ApiError(500, f"internal error: {exc}", "server_error"))
 
-    @app.get("/v1/models")
-    async def models():
-        dep = requests.deployments.active
-        data = [] if dep is None else [{"id": model_id(dep.model_path), "object": "model",
-                                        "created": int(dep.created_at), "owned_by": "edgefleet"}]
-        return {"object": "list", "data": data}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        dep = api.deployment(body.model)
-        params = api.sampling(body, 16)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise ApiError(400, "send one prompt per request", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            tok = await anyio.to_thread.run_sync(requests.tokenizer, dep.model_path)
-            try:   # a long prompt is tokenized on a worker thread, never in the event loop
-                ids = await anyio.to_thread.run_sync(tok.encode, prompt, limiter=api.limiter)
-            except UnicodeEncodeError:
-                raise ApiError(400, "the prompt is not valid Unicode text (it holds a lone surrogate); "
-                                    "send UTF-8 text", param="prompt") from None
-        else:
-            ids = list(prompt)
-        return await api.run("text", body.model, dep, ids, params, body.stream,
-                             bool(body.stream_options and body.stream_options.include_usage))
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
-        dep = api.deployment(body.model)
-        params = api.sampling(body, 256)
-        tok = await anyio.to_thread.run_sync(requests.tokenizer, dep.model_path)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
-        try:
-            ids = chat_tokens(tok, messages)
-        except Exception as exc:  # a template that cannot render these messages
-            raise ApiError(400, f"the model's chat template cannot render these messages: {exc}",
-                           param="messages") from None
-        return await api.run("chat", body.model, dep, ids, params, body.stream,
-                             bool(body.stream_options and body.stream_options.include_usage))
+def add_fleet_routes(app: FastAPI, requests: Requests) -> None:
+    """/health, the fleet page and its JSON, /metrics."""
 
     @app.get("/health")
     async def health():
@@ -349,7 +334,37 @@ def create_app(requests: Requests, token: str = "", max_body: int = 4 * 2 ** 20)
     async def metrics():
         return Response(requests.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+
+def add_openai_routes(app: FastAPI, api: Api, requests: Requests) -> None:
+    @app.get("/v1/models")
+    async def models():
+        dep = requests.deployments.active
+        data = [] if dep is None else [{"id": model_id(dep.model_path), "object": "model",
+                                        "created": int(dep.created_at), "owned_by": "edgefleet"}]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        dep = api.deployment(body.model)
+        params = api.sampling(body, 16)
+        ids = await api.prompt_ids(dep, body.prompt)
+        return await api.run("text", body.model, dep, ids, params, body.stream,
+                             bool(body.stream_options and body.stream_options.include_usage))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody):
+        dep = api.deployment(body.model)
+        params = api.sampling(body, 256)
+        tok = await anyio.to_thread.run_sync(requests.tokenizer, dep.model_path)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        try:
+            ids = chat_tokens(tok, messages)
+        except Exception as exc:  # a template that cannot render these messages
+            raise ApiError(400, f"the model's chat template cannot render these messages: {exc}",
+                           param="messages") from None
+        return await api.run("chat", body.model, dep, ids, params, body.stream,
+                             bool(body.stream_options and body.stream_options.include_usage))
 
 
 class HttpServer:
