@@ -89,7 +89,7 @@ function show(f) {
     : "no deployment is active";
   if (last) {
     const rate = (f.generated_tokens - last.generated_tokens) / Math.max(f.time - last.time, 1e-3);
-    document.getElementById("rate").textContent = `${rate.toFixed(1)} tokens/s now, ${f.in_flight} requests in flight`;
+    document.getElementById("rate").textContent = `${rate.toFixed(1)} tokens/s now, ${f.in_flight} in flight`;
   }
   last = f;
   const body = document.querySelector("#nodes tbody");
