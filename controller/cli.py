@@ -123,9 +123,9 @@ def model_shard(master: Path, types_spec: str, layers: str | None, out: Path) ->
 @click.argument("model_path", metavar="MODEL.gguf", type=click.Path(path_type=Path))
 @click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
               help="Held-out text to measure on (default: the reference model's held-out split).")
-@click.option("--tokens", default=2048, show_default=True, help="Held-out tokens to evaluate (512-token windows).")
+@click.option("--tokens", default=1024, show_default=True, help="Held-out tokens to evaluate (512-token windows).")
 @click.option("--types", "types_csv", default=None,
-              help="Comma-separated GGUF types to measure (default: every supported layer type).")
+              help="Comma-separated GGUF types to measure (default: every type the model's layers may take).")
 @click.option("--validate", default=20, show_default=True, help="Random mixed configurations for the additivity check.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Measure again even if a cached table exists.")
@@ -137,13 +137,10 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
     Also checks the additive model (predicted Σ vs measured ΔNLL on random mixed
     configurations) and caches the result as JSON keyed by the GGUF's SHA-256.
     """
-    from solver.ggml_types import LAYER_TYPES
     from controller import sensitivity as S
+    from solver.ggml_types import parse_type
 
-    types = LAYER_TYPES if types_csv is None else tuple(t.strip() for t in types_csv.split(",") if t.strip())
-    for t in types:
-        if t not in LAYER_TYPES:
-            raise ValueError(f"unsupported GGUF type {t!r}; choose from {', '.join(LAYER_TYPES)}")
+    types = tuple(parse_type(t) for t in (types_csv or "").split(",") if t.strip())
     with progress_bar() as progress:
         result, measured = S.cached_or_measured(model_path, text_path or HELDOUT_TEXT, types, tokens, validate, seed,
                                                 progress, force=force)
@@ -308,10 +305,11 @@ def placement_options(f):
 
 def placement_request(model: str, kw: dict):
     """The placement request from the options placement_options added (removed from kw)."""
+    from solver.ggml_types import parse_type
     from solver.request import Options, PlacementRequest, Workload, check
 
     w = Workload(kw.pop("prompt_tokens"), kw.pop("output_tokens"), kw.pop("concurrency"), kw.pop("context"))
-    types = tuple(t.strip() for t in kw.pop("types_csv").split(",") if t.strip())
+    types = tuple(parse_type(t) for t in kw.pop("types_csv").split(",") if t.strip())
     o = Options(objective=kw.pop("objective"), max_ppl_increase=kw.pop("max_ppl_increase"), types=types,
                 pinned=tuple(kw.pop("pin")), excluded=tuple(kw.pop("exclude")), max_stages=kw.pop("max_stages"),
                 solver=kw.pop("solver"), time_limit=kw.pop("time_limit"))

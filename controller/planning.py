@@ -9,9 +9,8 @@ from rich.table import Table
 
 from agent import weights as W
 from controller.sensitivity import cached_or_measured
-from controller.shards import master_sha256
+from controller.shards import candidate_types, master_sha256
 from solver.catalog import MODEL_SHAPES, model_profile
-from solver.ggml_types import LAYER_TYPES
 from solver.memory import unit_for
 from solver.plan import Plan
 from solver.problem import GiB, ModelProfile, Problem, load_model_profile, model_from_shape
@@ -19,7 +18,7 @@ from solver.request import PlacementRequest
 
 Progress = Callable[[str, int, int], None]
 BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "models" / "reference" / "heldout.txt"
-_PROFILES: dict[tuple[str, int], ModelProfile] = {}
+_PROFILES: dict[tuple, ModelProfile] = {}
 
 
 def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
@@ -29,7 +28,7 @@ def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
     cfg = W.read_config(reader)
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
     if sensitivity is None:
-        table = [{q: 0.0 for q in LAYER_TYPES} for _ in range(cfg.n_layer)]
+        table = [{q: 0.0 for q in candidate_types(path)} for _ in range(cfg.n_layer)]
         source, sha = "not measured", ""
     else:
         table = [sensitivity["sensitivity"][str(l)] for l in range(cfg.n_layer)]
@@ -52,8 +51,8 @@ def text_for(model: Path, text: str) -> Path:
 
 def load_profile(request: PlacementRequest, progress: Progress | None = None) -> ModelProfile:
     """The request's model: a catalog shape (proxy sensitivity), a profile JSON, or a GGUF with
-    its sensitivity table (cached, shipped beside it, or measured now). A GGUF's profile is
-    built once per master and token count."""
+    its sensitivity table for the request's types (cached, shipped beside it, or measured
+    now). A GGUF's profile is built once per master, token count and types."""
     arg = request.model
     if arg in MODEL_SHAPES:
         return model_profile(arg)
@@ -63,10 +62,11 @@ def load_profile(request: PlacementRequest, progress: Progress | None = None) ->
     if not p.is_file():
         raise ValueError(f"model {arg} does not exist; give a GGUF file, a profile JSON or one of "
                          f"{', '.join(MODEL_SHAPES)}")
-    key = (master_sha256(p), request.tokens)
-    if key not in _PROFILES:
-        table, _ = cached_or_measured(p, text_for(p, request.text), tokens=request.tokens, progress=progress,
-                                      sha256=key[0])
+    types = request.options.types
+    key = (master_sha256(p), request.tokens, types)
+    if key not in _PROFILES:   # measured without the additivity check (`model profile` runs that)
+        table, _ = cached_or_measured(p, text_for(p, request.text), types, request.tokens, validate=0,
+                                      progress=progress, sha256=key[0])
         _PROFILES[key] = gguf_profile(p, table)
     return _PROFILES[key]
 

@@ -24,8 +24,7 @@ from agent import weights as W
 from agent.pipeline import token_nll
 from agent.runtime import Settings, Stage, Step
 from agent.tokenizer import Tokenizer
-from controller.shards import write_shard
-from solver.ggml_types import LAYER_TYPES
+from controller.shards import candidate_types, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,18 @@ def heldout_windows(model: str | Path, text: str, tokens: int, window: int = 512
     return [ids[i * window:(i + 1) * window] for i in range(n)]
 
 
-def measure(model: str | Path, text: str, types: tuple[str, ...] = LAYER_TYPES, tokens: int = 2048,
+def types_to_measure(model: str | Path, asked: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The types a sensitivity table covers: those asked for (checked against what the
+    master's layers may take), else every type they may take."""
+    may = candidate_types(model)
+    too_fine = [q for q in asked if q not in may]
+    if too_fine:
+        raise ValueError(f"{Path(model).name}'s layers cannot take {too_fine[0]} (a quantized layer never gains "
+                         f"precision); choose from {', '.join(may)}")
+    return tuple(asked) or may
+
+
+def measure(model: str | Path, text: str, types: tuple[str, ...] = (), tokens: int = 2048,
             validate: int = 20, seed: int = 0, progress: Progress | None = None, sha256: str | None = None) -> dict:
     """Sensitivity table + additivity validation for a model (a dict, ready for JSON).
     sha256: the GGUF's hash when the caller already has it (hashing a large model is slow)."""
@@ -133,6 +143,7 @@ def measure(model: str | Path, text: str, types: tuple[str, ...] = LAYER_TYPES, 
     import tempfile
 
     t0 = time.perf_counter()
+    types = types_to_measure(model, tuple(types))
     windows = heldout_windows(model, text, tokens)
     with tempfile.TemporaryDirectory(prefix="edgefleet-sensitivity-") as work:
         ev = Evaluator(model, windows, Path(work))
@@ -230,7 +241,7 @@ def save(result: dict) -> Path:
     return p
 
 
-def cached_or_measured(model: str | Path, text_file: Path, types: tuple[str, ...] = LAYER_TYPES, tokens: int = 2048,
+def cached_or_measured(model: str | Path, text_file: Path, types: tuple[str, ...] = (), tokens: int = 2048,
                        validate: int = 20, seed: int = 0, progress: Progress | None = None,
                        sha256: str | None = None, force: bool = False) -> tuple[dict, bool]:
     """(result, measured now): the cached table if it covers these types and tokens (and not
@@ -238,6 +249,7 @@ def cached_or_measured(model: str | Path, text_file: Path, types: tuple[str, ...
     from controller.shards import file_sha256
 
     sha = sha256 or file_sha256(model)
+    types = types_to_measure(model, tuple(types))
     result = None if force else load_cached(sha, types, tokens, model)
     if result is not None:
         return result, False

@@ -26,7 +26,7 @@ from gguf import GGUFWriter
 
 from agent import weights as W
 from agent.quant import dequantize, requantize
-from solver.ggml_types import parse_type
+from solver.ggml_types import LAYER_TYPES, TYPE_ORDER, parse_type, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,26 @@ def master_sha256(path: str | Path) -> str:
     if key not in _MASTER_SHA:
         _MASTER_SHA[key] = file_sha256(p)
     return _MASTER_SHA[key]
+
+
+def candidate_types(master: str | Path) -> tuple[str, ...]:
+    """The types every layer of a master may take, best first: those of LAYER_TYPES and of the
+    master's own layers that need no more bytes than the layer has as stored (a quantized
+    master's layers never gain precision; an F16 master's may take any of LAYER_TYPES)."""
+    reader = W.open_gguf(master)
+    cfg = W.read_config(reader)
+    own = set(W.layer_types(reader))
+    layers: list[list] = [[] for _ in range(cfg.n_layer)]
+    for t in reader.tensors:
+        m = _LAYER_TENSOR.match(t.name)
+        if m and len(t.shape) == 2:
+            layers[int(m.group(1))].append(t)
+
+    def fits(q: str) -> bool:
+        return all(sum(tensor_bytes(q, int(t.shape[1]), int(t.shape[0])) for t in ts) <= sum(int(t.n_bytes) for t in ts)
+                   for ts in layers)
+
+    return tuple(q for q in TYPE_ORDER if (q in LAYER_TYPES or q in own) and fits(q))
 
 
 def parse_types(spec: str, n_layer: int) -> list[str]:

@@ -83,8 +83,29 @@ def _build_f16(src: Path, dest: Path) -> None:
     tmp.replace(dest)
 
 
+def _quantize(src: Path, dest: Path, ftype: int) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize, as `llama-quantize` runs it) on a whole
+    model: what a user downloads from a hub as MODEL.Q8_0.gguf."""
+    import llama_cpp
+
+    from agent.runtime import init_llama
+
+    init_llama()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = os.cpu_count() or 1
+    tmp = dest.with_suffix(".partial")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src.name}")
+    tmp.replace(dest)
+
+
+FTYPES = {"Q8_0": 7}    # llama_ftype of the files llama.cpp's quantizer makes here
+
+
 def path(kind: str = "F16") -> Path:
-    """The cached SmolLM2 GGUF: "Q4_1" as shipped, or "F16" (the master made from it)."""
+    """The cached SmolLM2 GGUF: "Q4_1" as shipped, "F16" (the master made from it), or "Q8_0"
+    (llama.cpp's quantizer on the F16 master)."""
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
     q4 = d / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,16 +113,22 @@ def path(kind: str = "F16") -> Path:
         _fetch_q4_1(q4)
     if kind == "Q4_1":
         return q4
-    if kind != "F16":
-        raise ValueError(f"unknown SmolLM2 file {kind!r}; use Q4_1 or F16")
+    if kind not in ("F16", *FTYPES):
+        raise ValueError(f"unknown SmolLM2 file {kind!r}; use Q4_1, F16 or {', '.join(FTYPES)}")
     f16 = d / "SmolLM2-135M-Instruct.F16.gguf"
     if not f16.exists():
         log.info("building the F16 master %s", f16)
         _build_f16(q4, f16)
-    return f16
+    if kind == "F16":
+        return f16
+    out = d / f"SmolLM2-135M-Instruct.{kind}.gguf"
+    if not out.exists():
+        log.info("quantizing %s with llama.cpp", out)
+        _quantize(f16, out, FTYPES[kind])
+    return out
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(path("Q4_1"))
-    print(path("F16"))
+    for kind in ("Q4_1", "F16", *FTYPES):
+        print(path(kind))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from solver.ggml_types import LAYER_TYPES
+from solver.ggml_types import TYPE_ORDER
 
 GiB = 1024 ** 3
 
@@ -25,13 +25,13 @@ class TypeSpeed:
 # compute, so lower-bit types read fewer bytes but reach a smaller share of the bandwidth.
 DEFAULT_EFFICIENCY = {
     "F16": (0.70, 0.50), "Q8_0": (0.65, 0.45), "Q6_K": (0.55, 0.35), "Q5_K": (0.55, 0.35),
-    "Q5_0": (0.55, 0.35), "Q4_K": (0.60, 0.40), "Q4_0": (0.60, 0.40), "Q3_K": (0.50, 0.30),
-    "Q2_K": (0.50, 0.30),
+    "Q5_1": (0.55, 0.35), "Q5_0": (0.55, 0.35), "Q4_K": (0.60, 0.40), "Q4_1": (0.60, 0.40), "Q4_0": (0.60, 0.40),
+    "Q3_K": (0.50, 0.30), "Q2_K": (0.50, 0.30),
 }
 
 
 def declared_speed(bandwidth: float, flops: float, efficiency: dict | None = None,
-                   types=LAYER_TYPES) -> dict[str, TypeSpeed]:
+                   types=TYPE_ORDER) -> dict[str, TypeSpeed]:
     """Per-type speeds from peak figures times each type's efficiency (one share, or a
     (memory, compute) pair)."""
     eff = {**DEFAULT_EFFICIENCY, **(efficiency or {})}
@@ -58,5 +58,5 @@ DEVICES: dict[str, dict] = {
         "memory": 12.0 * GiB, "memory_bandwidth": 100e9, "flops": 3.6e12},
     "desktop-rtx3060-12gb": {  # nvidia.com RTX 3060 specs: 360 GB/s GDDR6, 12.74 TFLOPS fp32
         "memory": 11.0 * GiB, "memory_bandwidth": 360e9, "flops": 12.74e12,
-        "efficiency": {q: (0.8, 0.6) for q in LAYER_TYPES}},
+        "efficiency": {q: (0.8, 0.6) for q in TYPE_ORDER}},
 }

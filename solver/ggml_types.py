@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import gguf
 
-# Types a layer may be assigned, best quality first (names as llama.cpp prints them).
+# Types a plan chooses among for an F16 master, best quality first (names as llama.cpp prints them).
 LAYER_TYPES: tuple[str, ...] = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K", "Q2_K")
+# Every type a layer may have, best quality first: LAYER_TYPES and the types a quantized
+# master may store, which its layers can keep (the bytes are copied, nothing is lost).
+TYPE_ORDER: tuple[str, ...] = ("F16", "Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "Q3_K",
+                               "Q2_K")
 
 # A 256-block type on rows that are not a multiple of 256 becomes this 32-block type.
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -23,7 +27,7 @@ def known(name: str) -> bool:
 def block(name: str) -> tuple[int, int]:
     """(elements per block, bytes per block) of a GGUF type."""
     if not known(name):
-        raise ValueError(f"unknown GGUF type {name!r}; layer types are {', '.join(LAYER_TYPES)}")
+        raise ValueError(f"unknown GGUF type {name!r}; layer types are {', '.join(TYPE_ORDER)}")
     return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
 
 
@@ -48,8 +52,8 @@ def bits_per_weight(name: str) -> float:
 
 
 def parse_type(text: str) -> str:
-    """A layer type as a user may type it ("q4_k", "Q8_0"), checked against LAYER_TYPES."""
+    """A layer type as a user may type it ("q4_k", "Q8_0"), checked against TYPE_ORDER."""
     name = text.strip().upper()
-    if name not in LAYER_TYPES:
-        raise ValueError(f"unsupported GGUF type {text.strip()!r} for a layer; choose from {', '.join(LAYER_TYPES)}")
+    if name not in TYPE_ORDER:
+        raise ValueError(f"unsupported GGUF type {text.strip()!r} for a layer; choose from {', '.join(TYPE_ORDER)}")
     return name

@@ -18,7 +18,7 @@ import networkx as nx
 import yaml
 
 from solver.devices import DEVICES, GiB, TypeSpeed, declared_speed
-from solver.ggml_types import LAYER_TYPES, tensor_bytes
+from solver.ggml_types import TYPE_ORDER, tensor_bytes
 from solver.memory import FIXED_BYTES, kv_bytes_per_token
 from solver.request import Options, PlacementRequest, Workload, check
 
@@ -66,7 +66,7 @@ class ModelProfile:
     @property
     def types(self) -> tuple[str, ...]:
         """Types with both a size and a sensitivity for every layer."""
-        return tuple(q for q in LAYER_TYPES
+        return tuple(q for q in TYPE_ORDER
                      if all(q in lp.bytes and q in lp.sensitivity for lp in self.layers))
 
     @property
@@ -95,7 +95,7 @@ def model_from_shape(name: str, n_layer: int, n_embd: int, n_head: int, n_head_k
     layers = []
     for sens in sensitivity:
         sizes = {}
-        for q in LAYER_TYPES:
+        for q in TYPE_ORDER:
             sizes[q] = sum(tensor_bytes(q, r, c) for r, c in matrices) + norms
         layers.append(LayerProfile(bytes=sizes, flops=2.0 * params, attn_flops_per_ctx=4.0 * n_embd,
                                    kv_bytes_per_token=kv_bytes_per_token(1, n_head_kv, head_dim),
@@ -145,7 +145,7 @@ class Node:
 
     @property
     def types(self) -> tuple[str, ...]:
-        return tuple(q for q in LAYER_TYPES if q in self.speed)
+        return tuple(q for q in TYPE_ORDER if q in self.speed)
 
 
 @dataclass(frozen=True)
@@ -219,10 +219,10 @@ def node_from_dict(d: dict, where: str) -> Node:
     if "memory" not in spec:
         raise ValueError(f"{where}: node {name!r} has no memory (e.g. memory: 6GiB)")
     memory = int(parse_quantity(spec["memory"], f"{where}: memory of {name}"))
-    types = spec.get("types", LAYER_TYPES)
-    bad = [q for q in types if q not in LAYER_TYPES]
+    types = spec.get("types", TYPE_ORDER)
+    bad = [q for q in types if q not in TYPE_ORDER]
     if bad:
-        raise ValueError(f"{where}: node {name!r} lists unknown types {bad}; known: {', '.join(LAYER_TYPES)}")
+        raise ValueError(f"{where}: node {name!r} lists unknown types {bad}; known: {', '.join(TYPE_ORDER)}")
     if "speed" in spec:  # measured or explicit per-type figures
         speed = {q: TypeSpeed(parse_quantity(s["decode_bytes_per_s"], f"{where}: {name} {q}"),
                               parse_quantity(s["prefill_flops"], f"{where}: {name} {q}"))
