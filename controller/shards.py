@@ -14,7 +14,6 @@ own fallback when its rows do not split into that type's blocks (solver/ggml_typ
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import re
@@ -115,19 +114,11 @@ def parse_types(spec: str, n_layer: int) -> list[str]:
     return [parse_type(t) for t in parts]
 
 
-@functools.lru_cache(maxsize=2)
-def _master(path: str, size: int, mtime_ns: int):
-    """An open master (parsing a real vocabulary's metadata takes seconds): kept while the
-    file is unchanged, for the many shards built from one master."""
-    return W.open_gguf(path)
-
-
 def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
                 first: int = 0, last: int | None = None, master_sha256: str | None = None) -> ShardInfo:
     """Write layers [first, last) of `master` to `out`, layer i's matrices quantized to
     layer_types[i] (a list over all layers of the model) with llama.cpp's quantizer."""
-    st = Path(master).stat() if Path(master).is_file() else None
-    reader = _master(str(master), st.st_size, st.st_mtime_ns) if st else W.open_gguf(master)
+    reader = W.open_gguf(master)
     cfg = W.read_config(reader)
     last = cfg.n_layer if last is None else last
     if W.field_value(reader, W.KEY_FIRST) is not None:

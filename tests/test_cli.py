@@ -66,7 +66,7 @@ def test_shard_and_info_roundtrip(reference_model, tmp_path):
 def test_demo_runs_a_local_fleet_and_cleans_up(reference_model, tmp_path):
     import psutil
 
-    out = run("demo", "--max-tokens", "8", "--keep", str(tmp_path))
+    out = run("demo", "--model", str(reference_model), "--max-tokens", "8", "--keep", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "plan:" in out.stdout and "tokens/s" in out.stdout and "ms/token measured" in out.stdout
     assert (tmp_path / "edgefleet.db").exists() and (tmp_path / "desk.log").exists()

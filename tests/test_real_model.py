@@ -5,6 +5,7 @@ chat completion over HTTP equals llama-cpp-python's create_chat_completion."""
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
@@ -91,3 +92,42 @@ def test_a_chat_completion_is_llama_cpp_python_s(deployed, tmp_path):
     finally:
         llm.close()
     assert ours.choices[0].message.content == theirs["choices"][0]["message"]["content"]
+
+
+def test_the_demo_answers_as_llama_cpp_python_does_on_the_same_types(tmp_path):
+    """`make demo`: SmolLM2 across at least three agents, a readable answer, and the answer is
+    llama-cpp-python's on one GGUF of the plan's per-layer types."""
+    import subprocess
+    import sys
+
+    import llama_cpp
+
+    from controller.demo import QUESTION as DEMO_QUESTION
+    from controller.state import State
+    from models import smollm2
+
+    keep = tmp_path / "demo"
+    out = subprocess.run([sys.executable, "-m", "controller.cli", "demo", "--keep", str(keep)], capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()        # the question, the answer, then "N tokens: first after ..."
+    start = lines.index(DEMO_QUESTION) + 1
+    end = next(i for i in range(start, len(lines)) if re.match(r"\d+ tokens: first after", lines[i]))
+    answer = "\n".join(lines[start:end])
+    state = State(keep / "edgefleet.db")
+    try:
+        dep = state.active()
+    finally:
+        state.close()
+    assert len(dep.stages) >= 3
+    master = smollm2.path("Q4_1")
+    whole = write_shard(master, tmp_path / "whole.gguf", list(dep.types)).path
+    llm = llama_cpp.Llama(str(whole), n_ctx=CTX, n_batch=BATCH, n_ubatch=BATCH, n_threads=THREADS,
+                          n_threads_batch=THREADS, flash_attn=True, verbose=False)
+    try:
+        theirs = llm.create_chat_completion([{"role": "user", "content": DEMO_QUESTION}], max_tokens=48,
+                                            temperature=0)["choices"][0]["message"]["content"]
+    finally:
+        llm.close()
+    assert answer == theirs
+    assert "Paris" in answer
