@@ -59,18 +59,22 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
-    """Open a GGUF file, turning every way it can fail into one clear ValueError. An open file
-    is kept while it is unchanged (parsing a real vocabulary's metadata takes seconds)."""
+def open_master(path: str | Path) -> GGUFReader:
+    """open_gguf, kept while the file is unchanged: for the controller, which reads one master
+    many times (parsing a real vocabulary's metadata takes seconds). Not for agents: a kept
+    reader keeps the pages it touched resident."""
     p = Path(path).resolve()
-    if p.is_file():
-        st = p.stat()
-        return _open(str(p), st.st_size, st.st_mtime_ns)
-    return _open(str(p), -1, -1)
+    st = p.stat() if p.is_file() else None
+    return _open_kept(str(p), st.st_size if st else -1, st.st_mtime_ns if st else -1)
 
 
-@functools.lru_cache(maxsize=8)
-def _open(path: str, size: int, mtime_ns: int) -> GGUFReader:
+@functools.lru_cache(maxsize=4)
+def _open_kept(path: str, size: int, mtime_ns: int) -> GGUFReader:
+    return open_gguf(path)
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    """Open a GGUF file, turning every way it can fail into one clear ValueError."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"model file {p} does not exist; pass the path of a GGUF file")

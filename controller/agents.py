@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import statistics
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,6 +72,16 @@ class AgentClient:
 
     def state(self) -> A.AgentState:
         return A.agent_state(self._call("State", pb.Empty()))
+
+    def round_trip_s(self, repeats: int = 5) -> float:
+        """Median round trip of a one-byte echo: the agent's reply crosses its (emulated) link
+        as a token's does."""
+        times = []
+        for _ in range(repeats + 1):        # the first connects
+            t0 = time.perf_counter()
+            self._call("Echo", pb.ShardChunk(data=b"x"))
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
 
     def has_shard(self, sha: str) -> bool:
         return self._call("HasShard", pb.ShardRef(sha256=sha)).present

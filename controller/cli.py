@@ -156,8 +156,13 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
 
 @contextlib.contextmanager
 def progress_bar():
-    """A rich progress display on stderr; yields progress(what, done, total)."""
+    """A rich progress display on stderr; yields progress(what, done, total). When stderr is
+    not a terminal (a log, CI), a line every 10 s per phase instead, with the time left."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if not err_console.is_terminal:
+        yield progress_lines()
+        return
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeRemainingColumn(), console=err_console, transient=True) as bar:
@@ -169,6 +174,30 @@ def progress_bar():
             bar.update(tasks[what], completed=done)
 
         yield progress
+
+
+def progress_lines(every_s: float = 10.0):
+    """progress(what, done, total) that prints a line per phase when it starts, every
+    `every_s` seconds, and when it ends: done/total and the time left at the rate so far."""
+    import time
+
+    started: dict[str, float] = {}
+    shown: dict[str, float] = {}
+
+    def progress(what: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        t0 = started.setdefault(what, now)
+        if what in shown and done < total and now - shown[what] < every_s:
+            return
+        shown[what] = now
+        left = f", about {fmt_duration((now - t0) / done * (total - done))} left" if 0 < done < total else ""
+        err_console.print(f"{what}: {done}/{total}{left}", highlight=False)
+
+    return progress
+
+
+def fmt_duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
 
 
 def counter(progress, what: str, total: int):

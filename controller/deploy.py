@@ -7,7 +7,6 @@ deployment stays active and serving.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -85,9 +84,7 @@ def measure_links(nodes: list[NodeInfo], known: dict[tuple[str, str], tuple[floa
         key = (CONTROLLER_VERTEX, n.name)
         if key not in out:
             with AgentClient(n.address, security, n.name) as c:
-                t0 = time.perf_counter()
-                c.state()
-                rtt = time.perf_counter() - t0
+                rtt = c.round_trip_s()
             out[key] = (rtt, 1e9)
             save(CONTROLLER_VERTEX, n.name, rtt, 1e9)
     return out

@@ -24,7 +24,7 @@ _PROFILES: dict[tuple, ModelProfile] = {}
 def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
     """Shapes from the GGUF's metadata; sensitivity from a `model profile` result (None: zero
     for every type, for timing predictions that do not involve the accuracy budget)."""
-    reader = W.open_gguf(path)
+    reader = W.open_master(path)
     cfg = W.read_config(reader)
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
     if sensitivity is None:

@@ -67,7 +67,7 @@ def candidate_types(master: str | Path) -> tuple[str, ...]:
     """The types every layer of a master may take, best first: those of LAYER_TYPES and of the
     master's own layers that need no more bytes than the layer has as stored (a quantized
     master's layers never gain precision; an F16 master's may take any of LAYER_TYPES)."""
-    reader = W.open_gguf(master)
+    reader = W.open_master(master)
     cfg = W.read_config(reader)
     own = set(W.layer_types(reader))
     layers: list[list] = [[] for _ in range(cfg.n_layer)]
@@ -118,7 +118,7 @@ def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
                 first: int = 0, last: int | None = None, master_sha256: str | None = None) -> ShardInfo:
     """Write layers [first, last) of `master` to `out`, layer i's matrices quantized to
     layer_types[i] (a list over all layers of the model) with llama.cpp's quantizer."""
-    reader = W.open_gguf(master)
+    reader = W.open_master(master)
     cfg = W.read_config(reader)
     last = cfg.n_layer if last is None else last
     if W.field_value(reader, W.KEY_FIRST) is not None:

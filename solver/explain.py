@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 
 from solver import cost as C
-from solver.problem import GiB, Node, Problem
+from solver.memory import fmt_bytes
+from solver.problem import Node, Problem
 
 
 def unplaceable_pin(problem: Problem, cand: dict) -> str:
@@ -19,7 +20,7 @@ def unplaceable_pin(problem: Problem, cand: dict) -> str:
         if name not in holders:
             node = problem.fleet.node(name)
             return (f"pinned node {name} cannot hold even one layer at an allowed type it supports "
-                    f"(it offers {node.memory / GiB:.2f} GiB); unpin it or give it more memory")
+                    f"(it offers {fmt_bytes(node.memory)}); unpin it or give it more memory")
     return ""
 
 
@@ -28,10 +29,23 @@ class Need:
     """The least memory any plan needs: every layer at its smallest type some usable node supports."""
     usable: tuple[Node, ...]   # nodes not excluded
     offered: int               # their memory together
-    weights: int               # those layers, the embedding, the head and the runtime
+    layers: int                # every layer's weights at its smallest type
+    embed: int                 # the token embedding (first stage)
+    head: int                  # what the last stage holds beyond a middle one
+    runtime: int               # what every stage holds beyond its layers (llama.cpp's compute buffer)
     kv: int                    # every layer's KV cache
     q_min: str                 # the type of the largest of those layers
     layer: int                 # the first layer at its smallest type, with its KV cache
+
+    @property
+    def weights(self) -> int:
+        """One stage's worth: layers, embedding, head and one compute buffer."""
+        return self.layers + self.embed + self.head + self.runtime
+
+    def terms(self, w) -> str:
+        return (f"layers {fmt_bytes(self.layers)}, KV cache {fmt_bytes(self.kv)} for {w.concurrency} × {w.ctx} tokens, "
+                f"embedding {fmt_bytes(self.embed)} and head {fmt_bytes(self.head)}, and llama.cpp's compute buffer "
+                f"of {fmt_bytes(self.runtime)} on every stage")
 
 
 def need(problem: Problem) -> Need | str:
@@ -47,8 +61,8 @@ def need(problem: Problem) -> Need | str:
         if not sizes:
             return f"no node supports any of the allowed types ({', '.join(allowed)})"
         smallest.append(min(sizes))
-    weights = sum(b for b, _ in smallest) + m.embed_bytes + C.head_bytes(m, w) + C.runtime_bytes(m, w)
-    return Need(usable=usable, offered=sum(n.memory for n in usable), weights=weights,
+    return Need(usable=usable, offered=sum(n.memory for n in usable), layers=sum(b for b, _ in smallest),
+                embed=m.embed_bytes, head=C.head_bytes(m, w), runtime=C.runtime_bytes(m, w),
                 kv=sum(C.kv_bytes(lp, w) for lp in m.layers), q_min=max(smallest)[1],
                 layer=smallest[0][0] + C.kv_bytes(m.layers[0], w))
 
@@ -60,16 +74,17 @@ def shortfall(problem: Problem) -> str:
     if isinstance(n, str):
         return n
     if n.weights + n.kv > n.offered:
-        return (f"the fleet offers {n.offered / GiB:.2f} GiB; the model needs at least {n.weights / GiB:.2f} GiB "
-                f"at {n.q_min} plus {n.kv / GiB:.2f} GiB of KV cache for {w.concurrency} × {w.ctx} tokens; "
-                f"add nodes, or lower --concurrency or the context")
+        return (f"the fleet offers {fmt_bytes(n.offered)}; the model needs at least {fmt_bytes(n.weights)} "
+                f"at {n.q_min} plus {fmt_bytes(n.kv)} of KV cache for {w.concurrency} × {w.ctx} tokens "
+                f"({n.terms(w)}); add {fmt_bytes(n.weights + n.kv - n.offered)} or more, or lower --concurrency or "
+                f"the context")
     return ""
 
 
 def verdict(problem: Problem, status: str, best: float) -> str:
     """The sentence once the fleet has room in all: `status` and `best` are those of the
     least ΔNLL of any placement without the budget (solved, timeout, or none exists)."""
-    o, n = problem.options, need(problem)
+    o, n, w = problem.options, need(problem), problem.workload
     if status == "solved":
         return (f"no assignment meets a {o.max_ppl_increase:g} % perplexity budget on this fleet: the best possible "
                 f"is {100 * math.expm1(best):.2f} %; raise --max-ppl-increase or add memory")
@@ -78,9 +93,11 @@ def verdict(problem: Problem, status: str, best: float) -> str:
         return f"the solver could not decide within {o.time_limit:g} s whether any plan fits; raise --time-limit"
     if o.max_stages:
         return (f"the model does not fit on {o.max_stages} stage(s) of this fleet (largest node {largest.name}: "
-                f"{largest.memory / GiB:.2f} GiB); raise --max-stages")
+                f"{fmt_bytes(largest.memory)}); raise --max-stages")
     if o.pinned:
         return f"no plan uses every pinned node ({', '.join(o.pinned)}) within memory; unpin some"
-    return (f"the fleet offers {n.offered / GiB:.2f} GiB in total but the layers cannot be split to fit each node "
-            f"(the model needs {(n.weights + n.kv) / GiB:.2f} GiB at {n.q_min}, a layer "
-            f"{n.layer / GiB:.3f} GiB); add memory or lower the context")
+    alone = n.weights + n.kv - largest.memory
+    return (f"the fleet offers {fmt_bytes(n.offered)} in total but the layers cannot be split to fit each node: "
+            f"the model needs {fmt_bytes(n.weights + n.kv)} at {n.q_min} as one stage ({n.terms(w)}), every further "
+            f"stage another compute buffer, and a layer {fmt_bytes(n.layer)}; giving {largest.name} "
+            f"{fmt_bytes(alone)} more would let it hold the model alone, or lower --concurrency or the context")

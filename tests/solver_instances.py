@@ -15,7 +15,8 @@ import numpy as np
 
 from solver import cost as C
 from solver.plan import Stage
-from solver.problem import (LAYER_TYPES, Fleet, LayerProfile, Link, ModelProfile, Node, Options, Problem,
+from solver.ggml_types import LAYER_TYPES
+from solver.problem import (Fleet, LayerProfile, Link, ModelProfile, Node, Options, Problem,
                             TypeSpeed, Workload)
 
 BPW = {"F16": 16, "Q8_0": 8.5, "Q6_K": 6.5625, "Q5_K": 5.5, "Q5_0": 5.5, "Q4_K": 4.5, "Q4_0": 4.5,

@@ -152,3 +152,17 @@ def test_every_json_output_is_one_document(reference_model, tmp_path):
         out = run(*args)
         assert out.returncode == 0, out.stderr
         json.loads(out.stdout)          # one document: trailing text would make this fail
+
+
+def test_progress_without_a_terminal_is_lines_with_the_time_left(capsys, monkeypatch):
+    from controller import cli as C
+
+    clock = iter([0.0, 30.0, 31.0, 60.0])
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    progress = C.progress_lines(every_s=10)
+    progress("sensitivity", 0, 90)      # starts: shown
+    progress("sensitivity", 30, 90)     # 30 s later: shown, 30 done in 30 s -> 60 left
+    progress("sensitivity", 31, 90)     # 1 s later: not shown
+    progress("sensitivity", 90, 90)     # the end: shown
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["sensitivity: 0/90", "sensitivity: 30/90, about 60 s left", "sensitivity: 90/90"]

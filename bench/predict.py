@@ -1,0 +1,87 @@
+"""Predicted vs measured TTFT and time per output token on a live SmolLM2 fleet.
+
+The demo's fleet (a controller and four agents sized so that no two hold the model, emulated
+links), SmolLM2-135M-Instruct (Q4_1 as shipped) deployed with the default placement request;
+then requests one at a time (a chat question, 64 tokens, end-of-sequence ignored) and the
+deployment's own prediction (what `edgefleet deploy` prints) next to the medians measured at
+the client, the controller's gRPC stream.
+
+    .venv/bin/python bench/predict.py [--requests 5] [--bandwidth 100Mbit] [--latency 2ms]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from controller.chat import chat_tokens  # noqa: E402
+from controller.demo import QUESTION, agents_for  # noqa: E402
+from controller.local import start_agent, start_controller  # noqa: E402
+from agent.tokenizer import Tokenizer  # noqa: E402
+from models import smollm2  # noqa: E402
+from proto import edgefleet_pb2 as pb  # noqa: E402
+from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
+from proto.adapter import placement_pb  # noqa: E402
+from solver.plan import plan_from_dict  # noqa: E402
+from solver.request import PlacementRequest  # noqa: E402
+
+
+def one_request(stub, ids: list[int], tokens: int) -> tuple[float, float]:
+    """(TTFT, mean time per further token) of one request, seen at the client."""
+    t0 = time.perf_counter()
+    times = [time.perf_counter() for _ in stub.Generate(pb.GenerateRequest(prompt_tokens=ids, max_tokens=tokens,
+                                                                           ignore_eos=True))]
+    return times[0] - t0, (times[-1] - times[0]) / (len(times) - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--bandwidth", default="100Mbit")
+    ap.add_argument("--latency", default="2ms")
+    args = ap.parse_args()
+    model = smollm2.path("Q4_1")
+    ids = chat_tokens(Tokenizer(model), [{"role": "user", "content": QUESTION}])
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="edgefleet-predict-") as tmp:
+        work = Path(tmp)
+        try:
+            ctl = start_controller(work)
+            procs.append(ctl)
+            agents = agents_for(model)
+            procs += [start_agent(name, work, memory=mem, controller=ctl.address,
+                                  extra=("--emulate-bandwidth", args.bandwidth, "--emulate-latency", args.latency))
+                      for name, mem in agents]
+            stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
+            while sum(n.health == "alive" for n in stub.Status(pb.Empty()).nodes) < len(agents):
+                time.sleep(0.2)
+            for _ in stub.Deploy(placement_pb(PlacementRequest(str(model)))):
+                pass
+            plan = plan_from_dict(json.loads(stub.Status(pb.Empty()).plan_json))
+            one_request(stub, ids, 4)       # warm: first-use costs (page faults, connections)
+            runs = [one_request(stub, ids, args.tokens) for _ in range(args.requests)]
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+    ttft = statistics.median(r[0] for r in runs)
+    tpot = statistics.median(r[1] for r in runs)
+    p = plan.prediction
+    print(f"SmolLM2-135M-Instruct Q4_1 on {' -> '.join(s.node for s in plan.stages)} "
+          f"({len(ids)}-token prompt, {args.tokens} tokens, links {args.bandwidth} / {args.latency})")
+    for name, want, got in (("TTFT", p.ttft_s, ttft), ("ms/token", p.tpot_s, tpot)):
+        print(f"  {name:9} predicted {want * 1e3:7.1f} ms  measured {got * 1e3:7.1f} ms  "
+              f"error {100 * (want - got) / got:+.1f} %")
+
+
+if __name__ == "__main__":
+    main()
