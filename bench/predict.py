@@ -1,7 +1,8 @@
 """Predicted vs measured TTFT and time per output token on a live SmolLM2 fleet.
 
 The demo's fleet (a controller and four agents sized so that no two hold the model, emulated
-links), SmolLM2-135M-Instruct (Q4_1 as shipped) deployed with the default placement request;
+links), SmolLM2-135M-Instruct (Q4_1 as shipped) deployed with the default placement request
+for the requests' prompt and output lengths;
 then requests one at a time (a chat question, 64 tokens, end-of-sequence ignored) and the
 deployment's own prediction (what `edgefleet deploy` prints) next to the medians measured at
 the client, the controller's gRPC stream.
@@ -32,7 +33,7 @@ from proto import edgefleet_pb2 as pb  # noqa: E402
 from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
 from proto.adapter import placement_pb  # noqa: E402
 from solver.plan import plan_from_dict  # noqa: E402
-from solver.request import PlacementRequest  # noqa: E402
+from solver.request import PlacementRequest, Workload  # noqa: E402
 
 
 def one_request(stub, ids: list[int], tokens: int) -> tuple[float, float]:
@@ -65,7 +66,9 @@ def main() -> None:
             stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
             while sum(n.health == "alive" for n in stub.Status(pb.Empty()).nodes) < len(agents):
                 time.sleep(0.2)
-            for _ in stub.Deploy(placement_pb(PlacementRequest(str(model)))):
+            # the default request, with the prompt and output lengths these requests have
+            request = PlacementRequest(str(model), Workload(prompt_tokens=len(ids), output_tokens=args.tokens))
+            for _ in stub.Deploy(placement_pb(request)):
                 pass
             plan = plan_from_dict(json.loads(stub.Status(pb.Empty()).plan_json))
             one_request(stub, ids, 4)       # warm: first-use costs (page faults, connections)
