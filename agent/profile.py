@@ -2,8 +2,9 @@
 
 The layer is the first of a shard this agent holds: its matrices are dequantized and
 re-quantized to each type with llama.cpp's own code (with llama.cpp's fallback where rows do
-not split into the type's blocks), written as a one-layer stage, and run by the same engine
-that serves requests: prefill (many tokens at once) and decode (one token against a cache of
+not split into the type's blocks), written as a stage of copies of that layer (enough that
+the weights do not fit in the CPU's caches, as a real stage's do not), and run by the same
+engine that serves requests: prefill (many tokens at once) and decode (one token against a cache of
 that many positions). The median of the repeats is reported; the solver's measured node
 speeds are built from it.
 """
@@ -24,28 +25,41 @@ from proto.adapter import TypeTiming
 from solver.ggml_types import LAYER_TYPES, TYPE_ORDER
 
 
-def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> None:
-    """A one-layer stage (no vocabulary, no head) from the first layer of `shard`, at qtype."""
+PROBE_BYTES = 64 * 2 ** 20     # the probe's weights outgrow the caches (this machine's L3: 32 MiB)
+MAX_COPIES = 32
+
+
+def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> int:
+    """A middle stage (no vocabulary, no head) of copies of the first layer of `shard` at
+    qtype: as many as make PROBE_BYTES of weights (2 to MAX_COPIES), each with its own bytes,
+    so that a step streams its weights from memory as a real stage's does instead of finding
+    one small layer in the cache. Returns the number of copies."""
     reader = W.open_gguf(shard)
     cfg = W.read_config(reader)
-    writer = GGUFWriter(str(out), cfg.arch)
-    W.copy_metadata(reader, writer, drop=lambda k: k.startswith(("tokenizer.", "edgefleet.", f"{cfg.arch}.vocab_size")),
-                    values={f"{cfg.arch}.block_count": 1})
-    W.add_one_token_vocabulary(writer, cfg.arch, cfg.n_embd)
-    writer.add_uint32(W.KEY_MODEL_LAYERS, 3)   # a middle stage: layer 1 of 3
-    writer.add_uint32(W.KEY_FIRST, 1)
-    writer.add_uint32(W.KEY_LAST, 2)
-    writer.add_array(W.KEY_TYPES, [qtype])
+    layer = []
     for t in reader.tensors:
         if t.name.startswith("blk.0."):
-            if len(t.shape) == 2:
-                data, stored = requantize(t, qtype)
-                writer.add_tensor(t.name, data, raw_dtype=stored)
-            else:
-                writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-        elif t.name == "rope_freqs.weight":
+            name = t.name[len("blk.0."):]
+            layer.append((name, *requantize(t, qtype)) if len(t.shape) == 2 else
+                         (name, np.asarray(t.data), t.tensor_type))
+    size = sum(int(data.nbytes) for _, data, _ in layer)
+    copies = max(2, min(MAX_COPIES, -(-PROBE_BYTES // max(size, 1))))
+    writer = GGUFWriter(str(out), cfg.arch)
+    W.copy_metadata(reader, writer, drop=lambda k: k.startswith(("tokenizer.", "edgefleet.", f"{cfg.arch}.vocab_size")),
+                    values={f"{cfg.arch}.block_count": copies})
+    W.add_one_token_vocabulary(writer, cfg.arch, cfg.n_embd)
+    writer.add_uint32(W.KEY_MODEL_LAYERS, copies + 2)   # a middle stage: layers 1 .. copies of copies + 2
+    writer.add_uint32(W.KEY_FIRST, 1)
+    writer.add_uint32(W.KEY_LAST, 1 + copies)
+    writer.add_array(W.KEY_TYPES, [qtype] * copies)
+    for i in range(copies):
+        for name, data, qt in layer:
+            writer.add_tensor(f"blk.{i}.{name}", np.array(data, copy=True), raw_dtype=qt)
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
             writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     W.write_out(writer)
+    return copies
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -71,7 +85,7 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
     with tempfile.TemporaryDirectory(prefix="edgefleet-profile-") as d:
         for q in types:
             path = Path(d) / f"{q}.gguf"
-            write_probe_layer(shard, q, path)
+            copies = write_probe_layer(shard, q, path)
             stage = Stage(path, Settings(sessions=1, context=prefill_tokens + 1, batch_tokens=prefill_tokens,
                                          threads=threads))
             try:
@@ -79,5 +93,6 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
                 decode = _median_time(lambda: stage.forward([Step(0, prefill_tokens - 1, hidden=x[-1:])]), repeats)
             finally:
                 stage.close()
-            out.append(TypeTiming(q, decode, prefill / prefill_tokens))
+                path.unlink()
+            out.append(TypeTiming(q, decode / copies, prefill / copies / prefill_tokens))
     return out

@@ -44,6 +44,35 @@ def one_request(stub, ids: list[int], tokens: int) -> tuple[float, float]:
     return times[0] - t0, (times[-1] - times[0]) / (len(times) - 1)
 
 
+def probe_vs_stage(model: Path, work: Path) -> None:
+    """The Profile RPC's per-layer decode time (agent/profile.py: copies of one layer) against
+    a real 20-layer stage of the same type, both on one thread in this process."""
+    import numpy as np
+
+    from agent.profile import time_types
+    from agent.runtime import Settings, Stage, Step, init_llama
+    from controller.shards import file_sha256, parse_types, write_shard
+
+    init_llama()
+    sha = file_sha256(model)
+    probe = write_shard(model, work / "probe.gguf", ["F16"] * 30, 1, 2, sha).path
+    timed = {t.gguf_type: t.decode_seconds_per_layer for t in time_types(probe, ["Q4_1", "Q4_0"], 64, 5, 1)}
+    x = np.random.default_rng(0).standard_normal((64, 576)).astype(np.float32)
+    for q, per_layer in timed.items():
+        stage = Stage(write_shard(model, work / f"{q}.gguf", parse_types(q, 30), 9, 29, sha).path,
+                      Settings(sessions=8, context=512, batch_tokens=64, threads=1))
+        stage.forward([Step(0, 0, hidden=x)])
+        times = []
+        for i in range(20):
+            t0 = time.perf_counter()
+            stage.forward([Step(0, 64 + i, hidden=x[:1])])
+            times.append(time.perf_counter() - t0)
+        stage.close()
+        real = statistics.median(times) / 20
+        print(f"  {q} decode per layer: profile {per_layer * 1e3:.3f} ms, a 20-layer stage {real * 1e3:.3f} ms "
+              f"({100 * (per_layer - real) / real:+.1f} %)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=5)
@@ -52,6 +81,8 @@ def main() -> None:
     ap.add_argument("--latency", default="2ms")
     args = ap.parse_args()
     model = smollm2.path("Q4_1")
+    with tempfile.TemporaryDirectory() as tmp:
+        probe_vs_stage(model, Path(tmp))
     ids = chat_tokens(Tokenizer(model), [{"role": "user", "content": QUESTION}])
     procs = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-predict-") as tmp:
