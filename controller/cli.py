@@ -138,6 +138,7 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
     configurations) and caches the result as JSON keyed by the GGUF's SHA-256.
     """
     from controller import sensitivity as S
+    from solver import jsonio
     from solver.ggml_types import parse_type
 
     types = tuple(parse_type(t) for t in (types_csv or "").split(",") if t.strip())
@@ -149,7 +150,7 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
     else:
         err_console.print(f"using cached {S.cache_path(result['sha256'])} (--force to measure again)")
     if as_json:
-        click.echo(json.dumps(result, indent=1))
+        click.echo(jsonio.dumps(result, indent=1))
         return
     print_sensitivity(result)
 
@@ -812,6 +813,7 @@ def simulate_sweep(model_arg, fleet_paths, trace_path, time_scale, start, durati
     import os
 
     from simulations.study import StudySpec, sweep, variants
+    from solver import jsonio
     from solver.problem import load_fleet
 
     trace = _trace_spec(trace_path, time_scale, start, duration, limit, length_scale, max_total)
@@ -844,7 +846,7 @@ def simulate_sweep(model_arg, fleet_paths, trace_path, time_scale, start, durati
     console.print(table)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "sweep.json").write_text(json.dumps(results, indent=1))
+        (out / "sweep.json").write_text(jsonio.dumps(results, indent=1))
         err_console.print(f"wrote {out / 'sweep.json'}", highlight=False)
 
 

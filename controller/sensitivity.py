@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from solver import jsonio
 from agent import weights as W
 from agent.pipeline import token_nll
 from agent.runtime import Settings, Stage, Step
@@ -236,7 +237,7 @@ def save(result: dict) -> Path:
     p = cache_path(result["sha256"])
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text(jsonio.dumps(result, indent=1))
     tmp.replace(p)
     return p
 

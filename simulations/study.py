@@ -4,7 +4,6 @@ request rates in parallel processes. Used by `edgefleet simulate` and the benchm
 """
 from __future__ import annotations
 
-import json
 import math
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from solver import jsonio
 from simulations import workload as W
 from simulations.engine import Result, SimOptions, simulate
 from simulations.metrics import Outcome, summarize
@@ -106,8 +106,8 @@ def write(out: Path, summary: dict, outs: list[Outcome], events, title: str) -> 
     from simulations.plots import latency_cdfs, timeline
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
-    (out / "requests.jsonl").write_text("".join(json.dumps(asdict(o)) + "\n" for o in outs))
+    (out / "metrics.json").write_text(jsonio.dumps(summary, indent=1))
+    (out / "requests.jsonl").write_text("".join(jsonio.dumps(asdict(o)) + "\n" for o in outs))
     latency_cdfs(outs, out / "latency_cdf.png", title)
     timeline(summary, events, out / "timeline.png", title)
     return [out / "metrics.json", out / "requests.jsonl", out / "latency_cdf.png", out / "timeline.png"]

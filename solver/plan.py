@@ -5,10 +5,10 @@ brute-force reference in the tests and the baselines are all compared through it
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from solver import jsonio
 from solver import cost as C
 from solver.problem import Problem
 
@@ -70,8 +70,7 @@ class Plan:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, default=lambda x: None if isinstance(x, float) and
-                          math.isnan(x) else x)
+        return jsonio.dumps(self.to_dict(), indent=1)
 
 
 def plan_from_dict(d: dict) -> Plan:

@@ -17,6 +17,7 @@ import gguf
 import networkx as nx
 import yaml
 
+from solver import jsonio
 from solver.devices import DEVICES, GiB, TypeSpeed, declared_speed
 from solver.ggml_types import TYPE_ORDER, tensor_bytes
 from solver.memory import FIXED_BYTES, kv_bytes_per_token
@@ -74,7 +75,7 @@ class ModelProfile:
         return 4 * self.n_embd
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        return jsonio.dumps(asdict(self), indent=1)
 
 
 def model_from_shape(name: str, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int,

@@ -166,3 +166,11 @@ def test_progress_without_a_terminal_is_lines_with_the_time_left(capsys, monkeyp
     progress("sensitivity", 90, 90)     # the end: shown
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["sensitivity: 0/90", "sensitivity: 30/90, about 60 s left", "sensitivity: 90/90"]
+
+
+def test_an_infeasible_plan_is_written_as_strict_json(tmp_path):
+    out = tmp_path / "plan.json"
+    r = run("plan", "--model", "llama-3-70b", "--fleet", FLEET, "--max-ppl-increase", "1", "--out", str(out))
+    assert r.returncode == 2
+    d = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the plan JSON"))
+    assert d["status"] == "infeasible" and d["objective"] is None and d["stages"] == []

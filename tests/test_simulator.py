@@ -169,6 +169,13 @@ def test_link_slowdown_changes_later_transfers_only():
 
 # ------------------------------------------------------------------ the command
 
+def strict_json(text: str):
+    """JSON as any parser reads it: NaN and Infinity are not JSON."""
+    def refuse(name):
+        raise AssertionError(f"{name} in a JSON file")
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_simulate_command_with_a_failure_writes_metrics_and_figures(tmp_path):
     out = tmp_path / "sim"
     r = subprocess.run([sys.executable, "-m", "controller.cli", "simulate", "--model", "llama-3.1-8b",
@@ -182,6 +189,9 @@ def test_simulate_command_with_a_failure_writes_metrics_and_figures(tmp_path):
     assert m["ttft_s"]["p99"] >= m["ttft_s"]["p50"] > 0 and 0 <= m["slo"]["attainment"] <= 1
     assert any("mini" not in " ".join(s["node"] for s in p["stages"]) for p in m["simulation"]["plans"][1:])
     assert (out / "latency_cdf.png").stat().st_size > 10_000 and (out / "timeline.png").stat().st_size > 10_000
+    strict_json((out / "metrics.json").read_text())             # failed requests have no TTFT: null, not NaN
+    for line in (out / "requests.jsonl").read_text().splitlines():
+        strict_json(line)
     r = subprocess.run([sys.executable, "-m", "controller.cli", "simulate", "--model", "llama-3.1-8b",
                         "--fleet", "examples/fleet-home4.yaml", "--trace", str(tmp_path / "none.csv")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
