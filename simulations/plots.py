@@ -19,8 +19,7 @@ def latency_cdfs(outcomes: list[Outcome], path: Path, title: str) -> None:
         v = np.sort([r[i] for r in rows if not np.isnan(r[i])])
         if v.size:
             ax.plot(v, np.arange(1, v.size + 1) / v.size)
-            for q in (0.5, 0.9, 0.99):
-                ax.axvline(np.quantile(v, q), color="grey", lw=0.6, ls=":")
+            percentile_lines(ax, v)
         ax.set_xlabel(f"{name} (s)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
@@ -47,9 +46,49 @@ def timeline(summary: dict, events: list[tuple[float, str]], path: Path, title: 
         ax.grid(alpha=0.3)
         for at, text in events:
             ax.axvline(at, color="k", lw=0.8, ls="--")
-    for at, text in events:
-        a1.annotate(text.split(":")[0], (at, a1.get_ylim()[1]), rotation=90, va="top", ha="right", fontsize=8)
+    event_labels(a1, events)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+PERCENTILES = ((0.5, "p50"), (0.9, "p90"), (0.99, "p99"))
+
+
+def percentile_lines(ax, values: np.ndarray) -> list:
+    """Dotted lines at p50, p90 and p99, each labelled with its name and value at its own
+    height (so that close percentiles do not write over each other)."""
+    labels = []
+    lo, hi = ax.get_xlim()
+    for (q, name), y in zip(PERCENTILES, (0.15, 0.3, 0.45)):
+        x = float(np.quantile(values, q))
+        ax.axvline(x, color="grey", lw=0.6, ls=":")
+        right = hi > lo and (x - lo) / (hi - lo) > 0.6        # near the right edge: write to the left
+        value = f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+        labels.append(ax.text(x, y, f" {name} {value} s ", fontsize=7, color="dimgrey",
+                              ha="right" if right else "left", va="center"))
+    return labels
+
+
+def event_labels(ax, events: list[tuple[float, str]]) -> list:
+    """The events' numbers above their lines, and their texts in a box in that order: labels
+    that never overlap, however close the events are in time."""
+    if not events:
+        return []
+    lo, hi = ax.get_xlim()
+    levels: list[list[float]] = []      # per height, the x (axes fraction) of the numbers there
+    marks = []
+    for i, (at, _) in enumerate(events):
+        x = (at - lo) / (hi - lo) if hi > lo else 0.5
+        level = next((k for k, xs in enumerate(levels) if all(abs(x - other) > 0.03 for other in xs)), len(levels))
+        if level == len(levels):
+            levels.append([])
+        levels[level].append(x)
+        marks.append(ax.text(at, 0.9 - 0.1 * level, str(i + 1), transform=ax.get_xaxis_transform(), ha="center",
+                             va="center", fontsize=8, fontweight="bold",
+                             bbox={"boxstyle": "circle,pad=0.15", "facecolor": "white", "linewidth": 0.5}))
+    box = "\n".join(f"{i + 1}: {text}" for i, (_, text) in enumerate(events))
+    marks.append(ax.text(0.01, 0.03, box, transform=ax.transAxes, va="bottom", ha="left", fontsize=7,
+                         bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "linewidth": 0.5}))
+    return marks

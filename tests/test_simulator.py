@@ -218,3 +218,24 @@ def test_sweep_runs_every_combination_in_processes(tmp_path):
     # twice the load on the same fleet never makes requests faster
     assert rows[1]["e2e_s"]["mean"] >= rows[0]["e2e_s"]["mean"]
     assert "4 simulations" in r.stdout
+
+
+def test_plot_labels_never_overlap():
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from simulations.plots import event_labels, percentile_lines
+
+    fig, (a1, a2) = plt.subplots(2, 1)
+    a1.plot([0, 1000], [0, 10])
+    # four events within 6 seconds of each other on a 1000 s axis, and percentiles close together
+    marks = event_labels(a1, [(600, "fail mini"), (601, "mini back"), (603, "fail pi"), (606, "link pi-switch")])
+    labels = percentile_lines(a2, np.array([1.0, 1.0, 1.01, 1.02, 1.02]))
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    for group in (marks, labels):
+        boxes = [t.get_window_extent(r) for t in group]
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert [t.get_text().split()[0] for t in labels] == ["p50", "p90", "p99"]
+    assert "4: link pi-switch" in marks[-1].get_text()
+    plt.close(fig)

@@ -1,0 +1,45 @@
+"""The README's commands, run as written: the by-hand fleet with a failure in the middle, and
+the Llama-3-70B plan on the example fleet (its first lines as printed there)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fleet import ROOT, Fleet, cli
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+BY_HAND = (("desk", "20MiB"), ("laptop", "16MiB"), ("mini", "14MiB"), ("pi", "12MiB"))
+
+
+def test_the_agents_of_the_by_hand_example_are_the_readme_s():
+    block = README[README.index("The same by hand, with a failure in the middle"):]
+    assert "--name desk --listen 127.0.0.1:0 --memory 20MiB" in block
+    assert "# laptop 16MiB, mini 14MiB, pi 12MiB" in block
+    assert "$ edgefleet deploy models/reference/edgefleet-ref-f16.gguf --max-ppl-increase 5\n" in block
+
+
+def test_the_by_hand_example_deploys_fails_over_and_gives_the_same_text(tmp_path):
+    f = Fleet(tmp_path, BY_HAND)
+    try:
+        addr = f.controller.address
+        r = cli("deploy", "models/reference/edgefleet-ref-f16.gguf", "--max-ppl-increase", "5", controller=addr)
+        assert r.returncode == 0, r.stderr
+        before = cli("generate", "The function returns", "--max-tokens", "64", controller=addr)
+        assert before.returncode == 0, before.stderr
+        victim = next(n.node.name for n in f.status().nodes if n.layers)
+        f.agents[victim].kill()
+        after = cli("generate", "The function returns", "--max-tokens", "64", controller=addr)
+        assert after.returncode == 0, after.stderr
+        assert after.stdout == before.stdout
+        assert "recovered from a node failure" in after.stderr
+        events = cli("events", controller=addr)
+        assert events.returncode == 0 and re.search(r"failover.*lost " + victim, events.stdout)
+    finally:
+        f.stop()
+
+
+def test_the_70b_plan_prints_what_the_readme_shows():
+    shown = README[README.index("$ edgefleet plan --model llama-3-70b"):].splitlines()[1:4]
+    r = cli("plan", "--model", "llama-3-70b", "--fleet", "examples/fleet-edge.yaml", "--max-ppl-increase", "10")
+    assert r.returncode == 0, r.stderr
+    assert [line.strip() for line in r.stdout.splitlines()[:3]] == [line.strip() for line in shown]
