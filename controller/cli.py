@@ -403,16 +403,26 @@ def plan(model_arg, fleet_path, as_json, out, save_profile, controller_addr, tok
 
 
 def print_sensitivity(result: dict) -> None:
-    table = Table(title=f"ΔNLL per token when only one layer is quantized "
-                        f"(base NLL {result['base_nll']:.4f}, perplexity {result['base_perplexity']:.2f}, "
-                        f"{result['eval_tokens']} held-out tokens)")
+    console.print(sensitivity_table(result))
+    print_validation(result)
+
+
+def sensitivity_table(result: dict) -> Table:
+    from rich import box
+
+    table = Table(title=f"ΔNLL per token (0.001 nats) when only one layer changes; base NLL "
+                        f"{result['base_nll']:.4f}, perplexity {result['base_perplexity']:.2f}, "
+                        f"{result['eval_tokens']} held-out tokens", box=box.SIMPLE_HEAD, pad_edge=False)
     types = list(next(iter(result["sensitivity"].values())).keys())
     table.add_column("layer", justify="right")
     for t in types:
         table.add_column(t, justify="right")
     for layer, row in result["sensitivity"].items():
-        table.add_row(layer, *(f"{row[t]:+.4f}" if t in row else "" for t in types))
-    console.print(table)
+        table.add_row(layer, *(f"{1e3 * row[t]:.1f}" if t in row else "" for t in types))
+    return table
+
+
+def print_validation(result: dict) -> None:
     v = result["validation"]
     if v.get("configs"):
         console.print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from rich import box
 from rich.table import Table
 
 from agent import weights as W
@@ -72,15 +73,14 @@ def load_profile(request: PlacementRequest, progress: Progress | None = None) ->
 
 
 def plan_table(problem: Problem, plan: Plan) -> Table:
+    """The plan, readable at 80 columns: times in ms, memory in the unit that fits."""
     w, o = problem.workload, problem.options
     pred = plan.prediction
-    title = (f"{problem.model.name}: {len(plan.stages)} stages, objective {o.objective}, "
-             f"budget {o.max_ppl_increase:g} % perplexity, prompt {w.prompt_tokens} / output {w.output_tokens} "
-             f"tokens × {w.concurrency}")
-    t = Table(title=title)
+    title = (f"{problem.model.name}: {len(plan.stages)} stages, {o.objective}, budget {o.max_ppl_increase:g} %, "
+             f"{w.prompt_tokens}+{w.output_tokens} tokens × {w.concurrency}")
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col, just in (("#", "right"), ("node", "left"), ("layers", "left"), ("types", "left"),
-                      ("memory used/offered", "right"), ("prefill ms", "right"), ("ms/token", "right"),
-                      ("link ms", "right")):
+                      ("memory", "right"), ("prefill", "right"), ("ms/tok", "right"), ("link", "right")):
         t.add_column(col, justify=just)
     for i, (s, sp) in enumerate(zip(plan.stages, pred.stages)):
         t.add_row(str(i), s.node, f"{s.first}-{s.last - 1}", compact_types(s.types),
@@ -89,22 +89,21 @@ def plan_table(problem: Problem, plan: Plan) -> Table:
     t.caption = (f"predicted: TTFT {pred.ttft_s * 1e3:.1f} ms, {pred.tpot_s * 1e3:.2f} ms/token, request "
                  f"{pred.latency_s:.3f} s, {pred.tokens_per_s:.1f} tokens/s at {w.concurrency} in flight; "
                  f"perplexity +{pred.ppl_increase_pct:.2f} % (ΔNLL {pred.dnll:.4f}, "
-                 f"{problem.model.sensitivity_source})\nsolver {plan.solver}: {plan.status}, objective "
-                 f"{plan.objective:.6g} s, bound {plan.bound:.6g} s, gap {100 * plan.gap:.3f} %, {plan.solve_s:.2f} s")
+                 f"{problem.model.sensitivity_source}); prefill, link: ms per request\nsolver {plan.solver}: "
+                 f"{plan.status}, objective {plan.objective:.6g} s, bound {plan.bound:.6g} s, gap "
+                 f"{100 * plan.gap:.3f} %, {plan.solve_s:.2f} s")
     return t
 
 
 def deployed_table(plan: Plan, title: str, unit: str = "GiB") -> Table:
-    """The stages of a deployed plan (from its JSON, with the prediction it was saved with);
-    memory in GiB or MiB. The caller sets the caption."""
-    scale, digits = {"GiB": (GiB, 3), "MiB": (2 ** 20, 1)}[unit]
-    t = Table(title=title)
-    for col in ("stage", "node", "layers", "types", "memory used / offered", "decode ms/token"):
-        t.add_column(col)
+    """The stages of a deployed plan (from its JSON, with the prediction it was saved with),
+    readable at 80 columns. The caller sets the caption."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("stage", "node", "layers", "types", "memory", "ms/token"):
+        t.add_column(col, justify="right" if col in ("memory", "ms/token") else "left")
     for i, (s, sp) in enumerate(zip(plan.stages, plan.prediction.stages)):
         t.add_row(str(i), s.node, f"{s.first}-{s.last - 1}", compact_types(s.types),
-                  f"{sp.memory / scale:.{digits}f} / {sp.memory_available / scale:.{digits}f} {unit}",
-                  f"{sp.decode_s * 1e3:.2f}")
+                  used_of(sp.memory, sp.memory_available), f"{sp.decode_s * 1e3:.2f}")
     return t
 
 
@@ -115,14 +114,14 @@ def used_of(used: float, offered: float) -> str:
 
 
 def compact_types(types: tuple[str, ...]) -> str:
-    """('Q4_K','Q4_K','Q2_K') -> 'Q4_K×2 Q2_K' (runs, in layer order; counts when many runs)."""
+    """('Q4_K','Q4_K','Q2_K') -> 'Q4_K×2,Q2_K': runs in layer order, or, when there are more
+    than three runs, how many layers have each type."""
     out: list[list] = []
     for q in types:
         if out and out[-1][0] == q:
             out[-1][1] += 1
         else:
             out.append([q, 1])
-    if len(out) > 3:   # many runs: say how many of each instead
-        counts = {q: types.count(q) for q in dict.fromkeys(types)}
-        return ", ".join(f"{q}×{k}" for q, k in counts.items()) + " (mixed)"
-    return " ".join(q if k == 1 else f"{q}×{k}" for q, k in out)
+    if len(out) > 3:
+        out = [[q, types.count(q)] for q in dict.fromkeys(types)]
+    return ",".join(q if k == 1 else f"{q}×{k}" for q, k in out)

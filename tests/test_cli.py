@@ -174,3 +174,33 @@ def test_an_infeasible_plan_is_written_as_strict_json(tmp_path):
     assert r.returncode == 2
     d = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the plan JSON"))
     assert d["status"] == "infeasible" and d["objective"] is None and d["stages"] == []
+
+
+def test_tables_are_readable_at_80_columns(reference_model):
+    """A plan, a deployed plan and a sensitivity table in an 80-column terminal: nothing cut
+    short (no "…"), no line wider than the terminal."""
+    import json as _json
+
+    from rich.console import Console
+
+    from controller.cli import sensitivity_table
+    from controller.planning import deployed_table, plan_table
+    from controller.sensitivity import beside_model
+    from solver.catalog import model_profile
+    from solver.fast import solve
+    from solver.plan import Stage, evaluate
+    from solver.problem import Problem, load_fleet
+    from solver.request import Options
+
+    problem = Problem(model_profile("llama-3-70b"), load_fleet(FLEET), options=Options(max_ppl_increase=10))
+    plan = solve(problem)
+    mixed = ("Q4_K", "Q4_0", "Q4_0", "Q2_K", "Q3_K", "Q4_K", "Q4_0", "Q2_K") * 10
+    stages = (Stage("orin", 0, 40, mixed[:40]), Stage("desk", 40, 80, mixed[40:]))
+    mixed_plan = plan.__class__(stages, "feasible", 0.0, 0.0, 0.0, 0.0, "test", "", evaluate(problem, stages))
+    table = _json.loads(beside_model(reference_model).read_text())
+    for t in (plan_table(problem, plan), deployed_table(mixed_plan, "deployment x: 2 stages", unit="MiB"),
+              sensitivity_table(table)):
+        c = Console(width=80, record=True)
+        c.print(t)
+        text = c.export_text()
+        assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80, text
