@@ -89,6 +89,7 @@ class Hop:
         self._closed = False
         self._down: dict[str, Downstream] = {}
         self._sent: dict[tuple[str, int], tuple[A.StageTime, str]] = {}   # (session, position) -> my time, next address
+        self._open: dict[str, str] = {}     # sessions that came through this stream and are not ended -> deployment
 
     # ---------------------------------------------------------- upstream side
 
@@ -126,6 +127,8 @@ class Hop:
             self._answer_now(A.StepOut(step.session_id, step.position, error=str(exc), error_code=exc.code))
             return
         if step.cancel:
+            with self._lock:
+                self._open.pop(step.session_id, None)
             eng.cancel(dep.deployment_id, step.session_id)
             if not dep.is_last and dep.next_address:
                 self._downstream(dep.next_address).send(step)
@@ -138,6 +141,10 @@ class Hop:
             return
         with self._lock:
             self._pending += 1
+            if step.finish:
+                self._open.pop(step.session_id, None)
+            else:
+                self._open[step.session_id] = dep.deployment_id
         eng.submit(Job(dep.deployment_id, step.session_id, step.position, step.tokens, step.hidden,
                        sampling, step.return_logits, step.finish,
                        done=lambda r, s=step, d=dep: self._computed(r, s, d)))
@@ -214,6 +221,7 @@ class Hop:
                 return
             self._closed = True
             downs = list(self._down.values())
+        self._end_open_sessions()
         for d in downs:
             d.close()
         self._out.put(None)
@@ -222,9 +230,21 @@ class Hop:
         with self._lock:
             self._closed = True
             downs = list(self._down.values())
+        self._end_open_sessions()
         for d in downs:
             d.cancel()
         self._out.put(None)
+
+    def _end_open_sessions(self) -> None:
+        """The stream that carried these sessions is gone (its sender ended or died): nobody can
+        continue them, so their KV cache is freed now, not at the idle timeout. The next stage
+        does the same when this hop's stream to it ends."""
+        with self._lock:
+            left, self._open = list(self._open.items()), {}
+        for sid, dep_id in left:
+            self.svc.engine.cancel(dep_id, sid)
+        if left:
+            log.info("upstream gone: ended %d open sessions", len(left))
 
 
 class AgentService(rpc.AgentServicer):

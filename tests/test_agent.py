@@ -308,15 +308,41 @@ def test_idle_sessions_are_freed(tmp_path, reference_model):
         deploy([agent], [whole])
         pipe = PipelineStream(agent.address)
         pipe.step(A.StepIn("left-open", 0, tokens=tuple(PROMPTS[0])))   # no finish: the cache stays
-        pipe.close()
-        with AgentClient(agent.address) as c:
+        with AgentClient(agent.address) as c:       # the stream stays open: only the timeout frees it
             assert c.state().sessions == 1
             deadline = time.monotonic() + 10
             while c.state().sessions and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert c.state().sessions == 0
+        pipe.close()
     finally:
         agent.terminate()
+
+
+def test_a_stream_that_ends_frees_the_sessions_it_carried(tmp_path, shards):
+    # a controller killed mid-request leaves sessions open on every stage; they must not hold
+    # KV-cache slots until the idle timeout (300 s by default)
+    agents = [start_agent(f"e{i}", tmp_path) for i in range(3)]
+    try:
+        deploy(agents, shards, max_sessions=2)
+        pipe = PipelineStream(agents[0].address)
+        for sid in ("a", "b"):
+            pipe.step(A.StepIn(sid, 0, tokens=tuple(PROMPTS[0])))      # no finish: both slots taken
+        clients = [AgentClient(a.address) for a in agents]
+        assert [c.state().sessions for c in clients] == [2, 2, 2]
+        pipe.close()
+        deadline = time.monotonic() + 10
+        while any(c.state().sessions for c in clients) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [c.state().sessions for c in clients] == [0, 0, 0]
+        fresh = PipelineStream(agents[0].address)
+        assert len(list(generate(lambda: fresh, PROMPTS[1], 3))) == 3      # the slots are free again
+        fresh.close()
+        for c in clients:
+            c.close()
+    finally:
+        for a in agents:
+            a.terminate()
 
 
 def test_profile_times_types_and_measures_an_emulated_link(tmp_path, shards):

@@ -9,6 +9,7 @@ import json
 import re
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -176,9 +177,19 @@ def test_controller_kill9_during_generation_gives_a_retryable_error(fleet):
     db = sqlite3.connect(fleet.work / "edgefleet.db")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     db.close()
+    # the killed controller's stream is gone, so every stage frees the request's KV cache at
+    # once (not after the 300 s idle timeout)
+    deadline = time.monotonic() + 10
+    while any(a.state().sessions for a in agent_clients(fleet)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [a.state().sessions for a in agent_clients(fleet)] == [0] * len(AGENTS)
     fleet.restart_controller()
     fleet.wait_alive(len(AGENTS))
     assert len(fleet.generate(5)) == 5
+
+
+def agent_clients(fleet) -> list[AgentClient]:
+    return [AgentClient(a.address) for a in fleet.agents.values() if a.alive()]
 
 
 def test_kill9_of_a_stage_during_generation_loses_nothing(fleet):
