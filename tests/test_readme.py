@@ -3,7 +3,6 @@ the Llama-3-70B plan on the example fleet (its first lines as printed there)."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from fleet import ROOT, Fleet, cli
 
