@@ -23,7 +23,7 @@ NAMES = ("desk", "laptop", "mini", "pi")
 # default workload: no two agents hold it together (so a plan has at least three stages),
 # and all four leave room for the copies a split needs (embedding and head, compute buffers)
 SHARES = (0.5, 0.46, 0.42, 0.38)
-QUESTION = "What is the capital of France?"
+QUESTION = "Who wrote Romeo and Juliet?"   # answered well by SmolLM2 under every budget tried (1-5 %)
 PLAIN_PROMPT = "The function returns"
 
 

@@ -130,4 +130,6 @@ def test_the_demo_answers_as_llama_cpp_python_does_on_the_same_types(tmp_path):
     finally:
         llm.close()
     assert answer == theirs
-    assert "Paris" in answer
+    # readable, and about the question: the plan follows timings measured on the spot, so its
+    # types (and the wording) vary from run to run; every plan tried names the play or its author
+    assert "Shakespeare" in answer or "Romeo" in answer
