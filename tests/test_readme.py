@@ -42,3 +42,20 @@ def test_the_70b_plan_prints_what_the_readme_shows():
     r = cli("plan", "--model", "llama-3-70b", "--fleet", "examples/fleet-edge.yaml", "--max-ppl-increase", "10")
     assert r.returncode == 0, r.stderr
     assert [line.strip() for line in r.stdout.splitlines()[:3]] == [line.strip() for line in shown]
+
+
+def test_the_what_if_study_prints_the_readme_s_figures(tmp_path):
+    import shlex
+
+    start = README.index("$ edgefleet simulate --model llama-3.2-1b")
+    command = README[start + 2:README.index("```", start)].replace("\\\n", " ")
+    args = shlex.split(command)[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "fail-mini")
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    text = README[README.index("The plan puts Llama-3.2-1B on `mini` alone."):]
+    p50, p99 = re.search(r"TTFT p50 ([\d.]+) s and \*\*p99 ([\d.]+) s\*\*", text).groups()
+    ttft = next(line for line in r.stdout.splitlines() if line.startswith("│ TTFT"))
+    cells = [c.strip() for c in ttft.split("│") if c.strip()]
+    assert f"{float(cells[2]):.1f}" == p50 and f"{float(cells[4]):.1f}" == p99
+    assert (tmp_path / "fail-mini" / "timeline.png").exists()
