@@ -285,6 +285,9 @@ class AgentService(rpc.AgentServicer):
             _abort(context, exc.code, str(exc))
         if not self.store.has(sha):
             _abort(context, "NOT_FOUND", f"shard {sha[:12]} is not on this agent; push it first")
+        if not self.store.intact(sha):
+            _abort(context, "NOT_FOUND", f"shard {sha[:12]} on this agent was corrupt (its bytes no longer hash to "
+                                         "its SHA-256) and was deleted; push it again")
         fut = self._loader.submit(self.engine.prepare, request.deployment_id, sha, self.store.path(sha),
                                   request.next_address, request.max_sessions or 1, request.context_length or 2048,
                                   request.max_batch_tokens or 512)

@@ -75,6 +75,20 @@ class ShardStore:
     def list(self) -> list[str]:
         return sorted(p.stem for p in self.shards_dir.glob("*.gguf") if _SHA.match(p.stem))
 
+    def intact(self, sha: str) -> bool:
+        """Whether the stored shard still hashes to its name; a shard that does not (a disk
+        error, an edit) is deleted, so that it is pushed again rather than loaded."""
+        p = self.path(sha)
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        if h.hexdigest() == sha:
+            return True
+        log.error("stored shard %s no longer matches its SHA-256; deleted", sha[:12])
+        self.remove(sha)
+        return False
+
     def remove(self, sha: str) -> bool:
         p = self.path(sha)
         if p.is_file():

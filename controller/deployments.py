@@ -129,7 +129,7 @@ class Deployments:
                          status="preparing", created_at=time.time())
         self.state.save_deployment(dep)
         try:
-            D.switch(dep.id, targets, request.workload, self.security, report)
+            self._switch(dep, targets, request, report)
         except AgentError as exc:
             self.metrics.deploys.labels(reason, "failed").inc()
             self.state.set_status(dep.id, "failed")
@@ -152,6 +152,19 @@ class Deployments:
             raise Refused(f"building and pushing the shards failed ({exc}); the previous deployment stays "
                           "active") from None
         return targets
+
+    def _switch(self, dep: Deployment, targets: list, request: PlacementRequest, report: Report) -> None:
+        """The two-phase switch; an agent that no longer holds its shard intact (it deleted a
+        corrupt one) gets it pushed again, once."""
+        try:
+            D.switch(dep.id, targets, request.workload, self.security, report)
+        except AgentError as exc:
+            if exc.code != "NOT_FOUND":
+                raise
+            log.warning("%s; pushing the shards again", exc)
+            report("push", f"{exc}; pushing again", 0, 0)
+            D.push_all(targets, self.security, report)
+            D.switch(dep.id, targets, request.workload, self.security, report)
 
     def _activate(self, dep: Deployment, reason: str) -> None:
         """The new deployment serves from now; the old one is unloaded where it still is."""

@@ -338,3 +338,29 @@ def test_plan_and_deploy_solve_the_same_problem_by_default(tmp_path, reference_m
         assert deployed["prediction"] == planned["prediction"]
     finally:
         roomy.stop()
+
+
+def test_a_corrupt_stored_shard_is_pushed_again(tmp_path, reference_model):
+    # a shard that rots on an agent's disk must not be loaded: the agent deletes it at prepare,
+    # the controller pushes it again, and the deployment serves what it served before
+    roomy = Fleet(tmp_path, (("big", "64MiB"), ("other", "64MiB")))
+    try:
+        addr = roomy.controller.address
+        assert cli("deploy", str(reference_model), "--context", "256", controller=addr).returncode == 0
+        want = [r.token for r in roomy.generate(8)]
+        assert cli("undeploy", controller=addr).returncode == 0
+        stored = sorted((tmp_path / "big" / "shards").glob("*.gguf")) + \
+            sorted((tmp_path / "other" / "shards").glob("*.gguf"))
+        victim = max(stored, key=lambda p: p.stat().st_size)
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 4096] = bytes(4096)      # 4 KiB of zeros in the weights
+        victim.write_bytes(bytes(data))
+        r = cli("deploy", str(reference_model), "--context", "256", controller=addr)
+        assert r.returncode == 0, r.stderr
+        assert [r.token for r in roomy.generate(8)] == want
+        assert victim.exists()      # pushed again, intact
+        import hashlib
+
+        assert hashlib.sha256(victim.read_bytes()).hexdigest() == victim.stem
+    finally:
+        roomy.stop()
