@@ -20,8 +20,6 @@ log = logging.getLogger("edgefleet")
 console = Console() if sys.stdout.isatty() else Console(width=200)
 err_console = Console(stderr=True, soft_wrap=True)
 
-REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "models" / "reference" / "edgefleet-ref-f16.gguf"
-HELDOUT_TEXT = REFERENCE_MODEL.parent / "heldout.txt"
 
 
 class UserError(click.ClickException):
@@ -122,7 +120,8 @@ def model_shard(master: Path, types_spec: str, layers: str | None, out: Path) ->
 @model.command("profile")
 @click.argument("model_path", metavar="MODEL.gguf", type=click.Path(path_type=Path))
 @click.option("--text", "text_path", type=click.Path(path_type=Path), default=None,
-              help="Held-out text to measure on (default: the reference model's held-out split).")
+              help="Held-out text to measure on (default: heldout.txt beside the model, else the reference "
+                   "model's held-out split; plan and deploy choose the same).")
 @click.option("--tokens", default=1024, show_default=True, help="Held-out tokens to evaluate (512-token windows).")
 @click.option("--types", "types_csv", default=None,
               help="Comma-separated GGUF types to measure (default: every type the model's layers may take).")
@@ -138,13 +137,14 @@ def model_profile(model_path: Path, text_path: Path | None, tokens: int, types_c
     configurations) and caches the result as JSON keyed by the GGUF's SHA-256.
     """
     from controller import sensitivity as S
+    from controller.planning import text_for
     from solver import jsonio
     from solver.ggml_types import parse_type
 
     types = tuple(parse_type(t) for t in (types_csv or "").split(",") if t.strip())
+    text = text_for(model_path, str(text_path or ""))
     with progress_bar() as progress:
-        result, measured = S.cached_or_measured(model_path, text_path or HELDOUT_TEXT, types, tokens, validate, seed,
-                                                progress, force=force)
+        result, measured = S.cached_or_measured(model_path, text, types, tokens, validate, seed, progress, force=force)
     if measured:
         err_console.print(f"cached {S.cache_path(result['sha256'])}")
     else:

@@ -18,6 +18,7 @@ from controller.deployments import Deployments
 from controller.errors import BadRequest, Busy, FleetFailed, NoDeployment, Refused
 from controller.generate import Token, generate
 from controller.metrics import Metrics
+from controller.state import Deployment
 from proto.security import Security
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,8 @@ class Requests:
 
     # ---------------------------------------------------------- admission
 
-    def _check(self, prompt: list[int], max_tokens: int, sampling: tuple) -> Sampling:
+    def _check(self, prompt: list[int], max_tokens: int, sampling: tuple) -> tuple[Deployment, Sampling]:
+        """The deployment that will serve the request and its sampling, or BadRequest/NoDeployment."""
         dep = self.deployments.active
         if dep is None:
             raise NoDeployment("no deployment is active; run `edgefleet deploy MODEL.gguf` first")
@@ -128,7 +130,7 @@ class Requests:
         if len(prompt) + max_tokens > ctx:
             raise BadRequest(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceed the deployment's "
                              f"context of {ctx} tokens; shorten the prompt or lower max_tokens", "context_length_exceeded")
-        return s
+        return dep, s
 
     def _slots_for(self, dep) -> threading.BoundedSemaphore:
         """The active deployment's KV-cache slots (a new deployment brings its own)."""
@@ -140,8 +142,7 @@ class Requests:
     def generate(self, prompt: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, eos: int | None = None) -> Iterator[Token]:
         """Tokens of one request; survives the loss of stages by failover and replay."""
-        sampling = self._check(prompt, max_tokens, (temperature, top_p, seed))
-        dep = self.deployments.active
+        dep, sampling = self._check(prompt, max_tokens, (temperature, top_p, seed))
         limit = dep.request.workload.concurrency + self.max_queue
         with self._lock:
             if self._admitted >= limit:
