@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from controller.chat import chat_tokens  # noqa: E402
 from controller.demo import QUESTION, agents_for  # noqa: E402
-from controller.local import start_agent, start_controller  # noqa: E402
+from controller.local import local_fleet  # noqa: E402
 from agent.tokenizer import Tokenizer  # noqa: E402
 from models import smollm2  # noqa: E402
 from proto import edgefleet_pb2 as pb  # noqa: E402
@@ -84,29 +84,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         probe_vs_stage(model, Path(tmp))
     ids = chat_tokens(Tokenizer(model), [{"role": "user", "content": QUESTION}])
-    procs = []
-    with tempfile.TemporaryDirectory(prefix="edgefleet-predict-") as tmp:
-        work = Path(tmp)
-        try:
-            ctl = start_controller(work)
-            procs.append(ctl)
-            agents = agents_for(model)
-            procs += [start_agent(name, work, memory=mem, controller=ctl.address,
-                                  extra=("--emulate-bandwidth", args.bandwidth, "--emulate-latency", args.latency))
-                      for name, mem in agents]
-            stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
-            while sum(n.health == "alive" for n in stub.Status(pb.Empty()).nodes) < len(agents):
-                time.sleep(0.2)
-            # the default request, with the prompt and output lengths these requests have
-            request = PlacementRequest(str(model), Workload(prompt_tokens=len(ids), output_tokens=args.tokens))
-            for _ in stub.Deploy(placement_pb(request)):
-                pass
-            plan = plan_from_dict(json.loads(stub.Status(pb.Empty()).plan_json))
-            one_request(stub, ids, 4)       # warm: first-use costs (page faults, connections)
-            runs = [one_request(stub, ids, args.tokens) for _ in range(args.requests)]
-        finally:
-            for p in reversed(procs):
-                p.terminate()
+    emulate = ("--emulate-bandwidth", args.bandwidth, "--emulate-latency", args.latency)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-predict-") as tmp, \
+            local_fleet(Path(tmp), agents_for(model), agent_extra=emulate) as (ctl, _):
+        stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
+        # the default request, with the prompt and output lengths these requests have
+        request = PlacementRequest(str(model), Workload(prompt_tokens=len(ids), output_tokens=args.tokens))
+        for _ in stub.Deploy(placement_pb(request)):
+            pass
+        plan = plan_from_dict(json.loads(stub.Status(pb.Empty()).plan_json))
+        one_request(stub, ids, 4)       # warm: first-use costs (page faults, connections)
+        runs = [one_request(stub, ids, args.tokens) for _ in range(args.requests)]
     ttft = statistics.median(r[0] for r in runs)
     tpot = statistics.median(r[1] for r in runs)
     p = plan.prediction

@@ -24,10 +24,9 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from controller import deploy as D  # noqa: E402
-from controller.local import start_agent, start_controller  # noqa: E402
+from controller.local import local_fleet  # noqa: E402
 from controller.replay import replay  # noqa: E402
 from controller.state import State  # noqa: E402
-from proto import edgefleet_pb2 as pb  # noqa: E402
 from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
 from proto.security import Security  # noqa: E402
 from simulations.engine import simulate  # noqa: E402
@@ -77,29 +76,17 @@ def main() -> None:
     mean_o = sum(r.output_tokens for r in requests) / len(requests)
     print(f"{len(requests)} requests over {requests[-1].arrival_s:.0f} s, mean prompt {mean_p:.0f} and output "
           f"{mean_o:.0f} tokens")
-    procs = []
-    with tempfile.TemporaryDirectory(prefix="edgefleet-fidelity-") as tmp:
-        work = Path(tmp)
-        try:
-            ctl = start_controller(work)
-            procs.append(ctl)
-            for name, mem in AGENTS:
-                procs.append(start_agent(name, work, memory=mem, controller=ctl.address,
-                                         extra=("--emulate-bandwidth", args.bandwidth, "--emulate-latency",
-                                                args.latency)))
-            stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
-            while sum(n.health == "alive" for n in stub.Status(pb.Empty()).nodes) < len(AGENTS):
-                time.sleep(0.2)
-            request = PlacementRequest(str(MODEL), Workload(round(mean_p), round(mean_o), args.concurrency, 256))
-            for _ in stub.Deploy(placement_pb(request)):
-                pass
-            t0 = time.perf_counter()
-            real = summarize(replay(ctl.address, Security(), requests))
-            print(f"replayed on the real fleet in {time.perf_counter() - t0:.0f} s")
-            sim, stages = simulated(work / "edgefleet.db", requests)
-        finally:
-            for p in reversed(procs):
-                p.terminate()
+    emulate = ("--emulate-bandwidth", args.bandwidth, "--emulate-latency", args.latency)
+    with tempfile.TemporaryDirectory(prefix="edgefleet-fidelity-") as tmp, \
+            local_fleet(Path(tmp), AGENTS, agent_extra=emulate) as (ctl, _):
+        stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
+        request = PlacementRequest(str(MODEL), Workload(round(mean_p), round(mean_o), args.concurrency, 256))
+        for _ in stub.Deploy(placement_pb(request)):
+            pass
+        t0 = time.perf_counter()
+        real = summarize(replay(ctl.address, Security(), requests))
+        print(f"replayed on the real fleet in {time.perf_counter() - t0:.0f} s")
+        sim, stages = simulated(Path(tmp) / "edgefleet.db", requests)
     print(f"plan: {' -> '.join(stages)}; completed real {real['completed']}, simulated {sim['completed']}")
     print(f"{'metric':<10}{'real':>10}{'simulated':>12}{'error':>9}  target")
     worst = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from controller.local import ServiceProcess, start_agent, start_controller
+from controller.local import local_fleet
 from controller.planning import deployed_table
 
 NAMES = ("desk", "laptop", "mini", "pi")
@@ -81,25 +81,15 @@ def run_demo(model: Path, prompt: str | None, max_tokens: int, budget: float, ba
 
     agents = agents_for(model)
     shown, ids = prompt_for(model, prompt)
-    procs: list[ServiceProcess] = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-demo-") as tmp:
         work = keep or Path(tmp)
-        try:
-            t_start = time.perf_counter()
-            console.print(f"[bold]starting a controller and {len(agents)} agents[/] with "
-                          f"{', '.join(fmt_bytes(int(m[:-3]) * 1024) for _, m in agents)} "
-                          f"(emulated links {bandwidth}, {latency})")
-            ctl = start_controller(work)
-            procs.append(ctl)
-            for name, mem in agents:
-                procs.append(start_agent(name, work, memory=mem, controller=ctl.address,
-                                         extra=("--emulate-bandwidth", bandwidth, "--emulate-latency", latency)))
+        t_start = time.perf_counter()
+        console.print(f"[bold]starting a controller and {len(agents)} agents[/] with "
+                      f"{', '.join(fmt_bytes(int(m[:-3]) * 1024) for _, m in agents)} "
+                      f"(emulated links {bandwidth}, {latency})")
+        emulate = ("--emulate-bandwidth", bandwidth, "--emulate-latency", latency)
+        with local_fleet(work, agents, agent_extra=emulate) as (ctl, _):
             stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
-            deadline = time.monotonic() + 30
-            while len([n for n in stub.Status(pb.Empty()).nodes if n.health == "alive"]) < len(agents):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the agents did not register within 30 s; see the logs in " + str(work))
-                time.sleep(0.2)
             console.print(f"fleet up in {time.perf_counter() - t_start:.1f} s; deploying {model.name} "
                           f"with at most {budget:g} % perplexity increase")
             plan_json = ""
@@ -127,6 +117,4 @@ def run_demo(model: Path, prompt: str | None, max_tokens: int, budget: float, ba
             console.print(f"\n[bold]{n} tokens[/]: first after {(first - t0) * 1e3:.0f} ms, then {rate:.1f} tokens/s "
                           f"({1e3 / rate if rate else 0:.1f} ms/token measured vs {p.tpot_s * 1e3:.1f} predicted)")
             console.print(f"demo finished in {time.perf_counter() - t_start:.1f} s; stopping the fleet")
-        finally:
-            for proc in reversed(procs):
-                proc.terminate()
+

@@ -6,6 +6,7 @@ logs go to a file beside its data. Every process is stopped by PID when its owne
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -13,6 +14,8 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +85,33 @@ def start_controller(workdir: Path, token: str = "", extra: tuple[str, ...] = ()
     if token:
         args += ["--token", token]
     return ServiceProcess(args, workdir / "controller.log")
+
+
+@contextlib.contextmanager
+def local_fleet(workdir: Path, agents: Iterable[tuple[str, str]], agent_extra: tuple[str, ...] = (),
+                controller_extra: tuple[str, ...] = (), timeout_s: float = 30.0):
+    """A controller and agents (name, memory) on 127.0.0.1, yielded as (controller, agents) once
+    every agent answers heartbeats; every process is stopped on the way out."""
+    import grpc
+
+    from proto import edgefleet_pb2 as pb
+    from proto import edgefleet_pb2_grpc as rpc
+
+    procs = [start_controller(workdir, extra=controller_extra)]
+    try:
+        procs += [start_agent(name, workdir, memory=mem, controller=procs[0].address, extra=agent_extra)
+                  for name, mem in agents]
+        with grpc.insecure_channel(procs[0].address) as channel:
+            stub, deadline = rpc.ControllerStub(channel), time.monotonic() + timeout_s
+            while sum(n.health == "alive" for n in stub.Status(pb.Empty()).nodes) < len(procs) - 1:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the agents did not register within {timeout_s:g} s; see the logs in "
+                                       f"{workdir}")
+                time.sleep(0.2)
+        yield procs[0], procs[1:]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
 
 
 def deploy_chain(agents: list[ServiceProcess], shards, deployment_id: str, max_sessions: int, context: int) -> None:

@@ -21,8 +21,8 @@ import grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controller.demo import DEMO_AGENTS  # noqa: E402
-from controller.local import start_agent, start_controller  # noqa: E402
+from controller.demo import agents_for  # noqa: E402
+from controller.local import local_fleet  # noqa: E402
 from proto import edgefleet_pb2 as pb  # noqa: E402
 from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
 from proto.adapter import placement_pb  # noqa: E402
@@ -53,16 +53,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "fleet-page.png")
     args = ap.parse_args()
     chrome = browser()
-    procs, stop = [], threading.Event()
-    with tempfile.TemporaryDirectory(prefix="edgefleet-page-") as tmp:
-        work = Path(tmp)
+    stop = threading.Event()
+    with tempfile.TemporaryDirectory(prefix="edgefleet-page-") as tmp, \
+            local_fleet(Path(tmp), agents_for(MODEL), controller_extra=("--http", "127.0.0.1:0")) as (ctl, _):
         try:
-            ctl = start_controller(work, extra=("--http", "127.0.0.1:0"))
-            procs.append(ctl)
-            procs += [start_agent(name, work, memory=mem, controller=ctl.address) for name, mem in DEMO_AGENTS]
             stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
-            while sum(n.health == "alive" for n in stub.Status(pb.Empty()).nodes) < len(DEMO_AGENTS):
-                time.sleep(0.2)
             for _ in stub.Deploy(placement_pb(PlacementRequest(str(MODEL)))):
                 pass
             threading.Thread(target=load, args=(stub, stop), daemon=True).start()
@@ -75,8 +70,6 @@ def main() -> None:
             print(f"wrote {args.out}")
         finally:
             stop.set()
-            for p in reversed(procs):
-                p.terminate()
 
 
 if __name__ == "__main__":
