@@ -113,6 +113,8 @@ def serve(cfg: AgentConfig) -> int:
     data_dir = Path(cfg.data_dir).expanduser()
     store = ShardStore(data_dir)
     engine = Engine(cfg.memory_bytes, cfg.session_timeout_s, cfg.threads or None)
+    stop, died = threading.Event(), threading.Event()
+    engine.on_death = lambda: (died.set(), stop.set())     # no heartbeat from a wedged agent: the controller fails over
     shaper = Shaper(cfg.emulate_bandwidth, cfg.emulate_latency)
     server = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
                          interceptors=cfg.security.interceptors(), options=SERVER_OPTIONS)
@@ -131,7 +133,6 @@ def serve(cfg: AgentConfig) -> int:
     rpc.add_AgentServicer_to_server(service, server)
     server.start()
 
-    stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(json.dumps({"event": "listening", "name": cfg.name, "address": address, "port": port,
@@ -145,6 +146,12 @@ def serve(cfg: AgentConfig) -> int:
         link = ControllerLink(cfg.controller, cfg.security, node, service.state)
         link.start()
     stop.wait()
+    if died.is_set():
+        if link is not None:
+            link.stop_event.set()
+        server.stop(grace=0)
+        log.error("agent %s stopped: its compute thread died (see the log above); restart it", cfg.name)
+        return 1
 
     log.info("draining: finishing %d sessions, taking no new ones", engine.session_count())
     engine.draining = True

@@ -133,7 +133,8 @@ class Engine:
         self._forget: list[tuple[Deployment, int]] = []   # (deployment, seq) of ended sessions, cleared between batches
         self._retired: list[Stage] = []              # dropped stages, closed between batches
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._compute_loop, name="compute", daemon=True)
+        self.on_death: Callable[[], None] = lambda: None    # the compute thread died: out of service
+        self._thread = threading.Thread(target=self._compute, name="compute", daemon=True)
         self._thread.start()
 
     # -------------------------------------------------------------- deployments
@@ -287,6 +288,15 @@ class Engine:
                 d.free_seqs.append(seq)
         for stage in retired:
             stage.close()
+
+    def _compute(self) -> None:
+        """The compute thread. Every step's failure is answered inside the loop; if the loop
+        itself fails, the agent cannot compute any more and must leave service, not wedge."""
+        try:
+            self._compute_loop()
+        except BaseException:
+            log.critical("the compute thread died; this agent leaves service", exc_info=True)
+            self.on_death()
 
     def _compute_loop(self) -> None:
         last_reap = time.monotonic()

@@ -103,8 +103,9 @@ class Hop:
             for m in request_iterator:
                 try:
                     step = A.step_in(m)
-                except A.WireError as exc:
-                    self._answer_now(A.StepOut(m.session_id, m.position, error=str(exc), error_code="INVALID_ARGUMENT"))
+                except Exception as exc:  # WireError, or any message the checks did not foresee
+                    self._answer_now(A.StepOut(m.session_id, m.position, error=f"a malformed step: {exc}",
+                                               error_code="INVALID_ARGUMENT"))
                     continue
                 try:
                     self._handle(step)

@@ -190,7 +190,16 @@ class PipelineStream:
     def cancel_session(self, session_id: str) -> None:
         self._q.put(A.step_pb(A.StepIn(session_id, 0, cancel=True, deployment_id=self.deployment_id)))
 
-    def close(self) -> None:
+    def close(self, why: str = "") -> None:
+        """End the stream now: a step still waiting fails at once (with `why`, UNAVAILABLE),
+        without waiting on a stage that may be frozen."""
+        with self._lock:
+            self.broken = self.broken or AgentError(why or f"the pipeline stream to {self.address} was closed",
+                                                    "UNAVAILABLE")
+            waiters, self._waiters = list(self._waiters.items()), {}
+        for (sid, pos), w in waiters:
+            w.put(A.StepOut(sid, pos, error=str(self.broken), error_code=self.broken.code))
         self._q.put(None)
+        self._call.cancel()
         self._reader.join(timeout=10)
         self._channel.close()

@@ -62,9 +62,10 @@ class Deployments:
         self.metrics = metrics
         self.on_retired = on_retired        # a deployment stopped serving: close its streams
         self.active: Deployment | None = state.active()
-        self.last_recovery_s = 0.0
+        self.recoveries: dict[str, float] = {}     # failed deployment id -> seconds until its successor served
         self._lock = threading.Lock()
         registry.on_lost = self._node_lost
+        registry.on_back = self._node_back
 
     # ---------------------------------------------------------- plan
 
@@ -173,8 +174,10 @@ class Deployments:
         self.state.activate(dep.id)
         self.active = replace(dep, status="active")
         if previous is not None:
-            # nodes of the old plan that are not in the new one still hold it
-            D.unload_everywhere(previous.id, stage_nodes(previous, skip=set(dep.nodes)), self.security)
+            # nodes of the old plan that are not in the new one still hold it; a lost node is
+            # not waited on (it drops the old stage when it answers again: _node_back)
+            lost = {x.node.name for x in self.registry.all() if x.lost}
+            D.unload_everywhere(previous.id, stage_nodes(previous, skip=set(dep.nodes) | lost), self.security)
             self.on_retired(previous.id)
         pred = dep.plan.prediction
         self.state.event(reason, f"deployment {dep.id}: {Path(dep.model_path).name} on {' -> '.join(dep.nodes)}, "
@@ -232,6 +235,21 @@ class Deployments:
             threading.Thread(target=self._recover_quietly, args=(dep.id, f"{name} stopped sending heartbeats"),
                              daemon=True).start()
 
+    def _node_back(self, st: A.AgentState) -> None:
+        """A node declared lost answers again: it drops every stage that is not part of the
+        active deployment (a retired plan's stage and its sessions would hold its memory)."""
+        def drop() -> None:
+            with self._lock:
+                active = self.active.id if self.active is not None else ""
+                stale = sorted({s.deployment_id for s in st.stages if s.deployment_id != active})
+                if not stale:
+                    return
+                failed = [d for d in stale if D.unload_everywhere(d, [st.node], self.security)]
+                self.state.event("node-back", f"{st.node.name} dropped the stages of retired deployments "
+                                              f"{', '.join(d for d in stale if d not in failed)}"
+                                 + (f"; it could not be reached for {', '.join(failed)}" if failed else ""))
+        threading.Thread(target=drop, name="node-back", daemon=True).start()
+
     def _recover_quietly(self, dep_id: str, why: str) -> None:
         try:
             self.recover(dep_id, why)
@@ -254,6 +272,7 @@ class Deployments:
         """Re-plan around the stages that do not answer. Returns True if a new deployment is
         active (or another caller already replaced dep_id); raises Refused when the remaining
         fleet cannot hold the model."""
+        t0 = time.monotonic()          # the failure is known from here (a missed heartbeat or step)
         with self._lock:
             dep = self.active
             if dep is None:
@@ -265,7 +284,6 @@ class Deployments:
                 return False
             for name in dead:
                 self.registry.mark_lost(name, why)
-            t0 = time.monotonic()
             # the broken deployment cannot serve any more: free its memory on the survivors so
             # that the new stages fit there (a switch otherwise needs room for both)
             D.unload_everywhere(dep.id, stage_nodes(dep, skip=set(dead)), self.security)
@@ -277,10 +295,10 @@ class Deployments:
                 self.metrics.failovers.labels("failed").inc()
                 self.state.event("failover-failed", f"lost {', '.join(dead)}: {exc}")
                 raise Refused(f"lost {', '.join(dead)} and cannot re-plan: {exc}") from None
-            self.last_recovery_s = time.monotonic() - t0
+            took = self.recoveries[dep.id] = time.monotonic() - t0
             self.metrics.failovers.labels("ok").inc()
             self.state.event("failover", f"lost {', '.join(dead)} ({why}); deployment {new.id} active after "
-                                         f"{self.last_recovery_s:.2f} s; {same_output(dep, new)}")
+                                         f"{took:.2f} s; {same_output(dep, new)}")
             return True
 
 

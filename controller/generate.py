@@ -9,7 +9,6 @@ KV cache, and a greedy request's output is the one an undisturbed run gives.
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,8 +36,9 @@ class Token:
     stage_times: tuple = ()             # the step's per-stage compute times (A.StageTime)
 
 
-# recover(error, deployment id of the failed step) -> True to replay on a new pipeline; False re-raises
-Recover = Callable[[AgentError, str], bool]
+# recover(error, deployment id of the failed step) -> the seconds the failover took, to replay
+# on the new pipeline; None re-raises the error
+Recover = Callable[[AgentError, str], "float | None"]
 
 
 def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ...], max_tokens: int,
@@ -59,11 +59,12 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
             try:
                 out = pipe.step(_step(sid, pos, pending, sampling, last, pipe.deployment_id), timeout_s)
             except AgentError as exc:
-                t0 = time.monotonic()
-                if recover is None or failures >= MAX_RECOVERIES or not recover(exc, pipe.deployment_id):
+                took = None if recover is None or failures >= MAX_RECOVERIES else recover(exc, pipe.deployment_id)
+                if took is None:
+                    _cancel(pipeline, sid)      # the stages may still hold the session
                     raise
                 failures += 1
-                recovered += time.monotonic() - t0
+                recovered += took
                 pos, pending, replay = 0, tuple(prompt), list(produced)
                 continue
             failures = 0

@@ -260,14 +260,37 @@ class KeyCheck:
             try:
                 if request.url.path not in PUBLIC_PATHS:
                     self.api.authorize(request)
-                declared = request.headers.get("content-length", "0")
-                if not declared.isdigit() or int(declared) > self.max_body:
-                    raise ApiError(413, f"the request body is {declared} bytes; the limit is {self.max_body} "
-                                        "(the controller's --max-body)", param="body")
+                declared = request.headers.get("content-length")
+                if declared is None:        # chunked: read it here, up to the limit, and hand it on
+                    receive = await self._bounded(receive)
+                elif not declared.isdigit() or int(declared) > self.max_body:
+                    raise self._too_large(declared)
             except ApiError as exc:
                 await self.failure(request, exc)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def _too_large(self, size: str) -> ApiError:
+        return ApiError(413, f"the request body is {size} bytes; the limit is {self.max_body} "
+                             "(the controller's --max-body)", param="body")
+
+    async def _bounded(self, receive):
+        """A body sent without a length, read whole unless it passes the limit; the app then
+        reads it from the returned `receive`."""
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break                       # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body:
+                raise self._too_large(f"over {self.max_body}")
+        first = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay():
+            return first.pop() if first else await receive()
+        return replay
 
 
 def create_app(requests: Requests, token: str = "", max_body: int = 4 * 2 ** 20) -> FastAPI:

@@ -36,6 +36,7 @@ class Registry:
         self._agents: dict[str, Live] = {n.name: Live(n, drained) for n, drained in state.agents()}
         self._stop = threading.Event()
         self.on_lost: Callable[[str], None] = lambda name: None
+        self.on_back: Callable[[AgentState], None] = lambda state: None    # a lost node answers again
 
     def register(self, node: NodeInfo) -> None:
         with self._lock:
@@ -59,6 +60,7 @@ class Registry:
             live.lost = False
         if came_back:
             self.state.event("node-back", f"{st.node.name} answers heartbeats again")
+            self.on_back(st)
         return True
 
     def get(self, name: str) -> Live | None:

@@ -24,7 +24,17 @@ from proto.security import Security
 log = logging.getLogger(__name__)
 
 RETRYABLE = {"UNAVAILABLE", "NOT_FOUND", "FAILED_PRECONDITION", "CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL"}
-STEP_TIMEOUT_S = 120.0
+DEADLINE_FLOOR_S = 5.0     # a step's deadline is never shorter: heartbeats find a dead node within 3 s
+DEADLINE_SLACK = 10.0      # × the predicted step time with every KV-cache slot's session ahead of it
+
+
+def step_deadline_s(dep: Deployment, prompt_tokens: int) -> float:
+    """How long one step of a request may take before the request is failed (after a check
+    for dead stages), from the plan's predicted step times: the prompt's step scales with
+    its length, every other step is one token."""
+    p, w = dep.plan.prediction, dep.request.workload
+    prefill = p.ttft_s * max(1.0, prompt_tokens / max(w.prompt_tokens, 1))
+    return DEADLINE_FLOOR_S + DEADLINE_SLACK * w.concurrency * max(prefill, p.tpot_s)
 
 
 class StopText:
@@ -96,16 +106,21 @@ class Requests:
     def close_stream(self, dep_id: str) -> None:
         with self._lock:
             s = self._streams.pop(dep_id, None)
-        if s is not None:
-            threading.Thread(target=s.close, daemon=True).start()
+        if s is not None:   # steps waiting on it fail now, and recover onto the new deployment
+            threading.Thread(target=s.close, args=(f"deployment {dep_id} stopped serving",), daemon=True).start()
 
-    def _recover(self, exc: AgentError, dep_id: str) -> bool:
-        """The generate loop's recovery hook: fail over, then replay."""
+    def _recover(self, exc: AgentError, dep_id: str) -> float | None:
+        """The generate loop's recovery hook: fail over (the seconds it took, as the event log
+        states them), then replay; None when the failure is not one a failover mends."""
         if exc.code not in RETRYABLE:
-            return False
+            return None
         log.warning("deployment %s: %s; recovering", dep_id, exc)
-        self.deployments.recover(dep_id, str(exc))
-        return True
+        t0 = time.monotonic()
+        if not self.deployments.recover(dep_id, str(exc)):
+            # every stage answers: a stream that broke is replayed on a new one; a step past its
+            # deadline fails its request rather than hang it
+            return None if exc.code == "DEADLINE_EXCEEDED" else 0.0
+        return self.deployments.recoveries.get(dep_id, time.monotonic() - t0)
 
     # ---------------------------------------------------------- admission
 
@@ -151,7 +166,8 @@ class Requests:
         self.metrics.in_flight.inc()
         try:
             with self._slots_for(dep), contextlib.closing(generate(
-                    self._pipeline, prompt, max_tokens, sampling, eos, self._recover, timeout_s=STEP_TIMEOUT_S)) as steps:
+                    self._pipeline, prompt, max_tokens, sampling, eos, self._recover,
+                    timeout_s=step_deadline_s(dep, len(prompt)))) as steps:
                 for t in steps:
                     self.metrics.observe_stages(t.stage_times)
                     yield t

@@ -5,6 +5,7 @@ Tensors travel as numpy arrays; values read from the wire are checked here.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,8 +33,10 @@ def tensor_pb(a: np.ndarray) -> pb.Tensor:
 def tensor_array(t: pb.Tensor) -> np.ndarray:
     if t.dtype not in ("float32", "float16"):
         raise WireError(f"tensor dtype {t.dtype!r} is not supported on the wire; send float32 or float16")
+    if not t.shape:
+        raise WireError("a tensor without a shape; send its shape with its data")
     a = np.frombuffer(t.data, dtype=np.dtype(t.dtype).newbyteorder("<"))
-    n = int(np.prod(t.shape)) if len(t.shape) else 0
+    n = math.prod(t.shape)          # Python integers: a forged shape cannot overflow
     if a.size != n:
         raise WireError(f"tensor of shape {list(t.shape)} carries {a.size} values")
     return a.reshape(tuple(t.shape)).astype(a.dtype.newbyteorder("="))

@@ -403,3 +403,26 @@ def test_agents_generate_exactly_what_llama_cpp_does_on_the_whole_mixed_model(mo
             a.terminate()
     assert got == want_tokens
     assert all(np.array_equal(np.asarray(a, np.float32), b) for a, b in zip(logits, want_logits))
+
+
+def test_a_compute_thread_that_dies_takes_the_agent_out_of_service():
+    """Every step's failure is answered inside the compute loop; should the loop itself fail,
+    the engine says so (the daemon then stops heartbeating and exits 1, so the controller
+    fails over) instead of heartbeating while its queue grows."""
+    from agent.engine import Engine
+
+    engine = Engine(1 << 20, threads=1)
+    died = threading.Event()
+    engine.on_death = died.set
+
+    def broken():
+        raise RuntimeError("a bug outside any step")
+
+    engine._tidy = broken               # the loop's own bookkeeping fails on its next round
+    try:
+        assert died.wait(5)
+        engine._thread.join(5)
+        assert not engine._thread.is_alive()
+    finally:
+        del engine._tidy
+        engine.stop()

@@ -184,8 +184,15 @@ def test_client_errors_are_400_and_nothing_else_changes(fleet):
     r = httpx.post(fleet.http + "/v1/completions", headers={**headers, "Content-Type": "application/json"},
                    content=b'{"model": "x", "prompt": "' + b"a" * (5 * 2 ** 20) + b'"}', timeout=60)
     assert r.status_code == 413 and "--max-body" in r.json()["error"]["message"]
-    r = httpx.post(fleet.http + "/v1/completions", headers=headers, timeout=60,
-                   json={"model": MODEL, "prompt": "The function returns", "max_tokens": 4, "temperature": 0})
+
+    def chunked(body: bytes, size: int = 2 ** 16):      # sent without a Content-Length
+        yield from (body[i:i + size] for i in range(0, len(body), size))
+    r = httpx.post(fleet.http + "/v1/completions", headers={**headers, "Content-Type": "application/json"},
+                   content=chunked(b'{"model": "x", "prompt": "' + b"a" * (5 * 2 ** 20) + b'"}'), timeout=60)
+    assert r.status_code == 413 and "--max-body" in r.json()["error"]["message"]
+    small = json.dumps({"model": MODEL, "prompt": "The function returns", "max_tokens": 4, "temperature": 0})
+    r = httpx.post(fleet.http + "/v1/completions", headers={**headers, "Content-Type": "application/json"},
+                   content=chunked(small.encode(), 7), timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
