@@ -182,7 +182,7 @@ class PipelineStream:
         except queue.Empty:
             with self._lock:
                 self._waiters.pop(key, None)
-            raise AgentError(f"no answer from the pipeline within {timeout_s} s", "DEADLINE_EXCEEDED") from None
+            raise AgentError(f"no answer from the pipeline within {timeout_s:.1f} s, its deadline", "DEADLINE_EXCEEDED") from None
         if out.error:
             raise StepFailed(out.error, out.error_code)
         return out

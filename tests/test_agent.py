@@ -426,3 +426,28 @@ def test_a_compute_thread_that_dies_takes_the_agent_out_of_service():
     finally:
         del engine._tidy
         engine.stop()
+
+
+def test_a_step_past_its_deadline_fails_its_request_instead_of_hanging(fleet, reference):
+    """A stage that stops answering (SIGSTOP, no controller here to fail it over): the step
+    fails with DEADLINE_EXCEEDED at its deadline, the session is cancelled, and once the
+    stage runs again the chain serves the right tokens."""
+    import os
+    import signal
+
+    pipe = PipelineStream(fleet[0].address)
+    os.kill(fleet[1].pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AgentError) as e:
+            list(generate(lambda: pipe, PROMPTS[0], 8, recover=lambda exc, dep: None, timeout_s=1.0))
+        waited = time.monotonic() - t0
+    finally:
+        os.kill(fleet[1].pid, signal.SIGCONT)
+    pipe.close()
+    assert e.value.code == "DEADLINE_EXCEEDED" and 1.0 <= waited < 3.0, (e.value, waited)
+    pipe = PipelineStream(fleet[0].address)
+    try:
+        assert [o.token for o in generate(lambda: pipe, PROMPTS[0], 8)] == list(reference.generate(PROMPTS[0], 8))
+    finally:
+        pipe.close()
