@@ -196,6 +196,29 @@ def test_client_errors_are_400_and_nothing_else_changes(fleet):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
+def test_a_huge_prompt_is_tokenized_without_stalling_other_clients(fleet):
+    # 1.6 MB of text (under the 4 MiB body limit) takes seconds to tokenize; it happens on a
+    # worker thread, so /v1/models keeps answering meanwhile (it stalled ~25 s for 10 MB)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    answer: list[httpx.Response] = []
+    big = threading.Thread(target=lambda: answer.append(httpx.post(
+        fleet.http + "/v1/completions", headers=headers, timeout=300,
+        json={"model": MODEL, "prompt": "the function returns " * 75_000, "max_tokens": 1})))
+    t0 = time.monotonic()
+    big.start()
+    waits = []
+    while big.is_alive() and time.monotonic() - t0 < 120:
+        t = time.monotonic()
+        assert httpx.get(fleet.http + "/v1/models", headers=headers, timeout=30).status_code == 200
+        waits.append(time.monotonic() - t)
+        time.sleep(0.1)
+    big.join()
+    took = time.monotonic() - t0
+    assert answer[0].status_code == 400 and "context" in answer[0].json()["error"]["message"]
+    assert took > 1.0 and len(waits) >= 5, (took, waits)     # it did take a while
+    assert max(waits) < 1.0, waits
+
+
 def test_a_client_that_leaves_mid_stream_frees_its_session(fleet, client):
     stream = client.completions.create(model=MODEL, prompt="The function returns", max_tokens=200, temperature=0,
                                        stream=True)
