@@ -215,6 +215,31 @@ def test_kill9_of_a_stage_during_generation_loses_nothing(fleet):
     assert got == want
 
 
+@pytest.mark.parametrize("which", [0, -1], ids=["first", "last"])
+def test_kill9_of_the_first_or_last_stage_loses_nothing(tmp_path, reference_model, which):
+    """The other ends of the pipeline (the middle one is above): the stage holding the
+    embedding, or the one holding the head and sampling."""
+    f = Fleet(tmp_path)
+    try:
+        assert cli("deploy", str(reference_model), "--context", "256", "--concurrency", "4", "--prompt-tokens", "64",
+                   controller=f.controller.address).returncode == 0
+        want = [r.token for r in f.generate(64)]
+        victim = [n.node.name for n in f.status().nodes if n.layers][which]
+        got, recovered = [], 0.0
+        for r in f.stub().Generate(pb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=64), timeout=300):
+            got.append(r.token)
+            recovered += r.recovered_seconds
+            if len(got) == 10:
+                f.agents[victim].kill()
+        assert recovered > 0
+        failover = [e.message for e in f.stub().Events(pb.EventsRequest(limit=20), timeout=10).events
+                    if e.kind == "failover" and e.message.startswith("lost")]
+        assert len(failover) == 1 and "every layer keeps its type" in failover[0], failover
+        assert got == want
+    finally:
+        f.stop()
+
+
 def test_undeploy_unloads_everywhere(fleet):
     r = cli("undeploy", controller=fleet.controller.address)
     assert r.returncode == 0 and "unloaded" in r.stdout
