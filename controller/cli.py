@@ -488,7 +488,7 @@ def agent(controller, name, listen, advertise, memory, threads, data_dir, emulat
           session_timeout, token, tls_cert, tls_key, tls_ca) -> None:
     """Run the edge daemon: store shards, run pipeline stages, report to the controller."""
     from agent.daemon import AgentConfig, serve, setup_logging
-    from solver.problem import parse_quantity
+    from solver.units import parse_quantity
 
     memory = memory.strip()
     cfg = AgentConfig(
@@ -527,7 +527,7 @@ def controller_cmd(listen, state_path, heartbeat, node_timeout, http, max_queue,
     """Run the control plane: registry, deployments, request routing, failover."""
     from agent.daemon import setup_logging
     from controller.server import ControllerConfig, serve
-    from solver.problem import parse_quantity
+    from solver.units import parse_quantity
 
     cfg = ControllerConfig(listen=listen, state_path=state_path, security=make_security(token, tls_cert, tls_key, tls_ca),
                            heartbeat_s=parse_quantity(heartbeat, "--heartbeat"),
@@ -698,7 +698,7 @@ def trace_options(f):
 
 def _trace_spec(trace_path, time_scale, start, duration, limit, length_scale, max_total):
     from simulations.study import TraceSpec
-    from solver.problem import parse_quantity
+    from solver.units import parse_quantity
 
     if trace_path is None:
         raise UserError("--trace is required: an Azure trace CSV (e.g. ../shared/data/AzureLLMInferenceTrace_conv.csv) "
