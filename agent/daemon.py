@@ -29,6 +29,7 @@ from proto import adapter as A
 from proto import edgefleet_pb2_grpc as rpc
 from proto.security import SERVER_OPTIONS, Security
 from solver.ggml_types import TYPE_ORDER
+from solver.memory import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class AgentConfig:
     controller: str                    # host:port of the controller ("" = run unmanaged)
     listen: str = "0.0.0.0:50061"      # where the Agent service listens (port 0 = any free port)
     advertise: str = ""                # address announced to the controller (default: from listen)
-    memory_bytes: int = 4 * 2 ** 30    # memory the agent may use for shards + KV cache
+    memory_bytes: int = 4 * 2 ** 30    # what the device gives edgefleet: the agent itself + its stages
+    memory_beside: bool = False        # True (--memory +N): memory_bytes is for stages alone, beside the agent
     threads: int = 0                   # llama.cpp compute threads (0 = all cores)
     data_dir: Path = Path("~/.edgefleet/agent")
     security: Security = Security()
@@ -108,27 +110,45 @@ class ControllerLink(threading.Thread):
                 self.stop_event.wait(interval)
 
 
+def stage_budget(cfg: AgentConfig, own: int) -> int:
+    """Bytes the agent's stages may use: --memory less what the agent itself holds (own), or,
+    with --memory +N, N beside it. A total that leaves nothing for stages is a ValueError."""
+    if cfg.memory_beside:
+        return cfg.memory_bytes
+    if cfg.memory_bytes <= own:
+        raise ValueError(f"--memory {fmt_bytes(cfg.memory_bytes)} is less than the agent itself needs "
+                         f"({fmt_bytes(own)}); give more than that in all, or use --memory "
+                         f"+{cfg.memory_bytes / 2 ** 20:g}MiB for that much beside the agent")
+    return cfg.memory_bytes - own
+
+
 def serve(cfg: AgentConfig) -> int:
     """Run the agent until SIGTERM/SIGINT; returns the process exit code."""
+    import psutil
+
+    from agent.runtime import init_llama
+
     data_dir = Path(cfg.data_dir).expanduser()
     store = ShardStore(data_dir)
-    engine = Engine(cfg.memory_bytes, cfg.session_timeout_s, cfg.threads or None)
-    stop, died = threading.Event(), threading.Event()
-    engine.on_death = lambda: (died.set(), stop.set())     # no heartbeat from a wedged agent: the controller fails over
     shaper = Shaper(cfg.emulate_bandwidth, cfg.emulate_latency)
     server = grpc.server(ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
                          interceptors=cfg.security.interceptors(), options=SERVER_OPTIONS)
     port = cfg.security.bind(server, cfg.listen)
     address = cfg.advertise or _advertised(cfg.listen, port)
-    import psutil
-
-    from agent.runtime import init_llama
-
     init_llama()
-    own = psutil.Process().memory_info().rss      # the agent itself, before any stage: reported, not offered
-    log.info("agent process holds %.1f MiB before any stage; stages may use --memory %.1f MiB beside it",
-             own / 2 ** 20, cfg.memory_bytes / 2 ** 20)
-    node = A.NodeInfo(cfg.name, address, cfg.memory_bytes, TYPE_ORDER, engine.threads, "cpu", own)
+    own = psutil.Process().memory_info().rss      # the agent itself (service, llama.cpp), before any stage
+    try:
+        stages = stage_budget(cfg, own)
+    except ValueError:
+        server.stop(None)
+        raise
+    log.info("the agent itself holds %s; stages may use %s beside it (%s in all, --memory %s%s)", fmt_bytes(own),
+             fmt_bytes(stages), fmt_bytes(own + stages), "+" if cfg.memory_beside else "",
+             fmt_bytes(cfg.memory_bytes))
+    engine = Engine(stages, cfg.session_timeout_s, cfg.threads or None)
+    stop, died = threading.Event(), threading.Event()
+    engine.on_death = lambda: (died.set(), stop.set())     # no heartbeat from a wedged agent: the controller fails over
+    node = A.NodeInfo(cfg.name, address, stages, TYPE_ORDER, engine.threads, "cpu", own)
     service = AgentService(node, store, engine, cfg.security, shaper)
     rpc.add_AgentServicer_to_server(service, server)
     server.start()
@@ -137,8 +157,8 @@ def serve(cfg: AgentConfig) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(json.dumps({"event": "listening", "name": cfg.name, "address": address, "port": port,
                       "pid": os.getpid(), "data_dir": str(data_dir)}), flush=True)
-    log.info("agent %s listening on %s (memory %.2f GiB, %d shards on disk%s)", cfg.name, address,
-             cfg.memory_bytes / 2 ** 30, len(store.list()),
+    log.info("agent %s listening on %s (%s for stages + the agent itself %s, %d shards on disk%s)", cfg.name,
+             address, fmt_bytes(stages), fmt_bytes(own), len(store.list()),
              f", emulated link {cfg.emulate_bandwidth or 0:.0f} B/s + {cfg.emulate_latency * 1e3:.1f} ms"
              if shaper.active else "")
     link = None

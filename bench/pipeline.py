@@ -36,7 +36,8 @@ from controller.local import deploy_chain, start_agent  # noqa: E402
 from controller.planning import gguf_profile  # noqa: E402
 from controller.shards import file_sha256, parse_types, write_shard  # noqa: E402
 from solver.plan import Stage, evaluate  # noqa: E402
-from solver.problem import Fleet, Link, Node, Problem, Workload, measured_speed, parse_quantity  # noqa: E402
+from solver.problem import Fleet, Link, Node, Problem, Workload, measured_speed  # noqa: E402
+from solver.units import parse_quantity  # noqa: E402
 
 MODEL = ROOT / "models" / "reference" / "edgefleet-ref-f16.gguf"
 console = Console(width=120)

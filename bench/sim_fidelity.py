@@ -39,7 +39,7 @@ from controller.planning import load_profile  # noqa: E402
 
 MODEL = ROOT / "models" / "reference" / "edgefleet-ref-f16.gguf"
 TRACE = ROOT.parent / "shared" / "data" / "AzureLLMInferenceTrace_conv.csv"
-AGENTS = (("desk", "16MiB"), ("laptop", "12MiB"), ("mini", "10MiB"), ("pi", "8MiB"))
+AGENTS = (("desk", "+16MiB"), ("laptop", "+12MiB"), ("mini", "+10MiB"), ("pi", "+8MiB"))   # for stages, beside each agent
 
 
 def simulated(state_path: Path, requests) -> tuple[dict, list]:

@@ -473,7 +473,9 @@ def demo(model_path: Path | None, prompt: str | None, max_tokens: int, max_ppl_i
 @click.option("--listen", default="0.0.0.0:50061", show_default=True, metavar="HOST:PORT",
               help="Where the agent serves (port 0: any free port).")
 @click.option("--advertise", default="", metavar="HOST:PORT", help="Address announced to the controller.")
-@click.option("--memory", default="4GiB", show_default=True, help="Memory the agent may use for shards + KV cache.")
+@click.option("--memory", default="4GiB", show_default=True,
+              help="Memory this device gives edgefleet, the agent itself included; +N (e.g. +512MiB): N for "
+                   "stages beside the agent.")
 @click.option("--threads", default=0, help="Compute threads (default: all cores).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Where shards are kept (default ~/.edgefleet/agent-NAME).")
@@ -486,18 +488,20 @@ def agent(controller, name, listen, advertise, memory, threads, data_dir, emulat
           session_timeout, token, tls_cert, tls_key, tls_ca) -> None:
     """Run the edge daemon: store shards, run pipeline stages, report to the controller."""
     from agent.daemon import AgentConfig, serve, setup_logging
-    from solver.problem import parse_quantity
+    from solver.units import parse_quantity
 
+    memory = memory.strip()
     cfg = AgentConfig(
         name=name, controller=controller, listen=listen, advertise=advertise,
-        memory_bytes=int(parse_quantity(memory, "--memory")), threads=threads,
+        memory_bytes=int(parse_quantity(memory.removeprefix("+"), "--memory")), memory_beside=memory.startswith("+"),
+        threads=threads,
         data_dir=data_dir or Path(f"~/.edgefleet/agent-{name}"),
         security=make_security(token, tls_cert, tls_key, tls_ca),
         emulate_bandwidth=parse_quantity(emulate_bandwidth, "--emulate-bandwidth") if emulate_bandwidth else None,
         emulate_latency=parse_quantity(emulate_latency, "--emulate-latency") if emulate_latency else 0.0,
         session_timeout_s=parse_quantity(session_timeout, "--session-timeout"))
     if cfg.memory_bytes <= 0:
-        raise UserError("--memory must be positive, e.g. 4GiB")
+        raise UserError("--memory must be positive, e.g. 4GiB in all or +512MiB for stages beside the agent")
     setup_logging(logging.getLogger().getEffectiveLevel() < logging.WARNING)
     sys.exit(serve(cfg))
 
@@ -523,7 +527,7 @@ def controller_cmd(listen, state_path, heartbeat, node_timeout, http, max_queue,
     """Run the control plane: registry, deployments, request routing, failover."""
     from agent.daemon import setup_logging
     from controller.server import ControllerConfig, serve
-    from solver.problem import parse_quantity
+    from solver.units import parse_quantity
 
     cfg = ControllerConfig(listen=listen, state_path=state_path, security=make_security(token, tls_cert, tls_key, tls_ca),
                            heartbeat_s=parse_quantity(heartbeat, "--heartbeat"),
@@ -541,7 +545,9 @@ def status(controller_addr, as_json, token, tls_cert, tls_key, tls_ca) -> None:
     """Nodes, their health, memory and the layers they hold."""
     from google.protobuf.json_format import MessageToDict
 
+    from controller.planning import used_of
     from proto import edgefleet_pb2 as pb
+    from solver.memory import fmt_bytes
 
     st = _call(controller_addr, token, tls_cert, tls_key, tls_ca)("Status", pb.Empty())
     if as_json:
@@ -550,11 +556,12 @@ def status(controller_addr, as_json, token, tls_cert, tls_key, tls_ca) -> None:
     title = (f"deployment {st.active_deployment_id}: {Path(st.model).name}" if st.active_deployment_id
              else "no active deployment")
     t = Table(title=title)
-    for col in ("node", "address", "health", "memory used / offered", "layers", "types", "sessions", "queue"):
+    for col in ("node", "address", "health", "stages: used/offered", "agent itself", "layers", "types", "sessions",
+                "queue"):
         t.add_column(col)
-    for n in st.nodes:
-        t.add_row(n.node.name, n.node.address, n.health,
-                  f"{n.memory_used_bytes / 2 ** 30:.2f} / {n.node.memory_bytes / 2 ** 30:.2f} GiB",
+    for n in st.nodes:   # offered: what the node's --memory leaves for stages beside the agent itself
+        t.add_row(n.node.name, n.node.address, n.health, used_of(n.memory_used_bytes, n.node.memory_bytes),
+                  fmt_bytes(n.node.agent_bytes) if n.node.agent_bytes else "-",
                   n.layers or "-", n.layer_types or "-", str(n.sessions), str(n.queue_depth))
     console.print(t)
 
@@ -691,7 +698,7 @@ def trace_options(f):
 
 def _trace_spec(trace_path, time_scale, start, duration, limit, length_scale, max_total):
     from simulations.study import TraceSpec
-    from solver.problem import parse_quantity
+    from solver.units import parse_quantity
 
     if trace_path is None:
         raise UserError("--trace is required: an Azure trace CSV (e.g. ../shared/data/AzureLLMInferenceTrace_conv.csv) "

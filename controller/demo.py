@@ -28,9 +28,10 @@ PLAIN_PROMPT = "The function returns"
 
 
 def agents_for(model: Path) -> list[tuple[str, str]]:
-    """Four agents' memory caps: SHARES of what the model needs as one stage, scaled up only as
-    far as a plan within the default budget needs (memory decides that, not speed, so the
-    check solves the real problem with uniform speeds)."""
+    """Four agents' --memory for stages (+N: beside the agent itself, so that the plan does not
+    depend on the agents' own footprint): SHARES of what the model needs as one stage, scaled up
+    only as far as a plan within the default budget needs (memory decides that, not speed, so
+    the check solves the real problem with uniform speeds)."""
     from controller.deploy import MEMORY_HEADROOM
     from controller.planning import load_profile
     from solver.devices import TypeSpeed
@@ -49,7 +50,7 @@ def agents_for(model: Path) -> list[tuple[str, str]]:
         nodes = tuple(Node(n, int(m * MEMORY_HEADROOM), speed) for n, m in zip(NAMES, sizes))
         links = tuple(Link("switch", n, 1e9, 1e-4) for n in NAMES)
         if solve(Problem(profile, Fleet(nodes, links), options=Options(time_limit=10))).ok:
-            return [(n, f"{m // 1024}KiB") for n, m in zip(NAMES, sizes)]
+            return [(n, f"+{m // 1024}KiB") for n, m in zip(NAMES, sizes)]
     raise ValueError(f"{model.name} does not split across four local agents within the default budget; "
                      "try a larger --max-ppl-increase")
 
@@ -85,11 +86,14 @@ def run_demo(model: Path, prompt: str | None, max_tokens: int, budget: float, ba
         work = keep or Path(tmp)
         t_start = time.perf_counter()
         console.print(f"[bold]starting a controller and {len(agents)} agents[/] with "
-                      f"{', '.join(fmt_bytes(int(m[:-3]) * 1024) for _, m in agents)} "
+                      f"{', '.join(fmt_bytes(int(m[1:-3]) * 1024) for _, m in agents)} for stages "
                       f"(emulated links {bandwidth}, {latency})")
         emulate = ("--emulate-bandwidth", bandwidth, "--emulate-latency", latency)
         with local_fleet(work, agents, agent_extra=emulate) as (ctl, _):
             stub = rpc.ControllerStub(grpc.insecure_channel(ctl.address))
+            for n in sorted(stub.Status(pb.Empty()).nodes, key=lambda n: NAMES.index(n.node.name)):
+                console.print(f"  {n.node.name}: {fmt_bytes(n.node.agent_bytes + n.node.memory_bytes)} "
+                              f"({fmt_bytes(n.node.agent_bytes)} agent + {fmt_bytes(n.node.memory_bytes)} stages)")
             console.print(f"fleet up in {time.perf_counter() - t_start:.1f} s; deploying {model.name} "
                           f"with at most {budget:g} % perplexity increase")
             plan_json = ""

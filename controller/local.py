@@ -71,7 +71,7 @@ class ServiceProcess:
             self.proc.wait(30)
 
 
-def start_agent(name: str, workdir: Path, memory: str = "1GiB", controller: str = "", token: str = "",
+def start_agent(name: str, workdir: Path, memory: str = "+1GiB", controller: str = "", token: str = "",
                 extra: tuple[str, ...] = ()) -> ServiceProcess:
     args = ["agent", "--controller", controller, "--name", name, "--listen", "127.0.0.1:0",
             "--memory", memory, "--data-dir", str(workdir / name), "--threads", "1", *extra]
@@ -90,8 +90,9 @@ def start_controller(workdir: Path, token: str = "", extra: tuple[str, ...] = ()
 @contextlib.contextmanager
 def local_fleet(workdir: Path, agents: Iterable[tuple[str, str]], agent_extra: tuple[str, ...] = (),
                 controller_extra: tuple[str, ...] = (), timeout_s: float = 30.0):
-    """A controller and agents (name, memory) on 127.0.0.1, yielded as (controller, agents) once
-    every agent answers heartbeats; every process is stopped on the way out."""
+    """A controller and agents (name, --memory: a total, or +N for stages beside the agent) on
+    127.0.0.1, yielded as (controller, agents) once every agent answers heartbeats; every process
+    is stopped on the way out."""
     import grpc
 
     from proto import edgefleet_pb2 as pb

@@ -44,8 +44,9 @@ class Registry:
             drained = prev.drained if prev else False
             self._agents[node.name] = Live(node, drained, time.monotonic())
         self.state.upsert_agent(node)
-        self.state.event("agent-registered", f"{node.name} at {node.address}: {fmt_bytes(node.memory_bytes)} for stages, "
-                                             f"the agent itself {fmt_bytes(node.agent_bytes)}")
+        self.state.event("agent-registered", f"{node.name} at {node.address}: {fmt_bytes(node.memory_bytes)} for stages "
+                                             f"+ the agent itself {fmt_bytes(node.agent_bytes)} = "
+                                             f"{fmt_bytes(node.memory_bytes + node.agent_bytes)}")
         log.info("agent %s registered from %s", node.name, node.address)
 
     def heartbeat(self, st: AgentState) -> bool:

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 
 from simulations.engine import WhatIf
-from solver.problem import Fleet, Link, parse_quantity
+from solver.problem import Fleet, Link
+from solver.units import parse_quantity
 
 USAGE = ('expected e.g. "fail desk at 600s", "recover desk at 900s", "link desk-switch 10Mbit at 300s", '
          '"spike x3 from 600s to 900s" or "join pi2 as rpi5-8gb at 600s"')

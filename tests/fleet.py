@@ -13,7 +13,8 @@ from proto import edgefleet_pb2 as pb
 from proto import edgefleet_pb2_grpc as rpc
 
 ROOT = Path(__file__).resolve().parent.parent
-AGENTS = (("desk", "9MiB"), ("laptop", "8MiB"), ("mini", "7MiB"), ("pi", "6MiB"))
+# --memory +N: N for stages beside the agent itself, so that stage budgets are exact on any machine
+AGENTS = (("desk", "+9MiB"), ("laptop", "+8MiB"), ("mini", "+7MiB"), ("pi", "+6MiB"))
 PROMPT = [1, 50, 60, 70, 80, 90]
 
 

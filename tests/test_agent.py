@@ -19,6 +19,7 @@ from proto import edgefleet_pb2 as pb
 from proto.security import Security
 from certs import make_ca, make_leaf
 from controller.local import deploy_chain, start_agent
+from fleet import cli
 
 TYPES = ["Q8_0"] * 3 + ["Q4_K"] * 3 + ["Q6_K"] * 2
 RANGES = [(0, 3), (3, 6), (6, 8)]
@@ -184,7 +185,7 @@ def test_step_errors_are_answered_without_breaking_the_stream(fleet):
 
 
 def test_oversize_shard_is_refused_before_anything_loads(tmp_path, shards):
-    agent = start_agent("small", tmp_path, memory="8MiB")
+    agent = start_agent("small", tmp_path, memory="+8MiB")
     try:
         with AgentClient(agent.address) as c:
             c.push_shard(shards[1].path, shards[1].sha256)          # 1.4 MB: fits on disk and in memory
@@ -204,6 +205,32 @@ def test_oversize_shard_is_refused_before_anything_loads(tmp_path, shards):
             assert list((tmp_path / "small" / "incoming").iterdir()) == []
     finally:
         agent.terminate()
+
+
+def test_a_plain_memory_is_the_total_and_stages_get_it_net_of_the_agent_itself(tmp_path):
+    agent = start_agent("total", tmp_path, memory="200MiB")
+    try:
+        with AgentClient(agent.address) as c:
+            node = c.state().node
+            assert 20 * 2 ** 20 < node.agent_bytes < 150 * 2 ** 20       # what it measured itself at start
+            assert node.memory_bytes == 200 * 2 ** 20 - node.agent_bytes  # offered (what the solver sees): the rest
+            big = tmp_path / "big.bin"                                   # sparse: within 200 MiB, not beside the agent
+            with open(big, "wb") as f:
+                f.truncate(node.memory_bytes + 2 ** 20)
+            with pytest.raises(AgentError) as e:                         # the engine admits by the same net figure
+                c.push_shard(big, "0" * 64)
+            assert e.value.code == "RESOURCE_EXHAUSTED" and f"{node.memory_bytes:,}" in str(e.value)
+        assert "200.0 MiB in all" in agent.log_tail()
+    finally:
+        agent.terminate()
+
+
+def test_a_memory_total_the_agent_itself_exceeds_is_one_sentence(tmp_path):
+    r = cli("agent", "--controller", "", "--name", "tiny", "--listen", "127.0.0.1:0", "--memory", "20MiB",
+            "--data-dir", str(tmp_path / "tiny"))
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "--memory 20.0 MiB is less than the agent itself needs" in r.stderr and "--memory +20MiB" in r.stderr
 
 
 def test_wrong_or_missing_token_is_unauthenticated(tmp_path):

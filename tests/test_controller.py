@@ -128,7 +128,7 @@ def test_a_refused_shard_rolls_back_and_the_old_deployment_keeps_serving(tmp_pat
     # deployment (context 256) and the new one (context 512) together need more than the
     # 18 MiB both offer, so one agent must refuse the new stage beside the active one
     # (two-phase), while each new stage fits on its own.
-    pair = Fleet(tmp_path, (("a", "9MiB"), ("b", "9MiB")))
+    pair = Fleet(tmp_path, (("a", "+9MiB"), ("b", "+9MiB")))
     try:
         r = cli("deploy", str(reference_model), "--context", "256", "--concurrency", "4", "--prompt-tokens", "64",
                 controller=pair.controller.address)
@@ -253,7 +253,7 @@ def test_undeploy_unloads_everywhere(fleet):
 
 
 def test_drain_moves_the_stages_off_a_node(tmp_path, reference_model):
-    roomy = Fleet(tmp_path, (("big", "64MiB"), ("other", "64MiB")))
+    roomy = Fleet(tmp_path, (("big", "+64MiB"), ("other", "+64MiB")))
     try:
         r = cli("deploy", str(reference_model), "--context", "256", controller=roomy.controller.address)
         assert r.returncode == 0, r.stderr
@@ -351,7 +351,7 @@ def test_plan_and_deploy_solve_the_same_problem_by_default(tmp_path, reference_m
     # plan and deploy used to default to different workloads (prompt 512 × 1 vs 256 × 8), so
     # the plan a user read was not the one deploy ran; one request type now has one set of
     # defaults, and on one fleet (timings measured once, kept in the state) both give one plan
-    roomy = Fleet(tmp_path, (("big", "64MiB"), ("other", "64MiB")))
+    roomy = Fleet(tmp_path, (("big", "+64MiB"), ("other", "+64MiB")))
     try:
         r = cli("plan", "--model", str(reference_model), "--json", controller=roomy.controller.address)
         assert r.returncode == 0, r.stderr
@@ -370,7 +370,7 @@ def test_a_corrupt_stored_shard_is_pushed_again(tmp_path, reference_model, damag
     # a shard that rots on an agent's disk must not be loaded: the agent deletes it at prepare,
     # the controller pushes it again, and the deployment serves what it served before. The
     # truncated copy is found by an agent restarted over it, as after a crash mid-write.
-    agents = (("big", "64MiB"), ("other", "64MiB"))
+    agents = (("big", "+64MiB"), ("other", "+64MiB"))
     roomy = Fleet(tmp_path, agents)
     try:
         addr = roomy.controller.address

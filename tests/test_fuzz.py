@@ -136,7 +136,7 @@ MODEL = "edgefleet-ref-f16"
 
 @pytest.fixture(scope="module")
 def http(reference_model, tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("fuzz-http"), (("x", "12MiB"), ("y", "12MiB")), extra=("--http", "127.0.0.1:0"))
+    f = Fleet(tmp_path_factory.mktemp("fuzz-http"), (("x", "+12MiB"), ("y", "+12MiB")), extra=("--http", "127.0.0.1:0"))
     try:
         r = cli("deploy", str(reference_model), "--context", "128", "--concurrency", "4", "--prompt-tokens", "32",
                 controller=f.controller.address)

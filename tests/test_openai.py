@@ -21,7 +21,7 @@ from llama_ref import LlamaCpp
 
 TOKEN = "fleet-secret"
 MODEL = "edgefleet-ref-f16"
-AGENTS = (("desk", "9MiB"), ("laptop", "8MiB"), ("mini", "7MiB"))   # none holds the whole model
+AGENTS = (("desk", "+9MiB"), ("laptop", "+8MiB"), ("mini", "+7MiB"))   # none holds the whole model
 CONCURRENCY = 4
 QUEUE = 46          # 4 running + 46 waiting = 50 requests admitted; the 51st gets 429
 

@@ -7,13 +7,13 @@ import re
 from fleet import ROOT, Fleet, cli
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-BY_HAND = (("desk", "20MiB"), ("laptop", "16MiB"), ("mini", "14MiB"), ("pi", "12MiB"))
+BY_HAND = (("desk", "+20MiB"), ("laptop", "+16MiB"), ("mini", "+14MiB"), ("pi", "+12MiB"))
 
 
 def test_the_agents_of_the_by_hand_example_are_the_readme_s():
     block = README[README.index("The same by hand, with a failure in the middle"):]
-    assert "--name desk --listen 127.0.0.1:0 --memory 20MiB" in block
-    assert "# laptop 16MiB, mini 14MiB, pi 12MiB" in block
+    assert "--name desk --listen 127.0.0.1:0 --memory +20MiB" in block
+    assert "# laptop +16MiB, mini +14MiB, pi +12MiB" in block
     assert "$ edgefleet deploy models/reference/edgefleet-ref-f16.gguf --max-ppl-increase 5\n" in block
 
 

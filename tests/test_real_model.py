@@ -15,8 +15,8 @@ from fleet import Fleet, cli
 from llama_ref import BATCH, CTX, THREADS, LlamaCpp
 
 # memory per agent: none holds the Q4_1 model alone with this workload (122 MB as one stage)
-AGENTS = {"Q4_1": (("big", "100MiB"), ("mid", "90MiB"), ("small", "80MiB")),
-          "Q8_0": (("big", "140MiB"), ("mid", "120MiB"), ("small", "100MiB"))}
+AGENTS = {"Q4_1": (("big", "+100MiB"), ("mid", "+90MiB"), ("small", "+80MiB")),
+          "Q8_0": (("big", "+140MiB"), ("mid", "+120MiB"), ("small", "+100MiB"))}
 # one request of up to 512 tokens (the reference's context), sensitivity of the master's own
 # type and Q4_0 over one 512-token window (a real table, measured in about a minute), and a
 # 2 % budget: a 135M model's answers are fragile, 5 % already turns some into noise

@@ -36,3 +36,12 @@ def test_an_agent_runs_without_the_solver_stack():
             " 'controller') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == []
+
+
+def test_the_agent_command_loads_no_solver_stack_either():
+    # what `edgefleet agent` loads before it measures itself counts against its --memory
+    code = ("import sys, controller.cli, solver.units, agent.daemon\n"
+            "print(' '.join(m for m in ('pulp', 'highspy', 'networkx', 'torch', 'solver.problem', 'solver.fast')"
+            " if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == []
