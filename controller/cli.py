@@ -556,13 +556,13 @@ def status(controller_addr, as_json, token, tls_cert, tls_key, tls_ca) -> None:
     title = (f"deployment {st.active_deployment_id}: {Path(st.model).name}" if st.active_deployment_id
              else "no active deployment")
     t = Table(title=title)
-    for col in ("node", "address", "health", "stages: used/offered", "agent itself", "layers", "types", "sessions",
-                "queue"):
+    for col in ("node\naddress", "health", "stages: used\n/offered (+agent)", "layers", "types", "sessions\n/queue"):
         t.add_column(col)
     for n in st.nodes:   # offered: what the node's --memory leaves for stages beside the agent itself
-        t.add_row(n.node.name, n.node.address, n.health, used_of(n.memory_used_bytes, n.node.memory_bytes),
-                  fmt_bytes(n.node.agent_bytes) if n.node.agent_bytes else "-",
-                  n.layers or "-", n.layer_types or "-", str(n.sessions), str(n.queue_depth))
+        agent = f"\n(+{fmt_bytes(n.node.agent_bytes)})" if n.node.agent_bytes else ""
+        t.add_row(f"{n.node.name}\n{n.node.address}", n.health,
+                  used_of(n.memory_used_bytes, n.node.memory_bytes) + agent,
+                  n.layers or "-", n.layer_types or "-", f"{n.sessions}/{n.queue_depth}")
     console.print(t)
 
 

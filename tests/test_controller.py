@@ -85,6 +85,7 @@ def test_cli_status_generate_and_events(fleet):
     addr = fleet.controller.address
     r = cli("status", controller=addr)
     assert r.returncode == 0 and "desk" in r.stdout and "alive" in r.stdout
+    assert "…" not in r.stdout and max(map(len, r.stdout.splitlines())) <= 80, r.stdout    # an 80-column terminal
     r = cli("generate", "The function returns", "--max-tokens", "8", "--tokens", controller=addr)
     assert r.returncode == 0 and len(r.stdout.split()) == 8 and "tokens/s" in r.stderr
     r = cli("events", controller=addr)

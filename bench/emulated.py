@@ -1,0 +1,159 @@
+"""An emulated fleet on one Linux machine: one network namespace per node, joined to the
+root namespace by a veth pair, with bandwidth from `tc tbf` on both ends, latency from
+bench/delay_proxy.py in front of the node's port, and the node's CPU share and memory from
+cgroup (v1) limits. Made and removed by the bench; needs root.
+
+The controller, or llama.cpp's RPC host, runs in the root namespace and reaches node i at
+10.77.i.2; node i reaches the root namespace (the controller) at 10.77.i.1, and other nodes
+through it (IP forwarding on). Every process started here is ended here, by PID.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CGROUP = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    cpu: float          # CPU cores it may use (cgroup CFS quota), e.g. 1.0 or 0.4
+    memory: int         # bytes: its cgroup's limit, and what it offers
+
+
+@dataclass(frozen=True)
+class Link:
+    mbit: float         # bandwidth each way (tc tbf on both ends of the veth pair)
+    delay_ms: float     # one-way latency added by the proxy, each direction
+
+    def __str__(self) -> str:
+        return f"{self.mbit:g} Mbit/s, {self.delay_ms:g} ms"
+
+
+def sh(*args: str, ns: str = "") -> None:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+
+class EmulatedFleet:
+    def __init__(self, nodes: list[Node], link: Link, logs: Path, tag: str = "ef"):
+        self.nodes, self.link, self.logs, self.tag = nodes, link, Path(logs), tag
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: list[subprocess.Popen] = []
+        self._forward = "0"
+
+    # names
+    def ns(self, i: int) -> str:
+        return f"{self.tag}{i}"
+
+    def address(self, i: int) -> str:
+        """The node's address, as others reach it."""
+        return f"10.77.{i}.2"
+
+    def gateway(self, i: int) -> str:
+        """The root namespace's address, as node i reaches it."""
+        return f"10.77.{i}.1"
+
+    # ------------------------------------------------------------------ set-up
+
+    def __enter__(self) -> EmulatedFleet:
+        self._forward = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+        try:
+            for i, node in enumerate(self.nodes):
+                self._net(i)
+                self._cgroups(i, node)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _net(self, i: int) -> None:
+        ns, host, peer = self.ns(i), f"{self.tag}h{i}", f"{self.tag}n{i}"
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", host, "type", "veth", "peer", "name", peer)
+        sh("ip", "link", "set", peer, "netns", ns)
+        sh("ip", "addr", "add", f"{self.gateway(i)}/30", "dev", host)
+        sh("ip", "link", "set", host, "up")
+        sh("ip", "addr", "add", f"{self.address(i)}/30", "dev", peer, ns=ns)
+        sh("ip", "link", "set", "lo", "up", ns=ns)
+        sh("ip", "link", "set", peer, "up", ns=ns)
+        sh("ip", "route", "add", "default", "via", self.gateway(i), ns=ns)
+        rate = f"{self.link.mbit:g}mbit"
+        burst = f"{max(32, int(self.link.mbit * 1e6 / 8 / 250 / 1024) + 1)}kb"     # at least one tick's worth
+        for dev, where in ((host, ""), (peer, ns)):
+            sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", burst, "latency", "200ms",
+               ns=where)
+
+    def _cgroups(self, i: int, node: Node) -> None:
+        cpu = CGROUP / "cpu" / self.ns(i)
+        cpu.mkdir(exist_ok=True)
+        (cpu / "cpu.cfs_period_us").write_text("100000")
+        (cpu / "cpu.cfs_quota_us").write_text(str(int(node.cpu * 100000)))
+        mem = CGROUP / "memory" / self.ns(i)
+        mem.mkdir(exist_ok=True)
+        (mem / "memory.limit_in_bytes").write_text(str(node.memory))
+
+    # ------------------------------------------------------------------ processes
+
+    def run(self, i: int, argv: list[str], name: str, limited: bool = True) -> subprocess.Popen:
+        """Start argv in node i's namespace (and, when `limited`, its CPU and memory cgroups)."""
+        ns = self.ns(i)
+        join = (f"echo $$ > {CGROUP}/cpu/{ns}/cgroup.procs && echo $$ > {CGROUP}/memory/{ns}/cgroup.procs && "
+                if limited else "")
+        log = open(self.logs / f"{name}.log", "ab")
+        p = subprocess.Popen(["sh", "-c", join + f'exec ip netns exec {ns} "$@"', "sh", *argv],
+                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.procs.append(p)
+        return p
+
+    def proxy(self, i: int, port: int, inner: int) -> subprocess.Popen:
+        """The delay proxy in front of node i's port (outside its cgroups: it is the network)."""
+        p = self.run(i, [sys.executable, str(HERE / "delay_proxy.py"), "--listen", f"{self.address(i)}:{port}",
+                         "--to", f"127.0.0.1:{inner}", "--delay-ms", str(self.link.delay_ms)],
+                     f"proxy{i}-{port}", limited=False)
+        wait_port(self.logs / f"proxy{i}-{port}.log", "listening")
+        return p
+
+    def stop(self, p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+
+    def __exit__(self, *exc) -> None:
+        for p in reversed(self.procs):
+            self.stop(p)
+        self.procs = []
+        for i in range(len(self.nodes)):
+            subprocess.run(["ip", "netns", "del", self.ns(i)], capture_output=True)
+            subprocess.run(["ip", "link", "del", f"{self.tag}h{i}"], capture_output=True)
+            for kind in ("cpu", "memory"):
+                d = CGROUP / kind / self.ns(i)
+                for _ in range(50):
+                    try:
+                        d.rmdir() if d.exists() else None
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+        Path("/proc/sys/net/ipv4/ip_forward").write_text(self._forward)
+
+
+def wait_port(log: Path, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{log.name}: {text!r} did not appear within {timeout:.0f} s")

@@ -1,0 +1,275 @@
+"""edgefleet side by side with llama.cpp's RPC backend, on the same emulated fleet, in one run.
+
+Each fleet is made by bench/emulated.py (a network namespace per node, `tc tbf` bandwidth,
+a delay proxy in front of every node's port, cgroup CPU and memory limits). On it:
+
+  (a) llama.cpp RPC, its default split (every RPC server reports the same free memory, so
+      the layers are split evenly), the master's types;
+  (b) llama.cpp RPC with edgefleet's split (from run c) as --tensor-split, the same types;
+  (c) edgefleet, its plan with every layer kept at the master's type (only the split chosen);
+  (d) edgefleet, its own plan: split and per-layer types under a 5 % perplexity budget.
+
+Figures: single request, a 512-token prompt then 64 tokens: time to first token and decode
+tokens/s; and 8 requests of 512 + 64 started together: generated tokens per second of wall
+time. llama.cpp's single-request figures come from llama-bench (pp512 at depth 0, tg64 at
+depth 512), its 8-request figure from llama-batched-bench (-npp 512 -ntg 64 -npl 8); the
+host process runs in the root namespace, as edgefleet's controller does. Every process is
+held to one thread (rpc-server -t 1, agents --threads 1).
+
+    .venv/bin/python bench/versus.py [--fleet equal3,unequal4] [--model smollm2-q8_0] [--runs 3]
+
+Needs root (namespaces, tc, cgroups) and llama.cpp's RPC tools (built and cached on first
+use by bench/llamacpp.py, about 6 min). The agents' own --emulate-* options are not used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from bench import llamacpp  # noqa: E402
+from bench.emulated import EmulatedFleet, Link, Node  # noqa: E402
+from controller.local import ServiceProcess  # noqa: E402
+from proto import edgefleet_pb2 as pb  # noqa: E402
+from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
+
+MiB = 2 ** 20
+PROMPT, OUTPUT, CONCURRENT = 512, 64, 8
+CONTROLLER_PORT, PUBLIC_PORT, INNER_PORT = 50061, 50052, 40052
+
+FLEETS = {
+    # three equal nodes on a slow LAN
+    "equal3": ([Node(f"node{i}", 1.0, 768 * MiB) for i in range(3)], Link(100, 2.0)),
+    # four unequal nodes on a fast LAN: the same memory, CPU shares 1 : 0.6 : 0.4 : 0.25
+    "unequal4": ([Node("fast", 1.0, 768 * MiB), Node("mid", 0.6, 768 * MiB), Node("slow", 0.4, 768 * MiB),
+                  Node("slowest", 0.25, 768 * MiB)], Link(1000, 0.5)),
+}
+
+
+def models() -> dict:
+    from models import smollm2
+
+    return {"smollm2-q8_0": (lambda: smollm2.path("Q8_0"), "Q8_0", "Q8_0,Q5_0,Q4_0"),
+            "smollm2-f16": (lambda: smollm2.path("F16"), "F16", "F16,Q8_0,Q5_0,Q4_0"),
+            "reference": (lambda: ROOT / "models" / "reference" / "edgefleet-ref-f16.gguf", "F16", "")}
+
+
+@dataclass(frozen=True)
+class Figures:
+    ttft_s: float               # single request, 512-token prompt
+    decode_tps: float           # single request, tokens/s after the first
+    concurrent_tps: float       # 8 requests started together: generated tokens / wall time
+
+    def row(self) -> list[str]:
+        return [f"{self.ttft_s * 1e3:.0f} ms", f"{self.decode_tps:.1f}", f"{self.concurrent_tps:.1f}"]
+
+
+# ---------------------------------------------------------------------- edgefleet
+
+def prompt_ids(master: Path, n: int, salt: int = 0) -> list[int]:
+    from agent.tokenizer import Tokenizer
+    from controller.planning import text_for
+
+    tok = Tokenizer(str(master))
+    ids = tok.encode(text_for(master, "").read_text(encoding="utf-8"))
+    start = 1 + (salt * 97) % max(1, len(ids) - n)
+    return [ids[0]] + ids[start:start + n - 1]
+
+
+class Edgefleet:
+    """A controller in the root namespace and one agent per node, behind the node's proxy."""
+
+    def __init__(self, fleet: EmulatedFleet, work: Path):
+        self.fleet, self.work = fleet, work
+        self.controller = ServiceProcess(["controller", "--listen", f"0.0.0.0:{CONTROLLER_PORT}", "--state",
+                                          str(work / "edgefleet.db")], work / "controller.log")
+        self.address = f"127.0.0.1:{CONTROLLER_PORT}"
+        self.agents = []
+        for i, node in enumerate(fleet.nodes):
+            self.agents.append(fleet.run(i, [sys.executable, "-m", "controller.cli", "agent", "--name", node.name,
+                                             "--listen", f"127.0.0.1:{INNER_PORT}",
+                                             "--advertise", f"{fleet.address(i)}:{PUBLIC_PORT}",
+                                             "--controller", f"{fleet.gateway(i)}:{CONTROLLER_PORT}",
+                                             "--memory", str(node.memory), "--threads", "1",
+                                             "--data-dir", str(work / node.name)], f"agent-{node.name}"))
+            fleet.proxy(i, PUBLIC_PORT, INNER_PORT)
+        self.stub = rpc.ControllerStub(grpc.insecure_channel(self.address))
+        deadline = time.monotonic() + 60
+        while sum(n.health == "alive" for n in self.stub.Status(pb.Empty()).nodes) < len(fleet.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the agents did not register; see {work}")
+            time.sleep(0.3)
+
+    def deploy(self, master: Path, types: str, budget: float) -> dict:
+        args = [sys.executable, "-m", "controller.cli", "deploy", str(master), "--controller", self.address,
+                "--prompt-tokens", str(PROMPT), "--output-tokens", str(OUTPUT), "--concurrency", str(CONCURRENT),
+                "--context", str(PROMPT + OUTPUT), "--max-ppl-increase", str(budget)]
+        if types:
+            args += ["--types", types]
+        r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+        if r.returncode != 0:
+            raise RuntimeError(f"deploy failed: {r.stderr.strip()}")
+        return json.loads(self.stub.Status(pb.Empty()).plan_json)
+
+    def generate(self, ids: list[int], n: int) -> list[float]:
+        """Arrival times (perf_counter) of the request's start and of each token."""
+        times = [time.perf_counter()]
+        for _ in self.stub.Generate(pb.GenerateRequest(prompt_tokens=ids, max_tokens=n, ignore_eos=True),
+                                    timeout=600):
+            times.append(time.perf_counter())
+        return times
+
+    def measure(self, master: Path, runs: int) -> Figures:
+        self.generate(prompt_ids(master, 32), 4)                       # warm-up
+        singles = [self.generate(prompt_ids(master, PROMPT, r), OUTPUT) for r in range(runs)]
+        ttft = statistics.median(t[1] - t[0] for t in singles)
+        decode = statistics.median((len(t) - 2) / (t[-1] - t[1]) for t in singles)
+        done: list[list[float]] = [[] for _ in range(CONCURRENT)]
+        threads = [threading.Thread(target=lambda i=i: done[i].extend(
+            self.generate(prompt_ids(master, PROMPT, 100 + i), OUTPUT))) for i in range(CONCURRENT)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = max(d[-1] for d in done) - t0
+        return Figures(ttft, decode, sum(len(d) - 1 for d in done) / wall)
+
+    def stop(self) -> None:
+        for a in self.agents:
+            self.fleet.stop(a)
+        self.controller.terminate()
+
+
+# ---------------------------------------------------------------------- llama.cpp RPC
+
+class LlamaRpc:
+    """One ggml-rpc-server per node (-t 1), behind the node's proxy; the host tools run here."""
+
+    def __init__(self, fleet: EmulatedFleet, order: list[int]):
+        self.fleet, self.bin = fleet, llamacpp.build()
+        self.servers = []
+        for i in range(len(fleet.nodes)):
+            self.servers.append(fleet.run(i, [str(self.bin / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(INNER_PORT),
+                                              "-t", "1"], f"rpc-server-{i}"))
+            fleet.proxy(i, PUBLIC_PORT + 1, INNER_PORT)
+        self.order = order
+
+    def rpc_list(self, order: list[int]) -> str:
+        return ",".join(f"{self.fleet.address(i)}:{PUBLIC_PORT + 1}" for i in order)
+
+    def bench(self, model: Path, order: list[int], split: list[int] | None, runs: int) -> Figures:
+        common = ["-m", str(model), "--rpc", self.rpc_list(order), "-ngl", "99", "-t", "1", "-fa", "1",
+                  "-r", str(runs), "-o", "json"]
+        if split:
+            common += ["-ts", "/".join(str(x) for x in split)]
+        pp = self._json([str(self.bin / "llama-bench"), *common, "-p", str(PROMPT), "-n", "0"])
+        tg = self._json([str(self.bin / "llama-bench"), *common, "-p", "0", "-n", str(OUTPUT), "-d", str(PROMPT)])
+        batched = [str(self.bin / "llama-batched-bench"), "-m", str(model), "--rpc", self.rpc_list(order), "-ngl", "99",
+                   "-t", "1", "-fa", "on", "-c", str(CONCURRENT * (PROMPT + OUTPUT)), "-b", "2048", "-ub", "512",
+                   "-npp", str(PROMPT), "-ntg", str(OUTPUT), "-npl", str(CONCURRENT), "--output-format", "jsonl"]
+        if split:
+            batched += ["-ts", ",".join(str(x) for x in split)]
+        row = self._jsonl(batched)
+        return Figures(PROMPT / pp["avg_ts"], tg["avg_ts"], CONCURRENT * OUTPUT / row["t"])
+
+    @staticmethod
+    def _json(cmd: list[str]) -> dict:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed: {r.stderr.strip()[-800:]}")
+        return json.loads(r.stdout)[0]
+
+    @staticmethod
+    def _jsonl(cmd: list[str]) -> dict:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed: {r.stderr.strip()[-800:]}")
+        return json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+
+    def stop(self) -> None:
+        for s in self.servers:
+            self.fleet.stop(s)
+
+
+def tensor_split(plan: dict, n_layer: int, nodes: list[Node]) -> tuple[list[int], list[int]]:
+    """(node order, layers per node) of an edgefleet plan, for llama.cpp's --rpc and -ts. The
+    output layer counts as one more on the last stage (llama.cpp splits n_layer + 1 layers)."""
+    index = {n.name: i for i, n in enumerate(nodes)}
+    order = [index[s["node"]] for s in plan["stages"]]
+    split = [s["last"] - s["first"] for s in plan["stages"]]
+    split[-1] += 1
+    assert sum(split) == n_layer + 1
+    return order, split
+
+
+# ---------------------------------------------------------------------- run
+
+def run_fleet(name: str, model_name: str, runs: int, work: Path) -> list[tuple[str, Figures, str]]:
+    nodes, link = FLEETS[name]
+    path_fn, master_type, free_types = models()[model_name]
+    master = path_fn()
+    rows = []
+    with EmulatedFleet(nodes, link, work / "logs") as fleet:
+        ef = Edgefleet(fleet, work)
+        try:
+            kept = ef.deploy(master, master_type, 5.0)
+            c = ef.measure(master, runs)
+            own = ef.deploy(master, free_types, 5.0)
+            d = ef.measure(master, runs)
+        finally:
+            ef.stop()
+        n_layer = sum(s["last"] - s["first"] for s in kept["stages"])
+        order, split = tensor_split(kept, n_layer, nodes)
+        llama = LlamaRpc(fleet, order)
+        try:
+            a = llama.bench(master, list(range(len(nodes))), None, runs)
+            b = llama.bench(master, order, split, runs)
+        finally:
+            llama.stop()
+    describe = lambda p: " -> ".join(f"{s['node']}[{s['first']}:{s['last']}]" for s in p["stages"])  # noqa: E731
+    rows.append(("(a) llama.cpp RPC, default split", a, "even split"))
+    rows.append(("(b) llama.cpp RPC, edgefleet's split", b, describe(kept)))
+    rows.append(("(c) edgefleet, same split and types", c, describe(kept)))
+    rows.append(("(d) edgefleet, own plan (5 %)", d, describe(own) + f"; +{own['prediction']['ppl_increase_pct']:.2f} % ppl"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fleet", default="equal3,unequal4", help=f"comma-separated, of {', '.join(FLEETS)}")
+    ap.add_argument("--model", default="smollm2-q8_0", help="smollm2-q8_0, smollm2-f16 or reference")
+    ap.add_argument("--runs", type=int, default=3, help="single requests (and llama-bench repetitions) per figure")
+    a = ap.parse_args()
+    llamacpp.build()
+    for name in a.fleet.split(","):
+        nodes, link = FLEETS[name]
+        with tempfile.TemporaryDirectory(prefix=f"versus-{name}-") as tmp:
+            rows = run_fleet(name, a.model, a.runs, Path(tmp))
+        print(f"\n{name}: {len(nodes)} nodes (CPU {', '.join(f'{n.cpu:g}' for n in nodes)}), {link}, {a.model}")
+        print(f"{'system':40} {'TTFT':>8} {'tok/s':>7} {'8 req tok/s':>12}")
+        for label, f, _ in rows:
+            print(f"{label:40} {f.row()[0]:>8} {f.row()[1]:>7} {f.row()[2]:>12}")
+        fig = {label[:3]: f for label, f, _ in rows}
+        for num, den in (("(c)", "(b)"), ("(d)", "(a)")):
+            n, d = fig[num], fig[den]
+            print(f"{num}/{den}: TTFT {d.ttft_s / n.ttft_s:.2f}x faster, tok/s {n.decode_tps / d.decode_tps:.2f}, "
+                  f"8 requests {n.concurrent_tps / d.concurrent_tps:.2f}")
+        for label, _, plan in rows:
+            print(f"  {label[:3]} {plan}")
+
+
+if __name__ == "__main__":
+    main()
