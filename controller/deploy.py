@@ -17,6 +17,7 @@ from controller.agents import AgentClient, AgentError
 from controller.shards import ShardInfo, file_sha256, write_shard
 from proto.adapter import NodeInfo
 from proto.security import Security
+from solver.ggml_types import TYPE_ORDER
 from solver.memory import batch_tokens
 from solver.plan import Plan
 from solver.problem import Fleet, Link, ModelProfile, Node, Workload, measured_speed
@@ -31,6 +32,12 @@ PROBE_BYTES = 256 * 1024    # bandwidth probe between agents
 def probe_layers(n_layer: int) -> tuple[int, int]:
     """The one layer agents time for a model: a middle layer (no embedding or head to carry)."""
     return (1, 2) if n_layer > 2 else (0, 1)
+
+
+def profiled_types(model: ModelProfile, types: tuple[str, ...]) -> tuple[str, ...]:
+    """The types agents time a layer at: the plan's, and the LM head's (the node's speed at it
+    times the head on the last stage, solver/cost.py:head_s) where a layer can take it."""
+    return types if model.head_type in types or model.head_type not in TYPE_ORDER else (*types, model.head_type)
 
 
 def profile_agents(nodes: list[NodeInfo], model: Path, model_sha: str, n_layer: int, types: tuple[str, ...],

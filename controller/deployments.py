@@ -107,7 +107,8 @@ class Deployments:
 
     def _live_fleet(self, nodes: list[A.NodeInfo], model_path: Path, model, types: tuple[str, ...], report: Report):
         sha = model.sha256
-        profiles = D.profile_agents(nodes, model_path, sha, model.n_layer, types, self.workdir, self.security,
+        profiles = D.profile_agents(nodes, model_path, sha, model.n_layer, D.profiled_types(model, types),
+                                    self.workdir, self.security,
                                     lambda name: self.state.profile(name, sha),
                                     lambda name, t: self.state.save_profile(name, sha, t), report)
         links = D.measure_links(nodes, self.state.links(), self.security, self.state.save_link)

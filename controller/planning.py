@@ -28,6 +28,7 @@ def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
     reader = W.open_master(path)
     cfg = W.read_config(reader)
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    out = next((t for t in reader.tensors if t.name == "output.weight"), emb)   # the LM head's matrix
     if sensitivity is None:
         table = [{q: 0.0 for q in candidate_types(path)} for _ in range(cfg.n_layer)]
         source, sha = "not measured", ""
@@ -36,6 +37,7 @@ def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
         source, sha = f"measured on {sensitivity['eval_tokens']} held-out tokens", sensitivity["sha256"]
     return model_from_shape(path.name, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.n_ff, cfg.n_vocab,
                             cfg.tied_embeddings, table, master_type=emb.tensor_type.name,
+                            head_type=out.tensor_type.name,
                             sensitivity_source=source, sha256=sha)
 
 

@@ -33,7 +33,7 @@ from solver import cost as C
 from solver.cost import roofline_s
 from solver.memory import MAX_BATCH
 from solver.plan import Plan, Stage, stage_memory
-from solver.problem import Fleet, Link, Node, Problem
+from solver.problem import Fleet, Link, ModelProfile, Node, Problem
 from simulations.workload import Request
 
 
@@ -129,12 +129,13 @@ class _Cohort:
 
 
 class _StageState:
-    __slots__ = ("node", "groups", "overhead", "queue", "busy", "kv_capacity", "kv_used", "index", "busy_s")
+    __slots__ = ("node", "groups", "head", "overhead", "queue", "busy", "kv_capacity", "kv_used", "index", "busy_s")
 
-    def __init__(self, index: int, node: Node, groups, kv_capacity: int):
+    def __init__(self, index: int, node: Node, groups, kv_capacity: int, head: ModelProfile | None = None):
         self.index = index
         self.node = node
         self.groups = groups            # [(count, read_s, flops, attn, prefill_flops)]
+        self.head = head                # the model, on the last stage (it runs the LM head)
         self.overhead = node.step_overhead_s
         self.queue: list[_Cohort] = []
         self.busy = False
@@ -142,12 +143,15 @@ class _StageState:
         self.kv_used = 0
         self.busy_s = 0.0
 
-    def batch_s(self, ntok: int, ctxw: float) -> float:
-        """One batch of ntok tokens whose attention spans ctxw positions in all: each layer
-        group's roofline (solver/cost.py) and the node's step overhead."""
+    def batch_s(self, ntok: int, ctxw: float, rows: int) -> float:
+        """One batch of ntok tokens whose attention spans ctxw positions in all, with `rows`
+        output rows (one per request): each layer group's roofline (solver/cost.py), the LM
+        head's on the last stage, and the node's step overhead."""
         total = self.overhead
         for n, read, flops, attn, pf in self.groups:
             total += n * roofline_s(read, ntok * flops + attn * ctxw, pf)
+        if self.head is not None:
+            total += C.head_s(self.node, self.head, rows)
         return total
 
 
@@ -218,7 +222,8 @@ class Simulator:
         for i, st in enumerate(plan.stages):
             node = self.fleet.node(st.node)
             self.stages.append(_StageState(i, node, _stage_groups(p, st, node),
-                                           _kv_capacity(p, st, i == 0, i == n - 1, node.memory)))
+                                           _kv_capacity(p, st, i == 0, i == n - 1, node.memory),
+                                           p.model if i == n - 1 else None))
         self._routes()
         self.serving = True
 
@@ -360,7 +365,7 @@ class Simulator:
             other = q.pop(0)
             cohort.absorb(other)
             self.cohorts.discard(other)
-        dt = stage.batch_s(cohort.ntok, cohort.ctxw)
+        dt = stage.batch_s(cohort.ntok, cohort.ctxw, len(cohort.members))
         stage.busy = True
         stage.busy_s += dt
         heapq.heappush(self.heap, (t + dt, next(self.seq), self.STAGE_DONE, self.epoch, (stage.index, cohort)))

@@ -113,9 +113,10 @@ def naive_model(problem: Problem) -> tuple[pulp.LpProblem, dict]:
               for n in nodes}
     if o.objective == "latency":
         lp += terms.latency(problem, net, stages.values(), u, (((a, b), v) for (l, a, b), v in tr.items()),
-                            {n: x[0, n] for n in nodes}), "latency"
+                            {n: x[0, n] for n in nodes}, {n: x[L - 1, n] for n in nodes}), "latency"
     else:
-        steps = {f"stage_time_{i}": terms.step_time(fleet.node(n), stages[n], u[n]) for i, n in enumerate(nodes)}
+        steps = {f"stage_time_{i}": terms.step_time(problem, fleet.node(n), stages[n], u[n], x[L - 1, n])
+                 for i, n in enumerate(nodes)}
         hops = {f"hop_time_{l}_{nodes.index(a)}_{nodes.index(b)}": (a, b, v) for (l, a, b), v in tr.items()}
         terms.bottleneck(lp, problem, net, steps, hops)
     return lp, y

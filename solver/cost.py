@@ -49,6 +49,21 @@ def layer_latency_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> flo
     return prefill_s(node, layer, q, w) + (w.output_tokens - 1) * decode_s(node, layer, q, w)
 
 
+def head_s(node: Node, model: ModelProfile, rows: int) -> float:
+    """Seconds for the last stage's output norm + LM head over `rows` output rows: a roofline
+    of its weights (head_bytes) and 2 × n_vocab × n_embd FLOPs per row, at the node's speed
+    for the head's type (else for its best type). llama.cpp runs the head only on the rows a
+    step outputs, and the agents ask for one per request step (the last prompt token of a
+    prefill, the one new token of a decode step)."""
+    s = node.speed.get(model.head_type) or node.speed[node.types[0]]
+    return roofline_s(model.head_bytes / s.decode_bytes_per_s, rows * model.head_flops, s.prefill_flops)
+
+
+def head_latency_s(node: Node, model: ModelProfile, w: Workload) -> float:
+    """The head's share of one request's latency: one row for the first token, one per further token."""
+    return w.output_tokens * head_s(node, model, 1)
+
+
 def stage_overhead_latency_s(node: Node, w: Workload) -> float:
     return node.step_overhead_s * w.output_tokens
 

@@ -162,9 +162,10 @@ def master_objective(lp: pulp.LpProblem, problem: Problem, v: dict, net: C.Netwo
     stages = {n: terms.stage_time(problem, fleet.node(n), [((0, q), v["c"][n, q]) for q in v["types"][n]])
               for n in nodes}
     if problem.options.objective == "latency":
-        lp += terms.latency(problem, net, stages.values(), v["u"], t.items(), v["first"]), "latency"
+        lp += terms.latency(problem, net, stages.values(), v["u"], t.items(), v["first"], v["last"]), "latency"
         return
-    steps = {f"stage_time_{i}": terms.step_time(fleet.node(n), stages[n], v["u"][n]) for i, n in enumerate(nodes)}
+    steps = {f"stage_time_{i}": terms.step_time(problem, fleet.node(n), stages[n], v["u"][n], v["last"][n])
+             for i, n in enumerate(nodes)}
     hops = {f"hop_time_{nodes.index(a)}_{nodes.index(b)}": (a, b, var) for (a, b), var in t.items()}
     terms.bottleneck(lp, problem, net, steps, hops)
 
@@ -291,7 +292,7 @@ def assign_types(problem: Problem, blocks: list[tuple[str, int, int]], cand: dic
 def types_model(problem: Problem, blocks: list[tuple[str, int, int]], cand: dict, z: dict) -> pulp.LpProblem:
     """The types sub-problem on z[l, q]: one type per layer, each block within its node's
     memory, the budget, and the objective without the terms the blocks fix (hops, overheads
-    in the latency)."""
+    and the LM head in the latency)."""
     m, w, o, fleet = problem.model, problem.workload, problem.options, problem.fleet
     lp = pulp.LpProblem("types", pulp.LpMinimize)
     for l in range(m.n_layer):
@@ -306,9 +307,10 @@ def types_model(problem: Problem, blocks: list[tuple[str, int, int]], cand: dict
     lp += pulp.lpSum(m.layers[l].sensitivity[q] * v for (l, q), v in z.items()) <= o.budget, "budget"
     net = C.Network(fleet)
     if o.objective == "latency":
-        lp += terms.latency(problem, net, stages, {}, (), {}), "latency"
-    else:
-        steps = {f"stage_time_{i}": terms.step_time(fleet.node(n), stages[i], 1) for i, (n, _, _) in enumerate(blocks)}
+        lp += terms.latency(problem, net, stages, {}, (), {}, {}), "latency"
+    else:   # the last block's step runs the LM head
+        steps = {f"stage_time_{i}": terms.step_time(problem, fleet.node(n), stages[i], 1, int(i == len(blocks) - 1))
+                 for i, (n, _, _) in enumerate(blocks)}
         terms.bottleneck(lp, problem, net, steps, {})
     return lp
 

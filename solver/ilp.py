@@ -177,9 +177,11 @@ def objective(lp: pulp.LpProblem, problem: Problem, v: Vars, net: C.Network) -> 
                                                            for l in range(L) for q in v.cand.get((l, n), [])])
               for n in v.nodes}
     if problem.options.objective == "latency":
-        lp += terms.latency(problem, net, stages.values(), v.used, v.t.items(), {n: v.f[0, n] for n in v.nodes}), "latency"
+        lp += terms.latency(problem, net, stages.values(), v.used, v.t.items(), {n: v.f[0, n] for n in v.nodes},
+                            {n: v.f[L - 1, n] for n in v.nodes}), "latency"
         return
-    steps = {f"stage_time_{i}": terms.step_time(fleet.node(n), stages[n], v.used[n]) for i, n in enumerate(v.nodes)}
+    steps = {f"stage_time_{i}": terms.step_time(problem, fleet.node(n), stages[n], v.used[n], v.f[L - 1, n])
+             for i, n in enumerate(v.nodes)}
     hops = {f"hop_time_{v.nodes.index(a)}_{v.nodes.index(b)}": (a, b, x) for (a, b), x in v.t.items()}
     terms.bottleneck(lp, problem, net, steps, hops)
 

@@ -24,7 +24,7 @@ class Stage:
 @dataclass(frozen=True)
 class StagePrediction:
     node: str
-    prefill_s: float               # the stage's compute for the whole prompt
+    prefill_s: float               # the stage's compute for the whole prompt (the last's with the LM head)
     decode_s: float                # one decode step, batch 1
     step_s: float                  # one decode step at the workload's concurrency
     transfer_s: float              # this stage → next: the request's share of link time (0 for the last)
@@ -127,6 +127,10 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
         pre = sum(C.prefill_s(node, m.layers[l], q, w) for l, q in layers)
         dec = sum(C.decode_s(node, m.layers[l], q, w) for l, q in layers)
         step = sum(C.decode_s(node, m.layers[l], q, w, w.concurrency) for l, q in layers) + node.step_overhead_s
+        if i == len(stages) - 1:   # the LM head: one row per request step (cost.head_s)
+            pre += C.head_s(node, m, 1)
+            dec += C.head_s(node, m, 1)
+            step += C.head_s(node, m, w.concurrency)
         dnll += sum(m.layers[l].sensitivity[q] for l, q in layers)
         mem = stage_memory(problem, st, first=i == 0, last=i == len(stages) - 1)
         transfer = 0.0

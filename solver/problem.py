@@ -57,6 +57,7 @@ class ModelProfile:
     head_scratch_bytes_per_token: int = 0   # compute buffer per token of a batch while the LM head runs
     stage_bytes: int = 0            # tensors every shard holds besides its layers (output norm, one f32 vocabulary row)
     tied_embeddings: bool = False   # head_bytes holds the token embedding too (one copy when one stage has both ends)
+    head_type: str = "F16"          # GGUF type of the LM head's matrix (token_embd's when tied): the node's speed at it times the head
     sensitivity_source: str = "measured"   # or the proxy used (docs/cost-model.md)
     sha256: str = ""
 
@@ -74,6 +75,11 @@ class ModelProfile:
     def act_bytes_per_token(self) -> int:
         return 4 * self.n_embd
 
+    @property
+    def head_flops(self) -> float:
+        """FLOPs of the LM head per output row (the n_vocab × n_embd matmul)."""
+        return 2.0 * self.n_vocab * self.n_embd
+
     def to_json(self) -> str:
         return jsonio.dumps(asdict(self), indent=1)
 
@@ -81,9 +87,11 @@ class ModelProfile:
 def model_from_shape(name: str, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int,
                      n_vocab: int, tied: bool, sensitivity: list[dict[str, float]],
                      master_type: str = "F16", sensitivity_source: str = "measured",
-                     sha256: str = "") -> ModelProfile:
+                     sha256: str = "", head_type: str = "") -> ModelProfile:
     """Profile of a llama-family model from its shapes: sizes per type from the GGUF block layout,
-    FLOPs from the parameter count, KV bytes from the KV heads (GQA)."""
+    FLOPs from the parameter count, KV bytes from the KV heads (GQA). master_type: the token
+    embedding's type; head_type: an untied output matrix's (default: master_type)."""
+    head_type = master_type if tied or not head_type else head_type
     if len(sensitivity) != n_layer:
         raise ValueError(f"the sensitivity table has {len(sensitivity)} layers; the model has {n_layer}")
     head_dim = n_embd // n_head
@@ -102,7 +110,7 @@ def model_from_shape(name: str, n_layer: int, n_embd: int, n_head: int, n_head_k
                                    kv_bytes_per_token=kv_bytes_per_token(1, n_head_kv, head_dim),
                                    sensitivity=dict(sens)))
     emb = type_bytes(master_type, n_vocab * n_embd)
-    head = n_embd * 4 + (0 if tied else type_bytes(master_type, n_vocab * n_embd))
+    head = n_embd * 4 + (0 if tied else type_bytes(head_type, n_vocab * n_embd))
     if tied:
         head += emb  # the last stage needs the tied matrix too
     return ModelProfile(
@@ -110,7 +118,7 @@ def model_from_shape(name: str, n_layer: int, n_embd: int, n_head: int, n_head_k
         # llama.cpp's compute buffers (solver/memory.py: layer_compute_bytes, head_compute_bytes)
         scratch_bytes_per_token=4 * (4 * n_embd + 3 * n_ff), scratch_bytes=FIXED_BYTES, mask_bytes_per_position=2,
         head_scratch_bytes_per_token=4 * (n_vocab + 2 * n_embd), stage_bytes=2 * 4 * n_embd, tied_embeddings=tied,
-        sensitivity_source=sensitivity_source, sha256=sha256)
+        head_type=head_type, sensitivity_source=sensitivity_source, sha256=sha256)
 
 
 def load_model_profile(path: str | Path) -> ModelProfile:

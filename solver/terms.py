@@ -4,8 +4,8 @@ LLM-PQ-style baseline (baselines.naive_ilp).
 
 Every coefficient comes from the cost model (solver/cost.py). A formulation hands over its
 own variables: per stage, (layer, type) pairs with the variable that puts that layer at that
-type there; per node, the expressions "holds a stage" and "holds the first stage"; per
-pipeline hop, the variable that says the hop is taken.
+type there; per node, the expressions "holds a stage", "holds the first stage" and "holds the
+last stage" (which runs the LM head); per pipeline hop, the variable that says the hop is taken.
 """
 from __future__ import annotations
 
@@ -23,26 +23,38 @@ def layer_time(problem: Problem, node: Node, l: int, q: str) -> float:
     return C.decode_s(node, lp, q, w, w.concurrency)
 
 
+def head_time(problem: Problem, node: Node) -> float:
+    """The LM head's time on a node holding the last stage, in the objective's terms."""
+    m, w = problem.model, problem.workload
+    if problem.options.objective == "latency":
+        return C.head_latency_s(node, m, w)
+    return C.head_s(node, m, w.concurrency)
+
+
 def stage_time(problem: Problem, node: Node, layers) -> pulp.LpAffineExpression:
     """A stage's compute in the objective's terms: Σ layer_time × variable over its
     ((layer, type), variable) pairs."""
     return pulp.lpSum(layer_time(problem, node, l, q) * v for (l, q), v in layers)
 
 
-def latency(problem: Problem, net: C.Network, stages, used: dict, hops, first: dict) -> pulp.LpAffineExpression:
+def latency(problem: Problem, net: C.Network, stages, used: dict, hops, first: dict,
+            last: dict) -> pulp.LpAffineExpression:
     """One request's latency: the stages' compute (stage_time expressions), each used node's
-    step overheads (node -> "holds a stage"), each hop taken ((a, b), variable) and the
-    controller's link to the first node (node -> "holds the first stage")."""
+    step overheads (node -> "holds a stage"), each hop taken ((a, b), variable), the
+    controller's link to the first node (node -> "holds the first stage") and the LM head on
+    the last (node -> "holds the last stage")."""
     m, w, fleet = problem.model, problem.workload, problem.fleet
     return (pulp.lpSum(stages)
             + pulp.lpSum(C.stage_overhead_latency_s(fleet.node(n), w) * u for n, u in used.items())
+            + pulp.lpSum(head_time(problem, fleet.node(n)) * x for n, x in last.items())
             + pulp.lpSum(C.hop_latency_s(net, m, w, a, b) * v for (a, b), v in hops)
             + pulp.lpSum(C.controller_latency_s(net, w, n) * x for n, x in first.items()))
 
 
-def step_time(node: Node, stage: pulp.LpAffineExpression, used) -> pulp.LpAffineExpression:
-    """A stage's decode step: its compute (stage_time) and the node's step overhead if used."""
-    return stage + node.step_overhead_s * used
+def step_time(problem: Problem, node: Node, stage: pulp.LpAffineExpression, used, last) -> pulp.LpAffineExpression:
+    """A stage's decode step: its compute (stage_time), the node's step overhead if used, and
+    the LM head if it holds the last stage."""
+    return stage + node.step_overhead_s * used + head_time(problem, node) * last
 
 
 def bottleneck(lp: pulp.LpProblem, problem: Problem, net: C.Network, steps: dict, hops: dict) -> None:

@@ -115,10 +115,11 @@ def brute_force(p: Problem) -> tuple[float, list[Stage] | None]:
                     mem = lbytes[np.arange(a, b), sub].sum(axis=1) + C.runtime_bytes(m, w) \
                         + (m.embed_bytes if i == 0 else 0) + (C.head_bytes(m, w) if i == S - 1 else 0)
                     ok &= mem <= node.memory
+                    head = C.head_s(node, m, w.concurrency) if i == S - 1 else 0.0   # the last stage runs the LM head
                     with np.errstate(invalid="ignore"):
                         lat_total += lat[np.arange(a, b), sub].sum(axis=1)
-                        step_max = np.maximum(step_max, step[np.arange(a, b), sub].sum(axis=1) + node.step_overhead_s)
-                    fixed += C.stage_overhead_latency_s(node, w)
+                        step_max = np.maximum(step_max, step[np.arange(a, b), sub].sum(axis=1) + node.step_overhead_s + head)
+                    fixed += C.stage_overhead_latency_s(node, w) + (C.head_latency_s(node, m, w) if i == S - 1 else 0.0)
                     if i + 1 < S:
                         fixed += C.hop_latency_s(net, m, w, name, seq[i + 1])
                         hop_max = max(hop_max, C.hop_step_s(net, m, w, name, seq[i + 1]))

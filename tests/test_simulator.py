@@ -5,7 +5,8 @@ The toy: two identical layers, one per node. A layer reads 1 MB of weights at 10
 (10 ms) and does 1 MFLOP per token at 1 GFLOP/s (1 ms per token), so a stage takes
 max(10 ms, tokens × 1 ms): a 20-token prefill 20 ms, a 10-token prefill 10 ms, a decode step
 10 ms. Activations are 1000 bytes per token over a 1 MB/s link with 5 ms latency; a reply
-(16 bytes) takes 5.016 ms back. No step overhead, no controller vertex.
+(16 bytes) takes 5.016 ms back. No step overhead, no controller vertex, and no vocabulary: the
+LM head costs only reading its `head` bytes at 100 MB/s, once per step of the last stage.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ REPLY = 0.005 + 16 / 1e6
 def toy(memory: int = 10 ** 9, nodes=("n0", "n1"), concurrency: int = 2, head: int = 0) -> Problem:
     lp = LayerProfile(bytes={"F16": 1_000_000}, flops=1e6, attn_flops_per_ctx=0.0, kv_bytes_per_token=100,
                       sensitivity={"F16": 0.0})
-    model = ModelProfile(name="toy", n_embd=250, n_vocab=100, layers=(lp, lp), embed_bytes=0, head_bytes=head,
+    model = ModelProfile(name="toy", n_embd=250, n_vocab=0, layers=(lp, lp), embed_bytes=0, head_bytes=head,
                          scratch_bytes_per_token=0, scratch_bytes=0)
     speed = {"F16": TypeSpeed(1e8, 1e9)}
     fleet = Fleet(tuple(Node(n, memory, speed, step_overhead_s=0.0) for n in nodes),
@@ -58,6 +59,13 @@ def test_one_request_by_hand():
     assert close(first, 0.020 + 0.025 + 0.020 + REPLY)
     # each further token: 10 ms, 1 ms + 5 ms, 10 ms, reply
     assert close(done, first + 2 * (0.010 + 0.006 + 0.010 + REPLY)) and status == "ok"
+
+
+def test_the_last_stage_runs_the_lm_head_once_per_step():
+    # a 1 MB head read at 100 MB/s: 10 ms more on n1 for the first token and for each further one
+    (first, done, status), = times(simulate(toy(head=1_000_000), PLAN, [Request(0, 0.0, 20, 3)]))
+    assert close(first, 0.020 + 0.025 + 0.020 + 0.010 + REPLY)
+    assert close(done, first + 2 * (0.010 + 0.006 + 0.010 + 0.010 + REPLY)) and status == "ok"
 
 
 def test_two_overlapping_requests_queue_at_each_stage_and_on_the_link():
@@ -100,10 +108,11 @@ def test_a_failure_replans_pushes_the_changed_shard_and_replays():
     (first, done, status), = times(result)
     assert [s.node for s in result.plans[-1][1].stages] == ["n0", "n2"]
     ready = 0.09 + 1.0 + 1_000_000 / 1e7 + 0.5     # only n2's 1 MB shard is pushed
-    assert close(first, 0.065 + REPLY)              # before the failure
+    head = 520_000 / 1e8                            # the last stage's LM head, each step
+    assert close(first, 0.065 + head + REPLY)       # before the failure
     # one token was out: the replay is a 21-token prefill, which yields token 2, then token 3
-    t2 = ready + 0.021 + 0.021 + 0.005 + 0.021 + REPLY
-    assert close(done, t2 + 0.026 + REPLY) and status == "ok"
+    t2 = ready + 0.021 + 0.021 + 0.005 + 0.021 + head + REPLY
+    assert close(done, t2 + 0.026 + head + REPLY) and status == "ok"
     assert result.records[0].replays == 1
     assert "n1 fails" in result.events[0][1] and "serving again" in result.events[1][1]
 

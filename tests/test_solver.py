@@ -10,12 +10,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from solver import cost as C
 from solver import ilp
 from solver.baselines import SPLITS, baseline, naive_ilp, split
 from solver.catalog import model_profile, random_fleet
 from solver.fast import least_dnll, solve, solve_ilp, sorted_types
 from solver.plan import evaluate, violations
-from solver.problem import GiB, Options, Problem, Workload
+from solver.problem import (Fleet, GiB, LayerProfile, Link, ModelProfile, Node, Options, Problem, TypeSpeed,
+                            Workload)
 from solver_instances import brute_force, random_problem
 
 
@@ -111,6 +113,53 @@ def test_sorted_types_is_exact_for_product_sensitivities():
             want = min(sum(m.layers[l].sensitivity[q] for l, q in zip(range(s.first, s.last), perm))
                        for perm in set(itertools.permutations(s.types)))
             assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def slow_head_problem(objective: str) -> Problem:
+    """Four equal layers on two nodes that each hold three at most (with both ends): equal at
+    the layers' type, but node a reads the LM head's type (Q8_0) 100 × slower than node b, and
+    b is nearer the controller (so without the head b would go first)."""
+    lp = LayerProfile(bytes={"Q4_0": 1_000_000}, flops=2e6, attn_flops_per_ctx=1024.0, kv_bytes_per_token=256,
+                      sensitivity={"Q4_0": 0.0})
+    model = ModelProfile(name="toy", n_embd=256, n_vocab=4000, layers=(lp,) * 4, embed_bytes=500_000,
+                         head_bytes=2_000_000, scratch_bytes_per_token=4096, scratch_bytes=100_000, head_type="Q8_0")
+    w = Workload(prompt_tokens=16, output_tokens=8, concurrency=2, context=0)
+    memory = C.runtime_bytes(model, w) + model.embed_bytes + C.head_bytes(model, w) + 3 * C.layer_bytes(model, 0, "Q4_0", w)
+    nodes = tuple(Node(n, memory, {"Q4_0": TypeSpeed(1e9, 1e11), "Q8_0": TypeSpeed(head, 1e11)})
+                  for n, head in (("a", 1e8), ("b", 1e10)))
+    fleet = Fleet(nodes, (Link("sw", "a", 125e6, 0.002), Link("sw", "b", 125e6, 0.0002)), controller="sw")
+    return Problem(model, fleet, w, Options(objective=objective, gap=1e-6, time_limit=60))
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_the_last_stage_pays_for_the_lm_head(objective):
+    """The plan's prediction counts the LM head on the last stage (one row per request step;
+    the decode batch in a throughput step), so the node with the fast head takes the end; the
+    aggregate path, the full ILP and the naive ILP agree with the enumerator."""
+    p = slow_head_problem(objective)
+    want, want_stages = brute_force(p)
+    assert want_stages[-1].node == "b"
+    for plan in (solve(p), solve_ilp(p), naive_ilp(p)):
+        assert plan.status == "optimal" and plan.stages[-1].node == "b"
+        assert plan.objective == pytest.approx(want, rel=1e-6)
+    head = {n.name: (C.head_s(n, p.model, 1), C.head_s(n, p.model, 2)) for n in p.fleet.nodes}
+    assert head["a"][0] == pytest.approx(0.020) and head["b"][0] == pytest.approx(0.0002)
+    got = evaluate(p, want_stages)
+    for i, st in enumerate(want_stages):
+        node, last = p.fleet.node(st.node), i == len(want_stages) - 1
+        layers = [(p.model.layers[l], q) for l, q in zip(range(st.first, st.last), st.types)]
+        dec = sum(C.decode_s(node, lp, q, p.workload) for lp, q in layers)
+        step = sum(C.decode_s(node, lp, q, p.workload, 2) for lp, q in layers) + node.step_overhead_s
+        assert got.stages[i].decode_s == pytest.approx(dec + (head[st.node][0] if last else 0.0))
+        assert got.stages[i].step_s == pytest.approx(step + (head[st.node][1] if last else 0.0))
+    # the same layers with the nodes swapped: the layers cost the same; the head and the
+    # controller's link move
+    other = evaluate(p, [dataclasses.replace(s, node="ab"[s.node == "a"]) for s in want_stages])
+    net = C.Network(p.fleet)
+    ctl_first = C.controller_first_s(net, p.workload, "b") - C.controller_first_s(net, p.workload, "a")
+    ctl_next = C.controller_next_s(net, p.workload, "b") - C.controller_next_s(net, p.workload, "a")
+    assert other.ttft_s - got.ttft_s == pytest.approx(head["a"][0] - head["b"][0] + ctl_first)
+    assert other.tpot_s - got.tpot_s == pytest.approx(head["a"][0] - head["b"][0] + ctl_next)
 
 
 def test_instance_mix_has_both_outcomes():
