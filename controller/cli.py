@@ -556,7 +556,7 @@ def status(controller_addr, as_json, token, tls_cert, tls_key, tls_ca) -> None:
     title = (f"deployment {st.active_deployment_id}: {Path(st.model).name}" if st.active_deployment_id
              else "no active deployment")
     t = Table(title=title)
-    for col in ("node\naddress", "health", "stages: used\n/offered (+agent)", "layers", "types", "sessions\n/queue"):
+    for col in ("node\naddress", "health", "used/offered\n(+agent)", "layers", "types", "sessions\n/queue"):
         t.add_column(col)
     for n in st.nodes:   # offered: what the node's --memory leaves for stages beside the agent itself
         agent = f"\n(+{fmt_bytes(n.node.agent_bytes)})" if n.node.agent_bytes else ""
