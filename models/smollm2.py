@@ -81,7 +81,7 @@ def _build_f16(src: Path, dest: Path) -> None:
     tmp.replace(dest)
 
 
-def _quantize(src: Path, dest: Path, ftype: int) -> None:
+def llama_quantize(src: Path, dest: Path, ftype: int) -> None:
     """llama.cpp's own quantizer (llama_model_quantize, as `llama-quantize` runs it) on a whole
     model: what a user downloads from a hub as MODEL.Q8_0.gguf."""
     import llama_cpp
@@ -127,7 +127,7 @@ def path(kind: str = "F16") -> Path:
     out = d / f"SmolLM2-135M-Instruct.{kind}.gguf"
     if not out.exists():
         log.info("quantizing %s with llama.cpp", out)
-        _quantize(f16, out, FTYPES[kind])
+        llama_quantize(f16, out, FTYPES[kind])
     return out
 
 
