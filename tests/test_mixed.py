@@ -9,7 +9,7 @@ import pytest
 
 from agent import weights as W
 from controller.shards import candidate_types, kept_layers, parse_types, write_shard
-from solver.ggml_types import LAYER_TYPES, MIX_FILE_TYPES, MIXES, TYPE_ORDER, matrix_type, parse_type
+from solver.ggml_types import MIX_FILE_TYPES, MIXES, TYPE_ORDER, matrix_type, parse_type
 
 # SmolLM2's 30 layers that llama.cpp's Q4_K_M gives Q6_K attn_v and ffn_down (use_more_bits)
 MORE_BITS = {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29}
