@@ -36,11 +36,12 @@ def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> int:
     one small layer in the cache. Returns the number of copies."""
     reader = W.open_gguf(shard)
     cfg = W.read_config(reader)
+    first, _ = W.stage_range(reader, cfg)       # a mix chooses its matrices' types by the layer's place
     layer = []
     for t in reader.tensors:
         if t.name.startswith("blk.0."):
             name = t.name[len("blk.0."):]
-            layer.append((name, *requantize(t, qtype)) if len(t.shape) == 2 else
+            layer.append((name, *requantize(t, qtype, first, cfg)) if len(t.shape) == 2 else
                          (name, np.asarray(t.data), t.tensor_type))
     size = sum(int(data.nbytes) for _, data, _ in layer)
     copies = max(2, min(MAX_COPIES, -(-PROBE_BYTES // max(size, 1))))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from solver.ggml_types import block, stored_type
+from solver.ggml_types import block, llama_70b, matrix_type
 
 
 @functools.cache
@@ -101,12 +101,15 @@ def dequantize(raw: np.ndarray, name: str, n_elements: int) -> np.ndarray:
     return out
 
 
-def requantize(t, qtype: str) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """A 2-D tensor of a GGUFReader as `qtype` asks, with llama.cpp's fallback where its rows do
-    not split into that type's blocks: (raw data, stored type). The bytes are copied when the
+def requantize(t, qtype: str, layer: int, cfg) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """A matrix of layer `layer` (a tensor of a GGUFReader, named blk.N.MATRIX.weight) as
+    layer type `qtype` asks (a GGML type or a llama.cpp mix, solver/ggml_types.matrix_type),
+    with llama.cpp's fallback where its rows do not split into that type's blocks: (raw data,
+    stored type). cfg: the model's agent.weights.ModelConfig. The bytes are copied when the
     tensor already has that type, else dequantized and quantized with llama.cpp's code."""
     n_per_row = int(t.shape[0])
-    target = stored_type(qtype, n_per_row)
+    target = matrix_type(qtype, t.name.split(".")[2], n_per_row, layer, cfg.n_layer,
+                         llama_70b(cfg.n_layer, cfg.n_head, cfg.n_head_kv))
     if target == t.tensor_type.name:
         return np.asarray(t.data), t.tensor_type
     rows = dequantize(np.asarray(t.data), t.tensor_type.name, int(t.n_elements)).reshape(-1, n_per_row)

@@ -143,13 +143,37 @@ def stage_range(reader: GGUFReader, cfg: ModelConfig) -> tuple[int, int]:
 
 
 def layer_types(reader: GGUFReader) -> list[str]:
-    """Per layer, the type asked for it (a shard's record, else its ffn_down's stored type)."""
+    """Per layer, its type: a shard's record, else the master's own name for the layer (see
+    own_types)."""
     recorded = field_value(reader, KEY_TYPES)
     if recorded is not None:
         return [str(t) for t in recorded]
+    return own_types(reader)
+
+
+def own_types(reader: GGUFReader) -> list[str]:
+    """A whole model's name for each layer: the first of the file's own (general.file_type,
+    when llama.cpp's quantizer wrote it as a mix like Q4_K_M), the GGML types and the mixes
+    whose rule gives every matrix of the layer the type it is stored at; where none does, the
+    file's mix or else its ffn_down's type. A layer asked for its own name keeps its bytes
+    (controller/shards.py)."""
+    from solver.ggml_types import MIX_FILE_TYPES, MIXES, TYPE_ORDER, llama_70b, matrix_type
+
     cfg = read_config(reader)
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    return [types.get(f"blk.{i}.ffn_down.weight", "?") for i in range(cfg.n_layer)]
+    big = llama_70b(cfg.n_layer, cfg.n_head, cfg.n_head_kv)
+    stored: list[dict[str, tuple[str, int]]] = [{} for _ in range(cfg.n_layer)]   # matrix -> (type, row length)
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk" and len(t.shape) == 2:
+            stored[int(parts[1])][parts[2]] = (t.tensor_type.name, int(t.shape[0]))
+    mix = MIX_FILE_TYPES.get(field_value(reader, "general.file_type"))
+    names = [mix] * (mix is not None) + [q for q in TYPE_ORDER if q not in MIXES] + list(MIXES)
+    out = []
+    for l, matrices in enumerate(stored):
+        out.append(next((q for q in names if all(matrix_type(q, m, n, l, cfg.n_layer, big) == t
+                                                 for m, (t, n) in matrices.items())),
+                        mix or matrices.get("ffn_down", ("?", 0))[0]))
+    return out
 
 
 def input_embedding_shape(reader: GGUFReader, cfg: ModelConfig) -> tuple[str, int, int] | None:

@@ -413,7 +413,7 @@ def sensitivity_table(result: dict) -> Table:
     table = Table(title=f"ΔNLL per token (0.001 nats) when only one layer changes; base NLL "
                         f"{result['base_nll']:.4f}, perplexity {result['base_perplexity']:.2f}, "
                         f"{result['eval_tokens']} held-out tokens", box=box.SIMPLE_HEAD, pad_edge=False)
-    types = list(next(iter(result["sensitivity"].values())).keys())
+    types = list(dict.fromkeys(q for row in result["sensitivity"].values() for q in row))
     table.add_column("layer", justify="right")
     for t in types:
         table.add_column(t, justify="right")

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from agent import weights as W
 from controller.sensitivity import cached_or_measured
-from controller.shards import candidate_types, master_sha256
+from controller.shards import candidate_types, kept_layers, master_sha256
 from solver.catalog import MODEL_SHAPES, model_profile
 from solver.memory import unit_for
 from solver.plan import Plan
@@ -23,14 +23,15 @@ _PROFILES: dict[tuple, ModelProfile] = {}
 
 
 def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
-    """Shapes from the GGUF's metadata; sensitivity from a `model profile` result (None: zero
-    for every type, for timing predictions that do not involve the accuracy budget)."""
+    """Shapes from the GGUF's metadata, each layer's own type at its bytes as stored; sensitivity
+    from a `model profile` result (None: zero for every type a layer may take, for timing
+    predictions that do not involve the accuracy budget)."""
     reader = W.open_master(path)
     cfg = W.read_config(reader)
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
     out = next((t for t in reader.tensors if t.name == "output.weight"), emb)   # the LM head's matrix
     if sensitivity is None:
-        table = [{q: 0.0 for q in candidate_types(path)} for _ in range(cfg.n_layer)]
+        table = [{q: 0.0 for q in types} for types in candidate_types(path)]
         source, sha = "not measured", ""
     else:
         table = [sensitivity["sensitivity"][str(l)] for l in range(cfg.n_layer)]
@@ -38,7 +39,7 @@ def gguf_profile(path: Path, sensitivity: dict | None) -> ModelProfile:
     return model_from_shape(path.name, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.n_ff, cfg.n_vocab,
                             cfg.tied_embeddings, table, master_type=emb.tensor_type.name,
                             head_type=out.tensor_type.name,
-                            sensitivity_source=source, sha256=sha)
+                            sensitivity_source=source, sha256=sha, kept=kept_layers(path))
 
 
 def text_for(model: Path, text: str) -> Path:

@@ -26,6 +26,7 @@ from agent.pipeline import token_nll
 from agent.runtime import Settings, Stage, Step
 from agent.tokenizer import Tokenizer
 from controller.shards import candidate_types, write_shard
+from solver.ggml_types import TYPE_ORDER
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +125,28 @@ def heldout_windows(model: str | Path, text: str, tokens: int, window: int = 512
     return [ids[i * window:(i + 1) * window] for i in range(n)]
 
 
-def types_to_measure(model: str | Path, asked: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The types a sensitivity table covers: those asked for (checked against what the
-    master's layers may take), else every type they may take."""
-    may = candidate_types(model)
-    too_fine = [q for q in asked if q not in may]
+def types_to_measure(model: str | Path, asked: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Per layer, the types a sensitivity table covers: of those asked for (default: LAYER_TYPES
+    and the layer's own), those the layer may take (controller/shards.candidate_types). A type
+    no layer may take, or a layer left with none, is an error."""
+    may = candidate_types(model, asked)
+    some = {q for types in may for q in types}
+    too_fine = [q for q in asked if q not in some]
     if too_fine:
+        every = sorted({q for types in candidate_types(model, TYPE_ORDER) for q in types}, key=TYPE_ORDER.index)
         raise ValueError(f"{Path(model).name}'s layers cannot take {too_fine[0]} (a quantized layer never gains "
-                         f"precision); choose from {', '.join(may)}")
-    return tuple(asked) or may
+                         f"precision); choose from {', '.join(every)}")
+    none = next((l for l, types in enumerate(may) if not types), None)
+    if none is not None:
+        own = W.layer_types(W.open_master(model))[none]
+        raise ValueError(f"layer {none} of {Path(model).name} can take none of {', '.join(asked)} (it has fewer "
+                         f"bytes as stored); add its own type {own} or a smaller one")
+    return may
+
+
+def union(per_layer: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The types of any layer, best first."""
+    return tuple(q for q in TYPE_ORDER if any(q in types for types in per_layer))
 
 
 def measure(model: str | Path, text: str, types: tuple[str, ...] = (), tokens: int = 2048,
@@ -144,13 +158,13 @@ def measure(model: str | Path, text: str, types: tuple[str, ...] = (), tokens: i
     import tempfile
 
     t0 = time.perf_counter()
-    types = types_to_measure(model, tuple(types))
+    per_layer = types_to_measure(model, tuple(types))
     windows = heldout_windows(model, text, tokens)
     with tempfile.TemporaryDirectory(prefix="edgefleet-sensitivity-") as work:
         ev = Evaluator(model, windows, Path(work))
         try:
             n = ev.cfg.n_layer
-            todo = [(l, q) for l in range(n) for q in types if q != ev.master_types[l]]
+            todo = [(l, q) for l in range(n) for q in per_layer[l] if q != ev.master_types[l]]
             table = {str(l): {ev.master_types[l]: 0.0} for l in range(n)}
             for i, (l, q) in enumerate(todo):
                 table[str(l)][q] = ev.nll({l: q}) - ev.base_nll
@@ -160,7 +174,7 @@ def measure(model: str | Path, text: str, types: tuple[str, ...] = (), tokens: i
             rng = random.Random(seed)
             checks = []
             for i in range(validate):
-                config = {l: rng.choice(types) for l in range(n)}
+                config = {l: rng.choice(per_layer[l]) for l in range(n)}
                 predicted = sum(table[str(l)][q] for l, q in config.items())
                 measured = ev.nll(config) - ev.base_nll
                 checks.append({"types": [config[l] for l in range(n)], "predicted": predicted, "measured": measured})
@@ -172,7 +186,7 @@ def measure(model: str | Path, text: str, types: tuple[str, ...] = (), tokens: i
         "model": str(model),
         "sha256": sha256 or file_sha256(model),
         "n_layer": n,
-        "types": list(types),
+        "types": list(union(per_layer)),
         "requested_tokens": tokens,
         "eval_tokens": sum(len(w) - 1 for w in windows),
         "base_nll": ev.base_nll,
@@ -250,7 +264,7 @@ def cached_or_measured(model: str | Path, text_file: Path, types: tuple[str, ...
     from controller.shards import file_sha256
 
     sha = sha256 or file_sha256(model)
-    types = types_to_measure(model, tuple(types))
+    types = union(types_to_measure(model, tuple(types)))
     result = None if force else load_cached(sha, types, tokens, model)
     if result is not None:
         return result, False

@@ -9,8 +9,11 @@ stage's layer count), with the master's metadata and the edgefleet.* keys of age
   the GGUF data (llama.cpp and the gguf reader ignore bytes after the last tensor).
 - The last stage keeps the real vocabulary, token_embd, output_norm and output.
 Written for the whole layer range, the same code produces a mixed-precision model that
-llama.cpp loads and runs as is. Each matrix gets the type the plan asks for, or llama.cpp's
-own fallback when its rows do not split into that type's blocks (solver/ggml_types.py).
+llama.cpp loads and runs as is. Each matrix gets the type the plan asks for its layer (a
+llama.cpp mix like Q4_K_M gives each matrix the type llama.cpp's quantizer would), or
+llama.cpp's own fallback when its rows do not split into that type's blocks
+(solver/ggml_types.py). A layer asked for its master's own type (agent/weights.own_types)
+keeps the master's bytes, a mix of types included.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from gguf import GGUFWriter
 from agent import weights as W
 from agent.quant import dequantize, requantize
 from agent.store import file_sha256
-from solver.ggml_types import LAYER_TYPES, TYPE_ORDER, parse_type, tensor_bytes
+from solver.ggml_types import LAYER_TYPES, TYPE_ORDER, parse_type
+from solver.problem import model_from_shape
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +59,32 @@ def master_sha256(path: str | Path) -> str:
     return _MASTER_SHA[key]
 
 
-def candidate_types(master: str | Path) -> tuple[str, ...]:
-    """The types every layer of a master may take, best first: those of LAYER_TYPES and of the
-    master's own layers that need no more bytes than the layer has as stored (a quantized
-    master's layers never gain precision; an F16 master's may take any of LAYER_TYPES)."""
+def kept_layers(master: str | Path) -> tuple[tuple[str, int], ...]:
+    """Per layer of a master: its own name (agent/weights.own_types) and the bytes of its
+    matrices as stored, which a layer asked for that name keeps."""
     reader = W.open_master(master)
-    cfg = W.read_config(reader)
-    own = set(W.layer_types(reader))
-    layers: list[list] = [[] for _ in range(cfg.n_layer)]
+    stored = [0] * W.read_config(reader).n_layer
     for t in reader.tensors:
         m = _LAYER_TENSOR.match(t.name)
         if m and len(t.shape) == 2:
-            layers[int(m.group(1))].append(t)
+            stored[int(m.group(1))] += int(t.n_bytes)
+    return tuple(zip(W.layer_types(reader), stored))
 
-    def fits(q: str) -> bool:
-        return all(sum(tensor_bytes(q, int(t.shape[1]), int(t.shape[0])) for t in ts) <= sum(int(t.n_bytes) for t in ts)
-                   for ts in layers)
 
-    return tuple(q for q in TYPE_ORDER if (q in LAYER_TYPES or q in own) and fits(q))
+def candidate_types(master: str | Path, asked: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Per layer of a master, the types it may take, best first: of `asked` (default: LAYER_TYPES
+    and the layer's own), its own and those that need no more bytes than it has as stored (a
+    quantized layer never gains precision; an F16 master's may take any type)."""
+    reader = W.open_master(master)
+    cfg = W.read_config(reader)
+    kept = kept_layers(master)
+    sizes = model_from_shape("", cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_head_kv, cfg.n_ff, cfg.n_vocab,
+                             cfg.tied_embeddings, [{}] * cfg.n_layer, kept=kept).layers
+    out = []
+    for lp, (own, _) in zip(sizes, kept):
+        may = set(asked or LAYER_TYPES + (own,))
+        out.append(tuple(q for q in TYPE_ORDER if q in may and (q == own or lp.bytes[q] <= lp.bytes[own])))
+    return out
 
 
 def parse_types(spec: str, n_layer: int) -> list[str]:
@@ -119,7 +131,8 @@ def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
         raise ValueError(f"layer range [{first}, {last}) is out of bounds for a model of {cfg.n_layer} layers")
     if len(layer_types) != cfg.n_layer:
         raise ValueError(f"{len(layer_types)} layer types given for a model of {cfg.n_layer} layers")
-    layer_types = [parse_type(t) for t in layer_types]
+    own = W.layer_types(reader)     # a layer may keep its own type, even one no plan chooses (F32, BF16)
+    layer_types = [o if t.strip().upper() == o else parse_type(t) for t, o in zip(layer_types, own)]
     master_sha256 = master_sha256 or file_sha256(master)
     has_embd, has_head = first == 0, last == cfg.n_layer
     tensors = {t.name: t for t in reader.tensors}
@@ -158,8 +171,10 @@ def write_shard(master: str | Path, out: str | Path, layer_types: list[str],
             if not first <= layer < last:
                 continue
             name = f"blk.{layer - first}.{m.group(2)}"
-            if len(t.shape) == 2:
-                data, stored = requantize(t, layer_types[layer])
+            if len(t.shape) == 2 and layer_types[layer] == own[layer]:
+                copy(t, name)               # the layer keeps its master's types, a mix included
+            elif len(t.shape) == 2:
+                data, stored = requantize(t, layer_types[layer], layer, cfg)
                 writer.add_tensor(name, data, raw_dtype=stored)
             elif t.tensor_type.name == "F32":
                 copy(t, name)

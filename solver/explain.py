@@ -57,7 +57,7 @@ def need(problem: Problem) -> Need | str:
         return "every node is excluded; remove some --exclude options"
     smallest = []
     for lp in m.layers:
-        sizes = [(lp.bytes[q], q) for q in allowed if any(q in n.speed for n in usable)]
+        sizes = [(lp.bytes[q], q) for q in allowed if lp.takes(q) and any(q in n.speed for n in usable)]
         if not sizes:
             return f"no node supports any of the allowed types ({', '.join(allowed)})"
         smallest.append(min(sizes))

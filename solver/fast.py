@@ -49,9 +49,17 @@ BUDGET_TOL = 1e-6           # relative: the MIP solver meets a cut only to its f
 
 
 def homogeneous(problem: Problem) -> bool:
-    ls = problem.model.layers
-    return all(l.bytes == ls[0].bytes and l.flops == ls[0].flops and l.attn_flops_per_ctx == ls[0].attn_flops_per_ctx
-               and l.kv_bytes_per_token == ls[0].kv_bytes_per_token for l in ls)
+    """Whether every layer has the same shape at the allowed types: the same sizes and FLOPs,
+    and the same types it may take (a mixed master's layers differ)."""
+    m, o = problem.model, problem.options
+    allowed = [q for q in m.types if not o.types or q in o.types]
+
+    def shape(lp) -> tuple:
+        return ({q: lp.bytes[q] for q in allowed if lp.takes(q)}, lp.flops, lp.attn_flops_per_ctx,
+                lp.kv_bytes_per_token)
+
+    first = shape(m.layers[0])
+    return all(shape(lp) == first for lp in m.layers)
 
 
 def master(problem: Problem, cand: dict, transport: bool = False) -> tuple[pulp.LpProblem, dict]:

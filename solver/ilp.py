@@ -72,7 +72,7 @@ def candidates(problem: Problem) -> dict[tuple[int, str], list[str]]:
                 - (C.head_bytes(m, w) if l == m.n_layer - 1 else 0)
             opts = []
             for q in allowed:
-                if q not in node.speed or C.layer_bytes(m, l, q, w) > room:
+                if not lp.takes(q) or q not in node.speed or C.layer_bytes(m, l, q, w) > room:
                     continue
                 key = (C.layer_bytes(m, l, q, w), terms.layer_time(problem, node, l, q), lp.sensitivity[q])
                 opts.append((q, key))

@@ -185,9 +185,11 @@ def violations(problem: Problem, stages: tuple[Stage, ...] | list[Stage], tol: f
         if st.node in o.excluded:
             out.append(f"node {st.node} is excluded")
         node = problem.fleet.node(st.node)
-        for q in st.types:
+        for l, q in zip(range(st.first, st.last), st.types):
             if q not in node.speed or q not in allowed:
                 out.append(f"node {st.node} cannot run type {q}")
+            elif not m.layers[l].takes(q):
+                out.append(f"layer {l} cannot take type {q}")
         mem = stage_memory(problem, st, i == 0, i == len(stages) - 1)
         if mem > node.memory:
             out.append(f"node {st.node} needs {mem} bytes but offers {node.memory}")

@@ -18,7 +18,7 @@ import yaml
 
 from solver import jsonio
 from solver.devices import DEVICES, GiB, TypeSpeed, declared_speed
-from solver.ggml_types import TYPE_ORDER, tensor_bytes
+from solver.ggml_types import TYPE_ORDER, llama_70b, matrix_type, tensor_bytes
 from solver.memory import FIXED_BYTES, kv_bytes_per_token
 from solver.request import Options, PlacementRequest, Workload, check
 from solver.units import parse_quantity
@@ -41,6 +41,10 @@ class LayerProfile:
     attn_flops_per_ctx: float      # extra attention FLOPs per token per context position
     kv_bytes_per_token: int        # K and V cache bytes per token (f16, GQA-aware)
     sensitivity: dict[str, float]  # ΔNLL (nats/token) when only this layer is at that type
+
+    def takes(self, q: str) -> bool:
+        """Whether this layer may be at type q (it has a size and a sensitivity for it)."""
+        return q in self.bytes and q in self.sensitivity
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,10 @@ class ModelProfile:
 
     @property
     def types(self) -> tuple[str, ...]:
-        """Types with both a size and a sensitivity for every layer."""
-        return tuple(q for q in TYPE_ORDER
-                     if all(q in lp.bytes and q in lp.sensitivity for lp in self.layers))
+        """Types some layer may take, best first. A layer may take those it has both a size and
+        a sensitivity for (a layer of a quantized master only those that need no more bytes
+        than it has)."""
+        return tuple(q for q in TYPE_ORDER if any(lp.takes(q) for lp in self.layers))
 
     @property
     def act_bytes_per_token(self) -> int:
@@ -87,25 +92,32 @@ class ModelProfile:
 def model_from_shape(name: str, n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int,
                      n_vocab: int, tied: bool, sensitivity: list[dict[str, float]],
                      master_type: str = "F16", sensitivity_source: str = "measured",
-                     sha256: str = "", head_type: str = "") -> ModelProfile:
-    """Profile of a llama-family model from its shapes: sizes per type from the GGUF block layout,
-    FLOPs from the parameter count, KV bytes from the KV heads (GQA). master_type: the token
-    embedding's type; head_type: an untied output matrix's (default: master_type)."""
+                     sha256: str = "", head_type: str = "",
+                     kept: tuple[tuple[str, int], ...] = ()) -> ModelProfile:
+    """Profile of a llama-family model from its shapes: sizes per type from the GGUF block layout
+    (a mix's per layer, as llama.cpp chooses its matrices' types), FLOPs from the parameter
+    count, KV bytes from the KV heads (GQA). master_type: the token embedding's type;
+    head_type: an untied output matrix's (default: master_type). kept: per layer, a master's
+    own name for it and the bytes of its matrices as stored, which that name then costs (a
+    layer keeps its bytes)."""
     head_type = master_type if tied or not head_type else head_type
     if len(sensitivity) != n_layer:
         raise ValueError(f"the sensitivity table has {len(sensitivity)} layers; the model has {n_layer}")
     head_dim = n_embd // n_head
     kv_dim = n_head_kv * head_dim
-    # (rows, elements per row) of q k v o, gate up down: a type applies per row (ggml_types.stored_type)
-    matrices = [(n_embd, n_embd), (kv_dim, n_embd), (kv_dim, n_embd), (n_embd, n_embd),
-                (n_ff, n_embd), (n_ff, n_embd), (n_embd, n_ff)]
+    # (matrix, rows, elements per row): a type applies per row (ggml_types.matrix_type)
+    matrices = [("attn_q", n_embd, n_embd), ("attn_k", kv_dim, n_embd), ("attn_v", kv_dim, n_embd),
+                ("attn_output", n_embd, n_embd), ("ffn_gate", n_ff, n_embd), ("ffn_up", n_ff, n_embd),
+                ("ffn_down", n_embd, n_ff)]
     norms = 2 * n_embd * 4                                                             # f32 norms
-    params = sum(r * c for r, c in matrices)
+    params = sum(r * c for _, r, c in matrices)
+    big = llama_70b(n_layer, n_head, n_head_kv)
     layers = []
-    for sens in sensitivity:
-        sizes = {}
-        for q in TYPE_ORDER:
-            sizes[q] = sum(tensor_bytes(q, r, c) for r, c in matrices) + norms
+    for l, sens in enumerate(sensitivity):
+        sizes = {q: sum(tensor_bytes(matrix_type(q, m, c, l, n_layer, big), r, c) for m, r, c in matrices) + norms
+                 for q in TYPE_ORDER}
+        if kept:
+            sizes[kept[l][0]] = kept[l][1] + norms
         layers.append(LayerProfile(bytes=sizes, flops=2.0 * params, attn_flops_per_ctx=4.0 * n_embd,
                                    kv_bytes_per_token=kv_bytes_per_token(1, n_head_kv, head_dim),
                                    sensitivity=dict(sens)))

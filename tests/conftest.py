@@ -27,3 +27,12 @@ def smollm2() -> Path:
     from models import smollm2
 
     return smollm2.path("F16")
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_k_m() -> Path:
+    """SmolLM2-135M-Instruct as hubs publish it: the mixed Q4_K_M file llama.cpp's quantizer makes
+    from the F16 master (cached outside the repo)."""
+    from models import smollm2
+
+    return smollm2.path("Q4_K_M")

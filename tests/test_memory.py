@@ -59,16 +59,18 @@ def test_stage_memory_is_within_the_admission_formula(model, spec, first, last, 
 @pytest.mark.parametrize("model,spec,first,last", [
     ("reference", "Q4_K", 0, 3), ("reference", "Q8_0", 3, 8), ("reference", "Q6_K", 0, 8),
     ("smollm2", "Q8_0", 0, 10), ("smollm2", "Q4_0", 10, 20), ("smollm2", "Q5_K", 20, 30),
-    ("smollm2", "Q4_K", 0, 30)])
+    ("smollm2", "Q4_K", 0, 30), ("smollm2", "q4_k_m", 2, 12),
+    ("smollm2_q4_k_m", "Q4_K_M", 0, 30), ("smollm2_q4_k_m", "0-7:Q4_K_M,8-19:Q4_0,20-29:Q5_0", 4, 24)])
 def test_the_solver_and_the_agent_agree_on_a_stage_s_memory(model, spec, first, last, tmp_path, request):
     """The plan's memory figure for a stage (what the solver constrains) is the very figure the
-    agent admits that stage's shard by, byte for byte, for several workloads."""
+    agent admits that stage's shard by, byte for byte, for several workloads: at a mix, and on
+    a mixed master whose layers keep their bytes as stored."""
     from controller.planning import gguf_profile
     from solver.memory import batch_tokens
     from solver.plan import Stage, stage_memory
     from solver.problem import Fleet, Node, Problem, TypeSpeed, Workload
 
-    master = request.getfixturevalue("reference_model" if model == "reference" else "smollm2")
+    master = request.getfixturevalue("reference_model" if model == "reference" else model)
     profile = gguf_profile(master, None)
     n = profile.n_layer
     types = parse_types(spec, n)
