@@ -24,7 +24,9 @@ use by bench/llamacpp.py, about 6 min). The agents' own --emulate-* options are 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,13 +50,17 @@ from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
 MiB = 2 ** 20
 PROMPT, OUTPUT, CONCURRENT = 512, 64, 8
 CONTROLLER_PORT, PUBLIC_PORT, INNER_PORT = 50061, 50052, 40052
+# the agent is told its node's memory less this: its admission formula leaves out up to
+# ~50 MB of what llama.cpp holds (tests/test_memory.py), and the cgroup's limit is hard
+HEADROOM = 64 * MiB
 
 FLEETS = {
     # three equal nodes on a slow LAN
-    "equal3": ([Node(f"node{i}", 1.0, 768 * MiB) for i in range(3)], Link(100, 2.0)),
+    # three equal nodes on a slow LAN, none of which holds SmolLM2 with 8 requests' KV cache
+    "equal3": ([Node(f"node{i}", 1.0, 300 * MiB) for i in range(3)], Link(100, 2.0)),
     # four unequal nodes on a fast LAN: the same memory, CPU shares 1 : 0.6 : 0.4 : 0.25
-    "unequal4": ([Node("fast", 1.0, 768 * MiB), Node("mid", 0.6, 768 * MiB), Node("slow", 0.4, 768 * MiB),
-                  Node("slowest", 0.25, 768 * MiB)], Link(1000, 0.5)),
+    "unequal4": ([Node("fast", 1.0, 300 * MiB), Node("mid", 0.6, 300 * MiB), Node("slow", 0.4, 300 * MiB),
+                  Node("slowest", 0.25, 300 * MiB)], Link(1000, 0.5)),
 }
 
 
@@ -78,14 +84,21 @@ class Figures:
 
 # ---------------------------------------------------------------------- edgefleet
 
-def prompt_ids(master: Path, n: int, salt: int = 0) -> list[int]:
+@functools.cache
+def heldout_ids(master: Path) -> tuple[int, ...]:
+    """The held-out text's tokens. Made once, never from threads: llama-cpp-python silences
+    stdout and stderr while it loads a vocabulary, by swapping file descriptors, and loads in
+    parallel threads can leave them swapped for good."""
     from agent.tokenizer import Tokenizer
     from controller.planning import text_for
 
-    tok = Tokenizer(str(master))
-    ids = tok.encode(text_for(master, "").read_text(encoding="utf-8"))
+    return tuple(Tokenizer(str(master)).encode(text_for(master, "").read_text(encoding="utf-8")))
+
+
+def prompt_ids(master: Path, n: int, salt: int = 0) -> list[int]:
+    ids = heldout_ids(master)
     start = 1 + (salt * 97) % max(1, len(ids) - n)
-    return [ids[0]] + ids[start:start + n - 1]
+    return [ids[0], *ids[start:start + n - 1]]
 
 
 class Edgefleet:
@@ -94,7 +107,9 @@ class Edgefleet:
     def __init__(self, fleet: EmulatedFleet, work: Path):
         self.fleet, self.work = fleet, work
         self.controller = ServiceProcess(["controller", "--listen", f"0.0.0.0:{CONTROLLER_PORT}", "--state",
-                                          str(work / "edgefleet.db")], work / "controller.log")
+                                          str(work / "edgefleet.db"), "--http", "127.0.0.1:0"],
+                                         work / "controller.log")
+        self.http = "http://" + self.controller.info["http"]
         self.address = f"127.0.0.1:{CONTROLLER_PORT}"
         self.agents = []
         for i, node in enumerate(fleet.nodes):
@@ -102,7 +117,7 @@ class Edgefleet:
                                              "--listen", f"127.0.0.1:{INNER_PORT}",
                                              "--advertise", f"{fleet.address(i)}:{PUBLIC_PORT}",
                                              "--controller", f"{fleet.gateway(i)}:{CONTROLLER_PORT}",
-                                             "--memory", str(node.memory), "--threads", "1",
+                                             "--memory", str(node.memory - HEADROOM), "--threads", "1",
                                              "--data-dir", str(work / node.name)], f"agent-{node.name}"))
             fleet.proxy(i, PUBLIC_PORT, INNER_PORT)
         self.stub = rpc.ControllerStub(grpc.insecure_channel(self.address))
@@ -113,6 +128,10 @@ class Edgefleet:
             time.sleep(0.3)
 
     def deploy(self, master: Path, types: str, budget: float) -> dict:
+        """Deploy from scratch (a switch would need room for both plans on these nodes)."""
+        if self.stub.Status(pb.Empty()).active_deployment_id:
+            subprocess.run([sys.executable, "-m", "controller.cli", "undeploy", "--controller", self.address],
+                           check=True, capture_output=True, cwd=ROOT)
         args = [sys.executable, "-m", "controller.cli", "deploy", str(master), "--controller", self.address,
                 "--prompt-tokens", str(PROMPT), "--output-tokens", str(OUTPUT), "--concurrency", str(CONCURRENT),
                 "--context", str(PROMPT + OUTPUT), "--max-ppl-increase", str(budget)]
@@ -137,8 +156,9 @@ class Edgefleet:
         ttft = statistics.median(t[1] - t[0] for t in singles)
         decode = statistics.median((len(t) - 2) / (t[-1] - t[1]) for t in singles)
         done: list[list[float]] = [[] for _ in range(CONCURRENT)]
-        threads = [threading.Thread(target=lambda i=i: done[i].extend(
-            self.generate(prompt_ids(master, PROMPT, 100 + i), OUTPUT))) for i in range(CONCURRENT)]
+        prompts = [prompt_ids(master, PROMPT, 100 + i) for i in range(CONCURRENT)]
+        threads = [threading.Thread(target=lambda i=i: done[i].extend(self.generate(prompts[i], OUTPUT)))
+                   for i in range(CONCURRENT)]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
@@ -146,6 +166,28 @@ class Edgefleet:
             t.join()
         wall = max(d[-1] for d in done) - t0
         return Figures(ttft, decode, sum(len(d) - 1 for d in done) / wall)
+
+    def compute_s(self) -> float:
+        """Seconds of stage compute so far, summed over every node (the controller's metrics)."""
+        import httpx
+
+        text = httpx.get(self.http + "/metrics", timeout=30).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("edgefleet_stage_compute_seconds_sum{"))
+
+    def breakdown(self, master: Path, stages: int, link: Link, n_embd: int) -> str:
+        """Where a decode step's time goes: stage compute, the emulated links, the rest (gRPC,
+        hand-offs, queues), from a request of 64 tokens after an 8-token prompt."""
+        before = self.compute_s()
+        t = self.generate(prompt_ids(master, 8), OUTPUT)
+        compute = (self.compute_s() - before) / OUTPUT
+        per_token = (t[-1] - t[1]) / (len(t) - 2)
+        crossings = 2 * stages          # down the chain from the controller, and the answer back up it
+        links = crossings * (link.delay_ms / 1e3 + n_embd * 4 * 8 / (link.mbit * 1e6))
+        rest = per_token - compute - links
+        return (f"{per_token * 1e3:.2f} ms/token = stage compute {compute * 1e3:.2f} + emulated links "
+                f"{links * 1e3:.2f} ({crossings} crossings) + the rest {rest * 1e3:.2f} "
+                f"({rest * 1e3 / crossings:.2f} ms per crossing; the target is <= 1.5)")
 
     def stop(self) -> None:
         for a in self.agents:
@@ -217,22 +259,38 @@ def tensor_split(plan: dict, n_layer: int, nodes: list[Node]) -> tuple[list[int]
 
 # ---------------------------------------------------------------------- run
 
+def n_embd(master: Path) -> int:
+    from agent.weights import open_master, read_config
+
+    return read_config(open_master(master)).n_embd
+
+
+def say(what: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
+    with open("/tmp/versus-debug.log", "a") as f:
+        f.write(f"[{time.strftime('%H:%M:%S')}] {what}\n")
+
+
 def run_fleet(name: str, model_name: str, runs: int, work: Path) -> list[tuple[str, Figures, str]]:
     nodes, link = FLEETS[name]
     path_fn, master_type, free_types = models()[model_name]
     master = path_fn()
     rows = []
     with EmulatedFleet(nodes, link, work / "logs") as fleet:
+        say(f"{name}: edgefleet, every layer at {master_type}")
         ef = Edgefleet(fleet, work)
         try:
             kept = ef.deploy(master, master_type, 5.0)
             c = ef.measure(master, runs)
+            overhead = ef.breakdown(master, len(kept["stages"]), link, n_embd(master))
+            say(f"{name}: edgefleet, its own plan over {free_types or 'every type'}")
             own = ef.deploy(master, free_types, 5.0)
             d = ef.measure(master, runs)
         finally:
             ef.stop()
         n_layer = sum(s["last"] - s["first"] for s in kept["stages"])
         order, split = tensor_split(kept, n_layer, nodes)
+        say(f"{name}: llama.cpp RPC, default split and edgefleet's split {split}")
         llama = LlamaRpc(fleet, order)
         try:
             a = llama.bench(master, list(range(len(nodes))), None, runs)
@@ -244,6 +302,7 @@ def run_fleet(name: str, model_name: str, runs: int, work: Path) -> list[tuple[s
     rows.append(("(b) llama.cpp RPC, edgefleet's split", b, describe(kept)))
     rows.append(("(c) edgefleet, same split and types", c, describe(kept)))
     rows.append(("(d) edgefleet, own plan (5 %)", d, describe(own) + f"; +{own['prediction']['ppl_increase_pct']:.2f} % ppl"))
+    rows.append(("(c) per token", c, overhead))
     return rows
 
 
@@ -256,11 +315,17 @@ def main() -> None:
     llamacpp.build()
     for name in a.fleet.split(","):
         nodes, link = FLEETS[name]
-        with tempfile.TemporaryDirectory(prefix=f"versus-{name}-") as tmp:
-            rows = run_fleet(name, a.model, a.runs, Path(tmp))
+        tmp = Path(tempfile.mkdtemp(prefix=f"versus-{name}-"))
+        try:
+            rows = run_fleet(name, a.model, a.runs, tmp)
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            say(f"failed: {exc}")
+            raise SystemExit(f"{name}: {exc} (logs kept in {tmp})") from None
+        shutil.rmtree(tmp)
+        say(f"{name}: done")
         print(f"\n{name}: {len(nodes)} nodes (CPU {', '.join(f'{n.cpu:g}' for n in nodes)}), {link}, {a.model}")
         print(f"{'system':40} {'TTFT':>8} {'tok/s':>7} {'8 req tok/s':>12}")
-        for label, f, _ in rows:
+        for label, f, _ in rows[:4]:
             print(f"{label:40} {f.row()[0]:>8} {f.row()[1]:>7} {f.row()[2]:>12}")
         fig = {label[:3]: f for label, f, _ in rows}
         for num, den in (("(c)", "(b)"), ("(d)", "(a)")):
@@ -268,7 +333,7 @@ def main() -> None:
             print(f"{num}/{den}: TTFT {d.ttft_s / n.ttft_s:.2f}x faster, tok/s {n.decode_tps / d.decode_tps:.2f}, "
                   f"8 requests {n.concurrent_tps / d.concurrent_tps:.2f}")
         for label, _, plan in rows:
-            print(f"  {label[:3]} {plan}")
+            print(f"  {label[:3] if label[3:4] == ' ' and 'per token' not in label else label} {plan}")
 
 
 if __name__ == "__main__":

@@ -59,3 +59,22 @@ def test_the_what_if_study_prints_the_readme_s_figures(tmp_path):
     cells = [c.strip() for c in ttft.split("│") if c.strip()]
     assert f"{float(cells[2]):.1f}" == p50 and f"{float(cells[4]):.1f}" == p99
     assert (tmp_path / "fail-mini" / "timeline.png").exists()
+
+
+def test_every_command_script_and_make_target_the_readme_names_exists():
+    """The heavy ones (benches, `make demo`) are run by hand or by other tests; here each is
+    at least there, and answers --help."""
+    import subprocess
+    import sys
+
+    commands = set(re.findall(r"^### `edgefleet ([a-z]+(?: [a-z]+)?)", README, re.M))
+    assert {"model info", "plan", "deploy", "demo", "simulate sweep", "resume"} <= commands
+    scripts = set(re.findall(r"\.venv/bin/python (bench/\w+\.py)", README))
+    assert "bench/versus.py" in scripts and "bench/predict.py" in scripts
+    for argv in [["-m", "controller.cli", *c.split(), "--help"] for c in sorted(commands)] + \
+            [[s, "--help"] for s in sorted(scripts)]:
+        r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "usage" in r.stdout.lower(), (argv, r.stderr[-400:])
+    targets = set(re.findall(r"^([a-z0-9]+):", (ROOT / "Makefile").read_text(), re.M))
+    named = set(re.findall(r"`make ([a-z0-9]+)", README))
+    assert named and named <= targets, named - targets
