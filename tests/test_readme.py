@@ -67,7 +67,8 @@ def test_every_command_script_and_make_target_the_readme_names_exists():
     import subprocess
     import sys
 
-    commands = set(re.findall(r"^### `edgefleet ([a-z]+(?: [a-z]+)?)", README, re.M))
+    headers = [line for line in README.splitlines() if line.startswith("### ")]
+    commands = {c for h in headers for c in re.findall(r"`edgefleet ([a-z]+(?: [a-z]+)?)", h)}
     assert {"model info", "plan", "deploy", "demo", "simulate sweep", "resume"} <= commands
     scripts = set(re.findall(r"\.venv/bin/python (bench/\w+\.py)", README))
     assert "bench/versus.py" in scripts and "bench/predict.py" in scripts
