@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from agent import weights as W
-from agent.runtime import Settings, Stage, Step
+from agent.runtime import Settings, Stage, Step, release_freed_memory
 from agent.sampling import Sampling, sample
 from solver.memory import MAX_BATCH, StageMemory, fmt_bytes, stage_memory
 
@@ -288,6 +288,8 @@ class Engine:
                 d.free_seqs.append(seq)
         for stage in retired:
             stage.close()
+        if retired:
+            release_freed_memory()
 
     def _compute(self) -> None:
         """The compute thread. Every step's failure is answered inside the loop; if the loop

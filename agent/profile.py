@@ -26,12 +26,13 @@ from solver.ggml_types import LAYER_TYPES, TYPE_ORDER
 
 
 PROBE_BYTES = 64 * 2 ** 20     # the probe's weights outgrow the caches (this machine's L3: 32 MiB)
+MIN_PROBE_BYTES = 8 * 2 ** 20  # on a node with less free, timings may come out fast (cache-resident)
 MAX_COPIES = 32
 
 
-def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> int:
+def write_probe_layer(shard: str | Path, qtype: str, out: Path, probe_bytes: int = PROBE_BYTES) -> int:
     """A middle stage (no vocabulary, no head) of copies of the first layer of `shard` at
-    qtype: as many as make PROBE_BYTES of weights (2 to MAX_COPIES), each with its own bytes,
+    qtype: as many as make probe_bytes of weights (2 to MAX_COPIES), each with its own bytes,
     so that a step streams its weights from memory as a real stage's does instead of finding
     one small layer in the cache. Returns the number of copies."""
     reader = W.open_gguf(shard)
@@ -44,7 +45,7 @@ def write_probe_layer(shard: str | Path, qtype: str, out: Path) -> int:
             layer.append((name, *requantize(t, qtype, first, cfg)) if len(t.shape) == 2 else
                          (name, np.asarray(t.data), t.tensor_type))
     size = sum(int(data.nbytes) for _, data, _ in layer)
-    copies = max(2, min(MAX_COPIES, -(-PROBE_BYTES // max(size, 1))))
+    copies = max(2, min(MAX_COPIES, -(-probe_bytes // max(size, 1))))
     writer = GGUFWriter(str(out), cfg.arch)
     W.copy_metadata(reader, writer, drop=lambda k: k.startswith(("tokenizer.", "edgefleet.", f"{cfg.arch}.vocab_size")),
                     values={f"{cfg.arch}.block_count": copies})
@@ -74,7 +75,9 @@ def _median_time(fn, repeats: int) -> float:
 
 
 def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens: int = 64,
-               repeats: int = 5, threads: int = 1) -> list[TypeTiming]:
+               repeats: int = 5, threads: int = 1, probe_bytes: int = PROBE_BYTES) -> list[TypeTiming]:
+    """Per-layer decode and prefill times of each type. The probe holds about 2 × probe_bytes
+    while it is written and loaded: an agent gives no more than its memory has free."""
     types = list(types or LAYER_TYPES)
     bad = [t for t in types if t not in TYPE_ORDER]
     if bad:
@@ -86,7 +89,7 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
     with tempfile.TemporaryDirectory(prefix="edgefleet-profile-") as d:
         for q in types:
             path = Path(d) / f"{q}.gguf"
-            copies = write_probe_layer(shard, q, path)
+            copies = write_probe_layer(shard, q, path, probe_bytes)
             stage = Stage(path, Settings(sessions=1, context=prefill_tokens + 1, batch_tokens=prefill_tokens,
                                          threads=threads))
             try:

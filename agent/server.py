@@ -20,7 +20,8 @@ import grpc
 
 from agent import weights as W
 from agent.engine import Engine, EngineError, Job, Result
-from agent.profile import time_types
+from agent.profile import MIN_PROBE_BYTES, PROBE_BYTES, time_types
+from agent.runtime import release_freed_memory
 from agent.sampling import Sampling
 from agent.shaping import Shaper
 from agent.store import Chunk, PushError, ShardStore, check_sha
@@ -335,9 +336,13 @@ class AgentService(rpc.AgentServicer):
             except ValueError as exc:
                 _abort(context, "DATA_LOSS", str(exc))
             try:
+                # the probe is memory this node offered: at most a third of what is free now
+                free = self.engine.memory_bytes - self.engine.memory_used()
+                probe = max(MIN_PROBE_BYTES, min(PROBE_BYTES, free // 6))
                 timings = tuple(self.engine.call(lambda: time_types(
                     shard, list(request.gguf_types), request.prefill_tokens or 64, request.repeats or 5,
-                    self.engine.threads)).result())
+                    self.engine.threads, probe)).result())
+                release_freed_memory()
             except ValueError as exc:
                 _abort(context, "INVALID_ARGUMENT", str(exc))
             n_embd, n_ff = cfg.n_embd, cfg.n_ff

@@ -18,6 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CGROUP = Path("/sys/fs/cgroup")
+PERIOD_US = 10_000
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,10 @@ class EmulatedFleet:
     def _cgroups(self, i: int, node: Node) -> None:
         cpu = CGROUP / "cpu" / self.ns(i)
         cpu.mkdir(exist_ok=True)
-        (cpu / "cpu.cfs_period_us").write_text("100000")
-        (cpu / "cpu.cfs_quota_us").write_text(str(int(node.cpu * 100000)))
+        # a short period (10 ms) spreads the quota evenly: with the default 100 ms, a 0.4-CPU
+        # node runs at full speed for 40 ms, then stalls 60 ms, so short timings see a fast node
+        (cpu / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+        (cpu / "cpu.cfs_quota_us").write_text(str(int(node.cpu * PERIOD_US)))
         mem = CGROUP / "memory" / self.ns(i)
         mem.mkdir(exist_ok=True)
         (mem / "memory.limit_in_bytes").write_text(str(node.memory))

@@ -267,8 +267,6 @@ def n_embd(master: Path) -> int:
 
 def say(what: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
-    with open("/tmp/versus-debug.log", "a") as f:
-        f.write(f"[{time.strftime('%H:%M:%S')}] {what}\n")
 
 
 def run_fleet(name: str, model_name: str, runs: int, work: Path) -> list[tuple[str, Figures, str]]:
@@ -319,7 +317,6 @@ def main() -> None:
         try:
             rows = run_fleet(name, a.model, a.runs, tmp)
         except (RuntimeError, subprocess.CalledProcessError) as exc:
-            say(f"failed: {exc}")
             raise SystemExit(f"{name}: {exc} (logs kept in {tmp})") from None
         shutil.rmtree(tmp)
         say(f"{name}: done")

@@ -14,7 +14,7 @@ from controller.shards import candidate_types, kept_layers, master_sha256
 from solver.catalog import MODEL_SHAPES, model_profile
 from solver.memory import unit_for
 from solver.plan import Plan
-from solver.problem import GiB, ModelProfile, Problem, load_model_profile, model_from_shape
+from solver.problem import ModelProfile, Problem, load_model_profile, model_from_shape
 from solver.request import PlacementRequest
 
 Progress = Callable[[str, int, int], None]

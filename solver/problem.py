@@ -17,7 +17,7 @@ import networkx as nx
 import yaml
 
 from solver import jsonio
-from solver.devices import DEVICES, GiB, TypeSpeed, declared_speed
+from solver.devices import DEVICES, TypeSpeed, declared_speed
 from solver.ggml_types import TYPE_ORDER, llama_70b, matrix_type, tensor_bytes
 from solver.memory import FIXED_BYTES, kv_bytes_per_token
 from solver.request import Options, PlacementRequest, Workload, check

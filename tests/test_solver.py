@@ -16,7 +16,8 @@ from solver.baselines import SPLITS, baseline, naive_ilp, split
 from solver.catalog import model_profile, random_fleet
 from solver.fast import least_dnll, solve, solve_ilp, sorted_types
 from solver.plan import evaluate, violations
-from solver.problem import (Fleet, GiB, LayerProfile, Link, ModelProfile, Node, Options, Problem, TypeSpeed,
+from solver.devices import GiB
+from solver.problem import (Fleet, LayerProfile, Link, ModelProfile, Node, Options, Problem, TypeSpeed,
                             Workload)
 from solver_instances import brute_force, random_problem
 
