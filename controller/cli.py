@@ -848,16 +848,19 @@ def simulate_sweep(model_arg, fleet_paths, trace_path, time_scale, start, durati
     with progress_bar() as progress:
         results = sweep(specs, workers or os.cpu_count() or 1, counter(progress, "simulations", len(specs)))
     table = Table(title=f"{model.name}: {len(specs)} simulations of {trace_path.name}")
-    for c in ("fleet | budget | load", "stages", "done", "TTFT p50", "TTFT p99", "TPOT mean", "E2E p99", "tokens/s",
+    # 80 columns: the fleet, budget, load and stages share the first column, on two lines
+    for c in ("fleet, budget\nload: stages", "done", "TTFT s\np50/p99", "TPOT s\nmean", "E2E s\np99", "tok/s",
               "SLO"):
-        table.add_column(c, justify="left" if c in ("fleet | budget | load", "stages") else "right")
+        table.add_column(c, justify="left" if c.startswith("fleet") else "right")
     for r in results:
+        fleet_budget, _, load = r["label"].rpartition(" | ")        # "fleet | 5 % | load x2"
+        what = f"{fleet_budget.replace(' | ', ', ')}\n{load}"
         if "error" in r:
-            table.add_row(r["label"], f"[red]{r['error']}[/]", *[""] * 7)
+            table.add_row(what, f"[red]{r['error']}[/]", *[""] * 5)
             continue
         f = lambda st, k: "-" if st[k] is None else f"{st[k]:.2f}"  # noqa: E731
-        table.add_row(r["label"], r["stages"], f"{r['completed']}/{r['requests']}", f(r["ttft_s"], "p50"),
-                      f(r["ttft_s"], "p99"), f(r["tpot_s"], "mean"), f(r["e2e_s"], "p99"),
+        table.add_row(f"{what}: {r['stages']}", f"{r['completed']}/{r['requests']}",
+                      f"{f(r['ttft_s'], 'p50')}/{f(r['ttft_s'], 'p99')}", f(r["tpot_s"], "mean"), f(r["e2e_s"], "p99"),
                       f"{r['throughput']['output_tokens_per_s']:.1f}",
                       f"{100 * r['slo']['attainment']:.0f} %" if "slo" in r else "-")
     console.print(table)

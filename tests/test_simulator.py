@@ -227,6 +227,7 @@ def test_sweep_runs_every_combination_in_processes(tmp_path):
     # twice the load on the same fleet never makes requests faster
     assert rows[1]["e2e_s"]["mean"] >= rows[0]["e2e_s"]["mean"]
     assert "4 simulations" in r.stdout
+    assert "…" not in r.stdout and max(map(len, r.stdout.splitlines())) <= 80, r.stdout     # an 80-column terminal
 
 
 def test_plot_labels_never_overlap():
