@@ -61,7 +61,6 @@ def _route_log(level: int, text: bytes, _user) -> None:
         llama_log.log(lvl, "%s", msg)
 
 
-@functools.cache
 def release_freed_memory() -> None:
     """Hand memory freed by closed stages back to the system (glibc keeps it otherwise, and a
     device's memory limit counts it): what a node offers stays what it has."""
@@ -71,6 +70,7 @@ def release_freed_memory() -> None:
         pass
 
 
+@functools.cache
 def init_llama() -> None:
     """Route llama.cpp's log to the logger and initialise its backend (once per process)."""
     L.llama_log_set(_route_log, ctypes.c_void_p(0))
