@@ -162,11 +162,15 @@ class PipelineStream:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self.broken = rpc_error(f"first stage at {self.address}", exc)
         finally:
-            err = self.broken or AgentError(f"the pipeline stream to {self.address} closed", "UNAVAILABLE")
-            with self._lock:
-                waiters, self._waiters = list(self._waiters.items()), {}
-            for (sid, pos), w in waiters:
-                w.put(A.StepOut(sid, pos, error=str(err), error_code=err.code))
+            self._fail_waiters(self.broken or AgentError(f"the pipeline stream to {self.address} closed",
+                                                         "UNAVAILABLE"))
+
+    def _fail_waiters(self, err: AgentError) -> None:
+        """Answer every step still waiting on this stream with `err`."""
+        with self._lock:
+            waiters, self._waiters = list(self._waiters.items()), {}
+        for (sid, pos), w in waiters:
+            w.put(A.StepOut(sid, pos, error=str(err), error_code=err.code))
 
     def step(self, step: A.StepIn, timeout_s: float | None = None) -> A.StepOut:
         """Send one step and wait for its answer; StepFailed if the pipeline reports an error."""
@@ -196,9 +200,7 @@ class PipelineStream:
         with self._lock:
             self.broken = self.broken or AgentError(why or f"the pipeline stream to {self.address} was closed",
                                                     "UNAVAILABLE")
-            waiters, self._waiters = list(self._waiters.items()), {}
-        for (sid, pos), w in waiters:
-            w.put(A.StepOut(sid, pos, error=str(self.broken), error_code=self.broken.code))
+        self._fail_waiters(self.broken)
         self._q.put(None)
         self._call.cancel()
         self._reader.join(timeout=10)
