@@ -277,16 +277,17 @@ class KeyCheck:
     async def _bounded(self, receive):
         """A body sent without a length, read whole unless it passes the limit; the app then
         reads it from the returned `receive`."""
-        body, more = b"", True
+        parts, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] != "http.request":
                 break                       # the client went away
-            body += message.get("body", b"")
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
             more = message.get("more_body", False)
-            if len(body) > self.max_body:
+            if size > self.max_body:
                 raise self._too_large(f"over {self.max_body}")
-        first = [{"type": "http.request", "body": body, "more_body": False}]
+        first = [{"type": "http.request", "body": b"".join(parts), "more_body": False}]
 
         async def replay():
             return first.pop() if first else await receive()
