@@ -43,7 +43,7 @@ import grpc  # noqa: E402
 
 from bench import llamacpp  # noqa: E402
 from bench.emulated import EmulatedFleet, Link, Node  # noqa: E402
-from controller.local import ServiceProcess  # noqa: E402
+from controller.local import ServiceProcess, wait_alive  # noqa: E402
 from proto import edgefleet_pb2 as pb  # noqa: E402
 from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
 
@@ -120,12 +120,8 @@ class Edgefleet:
                                              "--memory", str(node.memory - HEADROOM), "--threads", "1",
                                              "--data-dir", str(work / node.name)], f"agent-{node.name}"))
             fleet.proxy(i, PUBLIC_PORT, INNER_PORT)
+        wait_alive(self.address, len(fleet.nodes), 60, work)
         self.stub = rpc.ControllerStub(grpc.insecure_channel(self.address))
-        deadline = time.monotonic() + 60
-        while sum(n.health == "alive" for n in self.stub.Status(pb.Empty()).nodes) < len(fleet.nodes):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the agents did not register; see {work}")
-            time.sleep(0.3)
 
     def deploy(self, master: Path, types: str, budget: float) -> dict:
         """Deploy from scratch (a switch would need room for both plans on these nodes)."""
@@ -200,14 +196,13 @@ class Edgefleet:
 class LlamaRpc:
     """One ggml-rpc-server per node (-t 1), behind the node's proxy; the host tools run here."""
 
-    def __init__(self, fleet: EmulatedFleet, order: list[int]):
+    def __init__(self, fleet: EmulatedFleet):
         self.fleet, self.bin = fleet, llamacpp.build()
         self.servers = []
         for i in range(len(fleet.nodes)):
             self.servers.append(fleet.run(i, [str(self.bin / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(INNER_PORT),
                                               "-t", "1"], f"rpc-server-{i}"))
             fleet.proxy(i, PUBLIC_PORT + 1, INNER_PORT)
-        self.order = order
 
     def rpc_list(self, order: list[int]) -> str:
         return ",".join(f"{self.fleet.address(i)}:{PUBLIC_PORT + 1}" for i in order)
@@ -217,29 +212,24 @@ class LlamaRpc:
                   "-r", str(runs), "-o", "json"]
         if split:
             common += ["-ts", "/".join(str(x) for x in split)]
-        pp = self._json([str(self.bin / "llama-bench"), *common, "-p", str(PROMPT), "-n", "0"])
-        tg = self._json([str(self.bin / "llama-bench"), *common, "-p", "0", "-n", str(OUTPUT), "-d", str(PROMPT)])
+        pp = json.loads(self._run([str(self.bin / "llama-bench"), *common, "-p", str(PROMPT), "-n", "0"]))[0]
+        tg = json.loads(self._run([str(self.bin / "llama-bench"), *common, "-p", "0", "-n", str(OUTPUT),
+                                   "-d", str(PROMPT)]))[0]
         batched = [str(self.bin / "llama-batched-bench"), "-m", str(model), "--rpc", self.rpc_list(order), "-ngl", "99",
                    "-t", "1", "-fa", "on", "-c", str(CONCURRENT * (PROMPT + OUTPUT)), "-b", "2048", "-ub", "512",
                    "-npp", str(PROMPT), "-ntg", str(OUTPUT), "-npl", str(CONCURRENT), "--output-format", "jsonl"]
         if split:
             batched += ["-ts", ",".join(str(x) for x in split)]
-        row = self._jsonl(batched)
+        row = json.loads([ln for ln in self._run(batched).splitlines() if ln.startswith("{")][-1])
         return Figures(PROMPT / pp["avg_ts"], tg["avg_ts"], CONCURRENT * OUTPUT / row["t"])
 
     @staticmethod
-    def _json(cmd: list[str]) -> dict:
+    def _run(cmd: list[str]) -> str:
+        """A llama.cpp tool's stdout (RuntimeError with the end of its stderr if it fails)."""
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{Path(cmd[0]).name} failed: {r.stderr.strip()[-800:]}")
-        return json.loads(r.stdout)[0]
-
-    @staticmethod
-    def _jsonl(cmd: list[str]) -> dict:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"{Path(cmd[0]).name} failed: {r.stderr.strip()[-800:]}")
-        return json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
+        return r.stdout
 
     def stop(self) -> None:
         for s in self.servers:
@@ -289,7 +279,7 @@ def run_fleet(name: str, model_name: str, runs: int, work: Path) -> list[tuple[s
         n_layer = sum(s["last"] - s["first"] for s in kept["stages"])
         order, split = tensor_split(kept, n_layer, nodes)
         say(f"{name}: llama.cpp RPC, default split and edgefleet's split {split}")
-        llama = LlamaRpc(fleet, order)
+        llama = LlamaRpc(fleet)
         try:
             a = llama.bench(master, list(range(len(nodes))), None, runs)
             b = llama.bench(master, order, split, runs)

@@ -93,26 +93,31 @@ def local_fleet(workdir: Path, agents: Iterable[tuple[str, str]], agent_extra: t
     """A controller and agents (name, --memory: a total, or +N for stages beside the agent) on
     127.0.0.1, yielded as (controller, agents) once every agent answers heartbeats; every process
     is stopped on the way out."""
+    procs = [start_controller(workdir, extra=controller_extra)]
+    try:
+        procs += [start_agent(name, workdir, memory=mem, controller=procs[0].address, extra=agent_extra)
+                  for name, mem in agents]
+        wait_alive(procs[0].address, len(procs) - 1, timeout_s, workdir)
+        yield procs[0], procs[1:]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+
+
+def wait_alive(controller: str, n: int, timeout_s: float, logs: Path) -> None:
+    """Wait until the controller at `controller` sees n agents alive (RuntimeError naming the
+    folder of the logs if it does not within timeout_s)."""
     import grpc
 
     from proto import edgefleet_pb2 as pb
     from proto import edgefleet_pb2_grpc as rpc
 
-    procs = [start_controller(workdir, extra=controller_extra)]
-    try:
-        procs += [start_agent(name, workdir, memory=mem, controller=procs[0].address, extra=agent_extra)
-                  for name, mem in agents]
-        with grpc.insecure_channel(procs[0].address) as channel:
-            stub, deadline = rpc.ControllerStub(channel), time.monotonic() + timeout_s
-            while sum(n.health == "alive" for n in stub.Status(pb.Empty()).nodes) < len(procs) - 1:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the agents did not register within {timeout_s:g} s; see the logs in "
-                                       f"{workdir}")
-                time.sleep(0.2)
-        yield procs[0], procs[1:]
-    finally:
-        for p in reversed(procs):
-            p.terminate()
+    with grpc.insecure_channel(controller) as channel:
+        stub, deadline = rpc.ControllerStub(channel), time.monotonic() + timeout_s
+        while sum(x.health == "alive" for x in stub.Status(pb.Empty()).nodes) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the agents did not register within {timeout_s:g} s; see the logs in {logs}")
+            time.sleep(0.2)
 
 
 def deploy_chain(agents: list[ServiceProcess], shards, deployment_id: str, max_sessions: int, context: int) -> None:
