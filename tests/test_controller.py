@@ -193,23 +193,35 @@ def agent_clients(fleet) -> list[AgentClient]:
     return [AgentClient(a.address) for a in fleet.agents.values() if a.alive()]
 
 
+def disturbed(f: Fleet, disturb, at: int = 10, n: int = 64) -> tuple[list[int], float]:
+    """A greedy request of n tokens, with disturb() called once `at` tokens have arrived: its
+    tokens, and the recovery seconds the controller told the client."""
+    got, recovered = [], 0.0
+    for r in f.stub().Generate(pb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=n), timeout=300):
+        got.append(r.token)
+        recovered += r.recovered_seconds
+        if len(got) == at:
+            disturb()
+    return got, recovered
+
+
+def failovers(f: Fleet) -> list[str]:
+    """The failover events' messages ("lost NODE ..."), in the order the controller lists them."""
+    return [e.message for e in f.stub().Events(pb.EventsRequest(limit=50), timeout=10).events
+            if e.kind == "failover" and e.message.startswith("lost")]
+
+
 def test_kill9_of_a_stage_during_generation_loses_nothing(fleet):
     want = [r.token for r in fleet.generate(64)]
     st = fleet.status()
     victim = [n.node.name for n in st.nodes if n.layers][1]           # the second stage
-    got, recovered = [], 0.0
-    for r in fleet.stub().Generate(pb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=64), timeout=300):
-        got.append(r.token)
-        recovered += r.recovered_seconds
-        if len(got) == 10:
-            fleet.agents[victim].kill()
+    got, recovered = disturbed(fleet, fleet.agents[victim].kill)
     assert recovered > 0
     print(f"\nkill -9 of {victim}: recovered in {recovered:.2f} s")
     st = fleet.status()
     assert victim not in [n.node.name for n in st.nodes if n.layers]
     assert [n.health for n in st.nodes if n.node.name == victim] == ["lost"]
-    events = fleet.stub().Events(pb.EventsRequest(limit=20), timeout=10).events
-    failover = [e.message for e in events if e.kind == "failover"][-1]
+    failover = failovers(fleet)[-1]
     # the survivors (8+7+6 MiB) can hold the old plan's types, so the re-plan keeps them and
     # the replayed request ends exactly as the undisturbed one
     assert "every layer keeps its type" in failover, failover
@@ -226,15 +238,9 @@ def test_kill9_of_the_first_or_last_stage_loses_nothing(tmp_path, reference_mode
                    controller=f.controller.address).returncode == 0
         want = [r.token for r in f.generate(64)]
         victim = [n.node.name for n in f.status().nodes if n.layers][which]
-        got, recovered = [], 0.0
-        for r in f.stub().Generate(pb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=64), timeout=300):
-            got.append(r.token)
-            recovered += r.recovered_seconds
-            if len(got) == 10:
-                f.agents[victim].kill()
+        got, recovered = disturbed(f, f.agents[victim].kill)
         assert recovered > 0
-        failover = [e.message for e in f.stub().Events(pb.EventsRequest(limit=20), timeout=10).events
-                    if e.kind == "failover" and e.message.startswith("lost")]
+        failover = failovers(f)
         assert len(failover) == 1 and "every layer keeps its type" in failover[0], failover
         assert got == want
     finally:
@@ -424,13 +430,8 @@ def test_a_frozen_stage_is_failed_over_without_waiting_on_it_and_drops_its_stage
         want = [r.token for r in f.generate(64)]
         undisturbed = time.monotonic() - t0
         victim = [n.node.name for n in f.status().nodes if n.layers][1]
-        got, recovered = [], 0.0
         t0 = time.monotonic()
-        for r in f.stub().Generate(pb.GenerateRequest(prompt_tokens=PROMPT, max_tokens=64), timeout=300):
-            got.append(r.token)
-            recovered += r.recovered_seconds
-            if len(got) == 10:
-                os.kill(f.agents[victim].pid, signal.SIGSTOP)
+        got, recovered = disturbed(f, lambda: os.kill(f.agents[victim].pid, signal.SIGSTOP))
         stalled = time.monotonic() - t0 - undisturbed
         print(f"\nSIGSTOP of {victim}: the request stalled {stalled:.2f} s, failover {recovered:.2f} s")
         assert got == want                     # the survivors hold the old types (see the kill -9 test)
@@ -438,8 +439,7 @@ def test_a_frozen_stage_is_failed_over_without_waiting_on_it_and_drops_its_stage
         # for the frozen one; the new plan's push and switch take a few seconds on a loaded
         # machine. Before, the old stream's close and the unload of the frozen node added 10 s each.
         assert 0 < stalled < 12
-        failover = [e.message for e in f.stub().Events(pb.EventsRequest(limit=50), timeout=10).events
-                    if e.kind == "failover" and e.message.startswith("lost")]
+        failover = failovers(f)
         assert len(failover) == 1 and f"active after {recovered:.2f} s" in failover[0], (failover, recovered)
         assert len(f.generate(4)) == 4         # the fleet serves on while the node is frozen
 

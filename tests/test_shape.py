@@ -30,18 +30,19 @@ def test_dependencies_point_one_way_and_never_in_a_circle():
     assert [f"{a} -> {b}" for a, b in graph.edges if not allowed(a, b)] == []
 
 
+SOLVER_STACK = ("pulp", "highspy", "networkx", "torch", "solver.problem", "solver.fast")
+
+
+def loaded(imports: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh interpreter holds after `import <imports>`."""
+    code = f"import sys, {imports}\nprint(' '.join(m for m in {modules!r} if m in sys.modules))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
 def test_an_agent_runs_without_the_solver_stack():
-    code = ("import sys, agent.daemon, agent.server, agent.engine, agent.runtime\n"
-            "print(' '.join(m for m in ('pulp', 'highspy', 'networkx', 'torch', 'solver.problem', 'solver.fast',"
-            " 'controller') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == []
+    assert loaded("agent.daemon, agent.server, agent.engine, agent.runtime", (*SOLVER_STACK, "controller")) == []
 
 
 def test_the_agent_command_loads_no_solver_stack_either():
     # what `edgefleet agent` loads before it measures itself counts against its --memory
-    code = ("import sys, controller.cli, solver.units, agent.daemon\n"
-            "print(' '.join(m for m in ('pulp', 'highspy', 'networkx', 'torch', 'solver.problem', 'solver.fast')"
-            " if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == []
+    assert loaded("controller.cli, solver.units, agent.daemon", SOLVER_STACK) == []
