@@ -545,14 +545,20 @@ def status(controller_addr, as_json, token, tls_cert, tls_key, tls_ca) -> None:
     """Nodes, their health, memory and the layers they hold."""
     from google.protobuf.json_format import MessageToDict
 
-    from controller.planning import used_of
     from proto import edgefleet_pb2 as pb
-    from solver.memory import fmt_bytes
 
     st = _call(controller_addr, token, tls_cert, tls_key, tls_ca)("Status", pb.Empty())
     if as_json:
         click.echo(json.dumps(MessageToDict(st, preserving_proto_field_name=True), indent=2))
         return
+    console.print(status_table(st))
+
+
+def status_table(st) -> Table:
+    """The fleet as the controller's Status reply (pb.StatusReply) shows it."""
+    from controller.planning import used_of
+    from solver.memory import fmt_bytes
+
     title = (f"deployment {st.active_deployment_id}: {Path(st.model).name}" if st.active_deployment_id
              else "no active deployment")
     t = Table(title=title)
@@ -563,7 +569,7 @@ def status(controller_addr, as_json, token, tls_cert, tls_key, tls_ca) -> None:
         t.add_row(f"{n.node.name}\n{n.node.address}", n.health,
                   used_of(n.memory_used_bytes, n.node.memory_bytes) + agent,
                   n.layers or "-", n.layer_types or "-", f"{n.sessions}/{n.queue_depth}")
-    console.print(t)
+    return t
 
 
 @cli.command()
