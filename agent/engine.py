@@ -129,7 +129,7 @@ class Engine:
         self._deployments: dict[str, Deployment] = {}
         self._lock = threading.RLock()
         self._jobs: queue.Queue = queue.Queue()
-        self._deferred: list[Job] = []   # later steps of a session already in the running batch
+        self._deferred: list[Job] = []   # steps held for the next batch: a session's later step, or one over the token budget
         self._forget: list[tuple[Deployment, int]] = []   # (deployment, seq) of ended sessions, cleared between batches
         self._retired: list[Stage] = []              # dropped stages, closed between batches
         self._stop = threading.Event()
@@ -316,10 +316,12 @@ class Engine:
             if isinstance(item, tuple):
                 self._run_call(*item)
                 continue
-            batch = [item]
-            while self._deferred and len(batch) < MAX_BATCH:
+            batch, budget = [item], self._batch_tokens(item)
+            tokens = item.n_tokens
+            while self._deferred and len(batch) < MAX_BATCH and tokens + self._deferred[0].n_tokens <= budget:
+                tokens += self._deferred[0].n_tokens
                 batch.append(self._deferred.pop(0))
-            while len(batch) < MAX_BATCH:
+            while len(batch) < MAX_BATCH and tokens < budget:
                 try:
                     nxt = self._jobs.get_nowait()
                 except queue.Empty:
@@ -327,6 +329,10 @@ class Engine:
                 if nxt is None or isinstance(nxt, tuple):
                     self._jobs.put(nxt)   # keep calls and the stop marker for the next round
                     break
+                if tokens + nxt.n_tokens > budget:
+                    self._deferred.append(nxt)    # the next batch's first step
+                    break
+                tokens += nxt.n_tokens
                 batch.append(nxt)
             self._tidy()   # sessions that ended while this thread waited free their ids first
             by_dep: dict[str, list[Job]] = {}
@@ -334,6 +340,15 @@ class Engine:
                 by_dep.setdefault(j.deployment_id, []).append(j)
             for dep_id, jobs in by_dep.items():
                 self._run_batch(dep_id, jobs)
+
+    def _batch_tokens(self, job: Job) -> int:
+        """Tokens one batch takes at most: the stage's llama_decode size. A batch that held more
+        would run as several decodes anyway, and every step in it would leave the stage only
+        when the last one is done: a stage would hold a whole burst of prompts back, where
+        it can pass the first on to the next stage while it computes the second."""
+        with self._lock:
+            d = self._deployments.get(job.deployment_id)
+        return d.stage.settings.batch_tokens if d is not None else 1
 
     @staticmethod
     def _run_call(fn, fut: Future) -> None:

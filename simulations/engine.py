@@ -3,8 +3,9 @@
 The system modelled is the one the agents run (docs/simulator.md):
 - the controller admits a request when a KV-cache slot is free and every stage has room for
   its prompt + output tokens; otherwise it waits, first come first served;
-- each stage is one compute thread: when it is free it takes every step queued for it (at
-  most MAX_BATCH) and runs them as one batch; a batch's time is the cost model's roofline
+- each stage is one compute thread: when it is free it takes the steps queued for it, in
+  order, up to MAX_BATCH steps and the deployment's batch tokens (a first step over that
+  runs alone), and runs them as one batch; a batch's time is the cost model's roofline
   (solver/cost.py) for its prompt and decode tokens, plus the node's step overhead;
 - steps that leave a stage together travel on together as a *cohort*; a message occupies
   each link of its route for bytes / bandwidth (first come first served) and arrives
@@ -31,6 +32,7 @@ import networkx as nx
 
 from solver import cost as C
 from solver.cost import roofline_s
+from solver import memory as M
 from solver.memory import MAX_BATCH
 from solver.plan import Plan, Stage, stage_memory
 from solver.problem import Fleet, Link, ModelProfile, Node, Problem
@@ -183,6 +185,7 @@ class Simulator:
         self.act_bytes = problem.model.act_bytes_per_token
         self.slots = options.max_sequences or problem.workload.concurrency
         self.context = problem.workload.ctx
+        self.batch_tokens = M.batch_tokens(problem.workload.prompt_tokens, problem.workload.concurrency)
         self.requests = requests
         self.whatifs = sorted(whatifs, key=lambda w: w.at_s)
         self.fleet = problem.fleet
@@ -361,7 +364,8 @@ class Simulator:
     def _start(self, t: float, stage: _StageState) -> None:
         q = stage.queue
         cohort = q.pop(0)
-        while q and len(cohort.members) + len(q[0].members) <= MAX_BATCH:
+        while (q and len(cohort.members) + len(q[0].members) <= MAX_BATCH
+               and cohort.ntok + q[0].ntok <= self.batch_tokens):
             other = q.pop(0)
             cohort.absorb(other)
             self.cohorts.discard(other)

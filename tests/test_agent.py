@@ -478,3 +478,38 @@ def test_a_step_past_its_deadline_fails_its_request_instead_of_hanging(fleet, re
         assert [o.token for o in generate(lambda: pipe, PROMPTS[0], 8)] == list(reference.generate(PROMPTS[0], 8))
     finally:
         pipe.close()
+
+
+def test_a_batch_takes_steps_up_to_the_stage_s_batch_tokens(shards):
+    """Steps queued together run as one llama_decode up to the stage's batch size in tokens; a
+    step that would pass it waits for the next batch (so a burst of prompts leaves a stage one
+    by one and the next stage starts on the first while this one computes the second), and
+    short decode steps still share one batch."""
+    from agent.engine import Engine, Job
+
+    engine = Engine(1 << 30, threads=1)
+    try:
+        engine.prepare("d", shards[0].sha256, shards[0].path, "", 8, 64, max_batch_tokens=16)
+        engine.activate("d")
+        results: list = []
+        done = threading.Event()
+
+        def submit(session: str, tokens: list[int]) -> None:
+            engine.submit(Job("d", session, 0, tuple(tokens), None, Sampling(), False, True,
+                              done=lambda r: (results.append(r), len(results) == 5 and done.set())))
+
+        gate = threading.Event()
+        held = engine.call(gate.wait)          # the compute thread waits here while the steps queue up
+        submit("p1", list(range(1, 11)))       # 10 tokens
+        submit("p2", list(range(1, 11)))       # 10 more: over 16, so the next batch
+        for s in ("d1", "d2", "d3"):           # 1 token each: they join p2's batch
+            submit(s, [5])
+        gate.set()
+        held.result(5)
+        assert done.wait(30)
+    finally:
+        engine.stop()
+    assert not any(r.error for r in results), [r.error for r in results]
+    sizes = {r.session_id: r.batch_size for r in results}
+    assert sizes == {"p1": 1, "p2": 4, "d1": 4, "d2": 4, "d3": 4}
+    assert [r.session_id for r in results][0] == "p1"
