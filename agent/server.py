@@ -5,7 +5,10 @@ status codes.
 Forward: every upstream stream (from the controller, or from the previous agent) gets one
 `Hop`. Steps are handed to the engine; a non-final stage sends each result's hidden states
 down its own stream to the next agent and relays that agent's answers back up, adding its
-own stage time; the final stage answers with the sampled token.
+own stage time; the final stage answers with the sampled token. A step that names a
+collector (`reply_to`, the controller's `Collect` call on the last agent) carries the stage
+times down with it, and the last stage answers it on that call, straight to the controller:
+a decode step then crosses stages + 1 links, not 2 × stages. Errors still go up the chain.
 """
 from __future__ import annotations
 
@@ -90,6 +93,7 @@ class Hop:
         self._closed = False
         self._down: dict[str, Downstream] = {}
         self._sent: dict[tuple[str, int], tuple[A.StageTime, str]] = {}   # (session, position) -> my time, next address
+        self._direct: dict[str, tuple[int, A.StageTime, str]] = {}   # session -> its latest step sent on with reply_to
         self._open: dict[str, str] = {}     # sessions that came through this stream and are not ended -> deployment
 
     # ---------------------------------------------------------- upstream side
@@ -131,6 +135,7 @@ class Hop:
         if step.cancel:
             with self._lock:
                 self._open.pop(step.session_id, None)
+                self._direct.pop(step.session_id, None)
             eng.cancel(dep.deployment_id, step.session_id)
             if not dep.is_last and dep.next_address:
                 self._downstream(dep.next_address).send(step)
@@ -153,21 +158,35 @@ class Hop:
 
     def _computed(self, r: Result, step: A.StepIn, dep) -> None:
         mine = A.StageTime(self.svc.node.name, r.compute_s, r.queue_s, r.batch_size)
+        times = step.stage_times + (mine,)
         if r.error:
             self._answer(A.StepOut(r.session_id, r.position, error=r.error, error_code=r.error_code,
-                                   stage_times=(mine,)))
+                                   stage_times=times))
         elif dep.is_last:
-            self._answer(A.StepOut(r.session_id, r.position, token=r.token, logits=r.logits, stage_times=(mine,)))
+            out = A.StepOut(r.session_id, r.position, token=r.token, logits=r.logits, stage_times=times)
+            if not (step.reply_to and self.svc.collect(step.reply_to, out)):
+                self._answer(out)           # no such collector here (yet): up the chain
+            else:
+                self._settled()
         elif not dep.next_address:
             self._answer(A.StepOut(r.session_id, r.position, error="this stage has no next stage configured; "
-                                   "redeploy", error_code="FAILED_PRECONDITION", stage_times=(mine,)))
+                                   "redeploy", error_code="FAILED_PRECONDITION", stage_times=times))
         else:
             with self._lock:
-                self._sent[(r.session_id, r.position)] = (mine, dep.next_address)
+                if step.reply_to:       # no answer comes back up unless an error: this step is settled here
+                    if step.finish:
+                        self._direct.pop(r.session_id, None)
+                    else:
+                        self._direct[r.session_id] = (r.position, mine, dep.next_address)
+                else:
+                    self._sent[(r.session_id, r.position)] = (mine, dep.next_address)
             nxt = A.StepIn(step.session_id, step.position, hidden=r.hidden, temperature=step.temperature,
                            top_p=step.top_p, seed=step.seed, return_logits=step.return_logits,
-                           finish=step.finish, deployment_id=dep.deployment_id)
+                           finish=step.finish, deployment_id=dep.deployment_id, reply_to=step.reply_to,
+                           stage_times=times if step.reply_to else ())
             self._downstream(dep.next_address).send(nxt)
+            if step.reply_to:
+                self._settled()
 
     # ---------------------------------------------------------- downstream side
 
@@ -182,23 +201,41 @@ class Hop:
     def _relayed(self, out: A.StepOut) -> None:
         with self._lock:
             mine, _ = self._sent.pop((out.session_id, out.position), (None, None))
-        if mine is None:
+            direct = mine is None and out.session_id in self._direct
+            if direct and out.error:
+                self._direct.pop(out.session_id, None)
+        if direct:      # a direct step answered up the chain (an error, or no collector): its times are in it
+            self._answer_now(out)
+        elif mine is None:
             log.warning("dropping an answer for session %s position %d that this hop did not send",
                         out.session_id, out.position)
-            return
-        self._answer(A.StepOut(out.session_id, out.position, out.token, out.logits, (mine,) + out.stage_times,
-                               out.error, out.error_code))
+        else:
+            self._answer(A.StepOut(out.session_id, out.position, out.token, out.logits, (mine,) + out.stage_times,
+                                   out.error, out.error_code))
 
     def _broken(self, down: Downstream, message: str) -> None:
+        """The next stage's stream failed: every step sent down it and not answered fails now
+        (a direct step's answer may have reached the controller already; it ignores this one)."""
         log.warning("%s", message)
         with self._lock:
             lost = [(k, t) for k, (t, addr) in self._sent.items() if addr == down.address]
             for k, _ in lost:
                 del self._sent[k]
+            direct = [((sid, pos), t) for sid, (pos, t, addr) in self._direct.items() if addr == down.address]
+            for (sid, _), _ in direct:
+                del self._direct[sid]
         for (sid, pos), mine in lost:
             self._answer(A.StepOut(sid, pos, error=message, error_code="UNAVAILABLE", stage_times=(mine,)))
+        for (sid, pos), mine in direct:
+            self._answer_now(A.StepOut(sid, pos, error=message, error_code="UNAVAILABLE", stage_times=(mine,)))
 
     # ---------------------------------------------------------- answers and shutdown
+
+    def _settled(self) -> None:
+        """A step this hop took is done without an answer on this stream (it went on with reply_to)."""
+        with self._lock:
+            self._pending -= 1
+        self._maybe_close()
 
     def _answer_now(self, out: A.StepOut) -> None:
         with self._lock:
@@ -229,7 +266,11 @@ class Hop:
         self._out.put(None)
 
     def _cancelled(self) -> None:
+        """The upstream call ended. After a close of ours (every step settled) that is its normal
+        end, and steps sent on with reply_to may still be on their way down: they go on."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             downs = list(self._down.values())
         self._end_open_sessions()
@@ -257,6 +298,8 @@ class AgentService(rpc.AgentServicer):
         self.security = security
         self.shaper = shaper
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
+        self._collectors: dict[str, queue.Queue] = {}
+        self._collectors_lock = threading.Lock()
 
     # ---------------------------------------------------------- shards
 
@@ -316,6 +359,35 @@ class AgentService(rpc.AgentServicer):
 
     def Forward(self, request_iterator, context):
         yield from Hop(self, context).responses(request_iterator)
+
+    def Collect(self, request, context):
+        cid = request.collector_id
+        if not cid or len(cid) > 128:
+            _abort(context, "INVALID_ARGUMENT", "a collector needs an id of 1 to 128 characters")
+        q: queue.Queue = queue.Queue()
+        with self._collectors_lock:
+            if cid in self._collectors:
+                _abort(context, "ALREADY_EXISTS", f"collector {cid} is already open on this agent; choose another id")
+            self._collectors[cid] = q
+
+        def gone() -> None:
+            with self._collectors_lock:
+                if self._collectors.get(cid) is q:
+                    del self._collectors[cid]
+            q.put(None)
+
+        context.add_callback(gone)
+        yield from Shaper.delivered(q)
+
+    def collect(self, collector_id: str, out: A.StepOut) -> bool:
+        """Send a last stage's answer to the controller's collector; False if it is not open here."""
+        with self._collectors_lock:
+            q = self._collectors.get(collector_id)
+        if q is None:
+            return False
+        msg = A.out_pb(out)
+        q.put((self.shaper.schedule(msg.ByteSize()), msg))
+        return True
 
     # ---------------------------------------------------------- measurements
 

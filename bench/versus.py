@@ -178,7 +178,7 @@ class Edgefleet:
         t = self.generate(prompt_ids(master, 8), OUTPUT)
         compute = (self.compute_s() - before) / OUTPUT
         per_token = (t[-1] - t[1]) / (len(t) - 2)
-        crossings = 2 * stages          # down the chain from the controller, and the answer back up it
+        crossings = stages + 1          # down the chain from the controller, the answer straight back from the last stage
         links = crossings * (link.delay_ms / 1e3 + n_embd * 4 * 8 / (link.mbit * 1e6))
         rest = per_token - compute - links
         return (f"{per_token * 1e3:.2f} ms/token = stage compute {compute * 1e3:.2f} + emulated links "

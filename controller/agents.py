@@ -5,11 +5,13 @@ to do, and the gRPC status name in `code`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,9 +138,14 @@ class StepFailed(AgentError):
 
 
 class PipelineStream:
-    """One Forward stream into the first stage, shared by many sessions (thread-safe)."""
+    """One Forward stream into the first stage, shared by many sessions (thread-safe).
 
-    def __init__(self, address: str, security: Security = Security(), deployment_id: str = ""):
+    Given the last stage's address (`last`, a different agent), it also opens a `Collect` call
+    there and every step names it (`reply_to`): answers come straight from the last stage
+    instead of back up the chain, and errors still come up the chain. The answer that
+    arrives first for a step is the one its waiter gets."""
+
+    def __init__(self, address: str, security: Security = Security(), deployment_id: str = "", last: str = ""):
         self.address = address
         self.deployment_id = deployment_id
         self._channel = security.channel(address)
@@ -147,12 +154,21 @@ class PipelineStream:
         self._lock = threading.Lock()
         self.broken: AgentError | None = None
         self._call = rpc.AgentStub(self._channel).Forward(iter(self._q.get, None), metadata=security.metadata())
-        self._reader = threading.Thread(target=self._read, name="pipeline-read", daemon=True)
+        self._reader = threading.Thread(target=self._read, args=(self._call, f"first stage at {address}"),
+                                        name="pipeline-read", daemon=True)
         self._reader.start()
+        self.collector, self._collect, self._last_channel = "", None, None
+        if last and last != address:
+            self.collector = uuid.uuid4().hex
+            self._last_channel = security.channel(last)
+            self._collect = rpc.AgentStub(self._last_channel).Collect(
+                pb.CollectRequest(collector_id=self.collector), metadata=security.metadata())
+            threading.Thread(target=self._read, args=(self._collect, f"last stage at {last}"),
+                             name="pipeline-collect", daemon=True).start()
 
-    def _read(self) -> None:
+    def _read(self, call, who: str) -> None:
         try:
-            for m in self._call:
+            for m in call:
                 out = A.step_out(m)
                 with self._lock:
                     w = self._waiters.pop((out.session_id, out.position), None)
@@ -160,10 +176,9 @@ class PipelineStream:
                     w.put(out)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
-                self.broken = rpc_error(f"first stage at {self.address}", exc)
+                self.broken = self.broken or rpc_error(who, exc)
         finally:
-            self._fail_waiters(self.broken or AgentError(f"the pipeline stream to {self.address} closed",
-                                                         "UNAVAILABLE"))
+            self._fail_waiters(self.broken or AgentError(f"the pipeline stream to the {who} closed", "UNAVAILABLE"))
 
     def _fail_waiters(self, err: AgentError) -> None:
         """Answer every step still waiting on this stream with `err`."""
@@ -180,7 +195,7 @@ class PipelineStream:
             if self.broken is not None:
                 raise self.broken
             self._waiters[key] = w
-        self._q.put(A.step_pb(step))
+        self._q.put(A.step_pb(dataclasses.replace(step, reply_to=self.collector) if self.collector else step))
         try:
             out = w.get(timeout=timeout_s)
         except queue.Empty:
@@ -203,5 +218,8 @@ class PipelineStream:
         self._fail_waiters(self.broken)
         self._q.put(None)
         self._call.cancel()
+        if self._collect is not None:
+            self._collect.cancel()
+            self._last_channel.close()
         self._reader.join(timeout=10)
         self._channel.close()

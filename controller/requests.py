@@ -92,14 +92,14 @@ class Requests:
     # ---------------------------------------------------------- pipelines
 
     def _pipeline(self) -> PipelineStream:
-        """The stream into the active deployment's first stage (one per deployment, shared)."""
+        """The stream into the active deployment's first stage, answered by its last (one per deployment, shared)."""
         dep = self.deployments.active
         if dep is None:
             raise NoDeployment("the deployment was removed while the request ran")
         with self._lock:
             s = self._streams.get(dep.id)
             if s is None or s.broken is not None:
-                s = PipelineStream(dep.stages[0].address, self.security, dep.id)
+                s = PipelineStream(dep.stages[0].address, self.security, dep.id, last=dep.stages[-1].address)
                 self._streams[dep.id] = s
             return s
 

@@ -148,6 +148,8 @@ class StepIn:
     finish: bool = False
     deployment_id: str = ""
     cancel: bool = False
+    reply_to: str = ""                   # the last stage answers this collector (Agent.Collect)
+    stage_times: tuple["StageTime", ...] = ()   # with reply_to: the stages already passed
 
     @property
     def n_tokens(self) -> int:
@@ -158,7 +160,8 @@ def step_pb(s: StepIn) -> pb.StageInput:
     m = pb.StageInput(session_id=s.session_id, position=s.position, tokens=list(s.tokens),
                       sampling=pb.Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                                            return_logits=s.return_logits),
-                      finish=s.finish, deployment_id=s.deployment_id, cancel=s.cancel)
+                      finish=s.finish, deployment_id=s.deployment_id, cancel=s.cancel, reply_to=s.reply_to,
+                      stage_times=_times_pb(s.stage_times))
     if s.hidden is not None:
         m.hidden.CopyFrom(tensor_pb(s.hidden))
     return m
@@ -175,7 +178,7 @@ def step_in(m: pb.StageInput) -> StepIn:
     sp = m.sampling if m.HasField("sampling") else pb.Sampling(top_p=1.0)
     return StepIn(m.session_id, int(m.position), tuple(m.tokens), hidden, float(sp.temperature),
                   float(sp.top_p) if sp.top_p > 0 else 1.0, int(sp.seed), sp.return_logits,
-                  m.finish, m.deployment_id, m.cancel)
+                  m.finish, m.deployment_id, m.cancel, m.reply_to, _times(m.stage_times))
 
 
 @dataclass(frozen=True)
@@ -201,10 +204,7 @@ class StepOut:
 
 def out_pb(o: StepOut) -> pb.StageOutput:
     m = pb.StageOutput(session_id=o.session_id, position=o.position, token=o.token, error=o.error,
-                       error_code=o.error_code,
-                       stage_times=[pb.StageTime(node=t.node, compute_seconds=t.compute_seconds,
-                                                 queue_seconds=t.queue_seconds, batch_size=t.batch_size)
-                                    for t in o.stage_times])
+                       error_code=o.error_code, stage_times=_times_pb(o.stage_times))
     if o.logits is not None:
         m.logits.CopyFrom(tensor_pb(o.logits))
     return m
@@ -212,10 +212,17 @@ def out_pb(o: StepOut) -> pb.StageOutput:
 
 def step_out(m: pb.StageOutput) -> StepOut:
     return StepOut(m.session_id, int(m.position), int(m.token),
-                   tensor_array(m.logits) if m.HasField("logits") else None,
-                   tuple(StageTime(t.node, t.compute_seconds, t.queue_seconds, int(t.batch_size))
-                         for t in m.stage_times),
+                   tensor_array(m.logits) if m.HasField("logits") else None, _times(m.stage_times),
                    m.error, m.error_code)
+
+
+def _times_pb(times) -> list[pb.StageTime]:
+    return [pb.StageTime(node=t.node, compute_seconds=t.compute_seconds, queue_seconds=t.queue_seconds,
+                         batch_size=t.batch_size) for t in times]
+
+
+def _times(ms) -> tuple[StageTime, ...]:
+    return tuple(StageTime(t.node, t.compute_seconds, t.queue_seconds, int(t.batch_size)) for t in ms)
 
 
 # ------------------------------------------------------------------ profiles

@@ -65,6 +65,11 @@ class AgentStub:
                 request_serializer=proto_dot_edgefleet__pb2.StageInput.SerializeToString,
                 response_deserializer=proto_dot_edgefleet__pb2.StageOutput.FromString,
                 _registered_method=True)
+        self.Collect = channel.unary_stream(
+                '/edgefleet.Agent/Collect',
+                request_serializer=proto_dot_edgefleet__pb2.CollectRequest.SerializeToString,
+                response_deserializer=proto_dot_edgefleet__pb2.StageOutput.FromString,
+                _registered_method=True)
         self.Profile = channel.unary_unary(
                 '/edgefleet.Agent/Profile',
                 request_serializer=proto_dot_edgefleet__pb2.ProfileRequest.SerializeToString,
@@ -125,7 +130,15 @@ class AgentServicer:
     def Forward(self, request_iterator, context):
         """A bidirectional stream per pipeline hop: the previous hop (or the controller, for
         stage 1) sends steps; this agent runs its layers and forwards to the next agent,
-        whose outputs flow back on the same stream.
+        whose outputs flow back on the same stream (or, with reply_to, go to Collect).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Collect(self, request, context):
+        """The last stage's answers to steps that name this collector in reply_to, for as long as
+        the call lasts (a step naming a collector this agent does not have is answered up the chain).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -184,6 +197,11 @@ def add_AgentServicer_to_server(servicer, server):
             'Forward': grpc.stream_stream_rpc_method_handler(
                     servicer.Forward,
                     request_deserializer=proto_dot_edgefleet__pb2.StageInput.FromString,
+                    response_serializer=proto_dot_edgefleet__pb2.StageOutput.SerializeToString,
+            ),
+            'Collect': grpc.unary_stream_rpc_method_handler(
+                    servicer.Collect,
+                    request_deserializer=proto_dot_edgefleet__pb2.CollectRequest.FromString,
                     response_serializer=proto_dot_edgefleet__pb2.StageOutput.SerializeToString,
             ),
             'Profile': grpc.unary_unary_rpc_method_handler(
@@ -364,6 +382,33 @@ class Agent:
             target,
             '/edgefleet.Agent/Forward',
             proto_dot_edgefleet__pb2.StageInput.SerializeToString,
+            proto_dot_edgefleet__pb2.StageOutput.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Collect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgefleet.Agent/Collect',
+            proto_dot_edgefleet__pb2.CollectRequest.SerializeToString,
             proto_dot_edgefleet__pb2.StageOutput.FromString,
             options,
             channel_credentials,

@@ -9,8 +9,8 @@ The system modelled is the one the agents run (docs/simulator.md):
   (solver/cost.py) for its prompt and decode tokens, plus the node's step overhead;
 - steps that leave a stage together travel on together as a *cohort*; a message occupies
   each link of its route for bytes / bandwidth (first come first served) and arrives
-  `latency` later; the sampled tokens go back up the chain to the controller, which sends
-  the next step;
+  `latency` later; the sampled tokens go from the last stage straight to the controller,
+  which sends the next step;
 - a failed node stops the pipeline: the solver re-plans on the nodes left, the changed
   shards are pushed from the controller, and in-flight requests are replayed (a prefill of
   prompt + tokens so far), as the controller's failover does.
@@ -243,30 +243,20 @@ class Simulator:
         self._reply_cache: dict[int, float] = {}
         self._ctrl_cache: dict[int, float] = {}
         self.route = []             # per stage-to-stage hop: the links, forward
-        self.reply_route = []       # and backward
         names = [s.node.name for s in self.stages]
         for a, b in zip(names, names[1:]):
             path = nx.shortest_path(g, a, b, weight="_w")
             self.route.append(list(zip(path, path[1:])))
-            self.reply_route.append(list(zip(path[1:], path)))
-        # a reply (a few bytes per token) goes back through every stage to the controller
-        self.first_node = names[0]
+        # a reply (a few bytes per token) goes from the last stage straight to the controller
+        self.first_node, self.last_node = names[0], names[-1]
 
     def _reply_s(self, k: int) -> float:
         """Seconds for k sampled tokens to reach the controller from the last stage (small
         messages: no queueing), cached per k until the routes change."""
         cached = self._reply_cache.get(k)
-        if cached is not None:
-            return cached
-        total = 0.0
-        for hops in self.reply_route:
-            for edge in hops:
-                bw, lat, _ = self.links[edge]
-                total += lat + C.REPLY_BYTES * k / bw
-        if self.fleet.controller:
-            total += self.net.transfer_s(self.stages[0].node.name, self.fleet.controller, C.REPLY_BYTES * k)
-        self._reply_cache[k] = total
-        return total
+        if cached is None:
+            cached = self._reply_cache[k] = C.reply_s(self.net, self.last_node, k)
+        return cached
 
     def ctrl_in(self, k: int) -> float:
         """Seconds for a step of k tokens to go from the controller to the first stage."""

@@ -14,7 +14,7 @@ from solver import memory as M
 
 from solver.problem import Fleet, LayerProfile, ModelProfile, Node, Workload
 
-REPLY_BYTES = 16      # a sampled token (+ framing) going back up the chain
+REPLY_BYTES = 16      # a sampled token (+ framing), from the last stage straight to the controller
 TOKEN_BYTES = 4       # a token id entering the first stage
 
 
@@ -128,13 +128,14 @@ class Network:
 
 
 def hop_first_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
-    """A hop's share of the first token: the prompt's activations forward, the token back."""
-    return net.transfer_s(a, b, model.act_bytes_per_token * w.prompt_tokens) + net.transfer_s(b, a, REPLY_BYTES)
+    """A hop's share of the first token: the prompt's activations forward. (The sampled token
+    goes from the last stage straight to the controller, reply_s, not back up the chain.)"""
+    return net.transfer_s(a, b, model.act_bytes_per_token * w.prompt_tokens)
 
 
 def hop_next_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
-    """A hop's share of each further token: one token's activations forward, the token back."""
-    return net.transfer_s(a, b, model.act_bytes_per_token) + net.transfer_s(b, a, REPLY_BYTES)
+    """A hop's share of each further token: one token's activations forward."""
+    return net.transfer_s(a, b, model.act_bytes_per_token)
 
 
 def hop_latency_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
@@ -144,21 +145,33 @@ def hop_latency_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str
 
 def hop_step_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
     """One decode step of the whole batch over a hop (throughput objective)."""
-    return (net.transfer_s(a, b, model.act_bytes_per_token * w.concurrency)
-            + net.transfer_s(b, a, REPLY_BYTES * w.concurrency))
+    return net.transfer_s(a, b, model.act_bytes_per_token * w.concurrency)
 
 
 def controller_first_s(net: Network, w: Workload, first: str) -> float:
-    """Requests enter at the controller vertex and sampled tokens come back to it through the
-    first stage (replies travel back up the chain); 0 when the fleet does not place it."""
+    """Requests enter at the controller vertex: the prompt's token ids to the first stage; 0
+    when the fleet does not place the controller."""
     c = net.fleet.controller
-    return net.transfer_s(c, first, TOKEN_BYTES * w.prompt_tokens) + net.transfer_s(first, c, REPLY_BYTES) if c else 0.0
+    return net.transfer_s(c, first, TOKEN_BYTES * w.prompt_tokens) if c else 0.0
 
 
 def controller_next_s(net: Network, w: Workload, first: str) -> float:
+    """Each further step's token id to the first stage."""
     c = net.fleet.controller
-    return net.transfer_s(c, first, TOKEN_BYTES) + net.transfer_s(first, c, REPLY_BYTES) if c else 0.0
+    return net.transfer_s(c, first, TOKEN_BYTES) if c else 0.0
 
 
 def controller_latency_s(net: Network, w: Workload, first: str) -> float:
     return controller_first_s(net, w, first) + (w.output_tokens - 1) * controller_next_s(net, w, first)
+
+
+def reply_s(net: Network, last: str, k: int = 1) -> float:
+    """k sampled tokens from the last stage straight to the controller (the agents' Collect
+    call); 0 when the fleet does not place the controller."""
+    c = net.fleet.controller
+    return net.transfer_s(last, c, REPLY_BYTES * k) if c else 0.0
+
+
+def reply_latency_s(net: Network, w: Workload, last: str) -> float:
+    """The replies' share of one request's latency: one per token."""
+    return w.output_tokens * reply_s(net, last)

@@ -41,12 +41,12 @@ def latency(problem: Problem, net: C.Network, stages, used: dict, hops, first: d
             last: dict) -> pulp.LpAffineExpression:
     """One request's latency: the stages' compute (stage_time expressions), each used node's
     step overheads (node -> "holds a stage"), each hop taken ((a, b), variable), the
-    controller's link to the first node (node -> "holds the first stage") and the LM head on
-    the last (node -> "holds the last stage")."""
+    controller's link to the first node (node -> "holds the first stage"), and the LM head on
+    the last and its replies to the controller (node -> "holds the last stage")."""
     m, w, fleet = problem.model, problem.workload, problem.fleet
     return (pulp.lpSum(stages)
             + pulp.lpSum(C.stage_overhead_latency_s(fleet.node(n), w) * u for n, u in used.items())
-            + pulp.lpSum(head_time(problem, fleet.node(n)) * x for n, x in last.items())
+            + pulp.lpSum((head_time(problem, fleet.node(n)) + C.reply_latency_s(net, w, n)) * x for n, x in last.items())
             + pulp.lpSum(C.hop_latency_s(net, m, w, a, b) * v for (a, b), v in hops)
             + pulp.lpSum(C.controller_latency_s(net, w, n) * x for n, x in first.items()))
 

@@ -432,6 +432,39 @@ def test_agents_generate_exactly_what_llama_cpp_does_on_the_whole_mixed_model(mo
     assert all(np.array_equal(np.asarray(a, np.float32), b) for a, b in zip(logits, want_logits))
 
 
+def test_a_step_naming_a_collector_is_answered_by_the_last_stage_not_up_the_chain(fleet, reference):
+    """With reply_to, the last agent answers on the controller's Collect call; the first
+    agent's stream carries no answer, and the answer holds every stage's time."""
+    import grpc
+
+    from proto import edgefleet_pb2_grpc as rpc
+
+    want = list(reference.generate(PROMPTS[1], 1))[0]
+    with grpc.insecure_channel(fleet[2].address) as last, grpc.insecure_channel(fleet[0].address) as first:
+        collected = rpc.AgentStub(last).Collect(pb.CollectRequest(collector_id="c1"))
+        time.sleep(0.5)                       # the collector is open before the step gets there
+        step = A.step_pb(A.StepIn("s1", 0, tokens=tuple(PROMPTS[1]), finish=True, reply_to="c1"))
+        upstream = rpc.AgentStub(first).Forward(iter([step]))
+        out = A.step_out(next(collected))
+        assert list(upstream) == []           # the stream ends with no answer on it
+        collected.cancel()
+    assert (out.session_id, out.position, out.error, out.token) == ("s1", 0, "", want)
+    assert [t.node for t in out.stage_times] == ["a0", "a1", "a2"]
+    with AgentClient(fleet[2].address) as c:
+        assert c.state().sessions == 0
+
+
+def test_a_pipeline_stream_with_the_last_stage_gives_the_same_tokens(fleet, reference):
+    pipe = PipelineStream(fleet[0].address, last=fleet[2].address)
+    try:
+        assert pipe.collector
+        outs = list(generate(lambda: pipe, PROMPTS[2], 16))
+    finally:
+        pipe.close()
+    assert [o.token for o in outs] == list(reference.generate(PROMPTS[2], 16))
+    assert all([t.node for t in o.stage_times] == ["a0", "a1", "a2"] for o in outs)
+
+
 def test_a_compute_thread_that_dies_takes_the_agent_out_of_service():
     """Every step's failure is answered inside the compute loop; should the loop itself fail,
     the engine says so (the daemon then stops heartbeating and exits 1, so the controller
@@ -513,3 +546,4 @@ def test_a_batch_takes_steps_up_to_the_stage_s_batch_tokens(shards):
     sizes = {r.session_id: r.batch_size for r in results}
     assert sizes == {"p1": 1, "p2": 4, "d1": 4, "d2": 4, "d3": 4}
     assert [r.session_id for r in results][0] == "p1"
+

@@ -4,9 +4,10 @@ what-if sentences, and `edgefleet simulate` end to end.
 The toy: two identical layers, one per node. A layer reads 1 MB of weights at 100 MB/s
 (10 ms) and does 1 MFLOP per token at 1 GFLOP/s (1 ms per token), so a stage takes
 max(10 ms, tokens × 1 ms): a 20-token prefill 20 ms, a 10-token prefill 10 ms, a decode step
-10 ms. Activations are 1000 bytes per token over a 1 MB/s link with 5 ms latency; a reply
-(16 bytes) takes 5.016 ms back. No step overhead, no controller vertex, and no vocabulary: the
-LM head costs only reading its `head` bytes at 100 MB/s, once per step of the last stage.
+10 ms. Activations are 1000 bytes per token over a 1 MB/s link with 5 ms latency. No step
+overhead, no controller vertex (so requests enter and replies leave the fleet for free; a
+test with one is below), and no vocabulary: the LM head costs only reading its `head` bytes
+at 100 MB/s, once per step of the last stage.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from solver.problem import Fleet, LayerProfile, Link, ModelProfile, Node, Proble
 
 ROOT = Path(__file__).resolve().parent.parent
 AZURE = ROOT.parent / "shared" / "data" / "AzureLLMInferenceTrace_conv.csv"
-REPLY = 0.005 + 16 / 1e6
+REPLY = 0.0     # the last stage's reply goes straight to the controller, which the toy does not place
 
 
 def toy(memory: int = 10 ** 9, nodes=("n0", "n1"), concurrency: int = 2, head: int = 0) -> Problem:
@@ -51,6 +52,17 @@ def times(result):
 
 def close(a, b):
     return math.isclose(a, b, abs_tol=1e-9)
+
+
+def test_with_a_controller_the_reply_goes_from_the_last_stage_straight_to_it():
+    p = toy()
+    fleet = replace(p.fleet, controller="ctl",
+                    links=p.fleet.links + (Link("ctl", "n0", 1e6, 0.001), Link("ctl", "n1", 1e6, 0.003)))
+    (first, done, status), = times(simulate(replace(p, fleet=fleet), PLAN, [Request(0, 0.0, 20, 3)]))
+    reply = 0.003 + 16 / 1e6            # n1 -> ctl; back up the chain it would be n1 -> n0 -> ctl, 6.032 ms
+    # 20 token ids in, prefill 20 ms, 20 kB over the link 20 ms + 5 ms, prefill 20 ms, the reply
+    assert close(first, 0.001 + 80 / 1e6 + 0.020 + 0.025 + 0.020 + reply)
+    assert close(done, first + 2 * (0.001 + 4 / 1e6 + 0.010 + 0.006 + 0.010 + reply)) and status == "ok"
 
 
 def test_one_request_by_hand():
@@ -172,8 +184,8 @@ def test_link_slowdown_changes_later_transfers_only():
     reqs = [Request(0, 0.0, 20, 3), Request(1, 2.0, 20, 3)]
     r = simulate(toy(), PLAN, reqs, [slow]).records
     assert close(r[0].first_s, 0.065 + REPLY)
-    # 20 kB at 100 kB/s = 200 ms instead of 20 ms; the reply's 16 bytes now take 0.16 ms
-    assert close(r[1].first_s - 2.0, 0.020 + 0.205 + 0.020 + 0.005 + 16 / 1e5)
+    # 20 kB at 100 kB/s = 200 ms instead of 20 ms
+    assert close(r[1].first_s - 2.0, 0.020 + 0.205 + 0.020 + REPLY)
 
 
 # ------------------------------------------------------------------ the command

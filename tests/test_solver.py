@@ -153,12 +153,15 @@ def test_the_last_stage_pays_for_the_lm_head(objective):
         step = sum(C.decode_s(node, lp, q, p.workload, 2) for lp, q in layers) + node.step_overhead_s
         assert got.stages[i].decode_s == pytest.approx(dec + (head[st.node][0] if last else 0.0))
         assert got.stages[i].step_s == pytest.approx(step + (head[st.node][1] if last else 0.0))
-    # the same layers with the nodes swapped: the layers cost the same; the head and the
-    # controller's link move
+    # the same layers with the nodes swapped: the layers cost the same; the head, the
+    # controller's link to the first stage and the last stage's replies to it move
+    assert [s.node for s in want_stages] == ["a", "b"]
     other = evaluate(p, [dataclasses.replace(s, node="ab"[s.node == "a"]) for s in want_stages])
     net = C.Network(p.fleet)
-    ctl_first = C.controller_first_s(net, p.workload, "b") - C.controller_first_s(net, p.workload, "a")
-    ctl_next = C.controller_next_s(net, p.workload, "b") - C.controller_next_s(net, p.workload, "a")
+    reply = C.reply_s(net, "a") - C.reply_s(net, "b")
+    assert reply == pytest.approx(0.002 - 0.0002, rel=1e-3)      # the links' latencies
+    ctl_first = C.controller_first_s(net, p.workload, "b") - C.controller_first_s(net, p.workload, "a") + reply
+    ctl_next = C.controller_next_s(net, p.workload, "b") - C.controller_next_s(net, p.workload, "a") + reply
     assert other.ttft_s - got.ttft_s == pytest.approx(head["a"][0] - head["b"][0] + ctl_first)
     assert other.tpot_s - got.tpot_s == pytest.approx(head["a"][0] - head["b"][0] + ctl_next)
 
