@@ -68,6 +68,12 @@ def _advertised(listen: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def _local(listen: str, port: int) -> str:
+    """The address this agent reaches itself at."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    return f"127.0.0.1:{port}" if host in ("0.0.0.0", "::", "") else f"{listen.rsplit(':', 1)[0]}:{port}"
+
+
 class ControllerLink(threading.Thread):
     """Registers with the controller and sends heartbeats; re-registers whenever the
     controller says it does not know this node (e.g. after the controller lost its state)."""
@@ -149,7 +155,7 @@ def serve(cfg: AgentConfig) -> int:
     stop, died = threading.Event(), threading.Event()
     engine.on_death = lambda: (died.set(), stop.set())     # no heartbeat from a wedged agent: the controller fails over
     node = A.NodeInfo(cfg.name, address, stages, TYPE_ORDER, engine.threads, "cpu", own)
-    service = AgentService(node, store, engine, cfg.security, shaper)
+    service = AgentService(node, store, engine, cfg.security, shaper, _local(cfg.listen, port))
     rpc.add_AgentServicer_to_server(service, server)
     server.start()
 

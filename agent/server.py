@@ -291,8 +291,10 @@ class Hop:
 
 
 class AgentService(rpc.AgentServicer):
-    def __init__(self, node: A.NodeInfo, store: ShardStore, engine: Engine, security: Security, shaper: Shaper):
+    def __init__(self, node: A.NodeInfo, store: ShardStore, engine: Engine, security: Security, shaper: Shaper,
+                 local_address: str = ""):
         self.node = node
+        self.local_address = local_address      # this agent as it reaches itself (the step-overhead probe)
         self.store = store
         self.engine = engine
         self.security = security
@@ -418,6 +420,7 @@ class AgentService(rpc.AgentServicer):
             except ValueError as exc:
                 _abort(context, "INVALID_ARGUMENT", str(exc))
             n_embd, n_ff = cfg.n_embd, cfg.n_ff
+        overhead = self._step_overhead(n_embd) if n_embd else 0.0
         rtt = bandwidth = 0.0
         if request.peer_address:
             try:
@@ -425,7 +428,32 @@ class AgentService(rpc.AgentServicer):
             except grpc.RpcError as exc:
                 _abort(context, "UNAVAILABLE",
                        f"peer {request.peer_address} is unreachable: {exc.details() or exc.code().name}")
-        return A.profile_pb(A.ProfileResult(timings, rtt, bandwidth, n_embd, n_ff))
+        return A.profile_pb(A.ProfileResult(timings, rtt, bandwidth, n_embd, n_ff, overhead))
+
+    def _step_overhead(self, n_embd: int, repeats: int = 20) -> float:
+        """What a stage costs a step besides its compute: the median round trip of one token's
+        hidden state to this agent itself over gRPC (a message received, answered and read
+        back, its serialization and thread hand-offs), at this node's CPU speed and share.
+        0 when the agent cannot reach itself (the solver then uses its default)."""
+        if not self.local_address:
+            return 0.0
+        probe = pb.ShardChunk(data=bytes(4 * n_embd))
+        try:
+            with self.security.channel(self.local_address) as ch:
+                echo = rpc.AgentStub(ch).Echo
+                md = self.security.metadata()
+                echo(probe, metadata=md, timeout=10)      # connect
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    echo(probe, metadata=md, timeout=10)
+                    times.append(time.perf_counter() - t0)
+        except grpc.RpcError as exc:
+            log.warning("could not time a step's overhead against this agent itself: %s", exc.code().name)
+            return 0.0
+        shaped = self.shaper.latency + (pb.ShardChunk(total_bytes=probe.ByteSize()).ByteSize() / self.shaper.bandwidth
+                                        if self.shaper.bandwidth else 0.0)    # Echo's reply crosses the emulated link
+        return max(statistics.median(times) - shaped, 1e-6)
 
     def _profile_shard(self, sha: str):
         """The shard whose first layer is timed: the one named, else the active stage's."""

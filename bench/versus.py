@@ -274,6 +274,7 @@ def run_fleet(name: str, model_name: str, runs: int, work: Path) -> list[tuple[s
             say(f"{name}: edgefleet, its own plan over {free_types or 'every type'}")
             own = ef.deploy(master, free_types, 5.0)
             d = ef.measure(master, runs)
+            own_overhead = ef.breakdown(master, len(own["stages"]), link, n_embd(master))
         finally:
             ef.stop()
         n_layer = sum(s["last"] - s["first"] for s in kept["stages"])
@@ -285,12 +286,20 @@ def run_fleet(name: str, model_name: str, runs: int, work: Path) -> list[tuple[s
             b = llama.bench(master, order, split, runs)
         finally:
             llama.stop()
-    describe = lambda p: " -> ".join(f"{s['node']}[{s['first']}:{s['last']}]" for s in p["stages"])  # noqa: E731
+    def describe(p: dict, f: Figures | None = None) -> str:
+        text = " -> ".join(f"{s['node']}[{s['first']}:{s['last']}]" for s in p["stages"])
+        if f is not None:       # the cost model's prediction against what was measured
+            pr = p["prediction"]
+            text += (f"; predicted TTFT {pr['ttft_s'] * 1e3:.0f} ms, {1 / pr['tpot_s']:.1f} tok/s "
+                     f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f})")
+        return text
+
     rows.append(("(a) llama.cpp RPC, default split", a, "even split"))
     rows.append(("(b) llama.cpp RPC, edgefleet's split", b, describe(kept)))
-    rows.append(("(c) edgefleet, same split and types", c, describe(kept)))
-    rows.append(("(d) edgefleet, own plan (5 %)", d, describe(own) + f"; +{own['prediction']['ppl_increase_pct']:.2f} % ppl"))
+    rows.append(("(c) edgefleet, same split and types", c, describe(kept, c)))
+    rows.append(("(d) edgefleet, own plan (5 %)", d, describe(own, d) + f"; +{own['prediction']['ppl_increase_pct']:.2f} % ppl"))
     rows.append(("(c) per token", c, overhead))
+    rows.append(("(d) per token", d, own_overhead))
     return rows
 
 

@@ -29,6 +29,9 @@ MEMORY_HEADROOM = 0.98      # plan with 2 % less than offered: norms, allocator 
 PROBE_BYTES = 256 * 1024    # bandwidth probe between agents
 
 
+STEP = "step"   # a node's measured step overhead (Profile's step_overhead_seconds), kept with its timings as [s, 0]
+
+
 def probe_layers(n_layer: int) -> tuple[int, int]:
     """The one layer agents time for a model: a middle layer (no embedding or head to carry)."""
     return (1, 2) if n_layer > 2 else (0, 1)
@@ -43,12 +46,13 @@ def profiled_types(model: ModelProfile, types: tuple[str, ...]) -> tuple[str, ..
 def profile_agents(nodes: list[NodeInfo], model: Path, model_sha: str, n_layer: int, types: tuple[str, ...],
                    workdir: Path, security: Security, known: Callable[[str], dict | None],
                    save: Callable[[str, dict], None], report: Callable) -> dict[str, dict]:
-    """Per node {type: (decode s/layer, prefill s/layer-token)}, measuring where not known."""
+    """Per node {type: (decode s/layer, prefill s/layer-token), STEP: (step overhead s, 0)},
+    measuring where not known."""
     first, last = probe_layers(n_layer)
     out, todo = {}, []
     for n in nodes:
         t = known(n.name)
-        if t is not None and set(types) <= set(t):
+        if t is not None and set(types) | {STEP} <= set(t):
             out[n.name] = t
         else:
             todo.append(n)
@@ -63,8 +67,9 @@ def profile_agents(nodes: list[NodeInfo], model: Path, model_sha: str, n_layer: 
         with AgentClient(n.address, security, n.name) as c:
             c.push_shard(probe, sha)
             res = c.profile(list(types), prefill_tokens=64, sha=sha, repeats=3)
-        return n.name, {t.gguf_type: (t.decode_seconds_per_layer, t.prefill_seconds_per_layer_token)
-                        for t in res.timings}
+        timings = {t.gguf_type: (t.decode_seconds_per_layer, t.prefill_seconds_per_layer_token) for t in res.timings}
+        timings[STEP] = (res.step_overhead_seconds or Node.step_overhead_s, 0.0)
+        return n.name, timings
 
     # one agent at a time: agents sharing a machine (a one-machine fleet) would slow each other
     report("profile", f"timing a layer at {len(types)} types on {len(todo)} agents", 0, len(todo))
@@ -104,7 +109,9 @@ def live_fleet(nodes: list[NodeInfo], model: ModelProfile, profiles: dict[str, d
     fleet_nodes = []
     for n in nodes:
         speed = {q: measured_speed(layer, q, d, p) for q, (d, p) in profiles[n.name].items() if q in n.gguf_types}
-        fleet_nodes.append(Node(n.name, int(n.memory_bytes * MEMORY_HEADROOM), speed, address=n.address))
+        overhead = profiles[n.name].get(STEP, (Node.step_overhead_s,))[0]
+        fleet_nodes.append(Node(n.name, int(n.memory_bytes * MEMORY_HEADROOM), speed, step_overhead_s=overhead,
+                                address=n.address))
     names = {n.name for n in nodes} | {CONTROLLER_VERTEX}
     fleet_links = tuple(Link(a, b, max(bw, 1.0), max(rtt / 2, 0.0)) for (a, b), (rtt, bw) in links.items()
                         if a in names and b in names)

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE TABLE IF NOT EXISTS profiles (  -- per agent and model: seconds per layer at each type
     agent TEXT NOT NULL,
     model_sha TEXT NOT NULL,
-    timings TEXT NOT NULL,             -- JSON {type: [decode_s, prefill_s_per_token]}
+    timings TEXT NOT NULL,             -- JSON {type: [decode_s, prefill_s_per_token], "step": [overhead_s, 0]}
     measured_at REAL NOT NULL,
     PRIMARY KEY (agent, model_sha)
 );

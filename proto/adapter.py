@@ -241,6 +241,7 @@ class ProfileResult:
     bandwidth_bytes_per_second: float
     n_embd: int
     n_ff: int
+    step_overhead_seconds: float = 0.0
 
 
 def profile_pb(p: ProfileResult) -> pb.ProfileReply:
@@ -249,13 +250,14 @@ def profile_pb(p: ProfileResult) -> pb.ProfileReply:
                                prefill_seconds_per_layer_token=t.prefill_seconds_per_layer_token)
                  for t in p.timings],
         rtt_seconds=p.rtt_seconds, bandwidth_bytes_per_second=p.bandwidth_bytes_per_second,
-        n_embd=p.n_embd, n_ff=p.n_ff)
+        n_embd=p.n_embd, n_ff=p.n_ff, step_overhead_seconds=p.step_overhead_seconds)
 
 
 def profile_result(m: pb.ProfileReply) -> ProfileResult:
     return ProfileResult(tuple(TypeTiming(t.gguf_type, t.decode_seconds_per_layer, t.prefill_seconds_per_layer_token)
                                for t in m.timings),
-                         m.rtt_seconds, m.bandwidth_bytes_per_second, int(m.n_embd), int(m.n_ff))
+                         m.rtt_seconds, m.bandwidth_bytes_per_second, int(m.n_embd), int(m.n_ff),
+                         m.step_overhead_seconds)
 
 
 # ------------------------------------------------------------------ placement requests

@@ -387,6 +387,9 @@ def test_profile_times_types_and_measures_an_emulated_link(tmp_path, shards):
         # (unshaped, localhost answers in ~0.3 ms at GB/s); a busy machine only adds to the round trip
         assert 0.020 <= res.rtt_seconds < 0.5
         assert 0.2 * 10e6 < res.bandwidth_bytes_per_second < 1.1 * 10e6
+        # a step's overhead: a gRPC round trip of 256 floats to itself (~0.3 ms here), the
+        # emulated link's 10 ms taken out
+        assert 0 < res.step_overhead_seconds < 0.008
     finally:
         fast.terminate()
         peer.terminate()
