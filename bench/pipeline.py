@@ -32,6 +32,7 @@ from rich.table import Table  # noqa: E402
 
 from agent.pipeline import split_evenly  # noqa: E402
 from controller.agents import AgentClient, PipelineStream  # noqa: E402
+from controller.generate import generate  # noqa: E402
 from controller.local import deploy_chain, start_agent  # noqa: E402
 from controller.planning import gguf_profile  # noqa: E402
 from controller.shards import file_sha256, parse_types, write_shard  # noqa: E402
@@ -47,13 +48,18 @@ def prompts(n: int, length: int) -> list[list[int]]:
     return [[1] + [(37 * i + 11 * k) % 3000 + 100 for k in range(length - 1)] for i in range(n)]
 
 
-def one_request(address: str, prompt: list[int], tokens: int) -> dict:
+def stream(agents) -> PipelineStream:
+    """A pipeline stream as the controller opens one: into the first agent, answered by the last."""
+    return PipelineStream(agents[0].address, last=agents[-1].address)
+
+
+def one_request(agents, prompt: list[int], tokens: int) -> dict:
     """Wall time per step and the stages' compute time per step of one greedy request."""
-    pipe = PipelineStream(address)
+    pipe = stream(agents)
     try:
         walls, computes = [], []
         t = time.perf_counter()
-        for out in pipe.generate(prompt, tokens):
+        for out in generate(lambda: pipe, prompt, tokens):
             now = time.perf_counter()
             walls.append(now - t)
             computes.append(sum(s.compute_seconds for s in out.stage_times))
@@ -64,12 +70,12 @@ def one_request(address: str, prompt: list[int], tokens: int) -> dict:
             "prefill_compute": computes[0]}
 
 
-def concurrent(address: str, n: int, prompt_len: int, tokens: int) -> float:
-    pipe = PipelineStream(address)
+def concurrent(agents, n: int, prompt_len: int, tokens: int) -> float:
+    pipe = stream(agents)
     counts = [0] * n
 
     def run(i, p):
-        for _ in pipe.generate(p, tokens):
+        for _ in generate(lambda: pipe, p, tokens):
             counts[i] += 1
 
     threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate(prompts(n, prompt_len))]
@@ -83,8 +89,8 @@ def concurrent(address: str, n: int, prompt_len: int, tokens: int) -> float:
     return sum(counts) / dt
 
 
-def median_runs(address: str, prompt: list[int], tokens: int, repeats: int) -> dict:
-    runs = [one_request(address, prompt, tokens) for _ in range(repeats)]
+def median_runs(agents, prompt: list[int], tokens: int, repeats: int) -> dict:
+    runs = [one_request(agents, prompt, tokens) for _ in range(repeats)]
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
@@ -101,9 +107,9 @@ def predict(agents, shards, timings, prompt: int, tokens: int, bandwidth: float,
         stages.append(Stage(name, s.first, s.last, s.layer_types))
     names = [n.name for n in nodes]
     links = [Link(x, y, bandwidth, latency) for x, y in zip(names, names[1:])]
-    # the benchmark process sends to the first agent unshaped; that agent's answers are shaped:
-    # one emulated latency per round trip, i.e. latency/2 each way on the controller's link
-    links.append(Link("bench", names[0], bandwidth, latency / 2))
+    # the benchmark process sends to the first agent unshaped; the last agent's answers come
+    # straight back to it, shaped by that agent's emulated link
+    links += [Link("bench", names[0], bandwidth, 0.0), Link("bench", names[-1], bandwidth, latency)]
     problem = Problem(model, Fleet(tuple(nodes), tuple(links), controller="bench"),
                       Workload(prompt_tokens=prompt, output_tokens=tokens, concurrency=1, context=0))
     p = evaluate(problem, stages)
@@ -147,10 +153,10 @@ def main() -> None:
             for a, s in zip(agents, shards):
                 with AgentClient(a.address) as c:
                     timings.append(c.profile([s.layer_types[0]], prefill_tokens=args.prompt, repeats=7).timings[0])
-            single = median_runs(agents[0].address, prompt, args.tokens, args.repeats)
+            single = median_runs(agents, prompt, args.tokens, args.repeats)
             result["single"] = single
             result["overhead_ratio"] = single["tpot"] / single["decode_compute"]
-            result["tokens_per_s"] = {c: concurrent(agents[0].address, c, args.prompt, args.tokens) for c in levels}
+            result["tokens_per_s"] = {c: concurrent(agents, c, args.prompt, args.tokens) for c in levels}
         finally:
             for a in agents:
                 a.terminate()
@@ -159,7 +165,7 @@ def main() -> None:
         agents = [start_agent(f"e{i}", tmp, extra=shaped) for i in range(args.agents)]
         try:
             deploy_chain(agents, shards, "bench", 16, context)
-            measured = median_runs(agents[0].address, prompt, args.tokens, args.repeats)
+            measured = median_runs(agents, prompt, args.tokens, args.repeats)
         finally:
             for a in agents:
                 a.terminate()
