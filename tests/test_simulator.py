@@ -91,6 +91,14 @@ def test_two_overlapping_requests_queue_at_each_stage_and_on_the_link():
     assert close(b[1], b[0] + 0.010 + 0.006 + 0.010 + REPLY)
 
 
+def test_prompts_that_pass_the_batch_tokens_together_run_one_after_the_other():
+    # the toy deployment's batch is 20 tokens (its prompt): two 20-token prompts at once do not
+    # share a batch (as in the agents' engine). A: n0 0-20 ms, link 20-40 + 5, n1 45-65. B: n0
+    # 20-40 ms, link after A's 40-60 + 5, n1 65-85. One 40-token batch would give both 125 ms.
+    a, b = times(simulate(toy(), PLAN, [Request(0, 0.0, 20, 3), Request(1, 0.0, 20, 3)]))
+    assert close(a[0], 0.065 + REPLY) and close(b[0], 0.085 + REPLY)
+
+
 def test_a_full_kv_cache_makes_the_next_request_wait():
     # each node holds exactly 30 tokens of KV cache: A needs 23, B 12, so B waits for A
     small = toy()
