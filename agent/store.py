@@ -70,6 +70,7 @@ class ShardStore:
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._receiving: set[str] = set()
+        self._verified: dict[str, tuple[int, int]] = {}   # sha -> (size, mtime_ns) when it last hashed right
         self.bytes_received = 0          # all pushes since the store opened
         for leftover in self.incoming_dir.iterdir():
             log.warning("removing incomplete shard %s left by an interrupted push", leftover.name)
@@ -86,8 +87,16 @@ class ShardStore:
 
     def intact(self, sha: str) -> bool:
         """Whether the stored shard still hashes to its name; a shard that does not (a disk
-        error, an edit) is deleted, so that it is pushed again rather than loaded."""
-        if file_sha256(self.path(sha)) == sha:
+        error, an edit) is deleted, so that it is pushed again rather than loaded. A shard is
+        hashed again only when its size or modification time changed since it last hashed
+        right (a multi-GB shard takes seconds to hash), and always once per agent start."""
+        p = self.path(sha)
+        st = p.stat()
+        seen = (st.st_size, st.st_mtime_ns)
+        if self._verified.get(sha) == seen:
+            return True
+        if file_sha256(p) == sha:
+            self._verified[sha] = seen
             return True
         log.error("stored shard %s no longer matches its SHA-256; deleted", sha[:12])
         self.remove(sha)
@@ -95,6 +104,7 @@ class ShardStore:
 
     def remove(self, sha: str) -> bool:
         p = self.path(sha)
+        self._verified.pop(sha, None)
         if p.is_file():
             p.unlink()
             return True

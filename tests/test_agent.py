@@ -550,3 +550,23 @@ def test_a_batch_takes_steps_up_to_the_stage_s_batch_tokens(shards):
     assert sizes == {"p1": 1, "p2": 4, "d1": 4, "d2": 4, "d3": 4}
     assert [r.session_id for r in results][0] == "p1"
 
+
+
+def test_a_stored_shard_is_hashed_again_only_when_its_size_or_time_changed(tmp_path, shards, monkeypatch):
+    import os
+
+    from agent import store as S
+
+    st = S.ShardStore(tmp_path)
+    sha = shards[0].sha256
+    st.path(sha).write_bytes(shards[0].path.read_bytes())
+    hashed = []
+    real = S.file_sha256
+    monkeypatch.setattr(S, "file_sha256", lambda p: hashed.append(p) or real(p))
+    assert st.intact(sha) and st.intact(sha) and len(hashed) == 1       # unchanged: hashed once
+    p = st.path(sha)
+    data = bytearray(p.read_bytes())
+    data[100:104] = b"\0\0\0\0"
+    p.write_bytes(bytes(data))
+    os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 1))    # a write, however quick, moves the time
+    assert not st.intact(sha) and len(hashed) == 2 and not p.exists()  # changed: hashed, found, deleted
