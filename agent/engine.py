@@ -23,6 +23,7 @@ import numpy as np
 
 from agent import weights as W
 from agent.runtime import Settings, Stage, Step, release_freed_memory
+from agent.store import drop_cached
 from agent.sampling import Sampling, sample
 from solver.memory import MAX_BATCH, StageMemory, fmt_bytes, stage_memory
 
@@ -288,6 +289,7 @@ class Engine:
                 d.free_seqs.append(seq)
         for stage in retired:
             stage.close()
+            drop_cached(stage.path)
         if retired:
             release_freed_memory()
 

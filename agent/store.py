@@ -53,6 +53,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def drop_cached(path: str | Path) -> None:
+    """Drop a file's pages from the page cache, except those a process maps (a loaded stage's
+    weights stay). A device's memory limit (a cgroup) counts the page cache that pushed,
+    hashed and retired shards fill; left there, it pushes a running stage's weights out."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (OSError, AttributeError):      # not Linux: nothing to do
+        pass
+    finally:
+        os.close(fd)
+
+
 def check_sha(sha: str) -> str:
     sha = sha.strip().lower()
     if not _SHA.match(sha):
@@ -95,7 +111,9 @@ class ShardStore:
         seen = (st.st_size, st.st_mtime_ns)
         if self._verified.get(sha) == seen:
             return True
-        if file_sha256(p) == sha:
+        ok = file_sha256(p) == sha
+        drop_cached(p)
+        if ok:
             self._verified[sha] = seen
             return True
         log.error("stored shard %s no longer matches its SHA-256; deleted", sha[:12])
@@ -146,6 +164,7 @@ class ShardStore:
                         self.bytes_received += len(chunk.data)
                 f.flush()
                 os.fsync(f.fileno())
+            drop_cached(tmp)     # written and synced: the stage maps what it needs when it loads
             if got != total:
                 raise PushError(f"shard {sha[:12]} is truncated: {got:,} of {total:,} bytes arrived; push it again")
             if h.hexdigest() != sha:

@@ -297,7 +297,7 @@ def run_fleet(name: str, model_name: str, runs: int, work: Path) -> list[tuple[s
     rows.append(("(a) llama.cpp RPC, default split", a, "even split"))
     rows.append(("(b) llama.cpp RPC, edgefleet's split", b, describe(kept)))
     rows.append(("(c) edgefleet, same split and types", c, describe(kept, c)))
-    rows.append(("(d) edgefleet, own plan (5 %)", d, describe(own, d) + f"; +{own['prediction']['ppl_increase_pct']:.2f} % ppl"))
+    rows.append(("(d) edgefleet, own plan (5 %)", d, describe(own, d) + f"; {own['prediction']['ppl_increase_pct']:+.2f} % ppl"))
     rows.append(("(c) per token", c, overhead))
     rows.append(("(d) per token", d, own_overhead))
     return rows

@@ -570,3 +570,54 @@ def test_a_stored_shard_is_hashed_again_only_when_its_size_or_time_changed(tmp_p
     p.write_bytes(bytes(data))
     os.utime(p, ns=(p.stat().st_atime_ns, p.stat().st_mtime_ns + 1))    # a write, however quick, moves the time
     assert not st.intact(sha) and len(hashed) == 2 and not p.exists()  # changed: hashed, found, deleted
+
+
+def _cached_fraction(path: Path) -> float:
+    """The share of a file's pages in the page cache (mincore on a private mapping of it)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+        try:
+            buf = ctypes.c_char.from_buffer(mm)
+            rc = ctypes.CDLL("libc.so.6", use_errno=True).mincore(
+                ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec)
+            del buf
+        finally:
+            mm.close()
+    assert rc == 0
+    return sum(v & 1 for v in vec) / pages
+
+
+def test_pushed_hashed_and_retired_shards_leave_no_page_cache(tmp_path, shards):
+    """A device's memory limit counts the page cache: a pushed shard, one hashed at prepare,
+    and one whose stage was dropped leave none of it behind, so it never pushes a running
+    stage's weights out."""
+    from agent import store as S
+    from agent.engine import Engine
+
+    st = S.ShardStore(tmp_path)
+    s = shards[1]
+    data = s.path.read_bytes()
+    st.receive(iter([S.Chunk(s.sha256, len(data), data)]))
+    p = st.path(s.sha256)
+    assert _cached_fraction(p) < 0.1
+    p.read_bytes()
+    assert _cached_fraction(p) > 0.9          # a read fills it (the check can see it)
+    assert st.intact(s.sha256) and _cached_fraction(p) < 0.1
+    engine = Engine(1 << 30, threads=1)
+    try:
+        engine.prepare("d", s.sha256, p, "", 1, 64)
+        engine.activate("d")
+        p.read_bytes()                      # as a stage touching all its weights would
+        engine.unload("d")
+        deadline = time.monotonic() + 10
+        while _cached_fraction(p) > 0.1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _cached_fraction(p) < 0.1
+    finally:
+        engine.stop()
