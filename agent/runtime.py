@@ -134,6 +134,14 @@ class Stage:
 
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = 0
+        # llama.cpp reads the shard into memory with direct I/O (no page cache) rather than
+        # mapping it: where it repacks weights for its CPU kernels (Q4_0 here) a map holds them
+        # twice, the repacked copy and the mapped pages it was made from, and under a device's
+        # memory limit those pages push the stage's own out (docs/fleet.md, Memory). A last
+        # stage of an untied model keeps the map, so that its token_embd (required, never read)
+        # stays on disk.
+        cold_embedding = self.has_head and not self.has_embedding and not self.cfg.tied_embeddings
+        mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if cold_embedding else L.LLAMA_LOAD_MODE_DIRECT_IO
         self._model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self._model:
             raise ValueError(f"llama.cpp cannot load {self.path.name}; rebuild the shard from its master")
