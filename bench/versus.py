@@ -52,7 +52,11 @@ PROMPT, OUTPUT, CONCURRENT = 512, 64, 8
 CONTROLLER_PORT, PUBLIC_PORT, INNER_PORT = 50061, 50052, 40052
 # the agent is told its node's memory less this: its admission formula leaves out up to
 # ~50 MB of what llama.cpp holds (tests/test_memory.py), and the cgroup's limit is hard
-HEADROOM = 64 * MiB
+# what an agent is told is its node's memory limit less this: beside the formula's figure a
+# loaded agent holds ~50 MB more at rest (docs/fleet.md), and under 8 concurrent 512-token
+# prompts the messages in flight add tens of MB; with 64 MiB a node's cgroup OOM-killed its
+# agent in the middle of run (d)
+HEADROOM = 96 * MiB
 
 FLEETS = {
     # three equal nodes on a slow LAN
