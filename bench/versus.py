@@ -118,15 +118,19 @@ class Edgefleet:
         self.http = "http://" + self.controller.info["http"]
         self.address = f"127.0.0.1:{CONTROLLER_PORT}"
         self.agents = []
-        for i, node in enumerate(fleet.nodes):
-            self.agents.append(fleet.run(i, [sys.executable, "-m", "controller.cli", "agent", "--name", node.name,
-                                             "--listen", f"127.0.0.1:{INNER_PORT}",
-                                             "--advertise", f"{fleet.address(i)}:{PUBLIC_PORT}",
-                                             "--controller", f"{fleet.gateway(i)}:{CONTROLLER_PORT}",
-                                             "--memory", str(node.memory - HEADROOM), "--threads", "1",
-                                             "--data-dir", str(work / node.name)], f"agent-{node.name}"))
-            fleet.proxy(i, PUBLIC_PORT, INNER_PORT)
-        wait_alive(self.address, len(fleet.nodes), 60, work)
+        try:   # the controller is not one of the fleet's processes: stop it here if an agent fails
+            for i, node in enumerate(fleet.nodes):
+                self.agents.append(fleet.run(i, [sys.executable, "-m", "controller.cli", "agent", "--name", node.name,
+                                                 "--listen", f"127.0.0.1:{INNER_PORT}",
+                                                 "--advertise", f"{fleet.address(i)}:{PUBLIC_PORT}",
+                                                 "--controller", f"{fleet.gateway(i)}:{CONTROLLER_PORT}",
+                                                 "--memory", str(node.memory - HEADROOM), "--threads", "1",
+                                                 "--data-dir", str(work / node.name)], f"agent-{node.name}"))
+                fleet.proxy(i, PUBLIC_PORT, INNER_PORT)
+            wait_alive(self.address, len(fleet.nodes), 60, work)
+        except BaseException:
+            self.stop()
+            raise
         self.stub = rpc.ControllerStub(grpc.insecure_channel(self.address))
 
     def deploy(self, master: Path, types: str, budget: float) -> dict:
