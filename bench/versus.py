@@ -61,12 +61,12 @@ HEADROOM = 96 * MiB
 FLEETS = {
     # three equal nodes on a slow LAN
     # three equal nodes on a slow LAN, none of which holds SmolLM2 with 8 requests' KV cache
-    # (340 MiB: with 96 MiB beside each agent, three 300 MiB nodes cannot hold SmolLM2 Q8_0 for
-    # 8 x 576 tokens, its 119 MiB head on one of them)
+    # (340 MiB each, in both fleets: with 96 MiB beside each agent, a 300 MiB node cannot hold
+    # SmolLM2 Q8_0's last stage for 8 x 576 tokens, its head alone 119 MiB)
     "equal3": ([Node(f"node{i}", 1.0, 340 * MiB) for i in range(3)], Link(100, 2.0)),
     # four unequal nodes on a fast LAN: the same memory, CPU shares 1 : 0.6 : 0.4 : 0.25
-    "unequal4": ([Node("fast", 1.0, 300 * MiB), Node("mid", 0.6, 300 * MiB), Node("slow", 0.4, 300 * MiB),
-                  Node("slowest", 0.25, 300 * MiB)], Link(1000, 0.5)),
+    "unequal4": ([Node("fast", 1.0, 340 * MiB), Node("mid", 0.6, 340 * MiB), Node("slow", 0.4, 340 * MiB),
+                  Node("slowest", 0.25, 340 * MiB)], Link(1000, 0.5)),
 }
 
 
