@@ -563,12 +563,13 @@ def status_table(st) -> Table:
              else "no active deployment")
     t = Table(title=title)
     for col in ("node\naddress", "health", "used/offered\n(+agent)", "layers", "types", "sessions\n/queue"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for n in st.nodes:   # offered: what the node's --memory leaves for stages beside the agent itself
         agent = f"\n(+{fmt_bytes(n.node.agent_bytes)})" if n.node.agent_bytes else ""
         t.add_row(f"{n.node.name}\n{n.node.address}", n.health,
                   used_of(n.memory_used_bytes, n.node.memory_bytes) + agent,
-                  n.layers or "-", n.layer_types or "-", f"{n.sessions}/{n.queue_depth}")
+                  n.layers or "-", (n.layer_types or "-").replace(",", ", "),   # a long mix wraps, never cut
+                  f"{n.sessions}/{n.queue_depth}")
     return t
 
 

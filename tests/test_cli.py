@@ -204,3 +204,27 @@ def test_tables_are_readable_at_80_columns(reference_model):
         c.print(t)
         text = c.export_text()
         assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80, text
+
+
+def test_the_status_table_wraps_a_long_type_mix_within_80_columns():
+    """A node whose stage mixes several types (a plan may give one node three or four) shows
+    them all, on more lines, in an 80-column terminal: nothing cut, nothing wider."""
+    from rich.console import Console
+
+    from controller.cli import status_table
+    from proto import edgefleet_pb2 as pb
+
+    mixes = ("", "Q2_K×2,Q4_0×2,Q6_K", "Q8_0×3,Q4_K_M×2,Q3_K_S×4,Q6_K", "Q4_0×2,Q2_K")
+    st = pb.FleetStatus(active_deployment_id="01cc86cb2e36", model="/m/edgefleet-ref-f16.gguf")
+    for i, types in enumerate(mixes):
+        n = st.nodes.add()
+        n.node.name, n.node.address, n.health = f"node{i}", "127.0.0.1:43881", "alive"
+        n.node.memory_bytes, n.node.agent_bytes, n.memory_used_bytes = 9 << 20, 70 << 20, 7 << 20
+        n.layers, n.layer_types = ("3-7" if types else ""), types
+    term = Console(width=80, record=True)
+    term.print(status_table(st))
+    shown = term.export_text()
+    assert "…" not in shown and max(map(len, shown.splitlines())) <= 80, shown
+    flat = " ".join(shown.split())
+    for t in ("Q2_K×2,", "Q4_0×2,", "Q8_0×3,", "Q4_K_M×2,", "Q3_K_S×4,", "Q6_K"):
+        assert t in flat, t
