@@ -45,6 +45,19 @@ def _spec(d) -> A.StageSpec:
     return A.StageSpec(st.first, st.last, tuple(st.layer_types), st.has_embedding, st.has_head)
 
 
+def _median_echo_s(stub, msg, md, repeats: int, timeout_s: float, shaper: Shaper | None = None) -> float:
+    """Median wall time of `repeats` Echo round trips of msg; with a shaper, each request first
+    crosses this agent's emulated uplink."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if shaper is not None:
+            shaper.send(msg.ByteSize())
+        stub.Echo(msg, metadata=md, timeout=timeout_s)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 class Downstream:
     """This agent's stream to the next stage's agent (requests shaped by the emulated link)."""
 
@@ -440,20 +453,15 @@ class AgentService(rpc.AgentServicer):
         probe = pb.ShardChunk(data=bytes(4 * n_embd))
         try:
             with self.security.channel(self.local_address) as ch:
-                echo = rpc.AgentStub(ch).Echo
-                md = self.security.metadata()
-                echo(probe, metadata=md, timeout=10)      # connect
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    echo(probe, metadata=md, timeout=10)
-                    times.append(time.perf_counter() - t0)
+                stub, md = rpc.AgentStub(ch), self.security.metadata()
+                stub.Echo(probe, metadata=md, timeout=10)      # connect
+                rtt = _median_echo_s(stub, probe, md, repeats, timeout_s=10)
         except grpc.RpcError as exc:
             log.warning("could not time a step's overhead against this agent itself: %s", exc.code().name)
             return 0.0
         shaped = self.shaper.latency + (pb.ShardChunk(total_bytes=probe.ByteSize()).ByteSize() / self.shaper.bandwidth
                                         if self.shaper.bandwidth else 0.0)    # Echo's reply crosses the emulated link
-        return max(statistics.median(times) - shaped, 1e-6)
+        return max(rtt - shaped, 1e-6)
 
     def _profile_shard(self, sha: str):
         """The shard whose first layer is timed: the one named, else the active stage's."""
@@ -473,14 +481,7 @@ class AgentService(rpc.AgentServicer):
         with self.security.channel(address) as ch:
             stub = rpc.AgentStub(ch)
             stub.Echo(pb.ShardChunk(), metadata=md, timeout=30)   # connect
-            rtts = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                small = pb.ShardChunk(data=b"x")
-                self.shaper.send(small.ByteSize())
-                stub.Echo(small, metadata=md, timeout=30)
-                rtts.append(time.perf_counter() - t0)
-            rtt = statistics.median(rtts)
+            rtt = _median_echo_s(stub, pb.ShardChunk(data=b"x"), md, 5, timeout_s=30, shaper=self.shaper)
             big = pb.ShardChunk(data=bytes(probe_bytes))
             t0 = time.perf_counter()
             self.shaper.send(big.ByteSize())
