@@ -16,7 +16,7 @@ depth 512), its 8-request figure from llama-batched-bench (-npp 512 -ntg 64 -npl
 host process runs in the root namespace, as edgefleet's controller does. Every process is
 held to one thread (rpc-server -t 1, agents --threads 1).
 
-    .venv/bin/python bench/versus.py [--fleet equal3,unequal4] [--model smollm2-q8_0] [--runs 3]
+    .venv/bin/python bench/versus.py [--fleet equal3,unequal4] [--model smollm2-q8_0] [--runs 3] [--node-memory MIB]
 
 Needs root (namespaces, tc, cgroups) and llama.cpp's RPC tools (built and cached on first
 use by bench/llamacpp.py, about 6 min). The agents' own --emulate-* options are not used.
@@ -269,8 +269,16 @@ def say(what: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {what}", file=sys.stderr, flush=True)
 
 
-def run_fleet(name: str, model_name: str, runs: int, work: Path) -> list[tuple[str, Figures, str]]:
+def fleet_nodes(name: str, memory_mib: int | None) -> tuple[list[Node], Link]:
+    """A fleet's nodes and link; memory_mib, if given, replaces every node's memory."""
     nodes, link = FLEETS[name]
+    if memory_mib is not None:
+        nodes = [Node(n.name, n.cpu, memory_mib * MiB) for n in nodes]
+    return nodes, link
+
+
+def run_fleet(name: str, model_name: str, runs: int, work: Path, memory_mib: int | None = None) -> list[tuple[str, Figures, str]]:
+    nodes, link = fleet_nodes(name, memory_mib)
     path_fn, master_type, free_types = models()[model_name]
     master = path_fn()
     rows = []
@@ -318,18 +326,22 @@ def main() -> None:
     ap.add_argument("--fleet", default="equal3,unequal4", help=f"comma-separated, of {', '.join(FLEETS)}")
     ap.add_argument("--model", default="smollm2-q8_0", help="smollm2-q8_0, smollm2-f16 or reference")
     ap.add_argument("--runs", type=int, default=3, help="single requests (and llama-bench repetitions) per figure")
+    ap.add_argument("--node-memory", type=int, metavar="MIB",
+                    help="every node's memory in MiB, for both systems (default: 340; SmolLM2 F16 with 8 requests' "
+                         "KV cache needs 400 on the 3-node fleet)")
     a = ap.parse_args()
     llamacpp.build()
     for name in a.fleet.split(","):
-        nodes, link = FLEETS[name]
+        nodes, link = fleet_nodes(name, a.node_memory)
         tmp = Path(tempfile.mkdtemp(prefix=f"versus-{name}-"))
         try:
-            rows = run_fleet(name, a.model, a.runs, tmp)
+            rows = run_fleet(name, a.model, a.runs, tmp, a.node_memory)
         except (RuntimeError, subprocess.CalledProcessError) as exc:
             raise SystemExit(f"{name}: {exc} (logs kept in {tmp})") from None
         shutil.rmtree(tmp)
         say(f"{name}: done")
-        print(f"\n{name}: {len(nodes)} nodes (CPU {', '.join(f'{n.cpu:g}' for n in nodes)}), {link}, {a.model}")
+        print(f"\n{name}: {len(nodes)} nodes (CPU {', '.join(f'{n.cpu:g}' for n in nodes)}; "
+              f"{nodes[0].memory // MiB} MiB each), {link}, {a.model}")
         print(f"{'system':40} {'TTFT':>8} {'tok/s':>7} {'8 req tok/s':>12}")
         for label, f, _ in rows[:4]:
             print(f"{label:40} {f.row()[0]:>8} {f.row()[1]:>7} {f.row()[2]:>12}")
