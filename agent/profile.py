@@ -74,29 +74,61 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+DEPTH = 448          # the second depth the probe times at: attention's cost per cached position
+
+
 def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens: int = 64,
                repeats: int = 5, threads: int = 1, probe_bytes: int = PROBE_BYTES) -> list[TypeTiming]:
-    """Per-layer decode and prefill times of each type. The probe holds about 2 × probe_bytes
+    """Per-layer decode and prefill times of each type, with attention's cost per cached
+    position apart: llama.cpp's attention on a CPU does far fewer FLOP/s than its matrix
+    products (here a decode step at 512 positions takes 1.4 times one at none), so the cost
+    model prices it on its own (solver/cost.py). Each type is timed at two depths: a prefill
+    of `prefill_tokens` from position 0 and again from DEPTH, a decode step at position
+    prefill_tokens - 1 and again at DEPTH - 1; the differences give attention's seconds per
+    position, and the depth-0 times are what is left. The probe holds about 2 × probe_bytes
     while it is written and loaded: an agent gives no more than its memory has free."""
     types = list(types or LAYER_TYPES)
     bad = [t for t in types if t not in TYPE_ORDER]
     if bad:
         raise ValueError(f"cannot profile GGUF type {bad[0]}; choose from {', '.join(TYPE_ORDER)}")
-    prefill_tokens = max(1, min(prefill_tokens, 512))
+    n = max(1, min(prefill_tokens, 512))
     cfg = W.read_config(W.open_gguf(shard))
-    x = np.random.default_rng(0).standard_normal((prefill_tokens, cfg.n_embd)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, cfg.n_embd)).astype(np.float32)
+    fill = rng.standard_normal((DEPTH - n, cfg.n_embd)).astype(np.float32)
     out = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-profile-") as d:
         for q in types:
             path = Path(d) / f"{q}.gguf"
             copies = write_probe_layer(shard, q, path, probe_bytes)
-            stage = Stage(path, Settings(sessions=1, context=prefill_tokens + 1, batch_tokens=prefill_tokens,
+            stage = Stage(path, Settings(sessions=1, context=DEPTH + n, batch_tokens=max(n, DEPTH - n),
                                          threads=threads))
             try:
-                prefill = _median_time(lambda: stage.forward([Step(0, 0, hidden=x)]), repeats)
-                decode = _median_time(lambda: stage.forward([Step(0, prefill_tokens - 1, hidden=x[-1:])]), repeats)
+                prefill_lo = _median_time(lambda: stage.forward([Step(0, 0, hidden=x)]), repeats)
+                decode_lo = _median_time(lambda: stage.forward([Step(0, n - 1, hidden=x[-1:])]), repeats)
+                stage.forward([Step(0, n, hidden=fill)])                  # the cache now holds DEPTH positions
+                decode_hi = _median_time(lambda: stage.forward([Step(0, DEPTH - 1, hidden=fill[-1:])]), repeats)
+                prefill_hi = _median_time(lambda: stage.forward([Step(0, DEPTH, hidden=x)]), repeats)
             finally:
                 stage.close()
                 path.unlink()
-            out.append(TypeTiming(q, decode / copies, prefill / copies / prefill_tokens))
+            out.append(split_attention(q, n, DEPTH, copies, prefill_lo, prefill_hi, decode_lo, decode_hi))
     return out
+
+
+def split_attention(q: str, n: int, depth: int, copies: int, prefill_lo: float, prefill_hi: float,
+                    decode_lo: float, decode_hi: float) -> TypeTiming:
+    """Per-layer times from the probe's four medians (a stage of `copies` layers): a prefill
+    of n tokens from position 0 and from `depth`, a decode step at n - 1 and at depth - 1.
+    Attention's part grows with the positions a token attends; what does not is the depth-0
+    time. A difference lost in noise (not positive) leaves attention unmeasured (0): the cost
+    model then prices it at the prefill's FLOP rate, as for declared speeds."""
+    dec_attn = max(0.0, (decode_hi - decode_lo) / (depth - n) / copies)
+    pre_attn = max(0.0, (prefill_hi - prefill_lo) / (n * depth) / copies)
+    decode = decode_lo / copies
+    prefill = prefill_lo / copies / n
+    # what is left at depth 0: a token of the prefill attends (n - 1) / 2 positions on average,
+    # the decode step n - 1; never less than half the time measured (noise in the slope)
+    decode0 = max(decode / 2, decode - (n - 1) * dec_attn)
+    prefill0 = max(prefill / 2, prefill - (n - 1) / 2 * pre_attn)
+    return TypeTiming(q, decode0, prefill0, dec_attn, pre_attn)

@@ -45,8 +45,9 @@ def one_request(stub, ids: list[int], tokens: int) -> tuple[float, float]:
 
 
 def probe_vs_stage(model: Path, work: Path) -> None:
-    """The Profile RPC's per-layer decode time (agent/profile.py: copies of one layer) against
-    a real 20-layer stage of the same type, both on one thread in this process."""
+    """The Profile RPC's per-layer times (agent/profile.py: copies of one layer, attention
+    apart) against a real 20-layer stage of the same type, both on one thread in this
+    process: a decode step at about 64 and at 448 cached positions, and a 512-token prefill."""
     import numpy as np
 
     from agent.profile import time_types
@@ -56,21 +57,34 @@ def probe_vs_stage(model: Path, work: Path) -> None:
     init_llama()
     sha = file_sha256(model)
     probe = write_shard(model, work / "probe.gguf", ["F16"] * 30, 1, 2, sha).path
-    timed = {t.gguf_type: t.decode_seconds_per_layer for t in time_types(probe, ["Q4_1", "Q4_0"], 64, 5, 1)}
-    x = np.random.default_rng(0).standard_normal((64, 576)).astype(np.float32)
-    for q, per_layer in timed.items():
+    timed = {t.gguf_type: t for t in time_types(probe, ["Q4_1", "Q4_0"], 64, 5, 1)}
+    x = np.random.default_rng(0).standard_normal((512, 576)).astype(np.float32)
+
+    def report(what: str, predicted: float, real: float) -> None:
+        print(f"  {what}: profile {predicted * 1e3:.3f} ms, a 20-layer stage {real * 1e3:.3f} ms "
+              f"({100 * (predicted - real) / real:+.1f} %)")
+
+    for q, t in timed.items():
         stage = Stage(write_shard(model, work / f"{q}.gguf", parse_types(q, 30), 9, 29, sha).path,
-                      Settings(sessions=8, context=512, batch_tokens=64, threads=1))
-        stage.forward([Step(0, 0, hidden=x)])
-        times = []
-        for i in range(20):
+                      Settings(sessions=1, context=1024, batch_tokens=512, threads=1))
+        prefill = []
+        for _ in range(3):
             t0 = time.perf_counter()
-            stage.forward([Step(0, 64 + i, hidden=x[:1])])
-            times.append(time.perf_counter() - t0)
+            stage.forward([Step(0, 0, hidden=x)])
+            prefill.append(time.perf_counter() - t0)
+        for depth in (448, 64):       # the deeper first: a step replays from its position on
+            times = []
+            for i in range(20):
+                t0 = time.perf_counter()
+                stage.forward([Step(0, depth + i, hidden=x[:1])])
+                times.append(time.perf_counter() - t0)
+            predicted = t.decode_seconds_per_layer + (depth + 10) * t.decode_attention_seconds_per_position
+            report(f"{q} decode per layer at {depth + 10} positions", predicted, statistics.median(times) / 20)
+        predicted = 512 * t.prefill_seconds_per_layer_token + 512 * 511 / 2 * t.prefill_attention_seconds_per_position
+        report(f"{q} 512-token prefill per layer", predicted, statistics.median(prefill) / 20)
+        print(f"  {q} attention per position: decode {t.decode_attention_seconds_per_position * 1e9:.0f} ns, "
+              f"prompt token {t.prefill_attention_seconds_per_position * 1e9:.0f} ns per layer")
         stage.close()
-        real = statistics.median(times) / 20
-        print(f"  {q} decode per layer: profile {per_layer * 1e3:.3f} ms, a 20-layer stage {real * 1e3:.3f} ms "
-              f"({100 * (per_layer - real) / real:+.1f} %)")
 
 
 def main() -> None:

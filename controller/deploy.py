@@ -46,13 +46,14 @@ def profiled_types(model: ModelProfile, types: tuple[str, ...]) -> tuple[str, ..
 def profile_agents(nodes: list[NodeInfo], model: Path, model_sha: str, n_layer: int, types: tuple[str, ...],
                    workdir: Path, security: Security, known: Callable[[str], dict | None],
                    save: Callable[[str, dict], None], report: Callable) -> dict[str, dict]:
-    """Per node {type: (decode s/layer, prefill s/layer-token), STEP: (step overhead s, 0)},
-    measuring where not known."""
+    """Per node {type: (decode s/layer, prefill s/layer-token, decode attention s/position,
+    prefill attention s/position), STEP: (step overhead s, 0)}, measuring where not known (or
+    known only from an agent that did not time attention apart)."""
     first, last = probe_layers(n_layer)
     out, todo = {}, []
     for n in nodes:
         t = known(n.name)
-        if t is not None and set(types) | {STEP} <= set(t):
+        if t is not None and set(types) | {STEP} <= set(t) and all(len(t[q]) == 4 for q in types):
             out[n.name] = t
         else:
             todo.append(n)
@@ -67,7 +68,9 @@ def profile_agents(nodes: list[NodeInfo], model: Path, model_sha: str, n_layer: 
         with AgentClient(n.address, security, n.name) as c:
             c.push_shard(probe, sha)
             res = c.profile(list(types), prefill_tokens=64, sha=sha, repeats=3)
-        timings = {t.gguf_type: (t.decode_seconds_per_layer, t.prefill_seconds_per_layer_token) for t in res.timings}
+        timings = {t.gguf_type: (t.decode_seconds_per_layer, t.prefill_seconds_per_layer_token,
+                                 t.decode_attention_seconds_per_position, t.prefill_attention_seconds_per_position)
+                   for t in res.timings}
         timings[STEP] = (res.step_overhead_seconds or Node.step_overhead_s, 0.0)
         return n.name, timings
 
@@ -108,7 +111,7 @@ def live_fleet(nodes: list[NodeInfo], model: ModelProfile, profiles: dict[str, d
     layer = model.layers[first]
     fleet_nodes = []
     for n in nodes:
-        speed = {q: measured_speed(layer, q, d, p) for q, (d, p) in profiles[n.name].items() if q in n.gguf_types}
+        speed = {q: measured_speed(layer, q, *t) for q, t in profiles[n.name].items() if q in n.gguf_types}
         overhead = profiles[n.name].get(STEP, (Node.step_overhead_s,))[0]
         fleet_nodes.append(Node(n.name, int(n.memory_bytes * MEMORY_HEADROOM), speed, step_overhead_s=overhead,
                                 address=n.address))

@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS agents (
 CREATE TABLE IF NOT EXISTS profiles (  -- per agent and model: seconds per layer at each type
     agent TEXT NOT NULL,
     model_sha TEXT NOT NULL,
-    timings TEXT NOT NULL,             -- JSON {type: [decode_s, prefill_s_per_token], "step": [overhead_s, 0]}
+    timings TEXT NOT NULL,             -- JSON {type: [decode_s, prefill_s_per_token, decode_attention_s, prefill_attention_s], "step": [overhead_s, 0]}
     measured_at REAL NOT NULL,
     PRIMARY KEY (agent, model_sha)
 );
@@ -164,11 +164,11 @@ class State:
 
     # ---------------------------------------------------------- profiles and links
 
-    def save_profile(self, agent: str, model_sha: str, timings: dict[str, tuple[float, float]]) -> None:
+    def save_profile(self, agent: str, model_sha: str, timings: dict[str, tuple[float, ...]]) -> None:
         self._tx("INSERT OR REPLACE INTO profiles VALUES (?, ?, ?, ?)",
                  (agent, model_sha, json.dumps(timings), time.time()))
 
-    def profile(self, agent: str, model_sha: str) -> dict[str, tuple[float, float]] | None:
+    def profile(self, agent: str, model_sha: str) -> dict[str, tuple[float, ...]] | None:
         rows = self._rows("SELECT timings FROM profiles WHERE agent=? AND model_sha=?", (agent, model_sha))
         return {k: tuple(v) for k, v in json.loads(rows[0][0]).items()} if rows else None
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 import networkx as nx
 
 from solver import cost as C
-from solver.cost import roofline_s
+from solver.cost import compute_s
 from solver import memory as M
 from solver.memory import MAX_BATCH
 from solver.plan import Plan, Stage, stage_memory
@@ -136,7 +136,7 @@ class _StageState:
     def __init__(self, index: int, node: Node, groups, kv_capacity: int, head: ModelProfile | None = None):
         self.index = index
         self.node = node
-        self.groups = groups            # [(count, read_s, flops, attn, prefill_flops)]
+        self.groups = groups            # [(count, read_s, flops, attn, prefill_flops, attention_flops, decode_attention_flops)]
         self.head = head                # the model, on the last stage (it runs the LM head)
         self.overhead = node.step_overhead_s
         self.queue: list[_Cohort] = []
@@ -147,11 +147,13 @@ class _StageState:
 
     def batch_s(self, ntok: int, ctxw: float, rows: int) -> float:
         """One batch of ntok tokens whose attention spans ctxw positions in all, with `rows`
-        output rows (one per request): each layer group's roofline (solver/cost.py), the LM
-        head's on the last stage, and the node's step overhead."""
+        output rows (one per request): each layer group's time (solver/cost.py:compute_s; its
+        attention at the decode rate when every row brings one token, else at the prompt's),
+        the LM head's on the last stage, and the node's step overhead."""
         total = self.overhead
-        for n, read, flops, attn, pf in self.groups:
-            total += n * roofline_s(read, ntok * flops + attn * ctxw, pf)
+        decode = ntok == rows
+        for n, read, flops, attn, pf, attn_pf, attn_dec in self.groups:
+            total += n * compute_s(read, ntok * flops, attn * ctxw, pf, attn_dec if decode else attn_pf)
         if self.head is not None:
             total += C.head_s(self.node, self.head, rows)
         return total
@@ -162,7 +164,8 @@ def _stage_groups(problem: Problem, st: Stage, node: Node):
     for l, q in zip(range(st.first, st.last), st.types):
         lp = problem.model.layers[l]
         s = node.speed[q]
-        key = (lp.bytes[q] / s.decode_bytes_per_s, lp.flops, lp.attn_flops_per_ctx, s.prefill_flops)
+        key = (lp.bytes[q] / s.decode_bytes_per_s, lp.flops, lp.attn_flops_per_ctx, s.prefill_flops,
+               s.attention_flops, s.decode_attention_flops)
         groups[key] = groups.get(key, 0) + 1
     return [(n, *k) for k, n in groups.items()]
 

@@ -25,13 +25,24 @@ def roofline_s(read_s: float, flops: float, flop_s: float) -> float:
     return read_s if read_s > compute else compute
 
 
-def layer_step_s(node: Node, layer: LayerProfile, q: str, tokens: int, ctx: float) -> float:
-    """Seconds for one layer at type q to process `tokens` tokens (a decode batch or a prompt)
-    whose attention spans `ctx` positions on average: the larger of reading the weights and
-    doing the FLOPs (a roofline with measured or declared per-type speeds)."""
+def compute_s(read_s: float, flops: float, attn_flops: float, flop_s: float, attn_flop_s: float) -> float:
+    """Weights and matrix products as a roofline (read_s, flops at flop_s), then attention's
+    FLOPs at its own measured rate; where that is not measured (0), attention joins the
+    roofline's FLOPs at flop_s (also the simulator's batch time, simulations/engine.py)."""
+    if attn_flop_s > 0:
+        return roofline_s(read_s, flops, flop_s) + attn_flops / attn_flop_s
+    return roofline_s(read_s, flops + attn_flops, flop_s)
+
+
+def layer_step_s(node: Node, layer: LayerProfile, q: str, tokens: int, ctx: float, decode: bool = False) -> float:
+    """Seconds for one layer at type q to process `tokens` tokens (a decode batch, one token
+    per sequence, or a prompt) whose attention spans `ctx` positions on average: a roofline
+    of reading the weights and the matrix products, plus attention (compute_s) at the node's
+    measured or declared per-type speeds."""
     s = node.speed[q]
-    return roofline_s(layer.bytes[q] / s.decode_bytes_per_s,
-                      tokens * (layer.flops + layer.attn_flops_per_ctx * ctx), s.prefill_flops)
+    return compute_s(layer.bytes[q] / s.decode_bytes_per_s, tokens * layer.flops,
+                     tokens * layer.attn_flops_per_ctx * ctx, s.prefill_flops,
+                     s.decode_attention_flops if decode else s.attention_flops)
 
 
 def prefill_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:
@@ -41,7 +52,7 @@ def prefill_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:
 
 def decode_s(node: Node, layer: LayerProfile, q: str, w: Workload, batch: int = 1) -> float:
     """One layer, one decode step of `batch` sequences at the mean context of the generation."""
-    return layer_step_s(node, layer, q, batch, w.prompt_tokens + w.output_tokens / 2)
+    return layer_step_s(node, layer, q, batch, w.prompt_tokens + w.output_tokens / 2, decode=True)
 
 
 def layer_latency_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:

@@ -19,6 +19,11 @@ GiB = 1024 ** 3
 class TypeSpeed:
     decode_bytes_per_s: float   # effective weight bytes/s of a batch-1 decode step at this type
     prefill_flops: float        # effective FLOP/s of a prefill (many tokens) at this type
+    # attention's own FLOP/s over cached positions, measured apart (agent/profile.py) because
+    # llama.cpp's CPU attention is several times slower per FLOP than its matrix products;
+    # 0 = not measured: attention counts at prefill_flops, inside the roofline (solver/cost.py)
+    attention_flops: float = 0.0          # prompt tokens (many queries at once)
+    decode_attention_flops: float = 0.0   # decode steps (one query per sequence)
 
 
 # fraction of peak (memory bandwidth, FLOP/s) reached at each type: dequantization costs

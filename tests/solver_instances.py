@@ -52,7 +52,11 @@ def random_problem(rng: random.Random, homogeneous: bool, objective: str, max_la
         fl = rng.choice((1e10, 1e11, 1e12))
         eff = {q: rng.uniform(0.4, 0.9) for q in supp}
         mem = int(rng.uniform(0.3, 1.4) * total_need + 1_000_000 + 600_000 * rng.random())
-        nodes.append(Node(f"n{i}", mem, {q: TypeSpeed(bw * eff[q], fl * eff[q]) for q in supp},
+        # odd nodes price attention apart, at a measured-like rate several times below the
+        # prefill's (cost.compute_s); even nodes inside the roofline (declared speeds)
+        attn = (4.0, 6.0) if i % 2 else (math.inf, math.inf)
+        nodes.append(Node(f"n{i}", mem, {q: TypeSpeed(bw * eff[q], fl * eff[q], fl * eff[q] / attn[0],
+                                                      fl * eff[q] / attn[1]) for q in supp},
                           step_overhead_s=rng.choice((0.0, 0.0005, 0.002))))
     links = []
     for n in nodes:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from agent.pipeline import LocalPipeline
+from agent.profile import split_attention
 from agent.sampling import Sampling
 from controller.agents import AgentClient, AgentError, PipelineStream, StepFailed
 from controller.generate import generate
@@ -382,6 +383,10 @@ def test_profile_times_types_and_measures_an_emulated_link(tmp_path, shards):
                             peer=peer.address, probe_bytes=2 * 10 ** 6)
         assert [t.gguf_type for t in res.timings] == ["F16", "Q4_K"]
         assert all(t.decode_seconds_per_layer > 0 and t.prefill_seconds_per_layer_token > 0 for t in res.timings)
+        # attention per position is measured apart (0 only where noise hid it on this small model)
+        assert all(t.decode_attention_seconds_per_position >= 0 and t.prefill_attention_seconds_per_position >= 0
+                   for t in res.timings)
+        assert any(t.decode_attention_seconds_per_position > 0 for t in res.timings)
         assert res.n_embd == 256
         # the emulated link bounds what is measured: at least 10 ms each way, at most 80 Mbit/s = 10 MB/s
         # (unshaped, localhost answers in ~0.3 ms at GB/s); a busy machine only adds to the round trip
@@ -621,3 +626,28 @@ def test_pushed_hashed_and_retired_shards_leave_no_page_cache(tmp_path, shards):
         assert _cached_fraction(p) < 0.1
     finally:
         engine.stop()
+
+
+def test_the_probe_splits_attention_from_the_rest():
+    # a stage of 4 copies of a layer that costs 2 ms per decode token plus 300 ns per cached
+    # position, 50 µs per prompt token plus 100 ns per position it attends (positions 0..n-1
+    # from 0, depth..depth+n-1 from depth): the probe's four medians give back those figures
+    n, depth, copies = 64, 448, 4
+    dec0, dec_attn, pre0, pre_attn = 2e-3, 300e-9, 50e-6, 100e-9
+    t = split_attention("Q8_0", n, depth, copies,
+                        prefill_lo=copies * n * (pre0 + (n - 1) / 2 * pre_attn),
+                        prefill_hi=copies * n * (pre0 + (depth + (n - 1) / 2) * pre_attn),
+                        decode_lo=copies * (dec0 + (n - 1) * dec_attn),
+                        decode_hi=copies * (dec0 + (depth - 1) * dec_attn))
+    assert t.decode_seconds_per_layer == pytest.approx(dec0)
+    assert t.decode_attention_seconds_per_position == pytest.approx(dec_attn)
+    assert t.prefill_seconds_per_layer_token == pytest.approx(pre0)
+    assert t.prefill_attention_seconds_per_position == pytest.approx(pre_attn)
+    # noise that makes the deeper step no slower leaves attention unmeasured (0) and the
+    # measured times whole; a slope too steep for the times never takes more than half
+    flat = split_attention("Q8_0", n, depth, copies, 1.0, 0.9, 2e-3, 2e-3)
+    assert (flat.decode_attention_seconds_per_position, flat.prefill_attention_seconds_per_position) == (0.0, 0.0)
+    assert flat.decode_seconds_per_layer == pytest.approx(2e-3 / copies)
+    assert flat.prefill_seconds_per_layer_token == pytest.approx(1.0 / copies / n)
+    steep = split_attention("Q8_0", n, depth, copies, 1.0, 1.0, 1e-3, 1.0)
+    assert steep.decode_seconds_per_layer == pytest.approx(1e-3 / copies / 2)

@@ -24,7 +24,7 @@ from simulations.engine import SimOptions, WhatIf, simulate
 from simulations.workload import Request, read_trace, scale_lengths, select, spike, synthetic, write_jsonl
 from simulations.whatif import Spike, parse
 from solver import cost as C
-from solver.plan import Plan, Stage, stage_memory
+from solver.plan import Plan, Stage, evaluate, stage_memory
 from solver.problem import Fleet, LayerProfile, Link, ModelProfile, Node, Problem, TypeSpeed, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -269,3 +269,28 @@ def test_plot_labels_never_overlap():
     assert [t.get_text().split()[0] for t in labels] == ["p50", "p90", "p99"]
     assert "4: link pi-switch" in marks[-1].get_text()
     plt.close(fig)
+
+
+def test_attention_priced_apart_by_hand():
+    # the toy's layer attends at 1000 FLOPs per position: a prompt token's attention at
+    # 1e8 FLOP/s, a decode step's at 5e7, on top of the roofline (solver/cost.py:compute_s).
+    # The 20-token prompt attends 20 × 10 positions: 2 ms more per stage; a decode step at
+    # the mean context 20 + 3/2 positions: 0.43 ms more.
+    p = toy()
+    lp = replace(p.model.layers[0], attn_flops_per_ctx=1000.0)
+    speed = {"F16": TypeSpeed(1e8, 1e9, 1e8, 5e7)}
+    p = replace(p, model=replace(p.model, layers=(lp, lp)),
+                fleet=replace(p.fleet, nodes=tuple(replace(n, speed=speed) for n in p.fleet.nodes)))
+    (first, done, status), = times(simulate(p, PLAN, [Request(0, 0.0, 20, 3)]))
+    prefill, decode = 0.020 + 0.002, 0.010 + 1000 * 21.5 / 5e7
+    assert close(first, prefill + 0.025 + prefill + REPLY)
+    assert close(done, first + 2 * (decode + 0.006 + decode + REPLY)) and status == "ok"
+    # the cost model's prediction for one request is the same
+    pred = evaluate(p, PLAN.stages)
+    assert close(pred.ttft_s, first) and close(pred.tpot_s, (done - first) / 2)
+    # unmeasured (0), attention joins the roofline's FLOPs at prefill_flops: hidden under the
+    # 10 ms weight read in a decode step, 0.2 ms more in the 20 ms prefill
+    slow = {"F16": TypeSpeed(1e8, 1e9)}
+    q = replace(p, fleet=replace(p.fleet, nodes=tuple(replace(n, speed=slow) for n in p.fleet.nodes)))
+    (first, done, _), = times(simulate(q, PLAN, [Request(0, 0.0, 20, 3)]))
+    assert close(first, 2 * 0.0202 + 0.025 + REPLY) and close(done, first + 2 * (0.020 + 0.006 + REPLY))
