@@ -83,7 +83,7 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
     position apart: llama.cpp's attention on a CPU does far fewer FLOP/s than its matrix
     products (here a decode step at 512 positions takes 1.4 times one at none), so the cost
     model prices it on its own (solver/cost.py). Each type is timed at two depths: a prefill
-    of `prefill_tokens` from position 0 and again from DEPTH, a decode step at position
+    of `prefill_tokens` (at most DEPTH / 2) from position 0 and again from DEPTH, a decode step at position
     prefill_tokens - 1 and again at DEPTH - 1; the differences give attention's seconds per
     position, and the depth-0 times are what is left. The probe holds about 2 × probe_bytes
     while it is written and loaded: an agent gives no more than its memory has free."""
@@ -91,7 +91,7 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
     bad = [t for t in types if t not in TYPE_ORDER]
     if bad:
         raise ValueError(f"cannot profile GGUF type {bad[0]}; choose from {', '.join(TYPE_ORDER)}")
-    n = max(1, min(prefill_tokens, 512))
+    n = max(1, min(prefill_tokens, DEPTH // 2))
     cfg = W.read_config(W.open_gguf(shard))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, cfg.n_embd)).astype(np.float32)
