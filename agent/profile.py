@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,19 @@ def _median_time(fn, repeats: int) -> float:
 
 
 DEPTH = 448          # the second depth the probe times at: attention's cost per cached position
+DECODE_REPEATS = 9   # a decode step is short: more repeats steady the slope at no real cost
+
+
+@dataclass(frozen=True)
+class ProbeMedians:
+    """One type's probe medians, on a stage of `copies` layers: a prefill of n tokens from
+    position 0 and from DEPTH, a decode step at position n - 1 and at DEPTH - 1."""
+    gguf_type: str
+    copies: int
+    prefill_lo: float
+    prefill_hi: float
+    decode_lo: float
+    decode_hi: float
 
 
 def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens: int = 64,
@@ -83,10 +97,10 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
     position apart: llama.cpp's attention on a CPU does far fewer FLOP/s than its matrix
     products (here a decode step at 512 positions takes 1.4 times one at none), so the cost
     model prices it on its own (solver/cost.py). Each type is timed at two depths: a prefill
-    of `prefill_tokens` (at most DEPTH / 2) from position 0 and again from DEPTH, a decode step at position
-    prefill_tokens - 1 and again at DEPTH - 1; the differences give attention's seconds per
-    position, and the depth-0 times are what is left. The probe holds about 2 × probe_bytes
-    while it is written and loaded: an agent gives no more than its memory has free."""
+    of `prefill_tokens` (at most DEPTH / 2) from position 0 and again from DEPTH, a decode
+    step at position prefill_tokens - 1 and again at DEPTH - 1 (split_attention). The probe
+    holds about 2 × probe_bytes while it is written and loaded: an agent gives no more than
+    its memory has free."""
     types = list(types or LAYER_TYPES)
     bad = [t for t in types if t not in TYPE_ORDER]
     if bad:
@@ -96,7 +110,8 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, cfg.n_embd)).astype(np.float32)
     fill = rng.standard_normal((DEPTH - n, cfg.n_embd)).astype(np.float32)
-    out = []
+    decode_repeats = max(repeats, DECODE_REPEATS)
+    medians = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-profile-") as d:
         for q in types:
             path = Path(d) / f"{q}.gguf"
@@ -105,30 +120,33 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
                                          threads=threads))
             try:
                 prefill_lo = _median_time(lambda: stage.forward([Step(0, 0, hidden=x)]), repeats)
-                decode_lo = _median_time(lambda: stage.forward([Step(0, n - 1, hidden=x[-1:])]), repeats)
+                decode_lo = _median_time(lambda: stage.forward([Step(0, n - 1, hidden=x[-1:])]), decode_repeats)
                 stage.forward([Step(0, n, hidden=fill)])                  # the cache now holds DEPTH positions
-                decode_hi = _median_time(lambda: stage.forward([Step(0, DEPTH - 1, hidden=fill[-1:])]), repeats)
+                decode_hi = _median_time(lambda: stage.forward([Step(0, DEPTH - 1, hidden=fill[-1:])]),
+                                         decode_repeats)
                 prefill_hi = _median_time(lambda: stage.forward([Step(0, DEPTH, hidden=x)]), repeats)
             finally:
                 stage.close()
                 path.unlink()
-            out.append(split_attention(q, n, DEPTH, copies, prefill_lo, prefill_hi, decode_lo, decode_hi))
+            medians.append(ProbeMedians(q, copies, prefill_lo, prefill_hi, decode_lo, decode_hi))
+    return split_attention(n, DEPTH, medians)
+
+
+def split_attention(n: int, depth: int, medians: list[ProbeMedians]) -> list[TypeTiming]:
+    """Per-layer times of each type from the probe's medians. Attention's part grows with the
+    positions a token attends; what does not is the depth-0 time. Attention does not depend
+    on the weights' type (the cache is f16 at every type), and one type's difference of a few
+    percent is noisy, so its seconds per position are the median over the types timed. A
+    slope lost in noise (not positive) leaves attention unmeasured (0): the cost model then
+    prices it at the prefill's FLOP rate, as for declared speeds."""
+    dec_attn = statistics.median(max(0.0, (m.decode_hi - m.decode_lo) / (depth - n) / m.copies) for m in medians)
+    pre_attn = statistics.median(max(0.0, (m.prefill_hi - m.prefill_lo) / (n * depth) / m.copies) for m in medians)
+    out = []
+    for m in medians:
+        decode = m.decode_lo / m.copies
+        prefill = m.prefill_lo / m.copies / n
+        # what is left at depth 0: a token of the prefill attends (n - 1) / 2 positions on
+        # average, the decode step n - 1; never less than half the time measured
+        out.append(TypeTiming(m.gguf_type, max(decode / 2, decode - (n - 1) * dec_attn),
+                              max(prefill / 2, prefill - (n - 1) / 2 * pre_attn), dec_attn, pre_attn))
     return out
-
-
-def split_attention(q: str, n: int, depth: int, copies: int, prefill_lo: float, prefill_hi: float,
-                    decode_lo: float, decode_hi: float) -> TypeTiming:
-    """Per-layer times from the probe's four medians (a stage of `copies` layers): a prefill
-    of n tokens from position 0 and from `depth`, a decode step at n - 1 and at depth - 1.
-    Attention's part grows with the positions a token attends; what does not is the depth-0
-    time. A difference lost in noise (not positive) leaves attention unmeasured (0): the cost
-    model then prices it at the prefill's FLOP rate, as for declared speeds."""
-    dec_attn = max(0.0, (decode_hi - decode_lo) / (depth - n) / copies)
-    pre_attn = max(0.0, (prefill_hi - prefill_lo) / (n * depth) / copies)
-    decode = decode_lo / copies
-    prefill = prefill_lo / copies / n
-    # what is left at depth 0: a token of the prefill attends (n - 1) / 2 positions on average,
-    # the decode step n - 1; never less than half the time measured (noise in the slope)
-    decode0 = max(decode / 2, decode - (n - 1) * dec_attn)
-    prefill0 = max(prefill / 2, prefill - (n - 1) / 2 * pre_attn)
-    return TypeTiming(q, decode0, prefill0, dec_attn, pre_attn)

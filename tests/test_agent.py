@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from agent.pipeline import LocalPipeline
-from agent.profile import split_attention
+from agent.profile import ProbeMedians, split_attention
 from agent.sampling import Sampling
 from controller.agents import AgentClient, AgentError, PipelineStream, StepFailed
 from controller.generate import generate
@@ -634,20 +634,31 @@ def test_the_probe_splits_attention_from_the_rest():
     # from 0, depth..depth+n-1 from depth): the probe's four medians give back those figures
     n, depth, copies = 64, 448, 4
     dec0, dec_attn, pre0, pre_attn = 2e-3, 300e-9, 50e-6, 100e-9
-    t = split_attention("Q8_0", n, depth, copies,
-                        prefill_lo=copies * n * (pre0 + (n - 1) / 2 * pre_attn),
-                        prefill_hi=copies * n * (pre0 + (depth + (n - 1) / 2) * pre_attn),
-                        decode_lo=copies * (dec0 + (n - 1) * dec_attn),
-                        decode_hi=copies * (dec0 + (depth - 1) * dec_attn))
-    assert t.decode_seconds_per_layer == pytest.approx(dec0)
-    assert t.decode_attention_seconds_per_position == pytest.approx(dec_attn)
+
+    def medians(q, dec0, dec_attn, pre0, pre_attn):
+        return ProbeMedians(q, copies, prefill_lo=copies * n * (pre0 + (n - 1) / 2 * pre_attn),
+                            prefill_hi=copies * n * (pre0 + (depth + (n - 1) / 2) * pre_attn),
+                            decode_lo=copies * (dec0 + (n - 1) * dec_attn),
+                            decode_hi=copies * (dec0 + (depth - 1) * dec_attn))
+
+    t, = split_attention(n, depth, [medians("Q8_0", dec0, dec_attn, pre0, pre_attn)])
+    assert (t.gguf_type, t.decode_seconds_per_layer, t.decode_attention_seconds_per_position) == \
+        ("Q8_0", pytest.approx(dec0), pytest.approx(dec_attn))
     assert t.prefill_seconds_per_layer_token == pytest.approx(pre0)
     assert t.prefill_attention_seconds_per_position == pytest.approx(pre_attn)
+    # attention is the same at every type: the slopes are pooled (the median over the types),
+    # and each type keeps its own depth-0 time given that slope
+    a, b, c = split_attention(n, depth, [medians("Q8_0", dec0, dec_attn, pre0, pre_attn),
+                                         medians("Q4_0", dec0 / 2, 2 * dec_attn, pre0 / 2, 2 * pre_attn),
+                                         medians("F16", 2 * dec0, 1.5 * dec_attn, 2 * pre0, 0.5 * pre_attn)])
+    assert [t.decode_attention_seconds_per_position for t in (a, b, c)] == [pytest.approx(1.5 * dec_attn)] * 3
+    assert [t.prefill_attention_seconds_per_position for t in (a, b, c)] == [pytest.approx(pre_attn)] * 3
+    assert b.decode_seconds_per_layer == pytest.approx(dec0 / 2 + (n - 1) * 0.5 * dec_attn)
     # noise that makes the deeper step no slower leaves attention unmeasured (0) and the
     # measured times whole; a slope too steep for the times never takes more than half
-    flat = split_attention("Q8_0", n, depth, copies, 1.0, 0.9, 2e-3, 2e-3)
+    flat, = split_attention(n, depth, [ProbeMedians("Q8_0", copies, 1.0, 0.9, 2e-3, 2e-3)])
     assert (flat.decode_attention_seconds_per_position, flat.prefill_attention_seconds_per_position) == (0.0, 0.0)
     assert flat.decode_seconds_per_layer == pytest.approx(2e-3 / copies)
     assert flat.prefill_seconds_per_layer_token == pytest.approx(1.0 / copies / n)
-    steep = split_attention("Q8_0", n, depth, copies, 1.0, 1.0, 1e-3, 1.0)
+    steep, = split_attention(n, depth, [ProbeMedians("Q8_0", copies, 1.0, 1.0, 1e-3, 1.0)])
     assert steep.decode_seconds_per_layer == pytest.approx(1e-3 / copies / 2)
