@@ -183,10 +183,14 @@ class Edgefleet:
 
     def breakdown(self, master: Path, stages: int, link: Link, n_embd: int) -> str:
         """Where a decode step's time goes: stage compute, the emulated links, the rest (gRPC,
-        hand-offs, queues), from a request of 64 tokens after an 8-token prompt."""
+        hand-offs, queues), from a request like the single ones (512 + 64 tokens): the
+        prompt's compute is taken from a 512 + 1 request on the same prompt."""
+        ids = prompt_ids(master, PROMPT, 7)
         before = self.compute_s()
-        t = self.generate(prompt_ids(master, 8), OUTPUT)
-        compute = (self.compute_s() - before) / OUTPUT
+        self.generate(ids, 1)
+        prompt = self.compute_s() - before
+        t = self.generate(ids, OUTPUT)
+        compute = (self.compute_s() - before - 2 * prompt) / (OUTPUT - 1)
         per_token = (t[-1] - t[1]) / (len(t) - 2)
         crossings = stages + 1          # down the chain from the controller, the answer straight back from the last stage
         links = crossings * (link.delay_ms / 1e3 + n_embd * 4 * 8 / (link.mbit * 1e6))
