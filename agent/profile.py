@@ -65,18 +65,33 @@ def write_probe_layer(shard: str | Path, qtype: str, out: Path, probe_bytes: int
     return copies
 
 
-def _median_time(fn, repeats: int) -> float:
+BLOCK_S = 0.04      # a timed block: back-to-back calls for at least this long (see median_time)
+
+
+def median_time(fn, repeats: int) -> float:
+    """Seconds per call of fn: the median over `repeats` blocks, each fn called back to back
+    for at least BLOCK_S, of the block's mean. A node held to part of a core by a CPU quota
+    runs a short call at full speed until its quota for the period is spent, then stalls:
+    the median of single calls of a few ms on a 0.6-CPU node read as fast as a whole core,
+    and plans gave it more than it could do. A block spans several quota periods (the
+    emulated fleets' 10 ms), so it reads the sustained speed; under the kernel's default
+    100 ms period a node reads faster than it is."""
     fn()  # warm-up
-    times = []
+    blocks = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        calls, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= BLOCK_S:
+                break
+        blocks.append(elapsed / calls)
+    return statistics.median(blocks)
 
 
 DEPTH = 448          # the second depth the probe times at: attention's cost per cached position
-DECODE_REPEATS = 9   # a decode step is short: more repeats steady the slope at no real cost
+DECODE_REPEATS = 5   # blocks of decode steps (each block many steps): a steadier slope at little cost
 
 
 @dataclass(frozen=True)
@@ -119,12 +134,12 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
             stage = Stage(path, Settings(sessions=1, context=DEPTH + n, batch_tokens=max(n, DEPTH - n),
                                          threads=threads))
             try:
-                prefill_lo = _median_time(lambda: stage.forward([Step(0, 0, hidden=x)]), repeats)
-                decode_lo = _median_time(lambda: stage.forward([Step(0, n - 1, hidden=x[-1:])]), decode_repeats)
+                prefill_lo = median_time(lambda: stage.forward([Step(0, 0, hidden=x)]), repeats)
+                decode_lo = median_time(lambda: stage.forward([Step(0, n - 1, hidden=x[-1:])]), decode_repeats)
                 stage.forward([Step(0, n, hidden=fill)])                  # the cache now holds DEPTH positions
-                decode_hi = _median_time(lambda: stage.forward([Step(0, DEPTH - 1, hidden=fill[-1:])]),
+                decode_hi = median_time(lambda: stage.forward([Step(0, DEPTH - 1, hidden=fill[-1:])]),
                                          decode_repeats)
-                prefill_hi = _median_time(lambda: stage.forward([Step(0, DEPTH, hidden=x)]), repeats)
+                prefill_hi = median_time(lambda: stage.forward([Step(0, DEPTH, hidden=x)]), repeats)
             finally:
                 stage.close()
                 path.unlink()

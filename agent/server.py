@@ -23,7 +23,7 @@ import grpc
 
 from agent import weights as W
 from agent.engine import Engine, EngineError, Job, Result
-from agent.profile import MIN_PROBE_BYTES, PROBE_BYTES, time_types
+from agent.profile import MIN_PROBE_BYTES, PROBE_BYTES, median_time, time_types
 from agent.runtime import release_freed_memory
 from agent.sampling import Sampling
 from agent.shaping import Shaper
@@ -443,19 +443,20 @@ class AgentService(rpc.AgentServicer):
                        f"peer {request.peer_address} is unreachable: {exc.details() or exc.code().name}")
         return A.profile_pb(A.ProfileResult(timings, rtt, bandwidth, n_embd, n_ff, overhead))
 
-    def _step_overhead(self, n_embd: int, repeats: int = 20) -> float:
-        """What a stage costs a step besides its compute: the median round trip of one token's
-        hidden state to this agent itself over gRPC (a message received, answered and read
-        back, its serialization and thread hand-offs), at this node's CPU speed and share.
-        0 when the agent cannot reach itself (the solver then uses its default)."""
+    def _step_overhead(self, n_embd: int, repeats: int = 5) -> float:
+        """What a stage costs a step besides its compute: a round trip of one token's hidden
+        state to this agent itself over gRPC (a message received, answered and read back, its
+        serialization and thread hand-offs), at this node's CPU speed and share: timed in
+        blocks of back-to-back round trips, as the layers are (profile.median_time), so that
+        a node under a CPU quota reads its sustained speed. 0 when the agent cannot reach
+        itself (the solver then uses its default)."""
         if not self.local_address:
             return 0.0
         probe = pb.ShardChunk(data=bytes(4 * n_embd))
         try:
             with self.security.channel(self.local_address) as ch:
                 stub, md = rpc.AgentStub(ch), self.security.metadata()
-                stub.Echo(probe, metadata=md, timeout=10)      # connect
-                rtt = _median_echo_s(stub, probe, md, repeats, timeout_s=10)
+                rtt = median_time(lambda: stub.Echo(probe, metadata=md, timeout=10), repeats)
         except grpc.RpcError as exc:
             log.warning("could not time a step's overhead against this agent itself: %s", exc.code().name)
             return 0.0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from agent.pipeline import LocalPipeline
+from agent import profile
 from agent.profile import ProbeMedians, split_attention
 from agent.sampling import Sampling
 from controller.agents import AgentClient, AgentError, PipelineStream, StepFailed
@@ -662,3 +663,18 @@ def test_the_probe_splits_attention_from_the_rest():
     assert flat.prefill_seconds_per_layer_token == pytest.approx(1.0 / copies / n)
     steep, = split_attention(n, depth, [ProbeMedians("Q8_0", copies, 1.0, 1.0, 1e-3, 1.0)])
     assert steep.decode_seconds_per_layer == pytest.approx(1e-3 / copies / 2)
+
+
+def test_the_probe_reads_a_quota_node_at_its_sustained_speed(monkeypatch):
+    # a node held to 0.6 of a core, in 10 ms periods: a 2 ms call runs at full speed three
+    # times in a period, the next waits out the period's 4 ms stall. The median of single
+    # calls says 2 ms; blocks of back-to-back calls say what the node sustains.
+    clock = [0.0]
+    calls = [0]
+
+    def call():
+        calls[0] += 1
+        clock[0] += 0.002 + (0.004 if calls[0] % 4 == 0 else 0.0)
+
+    monkeypatch.setattr(profile.time, "perf_counter", lambda: clock[0])
+    assert profile.median_time(call, 5) == pytest.approx(0.003, rel=0.1)
