@@ -173,25 +173,32 @@ class Edgefleet:
         wall = max(d[-1] for d in done) - t0
         return Figures(ttft, decode, sum(len(d) - 1 for d in done) / wall)
 
-    def compute_s(self) -> float:
-        """Seconds of stage compute so far, summed over every node (the controller's metrics)."""
+    def compute_s(self) -> tuple[float, int]:
+        """Seconds of stage compute so far, summed over every node, and the stage steps they
+        took (the controller's metrics)."""
         import httpx
 
-        text = httpx.get(self.http + "/metrics", timeout=30).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("edgefleet_stage_compute_seconds_sum{"))
+        total, steps = 0.0, 0
+        for line in httpx.get(self.http + "/metrics", timeout=30).text.splitlines():
+            if line.startswith("edgefleet_stage_compute_seconds_sum{"):
+                total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("edgefleet_stage_compute_seconds_count{"):
+                steps += int(float(line.rsplit(" ", 1)[1]))
+        return total, steps
 
     def breakdown(self, master: Path, stages: int, link: Link, n_embd: int) -> str:
         """Where a decode step's time goes: stage compute, the emulated links, the rest (gRPC,
-        hand-offs, queues), from a request like the single ones (512 + 64 tokens): the
-        prompt's compute is taken from a 512 + 1 request on the same prompt."""
-        ids = prompt_ids(master, PROMPT, 7)
-        before = self.compute_s()
-        self.generate(ids, 1)
-        prompt = self.compute_s() - before
-        t = self.generate(ids, OUTPUT)
-        compute = (self.compute_s() - before - 2 * prompt) / (OUTPUT - 1)
-        per_token = (t[-1] - t[1]) / (len(t) - 2)
+        hand-offs, queues), on a request like the single ones (512 + 64 tokens): the stages'
+        compute per decode step from the metrics counted after the first token."""
+        times, first = [time.perf_counter()], None
+        for _ in self.stub.Generate(pb.GenerateRequest(prompt_tokens=prompt_ids(master, PROMPT, 7), max_tokens=OUTPUT,
+                                                       ignore_eos=True), timeout=600):
+            times.append(time.perf_counter())
+            if first is None:
+                first = self.compute_s()
+        (end, end_steps), (start, start_steps) = self.compute_s(), first
+        compute = (end - start) / ((end_steps - start_steps) / stages)    # per decode step, summed over the stages
+        per_token = (times[-1] - times[1]) / (len(times) - 2)
         crossings = stages + 1          # down the chain from the controller, the answer straight back from the last stage
         links = crossings * (link.delay_ms / 1e3 + n_embd * 4 * 8 / (link.mbit * 1e6))
         rest = per_token - compute - links
