@@ -50,16 +50,13 @@ from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
 MiB = 2 ** 20
 PROMPT, OUTPUT, CONCURRENT = 512, 64, 8
 CONTROLLER_PORT, PUBLIC_PORT, INNER_PORT = 50061, 50052, 40052
-# the agent is told its node's memory less this: its admission formula leaves out up to
-# ~50 MB of what llama.cpp holds (tests/test_memory.py), and the cgroup's limit is hard
-# what an agent is told is its node's memory limit less this: beside the formula's figure a
-# loaded agent holds ~50 MB more at rest (docs/fleet.md), and under 8 concurrent 512-token
-# prompts the messages in flight add tens of MB; with 64 MiB a node's cgroup OOM-killed its
-# agent in the middle of run (d)
+# what an agent is told is its node's memory limit less this (the cgroup's limit is hard):
+# beside its admission formula's figure a loaded agent holds ~50 MB more at rest
+# (docs/fleet.md), and under 8 concurrent 512-token prompts the messages in flight add tens
+# of MB; with 64 MiB a node's cgroup OOM-killed its agent in the middle of run (d)
 HEADROOM = 96 * MiB
 
 FLEETS = {
-    # three equal nodes on a slow LAN
     # three equal nodes on a slow LAN, none of which holds SmolLM2 with 8 requests' KV cache
     # (340 MiB each, in both fleets: with 96 MiB beside each agent, a 300 MiB node cannot hold
     # SmolLM2 Q8_0's last stage for 8 x 576 tokens, its head alone 119 MiB)
@@ -148,12 +145,15 @@ class Edgefleet:
             raise RuntimeError(f"deploy failed: {r.stderr.strip()}")
         return json.loads(self.stub.Status(pb.Empty()).plan_json)
 
-    def generate(self, ids: list[int], n: int) -> list[float]:
-        """Arrival times (perf_counter) of the request's start and of each token."""
+    def generate(self, ids: list[int], n: int, on_first=None) -> list[float]:
+        """Arrival times (perf_counter) of the request's start and of each token; on_first()
+        is called once the first token has arrived, while the rest are computed."""
         times = [time.perf_counter()]
         for _ in self.stub.Generate(pb.GenerateRequest(prompt_tokens=ids, max_tokens=n, ignore_eos=True),
                                     timeout=600):
             times.append(time.perf_counter())
+            if len(times) == 2 and on_first is not None:
+                on_first()
         return times
 
     def measure(self, master: Path, runs: int) -> Figures:
@@ -190,13 +190,9 @@ class Edgefleet:
         """Where a decode step's time goes: stage compute, the emulated links, the rest (gRPC,
         hand-offs, queues), on a request like the single ones (512 + 64 tokens): the stages'
         compute per decode step from the metrics counted after the first token."""
-        times, first = [time.perf_counter()], None
-        for _ in self.stub.Generate(pb.GenerateRequest(prompt_tokens=prompt_ids(master, PROMPT, 7), max_tokens=OUTPUT,
-                                                       ignore_eos=True), timeout=600):
-            times.append(time.perf_counter())
-            if first is None:
-                first = self.compute_s()
-        (end, end_steps), (start, start_steps) = self.compute_s(), first
+        first = []
+        times = self.generate(prompt_ids(master, PROMPT, 7), OUTPUT, on_first=lambda: first.append(self.compute_s()))
+        (end, end_steps), (start, start_steps) = self.compute_s(), first[0]
         compute = (end - start) / ((end_steps - start_steps) / stages)    # per decode step, summed over the stages
         per_token = (times[-1] - times[1]) / (len(times) - 2)
         crossings = stages + 1          # down the chain from the controller, the answer straight back from the last stage
@@ -288,8 +284,8 @@ def fleet_nodes(name: str, memory_mib: int | None) -> tuple[list[Node], Link]:
     return nodes, link
 
 
-def run_fleet(name: str, model_name: str, runs: int, work: Path, memory_mib: int | None = None) -> list[tuple[str, Figures, str]]:
-    nodes, link = fleet_nodes(name, memory_mib)
+def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: int,
+              work: Path) -> list[tuple[str, Figures, str]]:
     path_fn, master_type, free_types = models()[model_name]
     master = path_fn()
     rows = []
@@ -346,7 +342,7 @@ def main() -> None:
         nodes, link = fleet_nodes(name, a.node_memory)
         tmp = Path(tempfile.mkdtemp(prefix=f"versus-{name}-"))
         try:
-            rows = run_fleet(name, a.model, a.runs, tmp, a.node_memory)
+            rows = run_fleet(name, nodes, link, a.model, a.runs, tmp)
         except (RuntimeError, subprocess.CalledProcessError) as exc:
             raise SystemExit(f"{name}: {exc} (logs kept in {tmp})") from None
         shutil.rmtree(tmp)
