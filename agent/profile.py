@@ -97,13 +97,15 @@ DECODE_REPEATS = 5   # blocks of decode steps (each block many steps): a steadie
 @dataclass(frozen=True)
 class ProbeMedians:
     """One type's probe medians, on a stage of `copies` layers: a prefill of n tokens from
-    position 0 and from DEPTH, a decode step at position n - 1 and at DEPTH - 1."""
+    position 0 and from DEPTH, a decode step at position n - 1 and at DEPTH - 1, and a step
+    of two tokens from position 0 (0: not timed)."""
     gguf_type: str
     copies: int
     prefill_lo: float
     prefill_hi: float
     decode_lo: float
     decode_hi: float
+    pair: float = 0.0
 
 
 def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens: int = 64,
@@ -113,7 +115,10 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
     products (here a decode step at 512 positions takes 1.4 times one at none), so the cost
     model prices it on its own (solver/cost.py). Each type is timed at two depths: a prefill
     of `prefill_tokens` (at most DEPTH / 2) from position 0 and again from DEPTH, a decode
-    step at position prefill_tokens - 1 and again at DEPTH - 1 (split_attention). The probe
+    step at position prefill_tokens - 1 and again at DEPTH - 1 (split_attention), and a step
+    of two tokens: llama.cpp's step of several tokens costs far more than one token's (see
+    split_attention), so a step of b ≥ 2 tokens is priced as a fixed part plus b per-token
+    parts, fitted through the two-token step and the prefill. The probe
     holds about 2 × probe_bytes while it is written and loaded: an agent gives no more than
     its memory has free."""
     types = list(types or LAYER_TYPES)
@@ -134,6 +139,7 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
             stage = Stage(path, Settings(sessions=1, context=DEPTH + n, batch_tokens=max(n, DEPTH - n),
                                          threads=threads))
             try:
+                pair = median_time(lambda: stage.forward([Step(0, 0, hidden=x[:2])]), decode_repeats) if n > 2 else 0.0
                 prefill_lo = median_time(lambda: stage.forward([Step(0, 0, hidden=x)]), repeats)
                 decode_lo = median_time(lambda: stage.forward([Step(0, n - 1, hidden=x[-1:])]), decode_repeats)
                 stage.forward([Step(0, n, hidden=fill)])                  # the cache now holds DEPTH positions
@@ -143,7 +149,7 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
             finally:
                 stage.close()
                 path.unlink()
-            medians.append(ProbeMedians(q, copies, prefill_lo, prefill_hi, decode_lo, decode_hi))
+            medians.append(ProbeMedians(q, copies, prefill_lo, prefill_hi, decode_lo, decode_hi, pair))
     return split_attention(n, DEPTH, medians)
 
 
@@ -153,7 +159,16 @@ def split_attention(n: int, depth: int, medians: list[ProbeMedians]) -> list[Typ
     on the weights' type (the cache is f16 at every type), and one type's difference of a few
     percent is noisy, so its seconds per position are the median over the types timed. A
     slope lost in noise (not positive) leaves attention unmeasured (0): the cost model then
-    prices it at the prefill's FLOP rate, as for declared speeds."""
+    prices it at the prefill's FLOP rate, as for declared speeds.
+
+    A step of b ≥ 2 tokens costs c0 + b·c1 (the line through the two-token step and the
+    n-token prefill, both at depth 0 less their attention): llama.cpp's one-token step is a
+    matrix-vector product, a step of more tokens takes another, slower path. Measured on
+    SmolLM2 at Q8_0 on one thread, per layer: 1 token 0.48 ms, 2 tokens 1.17 ms, 8 tokens
+    1.90, 64 tokens 6.40; the line gives 1.68 at 8, and a roofline from the one-token step
+    and the prefill's rate 0.80. The prefill figure reported is c1 (each further token)
+    and the fixed part c0 is reported apart; a fit that comes out without a fixed part (a
+    two-token step at or under two prefill tokens) reports 0 and the prefill's mean."""
     dec_attn = statistics.median(max(0.0, (m.decode_hi - m.decode_lo) / (depth - n) / m.copies) for m in medians)
     pre_attn = statistics.median(max(0.0, (m.prefill_hi - m.prefill_lo) / (n * depth) / m.copies) for m in medians)
     out = []
@@ -162,6 +177,22 @@ def split_attention(n: int, depth: int, medians: list[ProbeMedians]) -> list[Typ
         prefill = m.prefill_lo / m.copies / n
         # what is left at depth 0: a token of the prefill attends (n - 1) / 2 positions on
         # average, the decode step n - 1; never less than half the time measured
+        prefill = max(prefill / 2, prefill - (n - 1) / 2 * pre_attn)
+        fixed, per_token = fit_step(n, prefill, m.pair / m.copies - pre_attn if m.pair else 0.0)
         out.append(TypeTiming(m.gguf_type, max(decode / 2, decode - (n - 1) * dec_attn),
-                              max(prefill / 2, prefill - (n - 1) / 2 * pre_attn), dec_attn, pre_attn))
+                              per_token, dec_attn, pre_attn, fixed))
     return out
+
+
+def fit_step(n: int, prefill_per_token: float, pair: float) -> tuple[float, float]:
+    """(fixed part, per-token part) of a step of several tokens through one layer, from the
+    n-token prefill's time per token and the two-token step's time (0: not timed). Without
+    a positive fixed part, or where the line would fall (a two-token step slower than the
+    whole prefill), it is (0, the prefill's mean): the roofline prices the step."""
+    if pair <= 0 or n <= 2:
+        return 0.0, prefill_per_token
+    per_token = (n * prefill_per_token - pair) / (n - 2)
+    fixed = pair - 2 * per_token
+    if per_token <= 0 or fixed <= 0:
+        return 0.0, prefill_per_token
+    return fixed, per_token

@@ -102,7 +102,7 @@ def predict(agents, shards, timings, prompt: int, tokens: int, bandwidth: float,
         q = s.layer_types[0]
         speed = {q: measured_speed(model.layers[s.first], q, t.decode_seconds_per_layer,
                                    t.prefill_seconds_per_layer_token, t.decode_attention_seconds_per_position,
-                                   t.prefill_attention_seconds_per_position)}
+                                   t.prefill_attention_seconds_per_position, t.batch_fixed_seconds_per_layer)}
         name = a.info["name"]
         nodes.append(Node(name, 2 ** 30, speed))
         stages.append(Stage(name, s.first, s.last, s.layer_types))

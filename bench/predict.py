@@ -46,13 +46,16 @@ def one_request(stub, ids: list[int], tokens: int) -> tuple[float, float]:
 
 def probe_vs_stage(model: Path, work: Path) -> None:
     """The Profile RPC's per-layer times (agent/profile.py: copies of one layer, attention
-    apart) against a real 20-layer stage of the same type, both on one thread in this
-    process: a decode step at about 64 and at 448 cached positions, and a 512-token prefill."""
+    apart) priced by the cost model (solver/cost.py:compute_s, in units of one token's
+    FLOPs) against a real 20-layer stage of the same type, both on one thread in this
+    process: a decode step at about 64 and at 448 cached positions, steps of 2 and 8
+    sessions' tokens at 74 positions, and a 512-token prefill."""
     import numpy as np
 
     from agent.profile import time_types
     from agent.runtime import Settings, Stage, Step, init_llama
     from controller.shards import file_sha256, parse_types, write_shard
+    from solver.cost import compute_s
 
     init_llama()
     sha = file_sha256(model)
@@ -64,26 +67,42 @@ def probe_vs_stage(model: Path, work: Path) -> None:
         print(f"  {what}: profile {predicted * 1e3:.3f} ms, a 20-layer stage {real * 1e3:.3f} ms "
               f"({100 * (predicted - real) / real:+.1f} %)")
 
+    def per_layer(steps) -> float:
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            steps()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) / 20
+
     for q, t in timed.items():
+        fixed = t.batch_fixed_seconds_per_layer
+
+        def priced(tokens: int, positions: float, decode: bool) -> float:
+            attention = t.decode_attention_seconds_per_position if decode else t.prefill_attention_seconds_per_position
+            return compute_s(t.decode_seconds_per_layer, tokens, tokens * positions, 1 / t.prefill_seconds_per_layer_token,
+                             1 / attention if attention else 0.0, fixed if tokens > 1 else 0.0)
+
         stage = Stage(write_shard(model, work / f"{q}.gguf", parse_types(q, 30), 9, 29, sha).path,
-                      Settings(sessions=1, context=1024, batch_tokens=512, threads=1))
+                      Settings(sessions=8, context=1024, batch_tokens=512, threads=1))
         prefill = []
         for _ in range(3):
             t0 = time.perf_counter()
             stage.forward([Step(0, 0, hidden=x)])
             prefill.append(time.perf_counter() - t0)
         for depth in (448, 64):       # the deeper first: a step replays from its position on
-            times = []
-            for i in range(20):
-                t0 = time.perf_counter()
-                stage.forward([Step(0, depth + i, hidden=x[:1])])
-                times.append(time.perf_counter() - t0)
-            predicted = t.decode_seconds_per_layer + (depth + 10) * t.decode_attention_seconds_per_position
-            report(f"{q} decode per layer at {depth + 10} positions", predicted, statistics.median(times) / 20)
-        predicted = 512 * t.prefill_seconds_per_layer_token + 512 * 511 / 2 * t.prefill_attention_seconds_per_position
-        report(f"{q} 512-token prefill per layer", predicted, statistics.median(prefill) / 20)
+            real = per_layer(lambda: stage.forward([Step(0, depth + 10, hidden=x[:1])]))
+            report(f"{q} decode per layer at {depth + 10} positions", priced(1, depth + 10, True), real)
+        for s in range(1, 8):
+            stage.forward([Step(s, 0, hidden=x[:74])])
+        for b in (2, 8):
+            real = per_layer(lambda: stage.forward([Step(s, 74, hidden=x[:1]) for s in range(b)]))
+            report(f"{q} {b} sessions' decode step per layer at 74 positions", priced(b, 74, True), real)
+        report(f"{q} 512-token prefill per layer", priced(512, 511 / 2, False), statistics.median(prefill) / 20)
         print(f"  {q} attention per position: decode {t.decode_attention_seconds_per_position * 1e9:.0f} ns, "
-              f"prompt token {t.prefill_attention_seconds_per_position * 1e9:.0f} ns per layer")
+              f"prompt token {t.prefill_attention_seconds_per_position * 1e9:.0f} ns per layer; "
+              f"a step of 2+ tokens: {fixed * 1e3:.3f} ms + {t.prefill_seconds_per_layer_token * 1e3:.3f} ms "
+              f"per token per layer")
         stage.close()
 
 

@@ -47,13 +47,14 @@ def profile_agents(nodes: list[NodeInfo], model: Path, model_sha: str, n_layer: 
                    workdir: Path, security: Security, known: Callable[[str], dict | None],
                    save: Callable[[str, dict], None], report: Callable) -> dict[str, dict]:
     """Per node {type: (decode s/layer, prefill s/layer-token, decode attention s/position,
-    prefill attention s/position), STEP: (step overhead s, 0)}, measuring where not known (or
-    known only from an agent that did not time attention apart)."""
+    prefill attention s/position, several-token step's fixed part s/layer), STEP: (step overhead
+    s, 0)}, measuring where not known (or known only from an agent that did not time
+    attention and several-token steps apart)."""
     first, last = probe_layers(n_layer)
     out, todo = {}, []
     for n in nodes:
         t = known(n.name)
-        if t is not None and set(types) | {STEP} <= set(t) and all(len(t[q]) == 4 for q in types):
+        if t is not None and set(types) | {STEP} <= set(t) and all(len(t[q]) == 5 for q in types):
             out[n.name] = t
         else:
             todo.append(n)
@@ -69,7 +70,8 @@ def profile_agents(nodes: list[NodeInfo], model: Path, model_sha: str, n_layer: 
             c.push_shard(probe, sha)
             res = c.profile(list(types), prefill_tokens=64, sha=sha, repeats=3)
         timings = {t.gguf_type: (t.decode_seconds_per_layer, t.prefill_seconds_per_layer_token,
-                                 t.decode_attention_seconds_per_position, t.prefill_attention_seconds_per_position)
+                                 t.decode_attention_seconds_per_position, t.prefill_attention_seconds_per_position,
+                                 t.batch_fixed_seconds_per_layer)
                    for t in res.timings}
         timings[STEP] = (res.step_overhead_seconds or Node.step_overhead_s, 0.0)
         return n.name, timings

@@ -234,6 +234,9 @@ class TypeTiming:
     prefill_seconds_per_layer_token: float   # a prompt token through one layer, attention excluded
     decode_attention_seconds_per_position: float = 0.0    # per layer and cached position (0: not measured)
     prefill_attention_seconds_per_position: float = 0.0   # per layer, prompt token and attended position
+    # a step of b >= 2 tokens through one layer costs this + b x prefill_seconds_per_layer_token
+    # (0: not measured; the roofline prices it)
+    batch_fixed_seconds_per_layer: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,8 @@ def profile_pb(p: ProfileResult) -> pb.ProfileReply:
         timings=[pb.TypeTiming(gguf_type=t.gguf_type, decode_seconds_per_layer=t.decode_seconds_per_layer,
                                prefill_seconds_per_layer_token=t.prefill_seconds_per_layer_token,
                                decode_attention_seconds_per_position=t.decode_attention_seconds_per_position,
-                               prefill_attention_seconds_per_position=t.prefill_attention_seconds_per_position)
+                               prefill_attention_seconds_per_position=t.prefill_attention_seconds_per_position,
+                               batch_fixed_seconds_per_layer=t.batch_fixed_seconds_per_layer)
                  for t in p.timings],
         rtt_seconds=p.rtt_seconds, bandwidth_bytes_per_second=p.bandwidth_bytes_per_second,
         n_embd=p.n_embd, n_ff=p.n_ff, step_overhead_seconds=p.step_overhead_seconds)
@@ -260,7 +264,8 @@ def profile_pb(p: ProfileResult) -> pb.ProfileReply:
 def profile_result(m: pb.ProfileReply) -> ProfileResult:
     return ProfileResult(tuple(TypeTiming(t.gguf_type, t.decode_seconds_per_layer, t.prefill_seconds_per_layer_token,
                                           t.decode_attention_seconds_per_position,
-                                          t.prefill_attention_seconds_per_position)
+                                          t.prefill_attention_seconds_per_position,
+                                          t.batch_fixed_seconds_per_layer)
                                for t in m.timings),
                          m.rtt_seconds, m.bandwidth_bytes_per_second, int(m.n_embd), int(m.n_ff),
                          m.step_overhead_seconds)

@@ -136,7 +136,8 @@ class _StageState:
     def __init__(self, index: int, node: Node, groups, kv_capacity: int, head: ModelProfile | None = None):
         self.index = index
         self.node = node
-        self.groups = groups            # [(count, read_s, flops, attn, prefill_flops, attention_flops, decode_attention_flops)]
+        self.groups = groups            # [(count, read_s, flops, attn, prefill_flops, attention_flops,
+                                        #   decode_attention_flops, several-token fixed part)]
         self.head = head                # the model, on the last stage (it runs the LM head)
         self.overhead = node.step_overhead_s
         self.queue: list[_Cohort] = []
@@ -148,12 +149,14 @@ class _StageState:
     def batch_s(self, ntok: int, ctxw: float, rows: int) -> float:
         """One batch of ntok tokens whose attention spans ctxw positions in all, with `rows`
         output rows (one per request): each layer group's time (solver/cost.py:compute_s; its
-        attention at the decode rate when every row brings one token, else at the prompt's),
+        attention at the decode rate when every row brings one token, else at the prompt's;
+        the fixed part of a step of several tokens where measured),
         the LM head's on the last stage, and the node's step overhead."""
         total = self.overhead
         decode = ntok == rows
-        for n, read, flops, attn, pf, attn_pf, attn_dec in self.groups:
-            total += n * compute_s(read, ntok * flops, attn * ctxw, pf, attn_dec if decode else attn_pf)
+        for n, read, flops, attn, pf, attn_pf, attn_dec, fixed in self.groups:
+            total += n * compute_s(read, ntok * flops, attn * ctxw, pf, attn_dec if decode else attn_pf,
+                                   fixed if ntok > 1 else 0.0)
         if self.head is not None:
             total += C.head_s(self.node, self.head, rows)
         return total
@@ -165,7 +168,7 @@ def _stage_groups(problem: Problem, st: Stage, node: Node):
         lp = problem.model.layers[l]
         s = node.speed[q]
         key = (lp.bytes[q] / s.decode_bytes_per_s, lp.flops, lp.attn_flops_per_ctx, s.prefill_flops,
-               s.attention_flops, s.decode_attention_flops)
+               s.attention_flops, s.decode_attention_flops, C.fixed_s(lp.bytes[q], s, 2))
         groups[key] = groups.get(key, 0) + 1
     return [(n, *k) for k, n in groups.items()]
 

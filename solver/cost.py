@@ -12,6 +12,7 @@ import networkx as nx
 
 from solver import memory as M
 
+from solver.devices import TypeSpeed
 from solver.problem import Fleet, LayerProfile, ModelProfile, Node, Workload
 
 REPLY_BYTES = 16      # a sampled token (+ framing), from the last stage straight to the controller
@@ -20,29 +21,43 @@ TOKEN_BYTES = 4       # a token id entering the first stage
 
 def roofline_s(read_s: float, flops: float, flop_s: float) -> float:
     """The roofline: the larger of reading the weights (read_s seconds) and doing `flops`
-    FLOPs at flop_s FLOP/s (also the simulator's batch time, simulations/engine.py)."""
+    FLOPs at flop_s FLOP/s."""
     compute = flops / flop_s
     return read_s if read_s > compute else compute
 
 
-def compute_s(read_s: float, flops: float, attn_flops: float, flop_s: float, attn_flop_s: float) -> float:
+def compute_s(read_s: float, flops: float, attn_flops: float, flop_s: float, attn_flop_s: float,
+              fixed_s: float = 0.0) -> float:
     """Weights and matrix products as a roofline (read_s, flops at flop_s), then attention's
     FLOPs at its own measured rate; where that is not measured (0), attention joins the
-    roofline's FLOPs at flop_s (also the simulator's batch time, simulations/engine.py)."""
+    roofline's FLOPs at flop_s. A step of several tokens with a measured fixed part (fixed_s,
+    agent/profile.py:fit_step) costs fixed_s + flops / flop_s, never less than the roofline.
+    Also the simulator's batch time (simulations/engine.py)."""
     if attn_flop_s > 0:
-        return roofline_s(read_s, flops, flop_s) + attn_flops / attn_flop_s
-    return roofline_s(read_s, flops + attn_flops, flop_s)
+        attention = attn_flops / attn_flop_s
+    else:
+        flops, attention = flops + attn_flops, 0.0
+    matrix = roofline_s(read_s, flops, flop_s)
+    if fixed_s > 0:
+        matrix = max(matrix, fixed_s + flops / flop_s)
+    return matrix + attention
+
+
+def fixed_s(nbytes: float, s: TypeSpeed, tokens: int) -> float:
+    """The fixed part of a step of `tokens` tokens over nbytes of weights at speed s: 0 for
+    one token (a matrix-vector product) or where it was not measured."""
+    return nbytes / s.batch_bytes_per_s if tokens > 1 and s.batch_bytes_per_s > 0 else 0.0
 
 
 def layer_step_s(node: Node, layer: LayerProfile, q: str, tokens: int, ctx: float, decode: bool = False) -> float:
     """Seconds for one layer at type q to process `tokens` tokens (a decode batch, one token
-    per sequence, or a prompt) whose attention spans `ctx` positions on average: a roofline
-    of reading the weights and the matrix products, plus attention (compute_s) at the node's
-    measured or declared per-type speeds."""
+    per sequence, or a prompt) whose attention spans `ctx` positions on average: the weights
+    and matrix products (a roofline, or a several-token step's fixed part plus its FLOPs),
+    plus attention (compute_s) at the node's measured or declared per-type speeds."""
     s = node.speed[q]
     return compute_s(layer.bytes[q] / s.decode_bytes_per_s, tokens * layer.flops,
                      tokens * layer.attn_flops_per_ctx * ctx, s.prefill_flops,
-                     s.decode_attention_flops if decode else s.attention_flops)
+                     s.decode_attention_flops if decode else s.attention_flops, fixed_s(layer.bytes[q], s, tokens))
 
 
 def prefill_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:
@@ -67,7 +82,8 @@ def head_s(node: Node, model: ModelProfile, rows: int) -> float:
     step outputs, and the agents ask for one per request step (the last prompt token of a
     prefill, the one new token of a decode step)."""
     s = node.speed.get(model.head_type) or node.speed[node.types[0]]
-    return roofline_s(model.head_bytes / s.decode_bytes_per_s, rows * model.head_flops, s.prefill_flops)
+    return compute_s(model.head_bytes / s.decode_bytes_per_s, rows * model.head_flops, 0.0, s.prefill_flops, 0.0,
+                     fixed_s(model.head_bytes, s, rows))
 
 
 def head_latency_s(node: Node, model: ModelProfile, w: Workload) -> float:

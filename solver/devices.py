@@ -24,6 +24,10 @@ class TypeSpeed:
     # 0 = not measured: attention counts at prefill_flops, inside the roofline (solver/cost.py)
     attention_flops: float = 0.0          # prompt tokens (many queries at once)
     decode_attention_flops: float = 0.0   # decode steps (one query per sequence)
+    # a step of several tokens streams the weights once at this rate, then each token's
+    # FLOPs follow at prefill_flops (llama.cpp's multi-token path; agent/profile.py:fit_step);
+    # 0 = not measured: such a step is a roofline (solver/cost.py)
+    batch_bytes_per_s: float = 0.0
 
 
 # fraction of peak (memory bandwidth, FLOP/s) reached at each type: dequantization costs

@@ -149,18 +149,21 @@ def load_model_profile(path: str | Path) -> ModelProfile:
 # ----------------------------------------------------------------------------- fleet
 
 def measured_speed(layer: "LayerProfile", q: str, decode_s: float, prefill_s_per_token: float,
-                   decode_attention_s: float = 0.0, prefill_attention_s: float = 0.0) -> TypeSpeed:
+                   decode_attention_s: float = 0.0, prefill_attention_s: float = 0.0,
+                   batch_fixed_s: float = 0.0) -> TypeSpeed:
     """A node's speed at type q from an agent's timing of one real layer (Profile RPC): the
     weight bytes it streamed per second in a decode step, the FLOPs it did per second in a
-    prefill, and attention's FLOPs per second (its seconds per cached position; 0: not measured)."""
+    prefill, attention's FLOPs per second (its seconds per cached position), and the weight
+    bytes per second of a several-token step's fixed part (0: not measured)."""
     if decode_s <= 0 or prefill_s_per_token <= 0:
         raise ValueError(f"measured times for {q} must be positive")
-    if decode_attention_s < 0 or prefill_attention_s < 0:
-        raise ValueError(f"measured attention times for {q} must not be negative")
+    if decode_attention_s < 0 or prefill_attention_s < 0 or batch_fixed_s < 0:
+        raise ValueError(f"measured attention and batch times for {q} must not be negative")
     per_position = layer.attn_flops_per_ctx
     return TypeSpeed(layer.bytes[q] / decode_s, layer.flops / prefill_s_per_token,
                      per_position / prefill_attention_s if prefill_attention_s else 0.0,
-                     per_position / decode_attention_s if decode_attention_s else 0.0)
+                     per_position / decode_attention_s if decode_attention_s else 0.0,
+                     layer.bytes[q] / batch_fixed_s if batch_fixed_s else 0.0)
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,8 @@ def node_from_dict(d: dict, where: str) -> Node:
         speed = {q: TypeSpeed(parse_quantity(s["decode_bytes_per_s"], f"{where}: {name} {q}"),
                               parse_quantity(s["prefill_flops"], f"{where}: {name} {q}"),
                               parse_quantity(s.get("attention_flops", 0), f"{where}: {name} {q}"),
-                              parse_quantity(s.get("decode_attention_flops", 0), f"{where}: {name} {q}"))
+                              parse_quantity(s.get("decode_attention_flops", 0), f"{where}: {name} {q}"),
+                              parse_quantity(s.get("batch_bytes_per_s", 0), f"{where}: {name} {q}"))
                  for q, s in spec["speed"].items() if q in types}
     else:
         for k in ("memory_bandwidth", "flops"):
@@ -238,7 +242,8 @@ def node_from_dict(d: dict, where: str) -> Node:
                                parse_quantity(spec["flops"], f"{where}: flops of {name}"),
                                spec.get("efficiency", {}), types)
     if memory <= 0 or not speed or any(s.decode_bytes_per_s <= 0 or s.prefill_flops <= 0 or s.attention_flops < 0
-                                       or s.decode_attention_flops < 0 for s in speed.values()):
+                                       or s.decode_attention_flops < 0 or s.batch_bytes_per_s < 0
+                                       for s in speed.values()):
         raise ValueError(f"{where}: node {name!r} needs a positive memory and speeds for at least one type")
     overhead = parse_quantity(spec.get("step_overhead", 0.0005), f"{where}: step_overhead of {name}")
     return Node(name=name, memory=memory, speed=speed, step_overhead_s=overhead, address=str(spec.get("address", "")))

@@ -53,10 +53,11 @@ def random_problem(rng: random.Random, homogeneous: bool, objective: str, max_la
         eff = {q: rng.uniform(0.4, 0.9) for q in supp}
         mem = int(rng.uniform(0.3, 1.4) * total_need + 1_000_000 + 600_000 * rng.random())
         # odd nodes price attention apart, at a measured-like rate several times below the
-        # prefill's (cost.compute_s); even nodes inside the roofline (declared speeds)
-        attn = (4.0, 6.0) if i % 2 else (math.inf, math.inf)
+        # prefill's, and a step of several tokens with a fixed part of twice the weights'
+        # read (cost.compute_s); even nodes inside the roofline (declared speeds)
+        attn = (4.0, 6.0, 2.0) if i % 2 else (math.inf, math.inf, math.inf)
         nodes.append(Node(f"n{i}", mem, {q: TypeSpeed(bw * eff[q], fl * eff[q], fl * eff[q] / attn[0],
-                                                      fl * eff[q] / attn[1]) for q in supp},
+                                                      fl * eff[q] / attn[1], bw * eff[q] / attn[2]) for q in supp},
                           step_overhead_s=rng.choice((0.0, 0.0005, 0.002))))
     links = []
     for n in nodes:

@@ -11,7 +11,7 @@ import pytest
 
 from agent.pipeline import LocalPipeline
 from agent import profile
-from agent.profile import ProbeMedians, split_attention
+from agent.profile import ProbeMedians, fit_step, split_attention
 from agent.sampling import Sampling
 from controller.agents import AgentClient, AgentError, PipelineStream, StepFailed
 from controller.generate import generate
@@ -663,6 +663,31 @@ def test_the_probe_splits_attention_from_the_rest():
     assert flat.prefill_seconds_per_layer_token == pytest.approx(1.0 / copies / n)
     steep, = split_attention(n, depth, [ProbeMedians("Q8_0", copies, 1.0, 1.0, 1e-3, 1.0)])
     assert steep.decode_seconds_per_layer == pytest.approx(1e-3 / copies / 2)
+
+
+
+def test_the_probe_fits_a_step_of_several_tokens_through_two_tokens_and_the_prefill():
+    # a layer whose step of b >= 2 tokens costs 1 ms + b × 50 µs (plus attention at 100 ns per
+    # position a token attends), on 4 copies: the prefill of n = 64 and the two-token step
+    # give back the fixed part and the per-token part; the one-token step is apart (0.5 ms)
+    n, depth, copies = 64, 448, 4
+    c0, c1, pre_attn, dec0 = 1e-3, 50e-6, 100e-9, 0.5e-3
+
+    def step(b: int, start: int) -> float:
+        return copies * (c0 + b * c1 + b * (start + (b - 1) / 2) * pre_attn)
+
+    t, = split_attention(n, depth, [ProbeMedians("Q8_0", copies, step(n, 0), step(n, depth), copies * dec0,
+                                                 copies * dec0, pair=step(2, 0))])
+    assert t.batch_fixed_seconds_per_layer == pytest.approx(c0)
+    assert t.prefill_seconds_per_layer_token == pytest.approx(c1)
+    assert t.prefill_attention_seconds_per_position == pytest.approx(pre_attn)
+    assert t.decode_seconds_per_layer == pytest.approx(dec0)
+    # no fixed part (a two-token step no dearer than two prefill tokens), or none timed: the
+    # prefill's mean per token, and 0 (the roofline prices such steps)
+    assert fit_step(n, c1, 2 * c1) == (0.0, c1)
+    assert fit_step(n, c1, 0.0) == (0.0, c1)
+    assert fit_step(n, c1, 1.5 * c1) == (0.0, c1)
+    assert fit_step(n, c1, 100 * c1) == (0.0, c1)      # a line that would fall with more tokens
 
 
 def test_the_probe_reads_a_quota_node_at_its_sustained_speed(monkeypatch):

@@ -294,3 +294,24 @@ def test_attention_priced_apart_by_hand():
     q = replace(p, fleet=replace(p.fleet, nodes=tuple(replace(n, speed=slow) for n in p.fleet.nodes)))
     (first, done, _), = times(simulate(q, PLAN, [Request(0, 0.0, 20, 3)]))
     assert close(first, 2 * 0.0202 + 0.025 + REPLY) and close(done, first + 2 * (0.020 + 0.006 + REPLY))
+
+
+def test_a_step_of_several_tokens_pays_its_fixed_part_by_hand():
+    # llama.cpp's step of several tokens streams the weights on a slower path than its
+    # one-token step (agent/profile.py:fit_step): here 1 MB at 50 MB/s, 20 ms, then 1 ms per
+    # token; a one-token step stays the 10 ms roofline. A 20-token prefill: 20 + 20 ms.
+    p = toy()
+    speed = {"F16": TypeSpeed(1e8, 1e9, batch_bytes_per_s=5e7)}
+    p = replace(p, fleet=replace(p.fleet, nodes=tuple(replace(n, speed=speed) for n in p.fleet.nodes)))
+    (first, done, status), = times(simulate(p, PLAN, [Request(0, 0.0, 20, 3)]))
+    assert close(first, 0.040 + 0.025 + 0.040 + REPLY)
+    assert close(done, first + 2 * (0.010 + 0.006 + 0.010 + REPLY)) and status == "ok"
+    pred = evaluate(p, PLAN.stages)
+    assert close(pred.ttft_s, first) and close(pred.tpot_s, (done - first) / 2)
+    # the cost model's steps: one token 10 ms; two sequences' decode step 20 + 2 ms, where
+    # the roofline said 10; 20 tokens 40 ms; unmeasured (0), the roofline again
+    node, lp = p.fleet.nodes[0], p.model.layers[0]
+    assert [C.layer_step_s(node, lp, "F16", b, 0.0, decode=True) for b in (1, 2, 20)] == \
+        [pytest.approx(x) for x in (0.010, 0.022, 0.040)]
+    plain = replace(node, speed={"F16": TypeSpeed(1e8, 1e9)})
+    assert [C.layer_step_s(plain, lp, "F16", b, 0.0) for b in (1, 2, 20)] == [pytest.approx(x) for x in (0.010, 0.010, 0.020)]

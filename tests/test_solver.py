@@ -18,7 +18,7 @@ from solver.fast import least_dnll, solve, solve_ilp, sorted_types
 from solver.plan import evaluate, violations
 from solver.devices import GiB
 from solver.problem import (Fleet, LayerProfile, Link, ModelProfile, Node, Options, Problem, TypeSpeed,
-                            Workload)
+                            Workload, node_from_dict)
 from solver_instances import brute_force, random_problem
 
 
@@ -303,3 +303,13 @@ def test_split_is_proportional_and_complete():
     assert split([1, 1, 1], 8) == [3, 3, 2]
     assert split([3, 1], 8) == [6, 2]
     assert sum(split([0.3, 5, 2.2], 31)) == 31
+
+
+def test_a_fleet_file_gives_measured_speeds_with_their_optional_rates():
+    d = {"name": "pi", "memory": "1GiB", "types": ["Q8_0"],
+         "speed": {"Q8_0": {"decode_bytes_per_s": "2e9", "prefill_flops": "1e10", "decode_attention_flops": "1e9",
+                            "batch_bytes_per_s": "1e9"}}}
+    assert node_from_dict(d, "fleet").speed["Q8_0"] == TypeSpeed(2e9, 1e10, 0.0, 1e9, 1e9)
+    d["speed"]["Q8_0"]["batch_bytes_per_s"] = -1
+    with pytest.raises(ValueError, match="needs a positive memory and speeds"):
+        node_from_dict(d, "fleet")
