@@ -7,7 +7,10 @@ a delay proxy in front of every node's port, cgroup CPU and memory limits). On i
       the layers are split evenly), the master's types;
   (b) llama.cpp RPC with edgefleet's split (from run c) as --tensor-split, the same types;
   (c) edgefleet, its plan with every layer kept at the master's type (only the split chosen);
-  (d) edgefleet, its own plan: split and per-layer types under a 5 % perplexity budget.
+  (d) edgefleet, its own plan: split and per-layer types under a 5 % perplexity budget;
+  (e) edgefleet, its plan for throughput (--objective throughput: the busiest stage's time
+      per request with 8 in flight), every layer at the master's type;
+  (f) llama.cpp RPC with (e)'s split.
 
 Figures: single request, a 512-token prompt then 64 tokens: time to first token and decode
 tokens/s; and 8 requests of 512 + 64 started together: generated tokens per second of wall
@@ -130,14 +133,14 @@ class Edgefleet:
             raise
         self.stub = rpc.ControllerStub(grpc.insecure_channel(self.address))
 
-    def deploy(self, master: Path, types: str, budget: float) -> dict:
+    def deploy(self, master: Path, types: str, budget: float, objective: str = "latency") -> dict:
         """Deploy from scratch (a switch would need room for both plans on these nodes)."""
         if self.stub.Status(pb.Empty()).active_deployment_id:
             subprocess.run([sys.executable, "-m", "controller.cli", "undeploy", "--controller", self.address],
                            check=True, capture_output=True, cwd=ROOT)
         args = [sys.executable, "-m", "controller.cli", "deploy", str(master), "--controller", self.address,
                 "--prompt-tokens", str(PROMPT), "--output-tokens", str(OUTPUT), "--concurrency", str(CONCURRENT),
-                "--context", str(PROMPT + OUTPUT), "--max-ppl-increase", str(budget)]
+                "--context", str(PROMPT + OUTPUT), "--max-ppl-increase", str(budget), "--objective", objective]
         if types:
             args += ["--types", types]
         r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
@@ -300,15 +303,20 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
             own = ef.deploy(master, free_types, 5.0)
             d = ef.measure(master, runs)
             own_overhead = ef.breakdown(master, len(own["stages"]), link, n_embd(master))
+            say(f"{name}: edgefleet, its plan for throughput, every layer at {master_type}")
+            fast = ef.deploy(master, master_type, 5.0, "throughput")
+            e = ef.measure(master, runs)
         finally:
             ef.stop()
         n_layer = sum(s["last"] - s["first"] for s in kept["stages"])
         order, split = tensor_split(kept, n_layer, nodes)
-        say(f"{name}: llama.cpp RPC, default split and edgefleet's split {split}")
+        fast_order, fast_split = tensor_split(fast, n_layer, nodes)
+        say(f"{name}: llama.cpp RPC, default split and edgefleet's splits {split} and {fast_split}")
         llama = LlamaRpc(fleet)
         try:
             a = llama.bench(master, list(range(len(nodes))), None, runs)
             b = llama.bench(master, order, split, runs)
+            f = llama.bench(master, fast_order, fast_split, runs)
         finally:
             llama.stop()
     def describe(p: dict, f: Figures | None = None) -> str:
@@ -316,13 +324,15 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
         if f is not None:       # the cost model's prediction against what was measured
             pr = p["prediction"]
             text += (f"; predicted TTFT {pr['ttft_s'] * 1e3:.0f} ms, {1 / pr['tpot_s']:.1f} tok/s "
-                     f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f})")
+                     f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f}); decode batch {pr['decode_batch']}")
         return text
 
     rows.append(("(a) llama.cpp RPC, default split", a, "even split"))
     rows.append(("(b) llama.cpp RPC, edgefleet's split", b, describe(kept)))
     rows.append(("(c) edgefleet, same split and types", c, describe(kept, c)))
     rows.append(("(d) edgefleet, own plan (5 %)", d, describe(own, d) + f"; {own['prediction']['ppl_increase_pct']:+.2f} % ppl"))
+    rows.append(("(e) edgefleet, throughput plan", e, describe(fast, e)))
+    rows.append(("(f) llama.cpp RPC, (e)'s split", f, describe(fast)))
     rows.append(("(c) per token", c, overhead))
     rows.append(("(d) per token", d, own_overhead))
     return rows
@@ -350,10 +360,10 @@ def main() -> None:
         print(f"\n{name}: {len(nodes)} nodes (CPU {', '.join(f'{n.cpu:g}' for n in nodes)}; "
               f"{nodes[0].memory // MiB} MiB each), {link}, {a.model}")
         print(f"{'system':40} {'TTFT':>8} {'tok/s':>7} {'8 req tok/s':>12}")
-        for label, f, _ in rows[:4]:
+        for label, f, _ in rows[:6]:
             print(f"{label:40} {f.row()[0]:>8} {f.row()[1]:>7} {f.row()[2]:>12}")
         fig = {label[:3]: f for label, f, _ in rows}
-        for num, den in (("(c)", "(b)"), ("(d)", "(a)")):
+        for num, den in (("(c)", "(b)"), ("(d)", "(a)"), ("(e)", "(f)"), ("(e)", "(a)")):
             n, d = fig[num], fig[den]
             print(f"{num}/{den}: TTFT {d.ttft_s / n.ttft_s:.2f}x faster, tok/s {n.decode_tps / d.decode_tps:.2f}, "
                   f"8 requests {n.concurrent_tps / d.concurrent_tps:.2f}")

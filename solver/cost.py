@@ -86,6 +86,29 @@ def head_s(node: Node, model: ModelProfile, rows: int) -> float:
                      fixed_s(model.head_bytes, s, rows))
 
 
+def decode_share(w: Workload) -> float:
+    """The throughput objective's unit is one request with `concurrency` in flight: its
+    prompt once, and its share of the (output − 1) decode steps it shares with the others."""
+    return (w.output_tokens - 1) / w.concurrency
+
+
+def layer_busy_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:
+    """A layer's busy time per request with `concurrency` in flight (throughput objective): its
+    prompt, then its share of decode steps of the whole batch. A workload of long prompts is
+    mostly prompt work, which a plan balanced on decode steps alone leaves on the fast node."""
+    return prefill_s(node, layer, q, w) + decode_share(w) * decode_s(node, layer, q, w, w.concurrency)
+
+
+def head_busy_s(node: Node, model: ModelProfile, w: Workload) -> float:
+    """The LM head's busy time per request: one row after the prompt, its share of the batch's rows."""
+    return head_s(node, model, 1) + decode_share(w) * head_s(node, model, w.concurrency)
+
+
+def stage_overhead_busy_s(node: Node, w: Workload) -> float:
+    """A stage's step overheads per request: its prompt's step and its share of the decode steps."""
+    return node.step_overhead_s * (1 + decode_share(w))
+
+
 def head_latency_s(node: Node, model: ModelProfile, w: Workload) -> float:
     """The head's share of one request's latency: one row for the first token, one per further token."""
     return w.output_tokens * head_s(node, model, 1)
@@ -171,8 +194,14 @@ def hop_latency_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str
 
 
 def hop_step_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
-    """One decode step of the whole batch over a hop (throughput objective)."""
+    """One decode step of the whole batch over a hop."""
     return net.transfer_s(a, b, model.act_bytes_per_token * w.concurrency)
+
+
+def hop_busy_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
+    """A hop's busy time per request (throughput objective): the prompt's activations, then
+    its share of the batch's decode steps."""
+    return hop_first_s(net, model, w, a, b) + decode_share(w) * hop_step_s(net, model, w, a, b)
 
 
 def controller_first_s(net: Network, w: Workload, first: str) -> float:

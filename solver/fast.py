@@ -349,7 +349,7 @@ def block_orders(problem: Problem, seq: list[str], mix: dict[str, dict[str, int]
     net = C.Network(problem.fleet)
     if len(seq) < 3:
         return [seq]
-    hop = C.hop_latency_s if o.objective == "latency" else C.hop_step_s
+    hop = C.hop_latency_s if o.objective == "latency" else C.hop_busy_s
     H = {(a, b): hop(net, m, w, a, b) for a in seq for b in seq if a != b}
     score = functools.partial(order_score, problem, mix, H)
     middle = seq[1:-1]

@@ -16,11 +16,12 @@ from solver.problem import Node, Problem
 
 
 def layer_time(problem: Problem, node: Node, l: int, q: str) -> float:
-    """A layer's time on a node at type q, in the objective's terms (latency share or decode step)."""
+    """A layer's time on a node at type q, in the objective's terms (its share of one request's
+    latency, or its busy time per request with `concurrency` in flight)."""
     lp, w = problem.model.layers[l], problem.workload
     if problem.options.objective == "latency":
         return C.layer_latency_s(node, lp, q, w)
-    return C.decode_s(node, lp, q, w, w.concurrency)
+    return C.layer_busy_s(node, lp, q, w)
 
 
 def head_time(problem: Problem, node: Node) -> float:
@@ -28,7 +29,7 @@ def head_time(problem: Problem, node: Node) -> float:
     m, w = problem.model, problem.workload
     if problem.options.objective == "latency":
         return C.head_latency_s(node, m, w)
-    return C.head_s(node, m, w.concurrency)
+    return C.head_busy_s(node, m, w)
 
 
 def stage_time(problem: Problem, node: Node, layers) -> pulp.LpAffineExpression:
@@ -52,18 +53,18 @@ def latency(problem: Problem, net: C.Network, stages, used: dict, hops, first: d
 
 
 def step_time(problem: Problem, node: Node, stage: pulp.LpAffineExpression, used, last) -> pulp.LpAffineExpression:
-    """A stage's decode step: its compute (stage_time), the node's step overhead if used, and
-    the LM head if it holds the last stage."""
-    return stage + node.step_overhead_s * used + head_time(problem, node) * last
+    """A stage's busy time per request (throughput objective): its compute (stage_time), the
+    node's step overheads if used, and the LM head if it holds the last stage."""
+    return stage + C.stage_overhead_busy_s(node, problem.workload) * used + head_time(problem, node) * last
 
 
 def bottleneck(lp: pulp.LpProblem, problem: Problem, net: C.Network, steps: dict, hops: dict) -> None:
-    """The throughput objective: the least T that no stage's step (row name -> step_time) and
-    no hop's transfer of a decode step (row name -> (a, b, variable)) exceeds."""
+    """The throughput objective: the least T that no stage's busy time per request (row name
+    -> step_time) and no hop's (row name -> (a, b, variable)) exceeds."""
     m, w = problem.model, problem.workload
     T = pulp.LpVariable("T", lowBound=0)
     lp += T, "bottleneck"
     for name, step in steps.items():
         lp += step <= T, name
     for name, (a, b, v) in hops.items():
-        lp += C.hop_step_s(net, m, w, a, b) * v <= T, name
+        lp += C.hop_busy_s(net, m, w, a, b) * v <= T, name

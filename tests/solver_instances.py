@@ -95,7 +95,7 @@ def brute_force(p: Problem) -> tuple[float, list[Stage] | None]:
         sup = np.array([q in node.speed for q in types])
         lat = np.array([[C.layer_latency_s(node, m.layers[l], q, w) if q in node.speed else np.inf
                          for q in types] for l in range(L)])
-        step = np.array([[C.decode_s(node, m.layers[l], q, w, w.concurrency) if q in node.speed else np.inf
+        step = np.array([[C.layer_busy_s(node, m.layers[l], q, w) if q in node.speed else np.inf
                           for q in types] for l in range(L)])
         per[name] = (sup, lat, step)
     best, arg = math.inf, None
@@ -120,14 +120,15 @@ def brute_force(p: Problem) -> tuple[float, list[Stage] | None]:
                     mem = lbytes[np.arange(a, b), sub].sum(axis=1) + C.runtime_bytes(m, w) \
                         + (m.embed_bytes if i == 0 else 0) + (C.head_bytes(m, w) if i == S - 1 else 0)
                     ok &= mem <= node.memory
-                    head = C.head_s(node, m, w.concurrency) if i == S - 1 else 0.0   # the last stage runs the LM head
+                    head = C.head_busy_s(node, m, w) if i == S - 1 else 0.0   # the last stage runs the LM head
                     with np.errstate(invalid="ignore"):
                         lat_total += lat[np.arange(a, b), sub].sum(axis=1)
-                        step_max = np.maximum(step_max, step[np.arange(a, b), sub].sum(axis=1) + node.step_overhead_s + head)
+                        step_max = np.maximum(step_max, step[np.arange(a, b), sub].sum(axis=1)
+                                              + C.stage_overhead_busy_s(node, w) + head)
                     fixed += C.stage_overhead_latency_s(node, w) + (C.head_latency_s(node, m, w) if i == S - 1 else 0.0)
                     if i + 1 < S:
                         fixed += C.hop_latency_s(net, m, w, name, seq[i + 1])
-                        hop_max = max(hop_max, C.hop_step_s(net, m, w, name, seq[i + 1]))
+                        hop_max = max(hop_max, C.hop_busy_s(net, m, w, name, seq[i + 1]))
                 fixed += C.controller_latency_s(net, w, seq[0]) + C.reply_latency_s(net, w, seq[-1])
                 if not ok.any():
                     continue

@@ -272,8 +272,12 @@ def test_throughput_objective_is_the_bottleneck():
     assert (plan.status == "optimal") == (plan.gap <= p.options.gap + 1e-9)   # unproven: gap reported
     pred = plan.prediction
     assert plan.objective == pytest.approx(pred.bottleneck_s)
-    assert pred.bottleneck_s >= max(s.step_s for s in pred.stages) - 1e-12
-    assert pred.tokens_per_s == pytest.approx(1 / pred.bottleneck_s)
+    # the busiest stage per request: its prompt, then its share of the batch's decode steps
+    w = p.workload
+    busy = [s.prefill_s + p.fleet.node(s.node).step_overhead_s + (w.output_tokens - 1) / w.concurrency * s.step_s
+            for s in pred.stages]
+    assert pred.bottleneck_s >= max(busy) - 1e-12
+    assert pred.tokens_per_s == pytest.approx(w.output_tokens / pred.bottleneck_s)
 
 
 def test_naive_ilp_matches_brute_force():
