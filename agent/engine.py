@@ -74,7 +74,6 @@ class Deployment:
     max_sessions: int
     context_length: int
     memory: StageMemory
-    max_batch: int = MAX_BATCH      # sessions' steps in one batch at most
     active: bool = False
     sessions: dict[str, Session] = field(default_factory=dict)
     free_seqs: list[int] = field(default_factory=list)
@@ -162,13 +161,8 @@ class Engine:
         return d
 
     def prepare(self, deployment_id: str, sha256: str, path: Path, next_address: str,
-                max_sessions: int, context_length: int, max_batch_tokens: int = 512,
-                max_batch_sequences: int = MAX_BATCH) -> Deployment:
-        """Load a shard beside what is loaded; refuse before loading if it would not fit. A batch
-        takes at most max_batch_sequences sessions' steps (at most MAX_BATCH): the plan's
-        decode batch (solver/plan.py:decode_batch), so that sessions in flight stay in groups
-        that follow each other through the stages instead of one group that leaves every
-        other stage idle while one computes."""
+                max_sessions: int, context_length: int, max_batch_tokens: int = 512) -> Deployment:
+        """Load a shard beside what is loaded; refuse before loading if it would not fit."""
         if not deployment_id:
             raise EngineError("prepare needs a deployment_id", "INVALID_ARGUMENT")
         if max_sessions < 1 or context_length < 1:
@@ -180,7 +174,6 @@ class Engine:
         with self._lock:
             old = self._deployments.get(deployment_id)
             if old is not None and old.sha256 == sha256 and old.next_address == next_address:
-                old.max_batch = max(1, min(MAX_BATCH, max_batch_sequences))
                 return old
             used = sum(d.memory.total for k, d in self._deployments.items() if k != deployment_id)
             if used + need.total > self.memory_bytes:
@@ -196,8 +189,7 @@ class Engine:
                                          batch_tokens=max_batch_tokens, threads=self.threads))
         except ValueError as exc:
             raise EngineError(f"shard {sha256[:12]} cannot be loaded: {exc}", "DATA_LOSS") from None
-        dep = Deployment(deployment_id, sha256, stage, next_address, max_sessions, context_length, need,
-                         max(1, min(MAX_BATCH, max_batch_sequences)))
+        dep = Deployment(deployment_id, sha256, stage, next_address, max_sessions, context_length, need)
         with self._lock:
             prev = self._deployments.get(deployment_id)
             dep.active = prev.active if prev is not None else False
@@ -326,12 +318,12 @@ class Engine:
             if isinstance(item, tuple):
                 self._run_call(*item)
                 continue
-            batch, (budget, most) = [item], self._batch_limits(item)
+            batch, budget = [item], self._batch_tokens(item)
             tokens = item.n_tokens
-            while self._deferred and len(batch) < most and tokens + self._deferred[0].n_tokens <= budget:
+            while self._deferred and len(batch) < MAX_BATCH and tokens + self._deferred[0].n_tokens <= budget:
                 tokens += self._deferred[0].n_tokens
                 batch.append(self._deferred.pop(0))
-            while len(batch) < most and tokens < budget:
+            while len(batch) < MAX_BATCH and tokens < budget:
                 try:
                     nxt = self._jobs.get_nowait()
                 except queue.Empty:
@@ -351,15 +343,14 @@ class Engine:
             for dep_id, jobs in by_dep.items():
                 self._run_batch(dep_id, jobs)
 
-    def _batch_limits(self, job: Job) -> tuple[int, int]:
-        """(tokens, steps) one batch takes at most: the stage's llama_decode size and the
-        deployment's max_batch. A batch that held more tokens would run as several decodes
-        anyway, and every step in it would leave the stage only when the last one is done: a
-        stage would hold a whole burst of prompts back, where it can pass the first on to the
-        next stage while it computes the second."""
+    def _batch_tokens(self, job: Job) -> int:
+        """Tokens one batch takes at most: the stage's llama_decode size. A batch that held more
+        would run as several decodes anyway, and every step in it would leave the stage only
+        when the last one is done: a stage would hold a whole burst of prompts back, where
+        it can pass the first on to the next stage while it computes the second."""
         with self._lock:
             d = self._deployments.get(job.deployment_id)
-        return (d.stage.settings.batch_tokens, d.max_batch) if d is not None else (1, 1)
+        return d.stage.settings.batch_tokens if d is not None else 1
 
     @staticmethod
     def _run_call(fn, fut: Future) -> None:

@@ -32,7 +32,6 @@ from proto import adapter as A
 from proto import edgefleet_pb2 as pb
 from proto import edgefleet_pb2_grpc as rpc
 from proto.security import Security
-from solver.memory import MAX_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +350,7 @@ class AgentService(rpc.AgentServicer):
                                          "its SHA-256) and was deleted; push it again")
         fut = self._loader.submit(self.engine.prepare, request.deployment_id, sha, self.store.path(sha),
                                   request.next_address, request.max_sessions or 1, request.context_length or 2048,
-                                  request.max_batch_tokens or 512, request.max_batch_sequences or MAX_BATCH)
+                                  request.max_batch_tokens or 512)
         try:
             d = fut.result()
         except EngineError as exc:

@@ -324,7 +324,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
         if f is not None:       # the cost model's prediction against what was measured
             pr = p["prediction"]
             text += (f"; predicted TTFT {pr['ttft_s'] * 1e3:.0f} ms, {1 / pr['tpot_s']:.1f} tok/s "
-                     f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f}); decode batch {pr['decode_batch']}")
+                     f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f})")
         return text
 
     rows.append(("(a) llama.cpp RPC, default split", a, "even split"))

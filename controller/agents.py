@@ -114,12 +114,10 @@ class AgentClient:
         return int(reply.bytes_received)
 
     def prepare(self, deployment_id: str, sha: str, next_address: str, max_sessions: int,
-                context_length: int, max_batch_tokens: int = 512, max_batch_sequences: int = 0,
-                timeout_s: float = 300.0) -> str:
+                context_length: int, max_batch_tokens: int = 512, timeout_s: float = 300.0) -> str:
         return self._call("Prepare", pb.LoadRequest(
             sha256=sha, deployment_id=deployment_id, next_address=next_address, max_sessions=max_sessions,
-            context_length=context_length, max_batch_tokens=max_batch_tokens,
-            max_batch_sequences=max_batch_sequences), timeout_s).message
+            context_length=context_length, max_batch_tokens=max_batch_tokens), timeout_s).message
 
     def activate(self, deployment_id: str) -> str:
         return self._call("Activate", pb.DeploymentRef(deployment_id=deployment_id)).message

@@ -172,17 +172,16 @@ def push_all(targets: list[tuple[NodeInfo, ShardInfo]], security: Security, repo
 
 
 def switch(deployment_id: str, targets: list[tuple[NodeInfo, ShardInfo]], w: Workload, security: Security,
-           report: Callable, max_batch: int = 0) -> None:
+           report: Callable) -> None:
     """Prepare every stage, then activate every stage; on a prepare failure unload what was
-    prepared (the previous deployment stays active) and raise AgentError. max_batch: the
-    sessions' steps a stage puts in one batch (the plan's decode batch; 0 = the agents' most)."""
+    prepared (the previous deployment stays active) and raise AgentError."""
     prepared: list[NodeInfo] = []
     batch = batch_tokens(w.prompt_tokens, w.concurrency)   # as the plan's memory assumed
     try:
         for i, (node, shard) in enumerate(targets):
             nxt = targets[i + 1][0].address if i + 1 < len(targets) else ""
             with AgentClient(node.address, security, node.name) as c:
-                c.prepare(deployment_id, shard.sha256, nxt, w.concurrency, w.ctx, batch, max_batch)
+                c.prepare(deployment_id, shard.sha256, nxt, w.concurrency, w.ctx, batch)
             prepared.append(node)
             report("prepare", f"{node.name} loaded layers {shard.first}-{shard.last - 1}", i + 1, len(targets))
     except AgentError:

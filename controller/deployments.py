@@ -159,14 +159,14 @@ class Deployments:
         """The two-phase switch; an agent that no longer holds its shard intact (it deleted a
         corrupt one) gets it pushed again, once."""
         try:
-            D.switch(dep.id, targets, request.workload, self.security, report, dep.plan.decode_batch)
+            D.switch(dep.id, targets, request.workload, self.security, report)
         except AgentError as exc:
             if exc.code != "NOT_FOUND":
                 raise
             log.warning("%s; pushing the shards again", exc)
             report("push", f"{exc}; pushing again", 0, 0)
             D.push_all(targets, self.security, report)
-            D.switch(dep.id, targets, request.workload, self.security, report, dep.plan.decode_batch)
+            D.switch(dep.id, targets, request.workload, self.security, report)
 
     def _activate(self, dep: Deployment, reason: str) -> None:
         """The new deployment serves from now; the old one is unloaded where it still is."""

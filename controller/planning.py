@@ -90,8 +90,7 @@ def plan_table(problem: Problem, plan: Plan) -> Table:
                   used_of(sp.memory, sp.memory_available), f"{sp.prefill_s * 1e3:.1f}",
                   f"{sp.decode_s * 1e3:.2f}", f"{sp.transfer_s * 1e3:.1f}")
     t.caption = (f"predicted: TTFT {pred.ttft_s * 1e3:.1f} ms, {pred.tpot_s * 1e3:.2f} ms/token, request "
-                 f"{pred.latency_s:.3f} s, {pred.tokens_per_s:.1f} tokens/s at {w.concurrency} in flight "
-                 f"(decode steps in batches of {pred.decode_batch}); "
+                 f"{pred.latency_s:.3f} s, {pred.tokens_per_s:.1f} tokens/s at {w.concurrency} in flight; "
                  f"perplexity +{pred.ppl_increase_pct:.2f} % (ΔNLL {pred.dnll:.4f}, "
                  f"{problem.model.sensitivity_source}); prefill, link: ms per request\nsolver {plan.solver}: "
                  f"{plan.status}, objective {plan.objective:.6g} s, bound {plan.bound:.6g} s, gap "

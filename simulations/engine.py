@@ -4,9 +4,8 @@ The system modelled is the one the agents run (docs/simulator.md):
 - the controller admits a request when a KV-cache slot is free and every stage has room for
   its prompt + output tokens; otherwise it waits, first come first served;
 - each stage is one compute thread: when it is free it takes the steps queued for it, in
-  order, up to the plan's decode batch of steps (solver/plan.py:decode_batch, as the
-  controller tells the agents; at most MAX_BATCH) and the deployment's batch tokens (a first
-  step over that runs alone), and runs them as one batch; a batch's time is the cost model's roofline
+  order, up to MAX_BATCH steps and the deployment's batch tokens (a first step over that
+  runs alone), and runs them as one batch; a batch's time is the cost model's roofline
   (solver/cost.py) for its prompt and decode tokens, plus the node's step overhead;
 - steps that leave a stage together travel on together as a *cohort*; a message occupies
   each link of its route for bytes / bandwidth (first come first served) and arrives
@@ -35,7 +34,7 @@ from solver import cost as C
 from solver.cost import compute_s
 from solver import memory as M
 from solver.memory import MAX_BATCH
-from solver.plan import Plan, Stage, decode_batch, stage_memory
+from solver.plan import Plan, Stage, stage_memory
 from solver.problem import Fleet, Link, ModelProfile, Node, Problem
 from simulations.workload import Request
 
@@ -234,8 +233,6 @@ class Simulator:
             self.stages.append(_StageState(i, node, _stage_groups(p, st, node),
                                            _kv_capacity(p, st, i == 0, i == n - 1, node.memory),
                                            p.model if i == n - 1 else None))
-        # the decode batch the controller deploys with (the plan's), else the one it would choose
-        self.max_batch = min(MAX_BATCH, plan.decode_batch or decode_batch(p, plan.stages, self.net)[0])
         self._routes()
         self.serving = True
 
@@ -363,7 +360,7 @@ class Simulator:
     def _start(self, t: float, stage: _StageState) -> None:
         q = stage.queue
         cohort = q.pop(0)
-        while (q and len(cohort.members) + len(q[0].members) <= self.max_batch
+        while (q and len(cohort.members) + len(q[0].members) <= MAX_BATCH
                and cohort.ntok + q[0].ntok <= self.batch_tokens):
             other = q.pop(0)
             cohort.absorb(other)

@@ -43,7 +43,6 @@ class Prediction:
     dnll: float                    # predicted ΔNLL (sum of per-layer sensitivities)
     ppl_increase_pct: float
     stages: tuple[StagePrediction, ...]
-    decode_batch: int = 0          # sessions' steps a stage puts in one batch (decode_batch); 0: not chosen
 
     def objective(self, kind: str) -> float:
         return self.latency_s if kind == "latency" else self.bottleneck_s
@@ -65,12 +64,6 @@ class Plan:
     @property
     def ok(self) -> bool:
         return self.status in ("optimal", "feasible")
-
-    @property
-    def decode_batch(self) -> int:
-        """The sessions' steps a stage takes into one batch (0: the agents' most)."""
-        return self.prediction.decode_batch if self.prediction is not None else 0
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["stages"] = [asdict(s) for s in self.stages]
@@ -159,44 +152,7 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
     latency = ttft + (w.output_tokens - 1) * tpot
     return Prediction(ttft_s=ttft, tpot_s=tpot, latency_s=latency, bottleneck_s=bottleneck,
                       tokens_per_s=w.output_tokens / bottleneck if bottleneck > 0 else math.inf, dnll=dnll,
-                      ppl_increase_pct=100.0 * math.expm1(dnll), stages=tuple(preds),
-                      decode_batch=decode_batch(problem, stages, net)[0] if stages else 0)
-
-
-def decode_round_s(problem: Problem, net: C.Network, stages, g: int) -> float:
-    """Seconds for the `concurrency` sessions in flight to each take one decode step when a
-    stage puts at most g of them in one batch: G = ⌈c / g⌉ groups follow each other through
-    the stages. A round lasts as long as the busiest stage's (or link's) G steps, and no
-    less than one group's way through the whole pipeline and back."""
-    m, w, fleet = problem.model, problem.workload, problem.fleet
-    groups = -(-w.concurrency // g)
-    busy, way = 0.0, C.controller_next_s(net, w, stages[0].node) + C.reply_s(net, stages[-1].node, g)
-    for i, st in enumerate(stages):
-        node = fleet.node(st.node)
-        step = sum(C.decode_s(node, m.layers[l], q, w, g) for l, q in zip(range(st.first, st.last), st.types)) \
-            + node.step_overhead_s + (C.head_s(node, m, g) if i == len(stages) - 1 else 0.0)
-        hop = net.transfer_s(st.node, stages[i + 1].node, m.act_bytes_per_token * g) \
-            if i + 1 < len(stages) else 0.0
-        busy = max(busy, groups * step, groups * hop)
-        way += step + hop
-    return max(busy, way)
-
-
-def decode_batch(problem: Problem, stages, net: C.Network | None = None) -> tuple[int, float]:
-    """(g, decode tokens/s): the sessions' steps a stage should take into one batch, of the
-    `concurrency` in flight, for the most decode tokens per second (decode_round_s). One batch
-    of all of them moves through the stages together and leaves all but one idle at a time;
-    groups of fewer follow each other and keep more stages busy, but each costs its step's
-    fixed parts again (llama.cpp's several-token step: solver/cost.py). The ties go to the
-    larger batch."""
-    c = problem.workload.concurrency
-    net = net or C.Network(problem.fleet)
-    best = (0.0, c)
-    for g in sorted({-(-c // groups) for groups in range(1, c + 1)}, reverse=True):
-        rate = c / decode_round_s(problem, net, stages, g)
-        if rate > best[0] * (1 + 1e-9):
-            best = (rate, g)
-    return best[1], best[0]
+                      ppl_increase_pct=100.0 * math.expm1(dnll), stages=tuple(preds))
 
 
 def stage_memory(problem: Problem, st: Stage, first: bool, last: bool) -> int:

@@ -557,32 +557,6 @@ def test_a_batch_takes_steps_up_to_the_stage_s_batch_tokens(shards):
     assert [r.session_id for r in results][0] == "p1"
 
 
-def test_a_batch_takes_no_more_sessions_than_the_plan_s_decode_batch(shards):
-    """A deployment prepared with max_batch_sequences = 2 (the plan's decode batch): five
-    steps queued together run as batches of 2, 2 and 1, in order, so that groups of sessions
-    follow each other through the stages."""
-    from agent.engine import Engine, Job
-
-    engine = Engine(1 << 30, threads=1)
-    try:
-        engine.prepare("d", shards[0].sha256, shards[0].path, "", 8, 64, max_batch_tokens=16, max_batch_sequences=2)
-        engine.activate("d")
-        results: list = []
-        done = threading.Event()
-        gate = threading.Event()
-        held = engine.call(gate.wait)
-        for s in ("a", "b", "c", "d", "e"):
-            engine.submit(Job("d", s, 0, (5,), None, Sampling(), False, True,
-                              done=lambda r: (results.append(r), len(results) == 5 and done.set())))
-        gate.set()
-        held.result(5)
-        assert done.wait(30)
-    finally:
-        engine.stop()
-    assert not any(r.error for r in results), [r.error for r in results]
-    assert [(r.session_id, r.batch_size) for r in results] == [("a", 2), ("b", 2), ("c", 2), ("d", 2), ("e", 1)]
-
-
 
 def test_a_stored_shard_is_hashed_again_only_when_its_size_or_time_changed(tmp_path, shards, monkeypatch):
     import os

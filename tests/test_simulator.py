@@ -24,7 +24,7 @@ from simulations.engine import SimOptions, WhatIf, simulate
 from simulations.workload import Request, read_trace, scale_lengths, select, spike, synthetic, write_jsonl
 from simulations.whatif import Spike, parse
 from solver import cost as C
-from solver.plan import Plan, Stage, decode_batch, decode_round_s, evaluate, stage_memory
+from solver.plan import Plan, Stage, evaluate, stage_memory
 from solver.problem import Fleet, LayerProfile, Link, ModelProfile, Node, Problem, TypeSpeed, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -316,30 +316,3 @@ def test_a_step_of_several_tokens_pays_its_fixed_part_by_hand():
     plain = replace(node, speed={"F16": TypeSpeed(1e8, 1e9)})
     assert [C.layer_step_s(plain, lp, "F16", b, 0.0) for b in (1, 2, 20)] == [pytest.approx(x) for x in (0.010, 0.010, 0.020)]
 
-
-def test_the_decode_batch_keeps_sessions_in_groups_that_pipeline_by_hand():
-    # 4 sessions in flight on the two-stage toy, a several-token step's fixed part 20 ms
-    # (1 MB at 50 MB/s) then 1 ms a token: a step of g tokens costs 10 ms for g = 1, else
-    # 20 + g ms; g tokens cross the link in g ms + 5 ms. One batch of all 4 goes round in
-    # 24 + 9 + 24 ms; groups of 2 keep each stage busy 2 × 22 ms but go round in 22 + 7 + 22;
-    # single steps keep each stage 4 × 10 ms busy and go round in 26 ms: 40 ms, the least
-    p = toy(concurrency=4)
-    speed = {"F16": TypeSpeed(1e8, 1e9, batch_bytes_per_s=5e7)}
-    p = replace(p, fleet=replace(p.fleet, nodes=tuple(replace(n, speed=speed) for n in p.fleet.nodes)))
-    net = C.Network(p.fleet)
-    assert [decode_round_s(p, net, PLAN.stages, g) for g in (4, 2, 1)] == \
-        [pytest.approx(x) for x in (0.057, 0.051, 0.040)]
-    assert decode_batch(p, PLAN.stages) == (1, pytest.approx(4 / 0.040))
-    assert evaluate(p, PLAN.stages).decode_batch == 1
-    # the simulator's stages take one step at a time: four 5-token prompts that arrive
-    # together run one by one on n0 (25 ms each), where one batch of 20 tokens would take 40 ms
-    result = simulate(p, PLAN, [Request(i, 0.0, 5, 1) for i in range(4)])
-    assert result.busy_s["n0"] == pytest.approx(0.100)
-    assert [r.first_s for r in result.records] == sorted(r.first_s for r in result.records)
-    # at the roofline alone (no fixed part) a step of up to 10 tokens costs 10 ms: groups of
-    # 2 go round in 10 + 7 + 10 ms, against 10 + 9 + 10 for one batch of 4 and 4 × 10 for
-    # singles. The first prompt finds n0 idle and runs alone; the three queued behind it run
-    # as 2, then 1: 30 ms on n0
-    plain = toy(concurrency=4)
-    assert decode_batch(plain, PLAN.stages)[0] == 2
-    assert simulate(plain, PLAN, [Request(i, 0.0, 5, 1) for i in range(4)]).busy_s["n0"] == pytest.approx(0.030)
