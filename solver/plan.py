@@ -64,6 +64,7 @@ class Plan:
     @property
     def ok(self) -> bool:
         return self.status in ("optimal", "feasible")
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["stages"] = [asdict(s) for s in self.stages]
