@@ -130,8 +130,8 @@ def quality(n_fleets: int, naive_limit: float) -> dict:
                     ratios[how, objective].append(b.objective / ours.objective)
                 else:
                     infeasible[how, objective] += 1
-    print(f"\nplan quality on {n_fleets} catalog fleets: baseline's predicted latency (or step time, the inverse of "
-          "throughput) / ours; > 1: ours is better")
+    print(f"\nplan quality on {n_fleets} catalog fleets: baseline's predicted latency (or busiest stage's time per request, "
+          "the inverse of throughput) / ours; > 1: ours is better")
     for (how, objective), xs in ratios.items():
         bad = infeasible[how, objective]
         span = (f"median {statistics.median(xs):6.2f}  least {min(xs):6.2f}  most {max(xs):6.2f}" if xs else "n/a")
