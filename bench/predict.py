@@ -46,21 +46,24 @@ def one_request(stub, ids: list[int], tokens: int) -> tuple[float, float]:
 
 def probe_vs_stage(model: Path, work: Path) -> None:
     """The Profile RPC's per-layer times (agent/profile.py: copies of one layer, attention
-    apart) priced by the cost model (solver/cost.py:compute_s, in units of one token's
-    FLOPs) against a real 20-layer stage of the same type, both on one thread in this
-    process: a decode step at about 64 and at 448 cached positions, steps of 2 and 8
-    sessions' tokens at 74 positions, and a 512-token prefill."""
+    apart) as speeds (solver/problem.py:measured_speed) priced by the cost model
+    (solver/cost.py:layer_step_s) against a real 20-layer stage of the same type, both on
+    one thread in this process: a decode step at about 64 and at 448 cached positions,
+    steps of 2 and 8 sessions' tokens at 74 positions, and a 512-token prefill."""
     import numpy as np
 
     from agent.profile import time_types
     from agent.runtime import Settings, Stage, Step, init_llama
+    from controller.planning import gguf_profile
     from controller.shards import file_sha256, parse_types, write_shard
-    from solver.cost import compute_s
+    from solver.cost import layer_step_s
+    from solver.problem import Node, measured_speed
 
     init_llama()
     sha = file_sha256(model)
     probe = write_shard(model, work / "probe.gguf", ["F16"] * 30, 1, 2, sha).path
     timed = {t.gguf_type: t for t in time_types(probe, ["Q4_1", "Q4_0"], 64, 5, 1)}
+    layer = gguf_profile(model, None).layers[9]
     x = np.random.default_rng(0).standard_normal((512, 576)).astype(np.float32)
 
     def report(what: str, predicted: float, real: float) -> None:
@@ -76,12 +79,14 @@ def probe_vs_stage(model: Path, work: Path) -> None:
         return statistics.median(times) / 20
 
     for q, t in timed.items():
-        fixed = t.batch_fixed_seconds_per_layer
+        node = Node("probe", 1 << 30, {q: measured_speed(layer, q, t.decode_seconds_per_layer,
+                                                         t.prefill_seconds_per_layer_token,
+                                                         t.decode_attention_seconds_per_position,
+                                                         t.prefill_attention_seconds_per_position,
+                                                         t.batch_fixed_seconds_per_layer)})
 
         def priced(tokens: int, positions: float, decode: bool) -> float:
-            attention = t.decode_attention_seconds_per_position if decode else t.prefill_attention_seconds_per_position
-            return compute_s(t.decode_seconds_per_layer, tokens, tokens * positions, 1 / t.prefill_seconds_per_layer_token,
-                             1 / attention if attention else 0.0, fixed if tokens > 1 else 0.0)
+            return layer_step_s(node, layer, q, tokens, positions, decode)
 
         stage = Stage(write_shard(model, work / f"{q}.gguf", parse_types(q, 30), 9, 29, sha).path,
                       Settings(sessions=8, context=1024, batch_tokens=512, threads=1))
@@ -101,7 +106,7 @@ def probe_vs_stage(model: Path, work: Path) -> None:
         report(f"{q} 512-token prefill per layer", priced(512, 511 / 2, False), statistics.median(prefill) / 20)
         print(f"  {q} attention per position: decode {t.decode_attention_seconds_per_position * 1e9:.0f} ns, "
               f"prompt token {t.prefill_attention_seconds_per_position * 1e9:.0f} ns per layer; "
-              f"a step of 2+ tokens: {fixed * 1e3:.3f} ms + {t.prefill_seconds_per_layer_token * 1e3:.3f} ms "
+              f"a step of 2+ tokens: {t.batch_fixed_seconds_per_layer * 1e3:.3f} ms + {t.prefill_seconds_per_layer_token * 1e3:.3f} ms "
               f"per token per layer")
         stage.close()
 
