@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
-from bench import llamacpp  # noqa: E402
+from bench import delay_proxy, llamacpp  # noqa: E402
 from bench.emulated import EmulatedFleet, Link, Node  # noqa: E402
 from controller.local import ServiceProcess, wait_alive  # noqa: E402
 from proto import edgefleet_pb2 as pb  # noqa: E402
@@ -359,6 +359,9 @@ def main() -> None:
         say(f"{name}: done")
         print(f"\n{name}: {len(nodes)} nodes (CPU {', '.join(f'{n.cpu:g}' for n in nodes)}; "
               f"{nodes[0].memory // MiB} MiB each), {link}, {a.model}")
+        print(f"the delay proxy adds {delay_proxy.measure(link.delay_ms) * 1e3:.3f} ms per crossing with "
+              f"{link.delay_ms:g} ms set (one 576-float step, loopback; "
+              f"{delay_proxy.measure(0) * 1e3:.3f} ms with none)")
         print(f"{'system':40} {'TTFT':>8} {'tok/s':>7} {'8 req tok/s':>12}")
         for label, f, _ in rows[:6]:
             print(f"{label:40} {f.row()[0]:>8} {f.row()[1]:>7} {f.row()[2]:>12}")

@@ -155,8 +155,7 @@ class _StageState:
         total = self.overhead
         decode = ntok == rows
         for n, read, flops, attn, pf, attn_pf, attn_dec, fixed in self.groups:
-            total += n * compute_s(read, ntok * flops, attn * ctxw, pf, attn_dec if decode else attn_pf,
-                                   fixed if ntok > 1 else 0.0)
+            total += n * compute_s(read, ntok * flops, attn * ctxw, pf, attn_dec if decode else attn_pf, fixed, ntok)
         if self.head is not None:
             total += C.head_s(self.node, self.head, rows)
         return total
@@ -168,7 +167,7 @@ def _stage_groups(problem: Problem, st: Stage, node: Node):
         lp = problem.model.layers[l]
         s = node.speed[q]
         key = (lp.bytes[q] / s.decode_bytes_per_s, lp.flops, lp.attn_flops_per_ctx, s.prefill_flops,
-               s.attention_flops, s.decode_attention_flops, C.fixed_s(lp.bytes[q], s, 2))
+               s.attention_flops, s.decode_attention_flops, C.fixed_s(lp.bytes[q], s))
         groups[key] = groups.get(key, 0) + 1
     return [(n, *k) for k, n in groups.items()]
 

@@ -27,26 +27,27 @@ def roofline_s(read_s: float, flops: float, flop_s: float) -> float:
 
 
 def compute_s(read_s: float, flops: float, attn_flops: float, flop_s: float, attn_flop_s: float,
-              fixed_s: float = 0.0) -> float:
+              fixed_s: float = 0.0, tokens: int = 1) -> float:
     """Weights and matrix products as a roofline (read_s, flops at flop_s), then attention's
     FLOPs at its own measured rate; where that is not measured (0), attention joins the
-    roofline's FLOPs at flop_s. A step of several tokens with a measured fixed part (fixed_s,
-    agent/profile.py:fit_step) costs fixed_s + flops / flop_s, never less than the roofline.
+    roofline's FLOPs at flop_s. A step of several tokens (tokens > 1; one token is a
+    matrix-vector product) with a measured fixed part (fixed_s, agent/profile.py:fit_step)
+    costs fixed_s + flops / flop_s, never less than the roofline.
     Also the simulator's batch time (simulations/engine.py)."""
     if attn_flop_s > 0:
         attention = attn_flops / attn_flop_s
     else:
         flops, attention = flops + attn_flops, 0.0
     matrix = roofline_s(read_s, flops, flop_s)
-    if fixed_s > 0:
+    if tokens > 1 and fixed_s > 0:
         matrix = max(matrix, fixed_s + flops / flop_s)
     return matrix + attention
 
 
-def fixed_s(nbytes: float, s: TypeSpeed, tokens: int) -> float:
-    """The fixed part of a step of `tokens` tokens over nbytes of weights at speed s: 0 for
-    one token (a matrix-vector product) or where it was not measured."""
-    return nbytes / s.batch_bytes_per_s if tokens > 1 and s.batch_bytes_per_s > 0 else 0.0
+def fixed_s(nbytes: float, s: TypeSpeed) -> float:
+    """The fixed part of a step of several tokens over nbytes of weights at speed s (0 where
+    it was not measured); compute_s applies it."""
+    return nbytes / s.batch_bytes_per_s if s.batch_bytes_per_s > 0 else 0.0
 
 
 def layer_step_s(node: Node, layer: LayerProfile, q: str, tokens: int, ctx: float, decode: bool = False) -> float:
@@ -57,7 +58,7 @@ def layer_step_s(node: Node, layer: LayerProfile, q: str, tokens: int, ctx: floa
     s = node.speed[q]
     return compute_s(layer.bytes[q] / s.decode_bytes_per_s, tokens * layer.flops,
                      tokens * layer.attn_flops_per_ctx * ctx, s.prefill_flops,
-                     s.decode_attention_flops if decode else s.attention_flops, fixed_s(layer.bytes[q], s, tokens))
+                     s.decode_attention_flops if decode else s.attention_flops, fixed_s(layer.bytes[q], s), tokens)
 
 
 def prefill_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:
@@ -83,7 +84,7 @@ def head_s(node: Node, model: ModelProfile, rows: int) -> float:
     prefill, the one new token of a decode step)."""
     s = node.speed.get(model.head_type) or node.speed[node.types[0]]
     return compute_s(model.head_bytes / s.decode_bytes_per_s, rows * model.head_flops, 0.0, s.prefill_flops, 0.0,
-                     fixed_s(model.head_bytes, s, rows))
+                     fixed_s(model.head_bytes, s), rows)
 
 
 def decode_share(w: Workload) -> float:
