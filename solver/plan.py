@@ -137,7 +137,10 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
         transfer = 0.0
         ttft += pre + node.step_overhead_s
         tpot += dec + node.step_overhead_s
-        bottleneck = max(bottleneck, pre + node.step_overhead_s + C.decode_share(w) * step)
+        busy = sum(C.layer_busy_s(node, m.layers[l], q, w) for l, q in layers) + C.stage_overhead_busy_s(node, w)
+        if i == len(stages) - 1:
+            busy += C.head_busy_s(node, m, w)
+        bottleneck = max(bottleneck, busy)        # the throughput objective's terms (solver/terms.py)
         if i + 1 < len(stages):
             nxt = stages[i + 1].node
             hop_ttft = C.hop_first_s(net, m, w, st.node, nxt)
