@@ -153,6 +153,45 @@ class EmulatedFleet:
         Path("/proc/sys/net/ipv4/ip_forward").write_text(self._forward)
 
 
+# one node's CPU as a stage sees it: a lone ~2 ms step after 20 ms idle (a decode step on a
+# pipeline's other stages' time), and work that never pauses (a prompt, or a stage busy with
+# many sessions); the ratio of each to the same on an unlimited process
+_BURN = """
+import statistics, time
+def burn(n):
+    x = 0
+    for i in range(n):
+        x += i
+burn(200000)
+lone = []
+for _ in range(25):
+    t = time.perf_counter(); burn(80000); lone.append(time.perf_counter() - t); time.sleep(0.02)
+t = time.perf_counter(); burn(4000000); sustained = (time.perf_counter() - t) / 50
+print(statistics.median(lone), sustained)
+"""
+
+
+def cpu_check(fleet: "EmulatedFleet") -> list[tuple[str, float, float]]:
+    """(node, lone-step slowdown, sustained slowdown) for each node of a running fleet, against
+    the same work in an unlimited process: what its CFS quota really does to a stage. The
+    quota is enforced in whole periods and at the kernel's ticks, so a short step that
+    follows idle time runs at full speed on any node (docs/versus.md)."""
+    def times(i: int, limited: bool) -> tuple[float, float]:
+        name = f"cpu-check-{i}-{int(limited)}"
+        p = fleet.run(i, [sys.executable, "-c", _BURN], name, limited=limited)
+        p.wait(120)
+        fleet.procs.remove(p)
+        lone, sustained = map(float, (fleet.logs / f"{name}.log").read_text().split()[-2:])
+        return lone, sustained
+
+    base = times(0, False)
+    out = []
+    for i, node in enumerate(fleet.nodes):
+        lone, sustained = times(i, True)
+        out.append((node.name, lone / base[0], sustained / base[1]))
+    return out
+
+
 def wait_port(log: Path, text: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

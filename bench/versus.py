@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from bench import delay_proxy, llamacpp  # noqa: E402
-from bench.emulated import EmulatedFleet, Link, Node  # noqa: E402
+from bench.emulated import EmulatedFleet, Link, Node, cpu_check  # noqa: E402
 from controller.local import ServiceProcess, wait_alive  # noqa: E402
 from proto import edgefleet_pb2 as pb  # noqa: E402
 from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
@@ -293,6 +293,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
     master = path_fn()
     rows = []
     with EmulatedFleet(nodes, link, work / "logs") as fleet:
+        cpu = cpu_check(fleet)
         say(f"{name}: edgefleet, every layer at {master_type}")
         ef = Edgefleet(fleet, work)
         try:
@@ -335,6 +336,8 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
     rows.append(("(f) llama.cpp RPC, (e)'s split", f, describe(fast)))
     rows.append(("(c) per token", c, overhead))
     rows.append(("(d) per token", d, own_overhead))
+    rows.append(("CPU", None, "each node's speed, as a slowdown against an unlimited process: " + ", ".join(
+        f"{n} {lone:.2f}x for a lone 2 ms step, {sust:.2f}x sustained" for n, lone, sust in cpu)))
     return rows
 
 
