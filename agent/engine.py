@@ -28,6 +28,7 @@ from agent.sampling import Sampling, sample
 from solver.memory import MAX_BATCH, StageMemory, fmt_bytes, stage_memory
 
 log = logging.getLogger(__name__)
+RELEARN = 16       # every 16th decode of k sessions runs as one batch, whatever the figures say
 
 
 class EngineError(Exception):
@@ -77,6 +78,8 @@ class Deployment:
     active: bool = False
     sessions: dict[str, Session] = field(default_factory=dict)
     free_seqs: list[int] = field(default_factory=list)
+    decode_s: dict[int, float] = field(default_factory=dict)    # k -> seconds of a decode of k one-token steps (running mean)
+    decodes: dict[int, int] = field(default_factory=dict)       # k -> batches of k one-token steps seen
 
     def __post_init__(self):
         self.free_seqs = list(range(self.max_sessions))
@@ -341,7 +344,27 @@ class Engine:
             for j in batch:
                 by_dep.setdefault(j.deployment_id, []).append(j)
             for dep_id, jobs in by_dep.items():
-                self._run_batch(dep_id, jobs)
+                for part in self._parts(dep_id, jobs):
+                    self._run_batch(dep_id, part)
+
+    def _parts(self, dep_id: str, jobs: list[Job]) -> list[list[Job]]:
+        """A batch of k one-token steps (a decode step of k sessions) runs as one llama_decode,
+        or as k, one after the other, where this stage measured that faster: llama.cpp's step
+        of two or three tokens takes its matrix-matrix path, which can cost more than as many
+        one-token steps (Q8_0 and F16 here; docs/runtime.md). Until both figures are known, and
+        every RELEARN-th time after, the batch runs as one, so that its figure follows the node."""
+        k = len(jobs)
+        if k < 2 or any(j.n_tokens != 1 for j in jobs):
+            return [jobs]
+        with self._lock:
+            d = self._deployments.get(dep_id)
+            if d is None:
+                return [jobs]
+            d.decodes[k] = seen = d.decodes.get(k, 0) + 1
+            one, many = d.decode_s.get(1), d.decode_s.get(k)
+        if one is None or many is None or seen % RELEARN == 0 or many <= k * one:
+            return [jobs]
+        return [[j] for j in jobs]
 
     def _batch_tokens(self, job: Job) -> int:
         """Tokens one batch takes at most: the stage's llama_decode size. A batch that held more
@@ -442,6 +465,10 @@ class Engine:
         compute = time.perf_counter() - start
         now = time.monotonic()
         self.steps_computed += len(admitted)
+        if all(j.n_tokens == 1 for j, _ in admitted):
+            k = len(admitted)
+            seen = d.decode_s.get(k)
+            d.decode_s[k] = compute if seen is None else seen + 0.2 * (compute - seen)
         for (j, s), out in zip(admitted, outs):
             s.last_used = now
             r = Result(j.session_id, j.position, compute_s=compute, queue_s=start - j.enqueued,

@@ -151,9 +151,17 @@ class _StageState:
         output rows (one per request): each layer group's time (solver/cost.py:compute_s; its
         attention at the decode rate when every row brings one token, else at the prompt's;
         the fixed part of a step of several tokens where measured),
-        the LM head's on the last stage, and the node's step overhead."""
-        total = self.overhead
+        the LM head's on the last stage, and the node's step overhead. A decode batch costs
+        the cheaper of one step and one step per request, as the agent chooses
+        (agent/engine.py:_parts)."""
         decode = ntok == rows
+        compute = self._compute_s(ntok, ctxw, rows, decode)
+        if decode and ntok > 1:
+            compute = min(compute, ntok * self._compute_s(1, ctxw / ntok, 1, True))
+        return self.overhead + compute
+
+    def _compute_s(self, ntok: int, ctxw: float, rows: int, decode: bool) -> float:
+        total = 0.0
         for n, read, flops, attn, pf, attn_pf, attn_dec, fixed in self.groups:
             total += n * compute_s(read, ntok * flops, attn * ctxw, pf, attn_dec if decode else attn_pf, fixed, ntok)
         if self.head is not None:

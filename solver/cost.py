@@ -54,11 +54,16 @@ def layer_step_s(node: Node, layer: LayerProfile, q: str, tokens: int, ctx: floa
     """Seconds for one layer at type q to process `tokens` tokens (a decode batch, one token
     per sequence, or a prompt) whose attention spans `ctx` positions on average: the weights
     and matrix products (a roofline, or a several-token step's fixed part plus its FLOPs),
-    plus attention (compute_s) at the node's measured or declared per-type speeds."""
+    plus attention (compute_s) at the node's measured or declared per-type speeds. A decode
+    batch costs at most one step per sequence: the agent runs it so where that is faster
+    (agent/engine.py:_parts; it decides for the whole stage, this per layer)."""
     s = node.speed[q]
-    return compute_s(layer.bytes[q] / s.decode_bytes_per_s, tokens * layer.flops,
-                     tokens * layer.attn_flops_per_ctx * ctx, s.prefill_flops,
-                     s.decode_attention_flops if decode else s.attention_flops, fixed_s(layer.bytes[q], s), tokens)
+    together = compute_s(layer.bytes[q] / s.decode_bytes_per_s, tokens * layer.flops,
+                         tokens * layer.attn_flops_per_ctx * ctx, s.prefill_flops,
+                         s.decode_attention_flops if decode else s.attention_flops, fixed_s(layer.bytes[q], s), tokens)
+    if decode and tokens > 1:
+        return min(together, tokens * layer_step_s(node, layer, q, 1, ctx, decode=True))
+    return together
 
 
 def prefill_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:
@@ -76,15 +81,17 @@ def layer_latency_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> flo
     return prefill_s(node, layer, q, w) + (w.output_tokens - 1) * decode_s(node, layer, q, w)
 
 
-def head_s(node: Node, model: ModelProfile, rows: int) -> float:
+def head_s(node: Node, model: ModelProfile, rows: int, decode: bool = False) -> float:
     """Seconds for the last stage's output norm + LM head over `rows` output rows: a roofline
     of its weights (head_bytes) and 2 × n_vocab × n_embd FLOPs per row, at the node's speed
     for the head's type (else for its best type). llama.cpp runs the head only on the rows a
     step outputs, and the agents ask for one per request step (the last prompt token of a
-    prefill, the one new token of a decode step)."""
+    prefill, the one new token of a decode step). A decode batch's rows cost at most one
+    step each, as layer_step_s's."""
     s = node.speed.get(model.head_type) or node.speed[node.types[0]]
-    return compute_s(model.head_bytes / s.decode_bytes_per_s, rows * model.head_flops, 0.0, s.prefill_flops, 0.0,
-                     fixed_s(model.head_bytes, s), rows)
+    together = compute_s(model.head_bytes / s.decode_bytes_per_s, rows * model.head_flops, 0.0, s.prefill_flops, 0.0,
+                         fixed_s(model.head_bytes, s), rows)
+    return min(together, rows * head_s(node, model, 1)) if decode and rows > 1 else together
 
 
 def decode_share(w: Workload) -> float:
@@ -102,7 +109,7 @@ def layer_busy_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:
 
 def head_busy_s(node: Node, model: ModelProfile, w: Workload) -> float:
     """The LM head's busy time per request: one row after the prompt, its share of the batch's rows."""
-    return head_s(node, model, 1) + decode_share(w) * head_s(node, model, w.concurrency)
+    return head_s(node, model, 1) + decode_share(w) * head_s(node, model, w.concurrency, decode=True)
 
 
 def stage_overhead_busy_s(node: Node, w: Workload) -> float:

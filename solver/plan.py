@@ -131,7 +131,7 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
         if i == len(stages) - 1:   # the LM head: one row per request step (cost.head_s)
             pre += C.head_s(node, m, 1)
             dec += C.head_s(node, m, 1)
-            step += C.head_s(node, m, w.concurrency)
+            step += C.head_s(node, m, w.concurrency, decode=True)
         dnll += sum(m.layers[l].sensitivity[q] for l, q in layers)
         mem = stage_memory(problem, st, first=i == 0, last=i == len(stages) - 1)
         transfer = 0.0

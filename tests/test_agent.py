@@ -558,6 +558,47 @@ def test_a_batch_takes_steps_up_to_the_stage_s_batch_tokens(shards):
 
 
 
+def test_a_decode_of_several_sessions_runs_as_one_step_or_one_per_session_whichever_this_stage_timed_faster(shards):
+    """The engine times its decodes of k one-token steps and of one; where k single steps were
+    faster than one step of k, it runs them so (llama.cpp's 2-3 token step can cost more),
+    except every RELEARN-th time, which keeps the figure for k up to date."""
+    from agent.engine import RELEARN, Engine, Job
+
+    engine = Engine(1 << 30, threads=1)
+    try:
+        engine.prepare("d", shards[0].sha256, shards[0].path, "", 8, 64)
+        engine.activate("d")
+        dep = engine.get("d")
+
+        def decode_step(position: int) -> dict[str, int]:
+            """One token for each of three sessions, queued together; their batch sizes."""
+            results, done = [], threading.Event()
+            gate = threading.Event()
+            held = engine.call(gate.wait)
+            for s in ("a", "b", "c"):
+                engine.submit(Job("d", s, position, (5 + position,), None, Sampling(), False, False,
+                                  done=lambda r: (results.append(r), len(results) == 3 and done.set())))
+            gate.set()
+            held.result(5)
+            assert done.wait(30)
+            assert not any(r.error for r in results), [r.error for r in results]
+            return {r.session_id: r.batch_size for r in results}
+
+        assert decode_step(0) == {"a": 3, "b": 3, "c": 3}        # nothing timed yet: one step
+        assert 3 in dep.decode_s and 1 not in dep.decode_s
+        dep.decode_s.update({1: 0.001, 3: 1.0})                   # three single steps are faster
+        assert decode_step(1) == {"a": 1, "b": 1, "c": 1}
+        assert dep.decode_s[1] != 0.001 and dep.decode_s[3] == 1.0  # the single steps were timed
+        dep.decode_s.update({1: 1.0, 3: 2.0})                     # one step of three is faster
+        assert decode_step(2) == {"a": 3, "b": 3, "c": 3}
+        dep.decode_s.update({1: 0.001, 3: 1.0})
+        dep.decodes[3] = RELEARN - 1                              # the next is a RELEARN-th: one step
+        assert decode_step(3) == {"a": 3, "b": 3, "c": 3}
+        assert dep.decode_s[3] < 1.0                              # and its figure moved toward the real one
+    finally:
+        engine.stop()
+
+
 def test_a_stored_shard_is_hashed_again_only_when_its_size_or_time_changed(tmp_path, shards, monkeypatch):
     import os
 

@@ -308,11 +308,21 @@ def test_a_step_of_several_tokens_pays_its_fixed_part_by_hand():
     assert close(done, first + 2 * (0.010 + 0.006 + 0.010 + REPLY)) and status == "ok"
     pred = evaluate(p, PLAN.stages)
     assert close(pred.ttft_s, first) and close(pred.tpot_s, (done - first) / 2)
-    # the cost model's steps: one token 10 ms; two sequences' decode step 20 + 2 ms, where
-    # the roofline said 10; 20 tokens 40 ms; unmeasured (0), the roofline again
+    # the cost model's steps: one token 10 ms; two tokens 20 + 2 ms, where the roofline said
+    # 10; but two sequences' decode step runs as two one-token steps, 20 ms, where that is
+    # cheaper (agent/engine.py:_parts); 20 tokens 40 ms; unmeasured (0), the roofline again
     node, lp = p.fleet.nodes[0], p.model.layers[0]
-    assert [C.layer_step_s(node, lp, "F16", b, 0.0, decode=True) for b in (1, 2, 20)] == \
+    assert [C.layer_step_s(node, lp, "F16", b, 0.0) for b in (1, 2, 20)] == \
         [pytest.approx(x) for x in (0.010, 0.022, 0.040)]
+    assert [C.layer_step_s(node, lp, "F16", b, 0.0, decode=True) for b in (1, 2, 20)] == \
+        [pytest.approx(x) for x in (0.010, 0.020, 0.040)]
     plain = replace(node, speed={"F16": TypeSpeed(1e8, 1e9)})
     assert [C.layer_step_s(plain, lp, "F16", b, 0.0) for b in (1, 2, 20)] == [pytest.approx(x) for x in (0.010, 0.010, 0.020)]
+    # the simulator's stage decides as the agent does, for the stage as a whole: two
+    # requests' decode step as two one-token steps (20 ms), a 2-token prompt as one (22 ms)
+    from simulations.engine import _StageState, _stage_groups
+
+    stage = _StageState(0, node, _stage_groups(p, PLAN.stages[0], node), 1 << 40)
+    assert stage.batch_s(2, 0.0, 2) == pytest.approx(0.020) and stage.batch_s(2, 0.0, 1) == pytest.approx(0.022)
+    assert stage.batch_s(20, 0.0, 20) == pytest.approx(0.040)
 

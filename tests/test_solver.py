@@ -143,7 +143,7 @@ def test_the_last_stage_pays_for_the_lm_head(objective):
     for plan in (solve(p), solve_ilp(p), naive_ilp(p)):
         assert plan.status == "optimal" and plan.stages[-1].node == "b"
         assert plan.objective == pytest.approx(want, rel=1e-6)
-    head = {n.name: (C.head_s(n, p.model, 1), C.head_s(n, p.model, 2)) for n in p.fleet.nodes}
+    head = {n.name: (C.head_s(n, p.model, 1), C.head_s(n, p.model, 2, decode=True)) for n in p.fleet.nodes}
     assert head["a"][0] == pytest.approx(0.020) and head["b"][0] == pytest.approx(0.0002)
     got = evaluate(p, want_stages)
     for i, st in enumerate(want_stages):
