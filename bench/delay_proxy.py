@@ -95,14 +95,19 @@ def serve(listen: str, to: str, delay_s: float) -> None:
                          daemon=True).start()
 
 
-def _echo(lsock: socket.socket) -> None:
+def echo(lsock: socket.socket) -> None:
+    """An echo server on lsock, a thread per connection, each closed at its client's end of
+    stream; it returns when lsock is shut down."""
     while True:
-        c, _ = lsock.accept()
+        try:
+            c, _ = lsock.accept()
+        except OSError:
+            return
 
         def answer(c=c) -> None:
-            _nodelay(c)
-            while data := c.recv(CHUNK):
-                c.sendall(data)
+            with _nodelay(c):
+                while data := c.recv(CHUNK):
+                    c.sendall(data)
         threading.Thread(target=answer, daemon=True).start()
 
 
@@ -125,7 +130,7 @@ def measure(delay_ms: float, size: int = 2304, n: int = 200) -> float:
     the median round trip through it to an echo server on loopback, less a direct round
     trip, halved."""
     lsock = socket.create_server(("127.0.0.1", 0))
-    threading.Thread(target=_echo, args=(lsock,), daemon=True).start()
+    threading.Thread(target=echo, args=(lsock,), daemon=True).start()
     echo_port = lsock.getsockname()[1]
     probe = socket.create_server(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -139,6 +144,7 @@ def measure(delay_ms: float, size: int = 2304, n: int = 200) -> float:
         p.terminate()
         p.wait()
     direct = _round_trip_s(echo_port, size, n)
+    lsock.shutdown(socket.SHUT_RDWR)        # wakes the echo server's accept
     lsock.close()
     return (through - direct) / 2
 

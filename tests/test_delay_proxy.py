@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-PROXY = Path(__file__).resolve().parent.parent / "bench" / "delay_proxy.py"
+from bench import delay_proxy
+
+PROXY = Path(delay_proxy.__file__)
 
 
 def _free_port() -> int:
@@ -23,23 +25,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def through():
-    """(port of a proxy with a 20 ms delay in front of an echo server, the proxy process)."""
+    """The port of a proxy with a 20 ms delay in front of an echo server."""
     echo = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                c, _ = echo.accept()
-            except OSError:
-                return
-
-            def answer(c=c) -> None:
-                while data := c.recv(1 << 16):
-                    c.sendall(data)
-                c.close()
-            threading.Thread(target=answer, daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
+    threading.Thread(target=delay_proxy.echo, args=(echo,), daemon=True).start()
     port = _free_port()
     p = subprocess.Popen([sys.executable, str(PROXY), "--listen", f"127.0.0.1:{port}",
                           "--to", f"127.0.0.1:{echo.getsockname()[1]}", "--delay-ms", "20"],
@@ -50,6 +38,7 @@ def through():
     finally:
         p.terminate()
         p.wait(timeout=10)
+        echo.shutdown(socket.SHUT_RDWR)
         echo.close()
 
 
@@ -69,7 +58,7 @@ def test_bytes_arrive_whole_in_order_and_late(through):
     assert first - start >= 0.040                 # there and back, 20 ms each way
 
 
-def test_a_missing_server_closes_the_client(tmp_path):
+def test_a_missing_server_closes_the_client():
     port = _free_port()
     p = subprocess.Popen([sys.executable, str(PROXY), "--listen", f"127.0.0.1:{port}",
                           "--to", f"127.0.0.1:{_free_port()}"], stdout=subprocess.PIPE, text=True)
