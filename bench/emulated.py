@@ -1,7 +1,8 @@
 """An emulated fleet on one Linux machine: one network namespace per node, joined to the
 root namespace by a veth pair, with bandwidth from `tc tbf` on both ends, latency from
 bench/delay_proxy.py in front of the node's port, and the node's CPU share and memory from
-cgroup (v1) limits. Made and removed by the bench; needs root.
+cgroup (v1) limits, enforced between the kernel's ticks by bench/ticker.py. Made and removed
+by the bench; needs root.
 
 The controller, or llama.cpp's RPC host, runs in the root namespace and reaches node i at
 10.77.i.2; node i reaches the root namespace (the controller) at 10.77.i.1, and other nodes
@@ -18,7 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CGROUP = Path("/sys/fs/cgroup")
-PERIOD_US = 10_000
+PERIOD_US = 10_000      # the CFS period of a node with a whole CPU or more
+MIN_QUOTA_US = 1_000    # the kernel refuses a smaller quota
+TICK_US = 500           # bench/ticker.py's wake-up interval
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,16 @@ class Link:
 
     def __str__(self) -> str:
         return f"{self.mbit:g} Mbit/s, {self.delay_ms:g} ms"
+
+
+def cfs_limits(cpu: float) -> tuple[int, int]:
+    """(period, quota) in microseconds for a node of `cpu` cores. Below one core the quota is
+    the kernel's smallest, 1 ms, and the period 1 ms / cpu (4 ms at 0.25), so a step of a few
+    milliseconds already meets the limit; with a 10 ms period a 0.4-CPU node would run a 4 ms
+    step at full speed. At a core or more the period is 10 ms."""
+    if cpu < 1:
+        return round(MIN_QUOTA_US / cpu), MIN_QUOTA_US
+    return PERIOD_US, round(cpu * PERIOD_US)
 
 
 def sh(*args: str, ns: str = "") -> None:
@@ -72,10 +85,17 @@ class EmulatedFleet:
             for i, node in enumerate(self.nodes):
                 self._net(i)
                 self._cgroups(i, node)
+            self._ticker()
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def _ticker(self) -> None:
+        p = subprocess.Popen([sys.executable, str(HERE / "ticker.py"), "--every-us", str(TICK_US)],
+                             stdout=open(self.logs / "ticker.log", "ab"), stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        wait_port(self.logs / "ticker.log", "ticking")
 
     def _net(self, i: int) -> None:
         ns, host, peer = self.ns(i), f"{self.tag}h{i}", f"{self.tag}n{i}"
@@ -97,10 +117,10 @@ class EmulatedFleet:
     def _cgroups(self, i: int, node: Node) -> None:
         cpu = CGROUP / "cpu" / self.ns(i)
         cpu.mkdir(exist_ok=True)
-        # a short period (10 ms) spreads the quota evenly: with the default 100 ms, a 0.4-CPU
-        # node runs at full speed for 40 ms, then stalls 60 ms, so short timings see a fast node
-        (cpu / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (cpu / "cpu.cfs_quota_us").write_text(str(int(node.cpu * PERIOD_US)))
+        period, quota = cfs_limits(node.cpu)
+        (cpu / "cpu.cfs_quota_us").write_text("-1")
+        (cpu / "cpu.cfs_period_us").write_text(str(period))
+        (cpu / "cpu.cfs_quota_us").write_text(str(quota))
         mem = CGROUP / "memory" / self.ns(i)
         mem.mkdir(exist_ok=True)
         (mem / "memory.limit_in_bytes").write_text(str(node.memory))
@@ -173,9 +193,10 @@ print(statistics.median(lone), sustained)
 
 def cpu_check(fleet: "EmulatedFleet") -> list[tuple[str, float, float]]:
     """(node, lone-step slowdown, sustained slowdown) for each node of a running fleet, against
-    the same work in an unlimited process: what its CFS quota really does to a stage. The
-    quota is enforced in whole periods and at the kernel's ticks, so a short step that
-    follows idle time runs at full speed on any node (docs/versus.md)."""
+    the same work in an unlimited process: what its CFS quota really does to a stage. A step
+    shorter than a period's quota runs at full speed after idle time, so below one core the
+    quota is the kernel's smallest (cfs_limits), and bench/ticker.py makes the kernel
+    enforce it between its 4 ms ticks (docs/versus.md)."""
     def times(i: int, limited: bool) -> tuple[float, float]:
         name = f"cpu-check-{i}-{int(limited)}"
         p = fleet.run(i, [sys.executable, "-c", _BURN], name, limited=limited)
