@@ -176,34 +176,43 @@ class Edgefleet:
         wall = max(d[-1] for d in done) - t0
         return Figures(ttft, decode, sum(len(d) - 1 for d in done) / wall)
 
-    def compute_s(self) -> tuple[float, int]:
-        """Seconds of stage compute so far, summed over every node, and the stage steps they
-        took (the controller's metrics)."""
+    def compute_s(self) -> tuple[float, float, int]:
+        """Seconds of stage compute so far and seconds steps waited on the nodes before their
+        compute (the hand-off to the engine, and any step ahead), each summed over every node,
+        and the stage steps taken (the controller's metrics)."""
         import httpx
 
-        total, steps = 0.0, 0
+        total = queued = 0.0
+        steps = 0
         for line in httpx.get(self.http + "/metrics", timeout=30).text.splitlines():
             if line.startswith("edgefleet_stage_compute_seconds_sum{"):
                 total += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("edgefleet_stage_queue_seconds_sum{"):
+                queued += float(line.rsplit(" ", 1)[1])
             elif line.startswith("edgefleet_stage_compute_seconds_count{"):
                 steps += int(float(line.rsplit(" ", 1)[1]))
-        return total, steps
+        return total, queued, steps
 
-    def breakdown(self, master: Path, stages: int, link: Link, n_embd: int) -> str:
-        """Where a decode step's time goes: stage compute, the emulated links, the rest (gRPC,
-        hand-offs, queues), on a request like the single ones (512 + 64 tokens): the stages'
-        compute per decode step from the metrics counted after the first token."""
+    def breakdown(self, master: Path, stages: int, link: Link, n_embd: int, proxy_s: float) -> str:
+        """Where a decode step's time goes, on a request like the single ones (512 + 64 tokens):
+        the stages' compute and their queues (the metrics counted after the first token), the
+        emulated links (proxy_s per crossing, the proxy as measured, and the transmission
+        time), and the rest: gRPC, serialization, thread hand-offs."""
         first = []
         times = self.generate(prompt_ids(master, PROMPT, 7), OUTPUT, on_first=lambda: first.append(self.compute_s()))
-        (end, end_steps), (start, start_steps) = self.compute_s(), first[0]
-        compute = (end - start) / ((end_steps - start_steps) / stages)    # per decode step, summed over the stages
+        (end, end_q, end_steps), (start, start_q, start_steps) = self.compute_s(), first[0]
+        decode_steps = (end_steps - start_steps) / stages
+        compute = (end - start) / decode_steps    # per decode step, summed over the stages
+        queue = (end_q - start_q) / decode_steps
         per_token = (times[-1] - times[1]) / (len(times) - 2)
         crossings = stages + 1          # down the chain from the controller, the answer straight back from the last stage
-        links = crossings * (link.delay_ms / 1e3 + n_embd * 4 * 8 / (link.mbit * 1e6))
+        links = crossings * (proxy_s + n_embd * 4 * 8 / (link.mbit * 1e6))
         rest = per_token - compute - links
         return (f"{per_token * 1e3:.2f} ms/token = stage compute {compute * 1e3:.2f} + emulated links "
-                f"{links * 1e3:.2f} ({crossings} crossings) + the rest {rest * 1e3:.2f} "
-                f"({rest * 1e3 / crossings:.2f} ms per crossing; the target is <= 1.5)")
+                f"{links * 1e3:.2f} ({crossings} crossings, the proxy as measured) + the rest {rest * 1e3:.2f} "
+                f"({rest * 1e3 / crossings:.2f} ms per crossing; the target is <= 1.5; of it, waits in the "
+                f"stages' queues {queue * 1e3:.2f}, and gRPC, serialization and hand-offs "
+                f"{(rest - queue) * 1e3:.2f})")
 
     def stop(self) -> None:
         for a in self.agents:
@@ -288,7 +297,7 @@ def fleet_nodes(name: str, memory_mib: int | None) -> tuple[list[Node], Link]:
 
 
 def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: int,
-              work: Path) -> list[tuple[str, Figures, str]]:
+              work: Path, proxy_s: float) -> list[tuple[str, Figures, str]]:
     path_fn, master_type, free_types = models()[model_name]
     master = path_fn()
     rows = []
@@ -299,11 +308,11 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
         try:
             kept = ef.deploy(master, master_type, 5.0)
             c = ef.measure(master, runs)
-            overhead = ef.breakdown(master, len(kept["stages"]), link, n_embd(master))
+            overhead = ef.breakdown(master, len(kept["stages"]), link, n_embd(master), proxy_s)
             say(f"{name}: edgefleet, its own plan over {free_types or 'every type'}")
             own = ef.deploy(master, free_types, 5.0)
             d = ef.measure(master, runs)
-            own_overhead = ef.breakdown(master, len(own["stages"]), link, n_embd(master))
+            own_overhead = ef.breakdown(master, len(own["stages"]), link, n_embd(master), proxy_s)
             say(f"{name}: edgefleet, its plan for throughput, every layer at {master_type}")
             fast = ef.deploy(master, master_type, 5.0, "throughput")
             e = ef.measure(master, runs)
@@ -354,17 +363,17 @@ def main() -> None:
     for name in a.fleet.split(","):
         nodes, link = fleet_nodes(name, a.node_memory)
         tmp = Path(tempfile.mkdtemp(prefix=f"versus-{name}-"))
+        proxy_s, bare_s = delay_proxy.measure(link.delay_ms), delay_proxy.measure(0)
         try:
-            rows = run_fleet(name, nodes, link, a.model, a.runs, tmp)
+            rows = run_fleet(name, nodes, link, a.model, a.runs, tmp, proxy_s)
         except (RuntimeError, subprocess.CalledProcessError) as exc:
             raise SystemExit(f"{name}: {exc} (logs kept in {tmp})") from None
         shutil.rmtree(tmp)
         say(f"{name}: done")
         print(f"\n{name}: {len(nodes)} nodes (CPU {', '.join(f'{n.cpu:g}' for n in nodes)}; "
               f"{nodes[0].memory // MiB} MiB each), {link}, {a.model}")
-        print(f"the delay proxy adds {delay_proxy.measure(link.delay_ms) * 1e3:.3f} ms per crossing with "
-              f"{link.delay_ms:g} ms set (one 576-float step, loopback; "
-              f"{delay_proxy.measure(0) * 1e3:.3f} ms with none)")
+        print(f"the delay proxy adds {proxy_s * 1e3:.3f} ms per crossing with "
+              f"{link.delay_ms:g} ms set (one 576-float step, loopback; {bare_s * 1e3:.3f} ms with none)")
         print(f"{'system':40} {'TTFT':>8} {'tok/s':>7} {'8 req tok/s':>12}")
         for label, f, _ in rows[:6]:
             print(f"{label:40} {f.row()[0]:>8} {f.row()[1]:>7} {f.row()[2]:>12}")
