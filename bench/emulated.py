@@ -96,6 +96,9 @@ class EmulatedFleet:
                              stdout=open(self.logs / "ticker.log", "ab"), stderr=subprocess.STDOUT)
         self.procs.append(p)
         wait_port(self.logs / "ticker.log", "ticking")
+        time.sleep(0.2)
+        if p.poll() is not None:    # a CPU refused it real-time priority: the quotas would not hold
+            raise RuntimeError(f"bench/ticker.py stopped: {(self.logs / 'ticker.log').read_text().strip()[-300:]}")
 
     def _net(self, i: int) -> None:
         ns, host, peer = self.ns(i), f"{self.tag}h{i}", f"{self.tag}n{i}"
