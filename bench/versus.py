@@ -176,22 +176,19 @@ class Edgefleet:
         wall = max(d[-1] for d in done) - t0
         return Figures(ttft, decode, sum(len(d) - 1 for d in done) / wall)
 
-    def compute_s(self) -> tuple[float, float, int]:
+    def stage_totals(self) -> tuple[float, float, int]:
         """Seconds of stage compute so far and seconds steps waited on the nodes before their
         compute (the hand-off to the engine, and any step ahead), each summed over every node,
         and the stage steps taken (the controller's metrics)."""
         import httpx
+        from prometheus_client.parser import text_string_to_metric_families
 
-        total = queued = 0.0
-        steps = 0
-        for line in httpx.get(self.http + "/metrics", timeout=30).text.splitlines():
-            if line.startswith("edgefleet_stage_compute_seconds_sum{"):
-                total += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("edgefleet_stage_queue_seconds_sum{"):
-                queued += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("edgefleet_stage_compute_seconds_count{"):
-                steps += int(float(line.rsplit(" ", 1)[1]))
-        return total, queued, steps
+        sums: dict[str, float] = {}
+        for family in text_string_to_metric_families(httpx.get(self.http + "/metrics", timeout=30).text):
+            for sample in family.samples:
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+        return (sums.get("edgefleet_stage_compute_seconds_sum", 0.0), sums.get("edgefleet_stage_queue_seconds_sum", 0.0),
+                int(sums.get("edgefleet_stage_compute_seconds_count", 0)))
 
     def breakdown(self, master: Path, stages: int, link: Link, n_embd: int, proxy_s: float) -> str:
         """Where a decode step's time goes, on a request like the single ones (512 + 64 tokens):
@@ -199,8 +196,8 @@ class Edgefleet:
         emulated links (proxy_s per crossing, the proxy as measured, and the transmission
         time), and the rest: gRPC, serialization, thread hand-offs."""
         first = []
-        times = self.generate(prompt_ids(master, PROMPT, 7), OUTPUT, on_first=lambda: first.append(self.compute_s()))
-        (end, end_q, end_steps), (start, start_q, start_steps) = self.compute_s(), first[0]
+        times = self.generate(prompt_ids(master, PROMPT, 7), OUTPUT, on_first=lambda: first.append(self.stage_totals()))
+        (end, end_q, end_steps), (start, start_q, start_steps) = self.stage_totals(), first[0]
         decode_steps = (end_steps - start_steps) / stages
         compute = (end - start) / decode_steps    # per decode step, summed over the stages
         queue = (end_q - start_q) / decode_steps

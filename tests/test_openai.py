@@ -241,10 +241,10 @@ def test_a_client_that_leaves_mid_stream_frees_its_session(fleet, client):
 
 
 # A near-tie of the reference's top two logits. Decode steps batched with other sessions
-# differed from the reference by up to 2e-3 (measured when this check was written), but the engine also
-# forms other batches (a prompt with other sessions' steps, or a decode of several sessions
-# run one at a time, session 13), and a CI run of session 14 saw an answer leave the
-# reference at a margin of 0.059. A mixed-up session leaves the reference at its first
+# differed from the reference by up to 2e-3 (measured when this check was written), but
+# the engine also forms other batches (a prompt with other sessions' steps, or a decode of
+# several sessions run one at a time, session 13), and a CI run of session 14 saw an answer
+# leave the reference at a margin of 0.059. A mixed-up session leaves the reference at its first
 # tokens, where the reference is sure: over these 50 prompts the median margin is 0.85 and
 # 9.8 % of positions are within 0.1 (reference F16, 24 tokens each, measured in session 14).
 NEAR_TIE = 0.1
@@ -304,8 +304,8 @@ def test_fifty_concurrent_streams_complete_and_metrics_count_them(fleet, referen
     # the deployed types. A session mixed up with another differs from its first tokens, where
     # the reference is sure. A step batched with other sessions runs llama.cpp's batched
     # kernels, whose sums differ in the last bits (NEAR_TIE), and the reference model's top-2
-    # logits are often that close: so an answer may leave the
-    # reference only at a near-tie, to its runner-up, after which anything may follow.
+    # logits are often that close: so an answer may leave the reference only at a near-tie,
+    # to its runner-up, after which anything may follow.
     plan = json.loads(fleet.status().plan_json)
     tok = Tokenizer(str(reference_model))
     ref = LlamaCpp(write_shard(reference_model, tmp_path / "whole.gguf",
