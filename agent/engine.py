@@ -1,6 +1,6 @@
 """Stage execution on an agent: loaded stages (agent/runtime.py, llama.cpp), sessions as
 llama.cpp sequence ids, and one compute thread that puts the steps of concurrent sessions
-into one `llama_decode`.
+into one batch (`Stage.forward`).
 
 Nothing here knows about gRPC: steps come in as `Job`s, answers leave through each job's
 `done` callback (called on the compute thread; it must not block). Loading runs on a

@@ -2,8 +2,9 @@
 low-level bindings).
 
 A stage is a shard (controller/shards.py): a llama.cpp model of the stage's layers. Sessions
-are llama.cpp sequence ids in one context with a unified KV cache, so the steps of several
-sessions go into one `llama_decode` and stay in batch order. A stage that is not first takes
+are llama.cpp sequence ids in one context, each with a KV cache of its own (one stream per
+sequence), so a session's attention reads its own cells only, however many sessions the
+stage holds; the one-token steps of several sessions go into one `llama_decode`. A stage that is not first takes
 hidden states through `llama_batch.embd`; a first stage that is not last looks its tokens up
 in the shard's embedding table with ggml's own `to_float` and feeds them the same way. A
 stage that is not last reads the residual stream after its last layer (the tensor llama.cpp
@@ -153,7 +154,7 @@ class Stage:
         cp.n_batch = cp.n_ubatch = settings.batch_tokens
         cp.n_seq_max = settings.sessions
         cp.n_threads = cp.n_threads_batch = settings.threads
-        cp.kv_unified = True          # one cache for all sessions: batches keep their order
+        cp.kv_unified = False         # a KV cache per session (see forward for the order of rows)
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True
         self._target = f"l_out-{self.last - self.first - 1}".encode()
@@ -208,36 +209,60 @@ class Stage:
         return dequantize(rows, qtype, rows.shape[0] * self.n_embd).reshape(-1, self.n_embd)
 
     def forward(self, steps: list[Step]) -> list[np.ndarray]:
-        """Run the steps through this stage. Returns per step the hidden states [T, d] (a stage
-        that is not last) or logits: [T, V] if step.all_logits else [1, V] (the last stage).
-        Each step first forgets the session's cells from its position (a replay)."""
-        rows_seq, rows_pos, wanted, inputs = [], [], [], []
+        """Run the steps (of distinct sessions) through this stage. Returns per step the hidden
+        states [T, d] (a stage that is not last) or logits: [T, V] if step.all_logits else
+        [1, V] (the last stage). Each step first forgets the session's cells from its position
+        (a replay)."""
+        if len({s.seq for s in steps}) != len(steps):
+            raise ValueError("a forward pass takes one step per session")
         for s in steps:
             self.forget(s.seq, s.position)
-            n = s.n_tokens
-            rows_seq += [s.seq] * n
-            rows_pos += range(s.position, s.position + n)
-            every = not self.has_head or s.all_logits
-            wanted += [1] * n if every else [0] * (n - 1) + [1]
-            inputs.append(s.tokens if s.tokens is not None else np.asarray(s.hidden, np.float32).reshape(-1, self.n_embd))
-            self._held[s.seq] = s.position + n
-        inputs = np.concatenate(inputs) if len(inputs) > 1 else np.asarray(inputs[0])
-        if self.has_embedding and not self._feeds_tokens:
-            inputs = self.embed(inputs)
-
-        out_rows: list[np.ndarray] = []
-        cap = self.settings.batch_tokens
-        for a in range(0, len(rows_seq), cap):
-            out_rows.extend(self._decode(inputs[a:a + cap], rows_pos[a:a + cap], rows_seq[a:a + cap],
-                                         wanted[a:a + cap]))
-        flat = np.concatenate(out_rows) if len(out_rows) > 1 else out_rows[0]
-        # split the output rows back into steps
-        outs, i = [], 0
-        for s in steps:
-            n = s.n_tokens if (not self.has_head or s.all_logits) else 1
-            outs.append(flat[i:i + n])
-            i += n
+            self._held[s.seq] = s.position + s.n_tokens
+        outs: list[np.ndarray | None] = [None] * len(steps)
+        for group in self._groups(steps):
+            rows_seq, rows_pos, wanted, inputs = [], [], [], []
+            for i in group:
+                s = steps[i]
+                n = s.n_tokens
+                rows_seq += [s.seq] * n
+                rows_pos += range(s.position, s.position + n)
+                every = not self.has_head or s.all_logits
+                wanted += [1] * n if every else [0] * (n - 1) + [1]
+                inputs.append(s.tokens if s.tokens is not None else np.asarray(s.hidden, np.float32).reshape(-1, self.n_embd))
+            inputs = np.concatenate(inputs) if len(inputs) > 1 else np.asarray(inputs[0])
+            if self.has_embedding and not self._feeds_tokens:
+                inputs = self.embed(inputs)
+            out_rows: list[np.ndarray] = []
+            cap = self.settings.batch_tokens
+            for a in range(0, len(rows_seq), cap):
+                out_rows.extend(self._decode(inputs[a:a + cap], rows_pos[a:a + cap], rows_seq[a:a + cap],
+                                             wanted[a:a + cap]))
+            flat = np.concatenate(out_rows) if len(out_rows) > 1 else out_rows[0]
+            k = 0
+            for i in group:     # split the output rows back into steps
+                n = steps[i].n_tokens if (not self.has_head or steps[i].all_logits) else 1
+                outs[i] = flat[k:k + n]
+                k += n
         return outs
+
+    def _groups(self, steps: list[Step]) -> list[list[int]]:
+        """The steps' indices in the llama_decode calls that run them. With a KV cache per
+        session, llama.cpp cuts a batch into micro-batches of consecutive sequence ids, each
+        taking as many tokens from every one of its sequences, and the rows that `cb_eval` sees
+        come in micro-batch order. A decode of steps of one length, by sequence id, and within
+        the batch size, gives its rows in exactly that order; a longer step goes alone (in
+        slices of the batch)."""
+        cap = self.settings.batch_tokens
+        order = sorted(range(len(steps)), key=lambda i: (steps[i].n_tokens, steps[i].seq))
+        groups: list[list[int]] = []
+        for i in order:
+            n = steps[i].n_tokens
+            g = groups[-1] if groups else None
+            if g is not None and steps[g[0]].n_tokens == n and (len(g) + 1) * n <= cap:
+                g.append(i)
+            else:
+                groups.append([i])
+        return groups
 
     def _decode(self, inputs: np.ndarray, pos: list[int], seq: list[int], wanted: list[int]) -> list[np.ndarray]:
         n = len(pos)

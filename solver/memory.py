@@ -3,16 +3,18 @@ by the solver's constraints, the controller's messages and the agent's admission
 
 A stage holds
 - its weights (the shard's tensors; llama.cpp maps the file and reads every page it uses),
-- the KV cache: F16 K and V for each of its layers, for n_ctx = sessions x context positions
-  rounded up to a multiple of 256 (llama.cpp pads the context so),
+- the KV cache: F16 K and V for each of its layers, a cache per session (agent/runtime.py) of
+  its context rounded up to a multiple of 256 (llama.cpp pads each so): n_ctx = sessions x
+  that,
 - llama.cpp's compute buffer, sized when the context is made for the largest batch: with
   flash attention, T tokens (T = min(batch, n_ctx)) of activations, 4 x (4 d + 3 n_ff) bytes
-  each, and the F16 attention mask (2 x T x n_ctx); a stage with the LM head may peak instead
+  each, and the F16 attention masks, one per session's cache (2 x T x a session's padded
+  context in all); a stage with the LM head may peak instead
   at the head: T rows of logits and two of d, 4 bytes each, while the mask is still live,
 - the logits rows llama.cpp keeps for the sessions (last stage: n_vocab floats per session).
 The compute-buffer terms were read off llama.cpp's own log ("CPU compute buffer size") for
 SmolLM2-135M and the reference model across sessions 1-8, context 256-2048 and batches
-64-512 (the formula is at or above every reading; tests/test_memory.py checks the resident
+64-512 (session 15 for the cache per session; the formula is at or above every reading; tests/test_memory.py checks the resident
 memory of real agents against it).
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 BATCH_TOKENS = 512          # most tokens in one llama_decode (a prompt is fed in slices of this)
 MAX_BATCH = 64              # steps computed together in one llama_decode at most (agent and simulator)
-CTX_PAD = 256               # llama.cpp rounds the context up to a multiple of this
+CTX_PAD = 256               # llama.cpp rounds each session's context up to a multiple of this
 FIXED_BYTES = 1 << 20       # small buffers of a context (graph metadata, inputs)
 
 
@@ -42,9 +44,14 @@ def batch_tokens(prompt_tokens: int, concurrency: int) -> int:
     return max(1, min(BATCH_TOKENS, max(prompt_tokens, concurrency)))
 
 
+def session_context(context: int) -> int:
+    """Positions one session's cache holds: its context, padded as llama.cpp pads it."""
+    return -(-max(1, context) // CTX_PAD) * CTX_PAD
+
+
 def padded_context(sessions: int, context: int) -> int:
-    n = max(1, sessions * context)
-    return -(-n // CTX_PAD) * CTX_PAD
+    """Positions all sessions' caches hold (llama.cpp's n_ctx)."""
+    return max(1, sessions) * session_context(context)
 
 
 def kv_bytes_per_token(n_layers: int, n_head_kv: int, head_dim: int) -> int:
@@ -55,10 +62,10 @@ def kv_bytes_per_token(n_layers: int, n_head_kv: int, head_dim: int) -> int:
 def compute_bytes(per_token: int, per_token_position: int, sessions: int, context: int,
                   batch_tokens: int = BATCH_TOKENS) -> int:
     """A compute buffer sized for T = min(batch, n_ctx) tokens: per_token bytes each, and
-    per_token_position bytes for each of them and each of the n_ctx positions (the mask)."""
-    n_ctx = padded_context(sessions, context)
-    t = min(batch_tokens, n_ctx)
-    return t * (per_token + per_token_position * n_ctx) + FIXED_BYTES
+    per_token_position bytes for each of them and each position of one session's cache (the
+    masks: each session's tokens see its own cache)."""
+    t = min(batch_tokens, padded_context(sessions, context))
+    return t * (per_token + per_token_position * session_context(context)) + FIXED_BYTES
 
 
 def layer_compute_bytes(n_embd: int, n_ff: int, sessions: int, context: int,

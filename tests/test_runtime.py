@@ -112,6 +112,32 @@ def test_batched_sessions_match_solo_and_replay_is_exact(reference_model, ref_pr
         stage.close()
 
 
+def test_each_step_gets_its_own_rows_in_any_order_of_sessions(reference_model, tmp_path):
+    """Each session has its own KV cache, and llama.cpp computes a batch of several sessions in
+    micro-batches of consecutive sequence ids: whatever the order and lengths of the steps,
+    every step gets back the rows of its own session (against each session run alone)."""
+    path = shards_of(reference_model, ["Q8_0"] * 8, [(2, 6)], tmp_path)[0]
+    seqs, lengths = (0, 3, 2, 1), (1, 1, 4, 1)
+    stage = Stage(path, Settings(sessions=4, context=64, batch_tokens=64, threads=THREADS))
+    try:
+        rng = np.random.default_rng(1)
+        prompts = {q: rng.standard_normal((6 + q, stage.n_embd)).astype(np.float32) for q in seqs}
+        steps = [rng.standard_normal((n, stage.n_embd)).astype(np.float32) for n in lengths]
+        solo = []
+        for q, x in zip(seqs, steps):
+            stage.forward([Step(q, 0, hidden=prompts[q])])
+            solo.append(stage.forward([Step(q, len(prompts[q]), hidden=x)])[0])
+        got = stage.forward([Step(q, len(prompts[q]), hidden=x) for q, x in zip(seqs, steps)])
+        # sessions 0, 1, 3 one token each (0-1 one micro-batch, 3 another), session 2 on its own
+        for q, a, b in zip(seqs, got, solo):
+            assert a.shape == b.shape
+            assert float(np.abs(a - b).max()) <= 1e-3 * float(np.abs(b).max()), f"session {q}"
+        with pytest.raises(ValueError, match="one step per session"):
+            stage.forward([Step(0, 0, hidden=prompts[0]), Step(0, 0, hidden=prompts[0])])
+    finally:
+        stage.close()
+
+
 def test_a_long_prompt_runs_in_slices_of_the_batch(reference_model, ref_prompt, tmp_path):
     path = shards_of(reference_model, ["F16"] * 8, [(0, 8)], tmp_path)[0]
     small = Stage(path, Settings(sessions=1, context=128, batch_tokens=32, threads=THREADS))
