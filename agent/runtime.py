@@ -4,13 +4,13 @@ low-level bindings).
 A stage is a shard (controller/shards.py): a llama.cpp model of the stage's layers. Sessions
 are llama.cpp sequence ids in one context, each with a KV cache of its own (one stream per
 sequence), so a session's attention reads its own cells only, however many sessions the
-stage holds; the one-token steps of several sessions go into one `llama_decode`. A stage that is not first takes
-hidden states through `llama_batch.embd`; a first stage that is not last looks its tokens up
-in the shard's embedding table with ggml's own `to_float` and feeds them the same way. A
-stage that is not last reads the residual stream after its last layer (the tensor llama.cpp
-names `l_out-{k-1}`) in the `cb_eval` callback, with every token of the batch marked as an
-output (llama.cpp keeps only output rows in the last layer). A split is therefore exactly
-llama.cpp running the whole model.
+stage holds; the one-token steps of several sessions go into one `llama_decode`. A stage
+that is not first takes hidden states through `llama_batch.embd`; a first stage that is not
+last looks its tokens up in the shard's embedding table with ggml's own `to_float` and feeds
+them the same way. A stage that is not last reads the residual stream after its last layer
+(the tensor llama.cpp names `l_out-{k-1}`) in the `cb_eval` callback, with every token of the
+batch marked as an output (llama.cpp keeps only output rows in the last layer). A split is
+therefore exactly llama.cpp running the whole model.
 
 Shapes: N = rows of one decode (tokens of all steps), d = n_embd, V = the stage's vocabulary.
 """
@@ -219,6 +219,7 @@ class Stage:
             self.forget(s.seq, s.position)
             self._held[s.seq] = s.position + s.n_tokens
         outs: list[np.ndarray | None] = [None] * len(steps)
+        cap = self.settings.batch_tokens
         for group in self._groups(steps):
             rows_seq, rows_pos, wanted, inputs = [], [], [], []
             for i in group:
@@ -228,12 +229,12 @@ class Stage:
                 rows_pos += range(s.position, s.position + n)
                 every = not self.has_head or s.all_logits
                 wanted += [1] * n if every else [0] * (n - 1) + [1]
-                inputs.append(s.tokens if s.tokens is not None else np.asarray(s.hidden, np.float32).reshape(-1, self.n_embd))
+                inputs.append(s.tokens if s.tokens is not None
+                              else np.asarray(s.hidden, np.float32).reshape(-1, self.n_embd))
             inputs = np.concatenate(inputs) if len(inputs) > 1 else np.asarray(inputs[0])
             if self.has_embedding and not self._feeds_tokens:
                 inputs = self.embed(inputs)
             out_rows: list[np.ndarray] = []
-            cap = self.settings.batch_tokens
             for a in range(0, len(rows_seq), cap):
                 out_rows.extend(self._decode(inputs[a:a + cap], rows_pos[a:a + cap], rows_seq[a:a + cap],
                                              wanted[a:a + cap]))

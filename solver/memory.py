@@ -14,8 +14,8 @@ A stage holds
 - the logits rows llama.cpp keeps for the sessions (last stage: n_vocab floats per session).
 The compute-buffer terms were read off llama.cpp's own log ("CPU compute buffer size") for
 SmolLM2-135M and the reference model across sessions 1-8, context 256-2048 and batches
-64-512 (session 15 for the cache per session; the formula is at or above every reading; tests/test_memory.py checks the resident
-memory of real agents against it).
+64-512 (again in session 15, for the cache per session; the formula is at or above every
+reading; tests/test_memory.py checks the resident memory of real agents against it).
 """
 from __future__ import annotations
 
