@@ -27,9 +27,9 @@ class Sampling:
 
 def sample(logits: np.ndarray, s: Sampling, position: int) -> int:
     """Next token id from logits [vocab]; `position` is the index the new token will take."""
+    if s.temperature == 0:      # the order of float32 values is that of their float64 copies
+        return int(np.argmax(np.asarray(logits).reshape(-1)))
     logits = np.asarray(logits, dtype=np.float64).reshape(-1)
-    if s.temperature == 0:
-        return int(np.argmax(logits))
     z = logits / s.temperature
     p = np.exp(z - z.max())
     p /= p.sum()

@@ -137,6 +137,29 @@ class StepFailed(AgentError):
     """A step the pipeline answered with an error (the stream itself is still usable)."""
 
 
+class Answer:
+    """The answer to one step sent on a PipelineStream."""
+
+    def __init__(self, stream: "PipelineStream", key: tuple[str, int], box: queue.Queue):
+        self._stream, self._key, self._box = stream, key, box
+
+    def wait(self, timeout_s: float | None = None) -> A.StepOut:
+        """The step's answer; StepFailed if the pipeline reports an error, AgentError past the deadline."""
+        try:
+            out = self._box.get(timeout=timeout_s)
+        except queue.Empty:
+            self._stream._forget(self._key)
+            raise AgentError(f"no answer from the pipeline within {timeout_s:.1f} s, its deadline",
+                             "DEADLINE_EXCEEDED") from None
+        if out.error:
+            raise StepFailed(out.error, out.error_code)
+        return out
+
+    def abandon(self) -> None:
+        """Nobody waits for this answer any more (its session is being cancelled)."""
+        self._stream._forget(self._key)
+
+
 class PipelineStream:
     """One Forward stream into the first stage, shared by many sessions (thread-safe).
 
@@ -187,8 +210,8 @@ class PipelineStream:
         for (sid, pos), w in waiters:
             w.put(A.StepOut(sid, pos, error=str(err), error_code=err.code))
 
-    def step(self, step: A.StepIn, timeout_s: float | None = None) -> A.StepOut:
-        """Send one step and wait for its answer; StepFailed if the pipeline reports an error."""
+    def send(self, step: A.StepIn) -> "Answer":
+        """Send one step without waiting; its answer comes through the returned handle."""
         w: queue.Queue = queue.Queue(maxsize=1)
         key = (step.session_id, step.position)
         with self._lock:
@@ -196,15 +219,15 @@ class PipelineStream:
                 raise self.broken
             self._waiters[key] = w
         self._q.put(A.step_pb(dataclasses.replace(step, reply_to=self.collector) if self.collector else step))
-        try:
-            out = w.get(timeout=timeout_s)
-        except queue.Empty:
-            with self._lock:
-                self._waiters.pop(key, None)
-            raise AgentError(f"no answer from the pipeline within {timeout_s:.1f} s, its deadline", "DEADLINE_EXCEEDED") from None
-        if out.error:
-            raise StepFailed(out.error, out.error_code)
-        return out
+        return Answer(self, key, w)
+
+    def step(self, step: A.StepIn, timeout_s: float | None = None) -> A.StepOut:
+        """Send one step and wait for its answer; StepFailed if the pipeline reports an error."""
+        return self.send(step).wait(timeout_s)
+
+    def _forget(self, key: tuple[str, int]) -> None:
+        with self._lock:
+            self._waiters.pop(key, None)
 
     def cancel_session(self, session_id: str) -> None:
         self._q.put(A.step_pb(A.StepIn(session_id, 0, cancel=True, deployment_id=self.deployment_id)))

@@ -21,10 +21,16 @@ from proto import adapter as A
 MAX_RECOVERIES = 3          # failures in a row a request survives
 
 
+class Answer(Protocol):
+    def wait(self, timeout_s: float | None = None) -> A.StepOut: ...
+
+    def abandon(self) -> None: ...
+
+
 class Pipeline(Protocol):
     deployment_id: str
 
-    def step(self, step: A.StepIn, timeout_s: float | None = None) -> A.StepOut: ...
+    def send(self, step: A.StepIn) -> Answer: ...
 
     def cancel_session(self, session_id: str) -> None: ...
 
@@ -45,20 +51,28 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
              sampling: Sampling = Sampling(), eos: int | None = None, recover: Recover | None = None,
              session_id: str | None = None, timeout_s: float | None = None) -> Iterator[Token]:
     """Tokens of one request. `pipeline()` gives the pipeline to send the next step to (the
-    controller's active deployment may change between steps). Closing the iterator early
-    frees the session's KV cache on the stages."""
+    controller's active deployment may change between steps). A token's next step is sent
+    before the token is yielded, so the stages compute it while the caller handles the token.
+    Closing the iterator early frees the session's KV cache on the stages."""
     sid = session_id or uuid.uuid4().hex
     produced: list[int] = []
     pos, pending = 0, tuple(prompt)
     replay: list[int] = []          # tokens already produced that new stages must see again
     recovered, failures = 0.0, 0
+    sent = None                     # the step in flight: its pipeline, whether it ends the request, its answer
+
+    def send() -> tuple[Pipeline, bool, Answer]:
+        pipe = pipeline()
+        last = not replay and len(produced) == max_tokens - 1
+        return pipe, last, _send(pipe, _step(sid, pos, pending, sampling, last, pipe.deployment_id))
+
     try:
         while len(produced) < max_tokens:
-            pipe = pipeline()
-            last = not replay and len(produced) == max_tokens - 1
+            pipe, last, answer = sent = sent or send()
             try:
-                out = pipe.step(_step(sid, pos, pending, sampling, last, pipe.deployment_id), timeout_s)
+                out = answer.wait(timeout_s)
             except AgentError as exc:
+                sent = None
                 took = None if recover is None or failures >= MAX_RECOVERIES else recover(exc, pipe.deployment_id)
                 if took is None:
                     _cancel(pipeline, sid)      # the stages may still hold the session
@@ -67,21 +81,46 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
                 recovered += took
                 pos, pending, replay = 0, tuple(prompt), list(produced)
                 continue
-            failures = 0
+            sent, failures = None, 0
+            pos += len(pending)
             if replay:              # this step recomputed a token the caller already has
-                pos, pending = pos + len(pending), (replay.pop(0),)
+                pending = (replay.pop(0),)
                 continue
             produced.append(out.token)
+            if out.token != eos and len(produced) < max_tokens:
+                pending = (out.token,)
+                sent = send()
             yield Token(out.token, recovered, out.stage_times)
             recovered = 0.0
             if out.token == eos:
                 if not last:
                     pipe.cancel_session(sid)
                 return
-            pos, pending = pos + len(pending), (out.token,)
     except GeneratorExit:           # the caller stopped early: free the session's KV cache now
+        if sent is not None:
+            sent[2].abandon()
         _cancel(pipeline, sid)
         raise
+
+
+class _Unsent:
+    """A step that could not be sent: waiting for it raises why."""
+
+    def __init__(self, error: AgentError):
+        self.error = error
+
+    def wait(self, timeout_s: float | None = None) -> A.StepOut:
+        raise self.error
+
+    def abandon(self) -> None:
+        pass
+
+
+def _send(pipe: Pipeline, step: A.StepIn) -> Answer:
+    try:
+        return pipe.send(step)
+    except AgentError as exc:       # a broken stream: the loop recovers as from a failed step
+        return _Unsent(exc)
 
 
 def _step(sid: str, pos: int, tokens: tuple[int, ...], s: Sampling, last: bool, deployment_id: str) -> A.StepIn:
