@@ -216,6 +216,24 @@ def cpu_check(fleet: "EmulatedFleet") -> list[tuple[str, float, float]]:
     return out
 
 
+def cpu_spent(fleet: "EmulatedFleet") -> list[tuple[float, float]]:
+    """Per node, so far: seconds its processes' threads have run (the kernel's schedstat of
+    every task in its CPU cgroup; a process that ended takes its share with it) and seconds
+    its cgroup spent throttled by its quota."""
+    out = []
+    for i in range(len(fleet.nodes)):
+        cg = CGROUP / "cpu" / fleet.ns(i)
+        ran = 0
+        for tid in (cg / "tasks").read_text().split():
+            try:
+                ran += int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
+            except (OSError, IndexError, ValueError):    # a thread that ended meanwhile
+                pass
+        stat = dict(line.split() for line in (cg / "cpu.stat").read_text().splitlines())
+        out.append((ran / 1e9, int(stat.get("throttled_time", 0)) / 1e9))
+    return out
+
+
 def wait_port(log: Path, text: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from bench import delay_proxy, llamacpp  # noqa: E402
-from bench.emulated import EmulatedFleet, Link, Node, cpu_check  # noqa: E402
+from bench.emulated import EmulatedFleet, Link, Node, cpu_check, cpu_spent  # noqa: E402
 from controller.local import ServiceProcess, wait_alive  # noqa: E402
 from proto import edgefleet_pb2 as pb  # noqa: E402
 from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
@@ -190,14 +190,18 @@ class Edgefleet:
         return (sums.get("edgefleet_stage_compute_seconds_sum", 0.0), sums.get("edgefleet_stage_queue_seconds_sum", 0.0),
                 int(sums.get("edgefleet_stage_compute_seconds_count", 0)))
 
-    def breakdown(self, master: Path, stages: int, link: Link, n_embd: int, proxy_s: float) -> str:
+    def breakdown(self, master: Path, stages: int, link: Link, n_embd: int,
+                  proxy_s: float) -> tuple[str, list[tuple[float, float]]]:
         """Where a decode step's time goes, on a request like the single ones (512 + 64 tokens):
         the stages' compute and their queues (the metrics counted after the first token), the
         emulated links (proxy_s per crossing, the proxy as measured, and the transmission
-        time), and the rest: gRPC, serialization, thread hand-offs."""
+        time), and the rest: gRPC, serialization, thread hand-offs. Also each node's CPU
+        seconds per token, and of it throttled, over the same tokens."""
         first = []
-        times = self.generate(prompt_ids(master, PROMPT, 7), OUTPUT, on_first=lambda: first.append(self.stage_totals()))
-        (end, end_q, end_steps), (start, start_q, start_steps) = self.stage_totals(), first[0]
+        times = self.generate(prompt_ids(master, PROMPT, 7), OUTPUT,
+                              on_first=lambda: first.append((self.stage_totals(), cpu_spent(self.fleet))))
+        (end, end_q, end_steps), end_cpu = self.stage_totals(), cpu_spent(self.fleet)
+        (start, start_q, start_steps), start_cpu = first[0]
         decode_steps = (end_steps - start_steps) / stages
         compute = (end - start) / decode_steps    # per decode step, summed over the stages
         queue = (end_q - start_q) / decode_steps
@@ -205,11 +209,12 @@ class Edgefleet:
         crossings = stages + 1          # down the chain from the controller, the answer straight back from the last stage
         links = crossings * (proxy_s + n_embd * 4 * 8 / (link.mbit * 1e6))
         rest = per_token - compute - links
+        cpu = [((b[0] - a[0]) / (len(times) - 2), (b[1] - a[1]) / (len(times) - 2)) for a, b in zip(start_cpu, end_cpu)]
         return (f"{per_token * 1e3:.2f} ms/token = stage compute {compute * 1e3:.2f} + emulated links "
                 f"{links * 1e3:.2f} ({crossings} crossings, the proxy as measured) + the rest {rest * 1e3:.2f} "
                 f"({rest * 1e3 / crossings:.2f} ms per crossing; the target is <= 1.5; of it, waits in the "
                 f"stages' queues {queue * 1e3:.2f}, and gRPC, serialization and hand-offs "
-                f"{(rest - queue) * 1e3:.2f})")
+                f"{(rest - queue) * 1e3:.2f})"), cpu
 
     def stop(self) -> None:
         for a in self.agents:
@@ -248,6 +253,18 @@ class LlamaRpc:
             batched += ["-ts", ",".join(str(x) for x in split)]
         row = json.loads([ln for ln in self._run(batched).splitlines() if ln.startswith("{")][-1])
         return Figures(PROMPT / pp["avg_ts"], tg["avg_ts"], CONCURRENT * OUTPUT / row["t"])
+
+    def cpu_per_token(self, model: Path, order: list[int], split: list[int]) -> list[tuple[float, float]]:
+        """Each node's CPU seconds per decode token, and of it throttled, at 512 positions: the
+        difference of a 96-token and a 32-token llama-bench run (warm-up and prefill alike)."""
+        spent = []
+        for n in (32, 96):
+            before = cpu_spent(self.fleet)
+            self._run([str(self.bin / "llama-bench"), "-m", str(model), "--rpc", self.rpc_list(order), "-ngl", "99",
+                       "-t", "1", "-fa", "1", "-r", "1", "-o", "json", "-ts", "/".join(str(x) for x in split),
+                       "-p", "0", "-d", str(PROMPT), "-n", str(n)])
+            spent.append([(b[0] - a[0], b[1] - a[1]) for a, b in zip(before, cpu_spent(self.fleet))])
+        return [((b[0] - a[0]) / 64, (b[1] - a[1]) / 64) for a, b in zip(*spent)]
 
     @staticmethod
     def _run(cmd: list[str]) -> str:
@@ -305,11 +322,11 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
         try:
             kept = ef.deploy(master, master_type, 5.0)
             c = ef.measure(master, runs)
-            overhead = ef.breakdown(master, len(kept["stages"]), link, n_embd(master), proxy_s)
+            overhead, c_cpu = ef.breakdown(master, len(kept["stages"]), link, n_embd(master), proxy_s)
             say(f"{name}: edgefleet, its own plan over {free_types or 'every type'}")
             own = ef.deploy(master, free_types, 5.0)
             d = ef.measure(master, runs)
-            own_overhead = ef.breakdown(master, len(own["stages"]), link, n_embd(master), proxy_s)
+            own_overhead, _ = ef.breakdown(master, len(own["stages"]), link, n_embd(master), proxy_s)
             say(f"{name}: edgefleet, its plan for throughput, every layer at {master_type}")
             fast = ef.deploy(master, master_type, 5.0, "throughput")
             e = ef.measure(master, runs)
@@ -323,6 +340,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
         try:
             a = llama.bench(master, list(range(len(nodes))), None, runs)
             b = llama.bench(master, order, split, runs)
+            b_cpu = llama.cpu_per_token(master, order, split)
             f = llama.bench(master, fast_order, fast_split, runs)
         finally:
             llama.stop()
@@ -342,6 +360,10 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
     rows.append(("(f) llama.cpp RPC, (e)'s split", f, describe(fast)))
     rows.append(("(c) per token", c, overhead))
     rows.append(("(d) per token", d, own_overhead))
+    rows.append(("(c) and (b), CPU", c, "per decode token on each node of the split, ms (of it throttled by "
+                 "the node's quota): " + ", ".join(
+                     f"{nodes[i].name} {c_cpu[i][0] * 1e3:.2f} ({c_cpu[i][1] * 1e3:.2f}) and "
+                     f"{b_cpu[i][0] * 1e3:.2f} ({b_cpu[i][1] * 1e3:.2f})" for i in order)))
     rows.append(("CPU", None, "each node's speed, as a slowdown against an unlimited process: " + ", ".join(
         f"{n} {lone:.2f}x for a lone 2 ms step, {sust:.2f}x sustained" for n, lone, sust in cpu)))
     return rows
@@ -380,7 +402,8 @@ def main() -> None:
             print(f"{num}/{den}: TTFT {d.ttft_s / n.ttft_s:.2f}x faster, tok/s {n.decode_tps / d.decode_tps:.2f}, "
                   f"8 requests {n.concurrent_tps / d.concurrent_tps:.2f}")
         for label, _, plan in rows:
-            print(f"  {label[:3] if label[3:4] == ' ' and 'per token' not in label else label} {plan}")
+            short = label[3:4] == " " and "per token" not in label and "CPU" not in label
+            print(f"  {label[:3] if short else label} {plan}")
 
 
 if __name__ == "__main__":

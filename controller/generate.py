@@ -89,7 +89,10 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
             produced.append(out.token)
             if out.token != eos and len(produced) < max_tokens:
                 pending = (out.token,)
-                sent = send()
+                try:
+                    sent = send()
+                except Exception as exc:    # e.g. no deployment any more: raised once this token is out
+                    sent = pipe, False, _Unsent(exc)
             yield Token(out.token, recovered, out.stage_times)
             recovered = 0.0
             if out.token == eos:
@@ -106,7 +109,7 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
 class _Unsent:
     """A step that could not be sent: waiting for it raises why."""
 
-    def __init__(self, error: AgentError):
+    def __init__(self, error: Exception):
         self.error = error
 
     def wait(self, timeout_s: float | None = None) -> A.StepOut:

@@ -744,3 +744,55 @@ def test_the_probe_reads_a_quota_node_at_its_sustained_speed(monkeypatch):
 
     monkeypatch.setattr(profile.time, "perf_counter", lambda: clock[0])
     assert profile.median_time(call, 5) == pytest.approx(0.003, rel=0.1)
+
+
+class _Recorder:
+    """A pipeline that answers every step at once with the next token id, and records what it got."""
+
+    deployment_id = "d"
+
+    def __init__(self):
+        self.sent: list[A.StepIn] = []
+        self.cancelled: list[str] = []
+        self.abandoned = 0
+
+    def send(self, step: A.StepIn):
+        self.sent.append(step)
+        rec, out = self, A.StepOut(step.session_id, step.position, token=100 + len(self.sent))
+
+        class Answer:
+            def wait(self, timeout_s=None):
+                return out
+
+            def abandon(self):
+                rec.abandoned += 1
+        return Answer()
+
+    def cancel_session(self, session_id: str) -> None:
+        self.cancelled.append(session_id)
+
+
+def test_a_tokens_next_step_is_on_its_way_before_the_token_is_handed_out():
+    pipe = _Recorder()
+    seen = [(t.token, len(pipe.sent)) for t in generate(lambda: pipe, [1, 2, 3], 4)]
+    assert seen == [(101, 2), (102, 3), (103, 4), (104, 4)]      # the last token has no next step
+    assert [(s.position, s.tokens, s.finish) for s in pipe.sent] == \
+        [(0, (1, 2, 3), False), (3, (101,), False), (4, (102,), False), (5, (103,), True)]
+
+    early = _Recorder()
+    gen = generate(lambda: early, [1], 5, session_id="s")
+    assert next(gen).token == 101
+    gen.close()                 # the step sent ahead is abandoned and the session freed
+    assert early.abandoned == 1 and early.cancelled == ["s"]
+
+    calls = []
+
+    def vanishing():            # the deployment goes away after the first step
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("the deployment was removed")
+        return _Recorder()
+    gen = generate(vanishing, [1], 3)
+    assert next(gen).token == 101                  # the token already computed still comes out
+    with pytest.raises(RuntimeError, match="removed"):
+        next(gen)

@@ -226,14 +226,16 @@ def test_a_client_that_leaves_mid_stream_frees_its_session(fleet, client):
         if i == 3:
             break
     stream.close()
+    left = time.monotonic()
     # the controller notices the client left at its next token, cancels the session on every
     # stage and ends the request; both are observed by polling, within a deadline far below
-    # the 300 s idle timeout that would otherwise free the session
+    # the 300 s idle timeout that would otherwise free the session. The agents report their
+    # sessions every second: only reports sent after the client left count (from 2.5 s on)
     def settled() -> bool:
-        return (sum(n.sessions for n in fleet.status().nodes) == 0
+        return (time.monotonic() - left > 2.5 and sum(n.sessions for n in fleet.status().nodes) == 0
                 and metrics(fleet)["edgefleet_requests_in_flight"] == 0)
 
-    deadline = time.monotonic() + 20
+    deadline = left + 20
     while time.monotonic() < deadline and not settled():
         time.sleep(0.2)
     assert sum(n.sessions for n in fleet.status().nodes) == 0          # not left to the idle timeout
