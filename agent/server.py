@@ -259,6 +259,8 @@ class Hop:
         if out.error:
             # a failed step ends its session on every stage it passed: whoever retries replays it
             # from position 0, and an abandoned cache would hold memory until the idle timeout
+            with self._lock:
+                self._open.pop(out.session_id, None)
             for d in self.svc.engine.deployments():
                 self.svc.engine.cancel(d.deployment_id, out.session_id)
         msg = A.out_pb(out)

@@ -219,7 +219,8 @@ def cpu_check(fleet: "EmulatedFleet") -> list[tuple[str, float, float]]:
 def cpu_spent(fleet: "EmulatedFleet") -> list[tuple[float, float]]:
     """Per node, so far: seconds its processes' threads have run (the kernel's schedstat of
     every task in its CPU cgroup; a process that ended takes its share with it) and seconds
-    its cgroup spent throttled by its quota."""
+    its cgroup was throttled, held off the CPU by its quota (cgroup v1's throttled_time: not
+    part of the time run, and summed over the CPUs, so it can exceed it)."""
     out = []
     for i in range(len(fleet.nodes)):
         cg = CGROUP / "cpu" / fleet.ns(i)

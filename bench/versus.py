@@ -196,7 +196,7 @@ class Edgefleet:
         the stages' compute and their queues (the metrics counted after the first token), the
         emulated links (proxy_s per crossing, the proxy as measured, and the transmission
         time), and the rest: gRPC, serialization, thread hand-offs. Also each node's CPU
-        seconds per token, and of it throttled, over the same tokens."""
+        seconds per token, and seconds per token its quota held it off the CPU, over the same tokens."""
         first = []
         times = self.generate(prompt_ids(master, PROMPT, 7), OUTPUT,
                               on_first=lambda: first.append((self.stage_totals(), cpu_spent(self.fleet))))
@@ -255,8 +255,9 @@ class LlamaRpc:
         return Figures(PROMPT / pp["avg_ts"], tg["avg_ts"], CONCURRENT * OUTPUT / row["t"])
 
     def cpu_per_token(self, model: Path, order: list[int], split: list[int]) -> list[tuple[float, float]]:
-        """Each node's CPU seconds per decode token, and of it throttled, at 512 positions: the
-        difference of a 96-token and a 32-token llama-bench run (warm-up and prefill alike)."""
+        """Each node's CPU seconds per decode token, and seconds per token its quota held it off
+        the CPU, at 512 positions: the difference of a 96-token and a 32-token llama-bench run
+        (warm-up and prefill alike)."""
         spent = []
         for n in (32, 96):
             before = cpu_spent(self.fleet)
@@ -360,8 +361,8 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
     rows.append(("(f) llama.cpp RPC, (e)'s split", f, describe(fast)))
     rows.append(("(c) per token", c, overhead))
     rows.append(("(d) per token", d, own_overhead))
-    rows.append(("(c) and (b), CPU", c, "per decode token on each node of the split, ms (of it throttled by "
-                 "the node's quota): " + ", ".join(
+    rows.append(("(c) and (b), CPU", c, "ms per decode token on each node of the split (in brackets, ms per token "
+                 "its cgroup was held off the CPU by its quota): " + ", ".join(
                      f"{nodes[i].name} {c_cpu[i][0] * 1e3:.2f} ({c_cpu[i][1] * 1e3:.2f}) and "
                      f"{b_cpu[i][0] * 1e3:.2f} ({b_cpu[i][1] * 1e3:.2f})" for i in order)))
     rows.append(("CPU", None, "each node's speed, as a slowdown against an unlimited process: " + ", ".join(

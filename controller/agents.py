@@ -199,9 +199,12 @@ class PipelineStream:
                     w.put(out)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
-                self.broken = self.broken or rpc_error(who, exc)
-        finally:
-            self._fail_waiters(self.broken or AgentError(f"the pipeline stream to the {who} closed", "UNAVAILABLE"))
+                with self._lock:
+                    self.broken = self.broken or rpc_error(who, exc)
+        finally:    # an ended stream carries no more steps: later ones fail at once, and a new stream is made
+            with self._lock:
+                self.broken = self.broken or AgentError(f"the pipeline stream to the {who} closed", "UNAVAILABLE")
+            self._fail_waiters(self.broken)
 
     def _fail_waiters(self, err: AgentError) -> None:
         """Answer every step still waiting on this stream with `err`."""

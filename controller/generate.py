@@ -102,7 +102,7 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
     except GeneratorExit:           # the caller stopped early: free the session's KV cache now
         if sent is not None:
             sent[2].abandon()
-        _cancel(pipeline, sid)
+        _cancel(pipeline, sid, sent[0] if sent is not None else None)
         raise
 
 
@@ -131,6 +131,13 @@ def _step(sid: str, pos: int, tokens: tuple[int, ...], s: Sampling, last: bool, 
                     deployment_id=deployment_id)
 
 
-def _cancel(pipeline: Callable[[], Pipeline], sid: str) -> None:
+def _cancel(pipeline: Callable[[], Pipeline], sid: str, also: Pipeline | None = None) -> None:
+    """End the session on the current pipeline, and on `also` (where its step in flight went)
+    if the active deployment has changed since."""
+    current = None
     with contextlib.suppress(Exception):    # best effort: there may be no pipeline any more
-        pipeline().cancel_session(sid)
+        current = pipeline()
+        current.cancel_session(sid)
+    if also is not None and also is not current:
+        with contextlib.suppress(Exception):
+            also.cancel_session(sid)
