@@ -314,9 +314,9 @@ class Stage:
 
     def _capture(self, tensor, ask: bool, _user) -> bool:
         """llama.cpp asks, node by node, whether this stage wants a node's data (ask), then hands
-        over what it wanted. Asking for each of a graph's ~30 nodes per layer by name costs ~7 % of
-        a decode step here, so once a graph has shown where the target is, only that address is
-        wanted: llama.cpp reuses a graph of the same shape as it is, and lays out a rebuilt one
+        over what it wanted. Asking for each of a graph's ~30 nodes per layer by name costs ~4 % of
+        a decode step (bench/readout.py), so once a graph has shown where the target is, only that
+        address is wanted: llama.cpp reuses a graph of the same shape as it is, and lays out a rebuilt one
         of the same shape at the same addresses. A graph laid out otherwise is caught by its
         name (a wanted node that is not the target) or by a missing output (_decode)."""
         base = _ggml()
