@@ -280,7 +280,7 @@ class Stage:
             if self._seq_set[i] != seq[i]:      # ctypes writes only where the sequence changed
                 self._b_seq[i][0] = self._seq_set[i] = seq[i]
         self._batch.n_tokens = n
-        self._run(seq, pos)
+        self._run(seq)
         if not self.has_head:
             if sum(len(c) for c in self._captured) != n:
                 # the graph changed and its target sits where none was seen: the decode runs
@@ -288,7 +288,7 @@ class Stage:
                 for s in set(seq):
                     L.llama_memory_seq_rm(self._mem, s, min(p for p, q in zip(pos, seq) if q == s), -1)
                 self._learning = True
-                self._run(seq, pos)
+                self._run(seq)
             rows = np.concatenate(self._captured) if len(self._captured) > 1 else self._captured[0]
             assert rows.shape == (n, self.n_embd), (rows.shape, n)
             return [rows]
@@ -300,7 +300,7 @@ class Stage:
                 out.append(np.frombuffer(row, dtype=np.float32).reshape(1, -1).copy())
         return out
 
-    def _run(self, seq: list[int], pos: list[int]) -> None:
+    def _run(self, seq: list[int]) -> None:
         """llama_decode of the batch as filled in; LlamaError (and nothing held) if it fails."""
         self._captured = []
         rc = L.llama_decode(self._ctx, self._batch)
@@ -316,9 +316,9 @@ class Stage:
         """llama.cpp asks, node by node, whether this stage wants a node's data (ask), then hands
         over what it wanted. Asking for each of a graph's ~30 nodes per layer by name costs ~4 % of
         a decode step (bench/readout.py), so once a graph has shown where the target is, only that
-        address is wanted: llama.cpp reuses a graph of the same shape as it is, and lays out a rebuilt one
-        of the same shape at the same addresses. A graph laid out otherwise is caught by its
-        name (a wanted node that is not the target) or by a missing output (_decode)."""
+        address is wanted: llama.cpp reuses a graph of the same shape as it is, and lays out a
+        rebuilt one of the same shape at the same addresses. A graph laid out otherwise is caught
+        by its name (a wanted node that is not the target) or by a missing output (_decode)."""
         base = _ggml()
         if ask:
             if not self._learning:

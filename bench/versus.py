@@ -205,11 +205,12 @@ class Edgefleet:
         decode_steps = (end_steps - start_steps) / stages
         compute = (end - start) / decode_steps    # per decode step, summed over the stages
         queue = (end_q - start_q) / decode_steps
-        per_token = (times[-1] - times[1]) / (len(times) - 2)
+        tokens = len(times) - 2         # after the first
+        per_token = (times[-1] - times[1]) / tokens
         crossings = stages + 1          # down the chain from the controller, the answer straight back from the last stage
         links = crossings * (proxy_s + n_embd * 4 * 8 / (link.mbit * 1e6))
         rest = per_token - compute - links
-        cpu = [((b[0] - a[0]) / (len(times) - 2), (b[1] - a[1]) / (len(times) - 2)) for a, b in zip(start_cpu, end_cpu)]
+        cpu = [((b[0] - a[0]) / tokens, (b[1] - a[1]) / tokens) for a, b in zip(start_cpu, end_cpu)]
         return (f"{per_token * 1e3:.2f} ms/token = stage compute {compute * 1e3:.2f} + emulated links "
                 f"{links * 1e3:.2f} ({crossings} crossings, the proxy as measured) + the rest {rest * 1e3:.2f} "
                 f"({rest * 1e3 / crossings:.2f} ms per crossing; the target is <= 1.5; of it, waits in the "
@@ -238,14 +239,18 @@ class LlamaRpc:
     def rpc_list(self, order: list[int]) -> str:
         return ",".join(f"{self.fleet.address(i)}:{PUBLIC_PORT + 1}" for i in order)
 
-    def bench(self, model: Path, order: list[int], split: list[int] | None, runs: int) -> Figures:
-        common = ["-m", str(model), "--rpc", self.rpc_list(order), "-ngl", "99", "-t", "1", "-fa", "1",
-                  "-r", str(runs), "-o", "json"]
+    def llama_bench(self, model: Path, order: list[int], split: list[int] | None, runs: int,
+                    *test: str) -> dict:
+        """llama-bench's JSON result of one test (e.g. "-p", "512", "-n", "0") on these servers."""
+        cmd = [str(self.bin / "llama-bench"), "-m", str(model), "--rpc", self.rpc_list(order), "-ngl", "99",
+               "-t", "1", "-fa", "1", "-r", str(runs), "-o", "json", *test]
         if split:
-            common += ["-ts", "/".join(str(x) for x in split)]
-        pp = json.loads(self._run([str(self.bin / "llama-bench"), *common, "-p", str(PROMPT), "-n", "0"]))[0]
-        tg = json.loads(self._run([str(self.bin / "llama-bench"), *common, "-p", "0", "-n", str(OUTPUT),
-                                   "-d", str(PROMPT)]))[0]
+            cmd += ["-ts", "/".join(str(x) for x in split)]
+        return json.loads(self._run(cmd))[0]
+
+    def bench(self, model: Path, order: list[int], split: list[int] | None, runs: int) -> Figures:
+        pp = self.llama_bench(model, order, split, runs, "-p", str(PROMPT), "-n", "0")
+        tg = self.llama_bench(model, order, split, runs, "-p", "0", "-n", str(OUTPUT), "-d", str(PROMPT))
         batched = [str(self.bin / "llama-batched-bench"), "-m", str(model), "--rpc", self.rpc_list(order), "-ngl", "99",
                    "-t", "1", "-fa", "on", "-c", str(CONCURRENT * (PROMPT + OUTPUT)), "-b", "2048", "-ub", "512",
                    "-npp", str(PROMPT), "-ntg", str(OUTPUT), "-npl", str(CONCURRENT), "--output-format", "jsonl"]
@@ -261,9 +266,7 @@ class LlamaRpc:
         spent = []
         for n in (32, 96):
             before = cpu_spent(self.fleet)
-            self._run([str(self.bin / "llama-bench"), "-m", str(model), "--rpc", self.rpc_list(order), "-ngl", "99",
-                       "-t", "1", "-fa", "1", "-r", "1", "-o", "json", "-ts", "/".join(str(x) for x in split),
-                       "-p", "0", "-d", str(PROMPT), "-n", str(n)])
+            self.llama_bench(model, order, split, 1, "-p", "0", "-d", str(PROMPT), "-n", str(n))
             spent.append([(b[0] - a[0], b[1] - a[1]) for a, b in zip(before, cpu_spent(self.fleet))])
         return [((b[0] - a[0]) / 64, (b[1] - a[1]) / 64) for a, b in zip(*spent)]
 
