@@ -8,7 +8,7 @@ stage holds; the one-token steps of several sessions go into one `llama_decode`.
 that is not first takes hidden states through `llama_batch.embd`; a first stage that is not
 last looks its tokens up in the shard's embedding table with ggml's own `to_float` and feeds
 them the same way. A stage that is not last reads the residual stream after its last layer
-(the tensor llama.cpp names `l_out-{k-1}`) in the `cb_eval` callback, with every token of the
+(the tensor llama.cpp names `l_out-{k-1}`) in the `cb_eval` callback (agent/capture.py), with every token of the
 batch marked as an output (llama.cpp keeps only output rows in the last layer). A split is
 therefore exactly llama.cpp running the whole model.
 
@@ -26,6 +26,7 @@ import llama_cpp as L
 import numpy as np
 
 from agent import weights as W
+from agent.capture import OutputReader
 from agent.quant import dequantize
 
 log = logging.getLogger(__name__)
@@ -33,19 +34,6 @@ llama_log = logging.getLogger("llama.cpp")
 
 
 # ------------------------------------------------------------------ the C pieces the bindings lack
-
-@functools.cache
-def _ggml() -> ctypes.CDLL:
-    """libggml-base: tensor names and contents, which the bindings do not expose."""
-    lib = ctypes.CDLL(str(Path(L.__file__).resolve().parent / "lib" / "libggml-base.so"))
-    lib.ggml_get_name.restype = ctypes.c_char_p
-    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_nbytes.restype = ctypes.c_size_t
-    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_tensor_get.restype = None
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    return lib
-
 
 # ggml log levels: 1 debug, 2 info, 3 warn, 4 error, 5 continue (llama.cpp warns about much that is benign)
 _LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.INFO, 4: logging.ERROR}
@@ -89,6 +77,7 @@ class Settings:
     batch_tokens: int = 512    # most tokens in one llama_decode (n_batch = n_ubatch)
     threads: int = 2           # compute threads (their spin policy: OMP_WAIT_POLICY, see agent/daemon.py)
     flash_attn: bool = True    # llama.cpp's flash attention: faster prefill and smaller compute buffers here (docs/runtime.md)
+    python_reader: bool = False    # read a middle stage's output in Python even where agent/capture.c builds
 
 
 @dataclass(frozen=True)
@@ -157,13 +146,12 @@ class Stage:
         cp.kv_unified = False         # a KV cache per session (see forward for the order of rows)
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True
-        self._target = f"l_out-{self.last - self.first - 1}".encode()
-        self._captured: list[np.ndarray] = []
-        self._seen_at: set[int] = set()      # addresses at which a graph held the target (see _capture)
-        self._learning = True
-        if not self.has_head:
-            self._cb = L.ggml_backend_sched_eval_callback(self._capture)
-            cp.cb_eval = self._cb
+        self._reader = None
+        if not self.has_head:       # the residual stream after the last layer, every row of every decode
+            self._reader = OutputReader(f"l_out-{self.last - self.first - 1}".encode(), settings.batch_tokens,
+                                        self.n_embd, python=settings.python_reader)
+            cp.cb_eval = self._reader.callback
+            cp.cb_eval_user_data = self._reader.user_data
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
             L.llama_model_free(self._model)
@@ -281,17 +269,8 @@ class Stage:
                 self._b_seq[i][0] = self._seq_set[i] = seq[i]
         self._batch.n_tokens = n
         self._run(seq)
-        if not self.has_head:
-            if sum(len(c) for c in self._captured) != n:
-                # the graph changed and its target sits where none was seen: the decode runs
-                # again, from the same cells, reading every node's name (exactly the same sums)
-                for s in set(seq):
-                    L.llama_memory_seq_rm(self._mem, s, min(p for p, q in zip(pos, seq) if q == s), -1)
-                self._learning = True
-                self._run(seq)
-            rows = np.concatenate(self._captured) if len(self._captured) > 1 else self._captured[0]
-            assert rows.shape == (n, self.n_embd), (rows.shape, n)
-            return [rows]
+        if self._reader is not None:
+            return [self._reader.rows(n)]
         out = []
         for i, w in enumerate(wanted):
             if w:
@@ -302,38 +281,15 @@ class Stage:
 
     def _run(self, seq: list[int]) -> None:
         """llama_decode of the batch as filled in; LlamaError (and nothing held) if it fails."""
-        self._captured = []
+        if self._reader is not None:
+            self._reader.reset()
         rc = L.llama_decode(self._ctx, self._batch)
-        self._learning = False
         if rc != 0:
             for s in set(seq):        # what this decode may have left half-written is not held
                 self._held[s] = 0
                 L.llama_memory_seq_rm(self._mem, s, -1, -1)
             raise LlamaError(f"llama_decode failed with status {rc}"
                              + (" (no free KV-cache cells)" if rc == 1 else ""))
-
-    def _capture(self, tensor, ask: bool, _user) -> bool:
-        """llama.cpp asks, node by node, whether this stage wants a node's data (ask), then hands
-        over what it wanted. Asking for each of a graph's ~30 nodes per layer by name costs ~4 % of
-        a decode step (bench/readout.py), so once a graph has shown where the target is, only that
-        address is wanted: llama.cpp reuses a graph of the same shape as it is, and lays out a
-        rebuilt one of the same shape at the same addresses. A graph laid out otherwise is caught
-        by its name (a wanted node that is not the target) or by a missing output (_decode)."""
-        base = _ggml()
-        if ask:
-            if not self._learning:
-                return tensor in self._seen_at
-            if base.ggml_get_name(tensor) != self._target:
-                return False
-            self._seen_at.add(tensor)
-            return True
-        if not self._learning and base.ggml_get_name(tensor) != self._target:
-            return True
-        nbytes = base.ggml_nbytes(tensor)
-        buf = np.empty(nbytes // 4, dtype=np.float32)
-        base.ggml_backend_tensor_get(tensor, buf.ctypes.data, 0, nbytes)
-        self._captured.append(buf.reshape(-1, self.n_embd))
-        return True
 
     def close(self) -> None:
         if getattr(self, "_ctx", None):

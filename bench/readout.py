@@ -1,8 +1,8 @@
 """What reading a middle stage's output costs: a decode step of a SmolLM2 Q8_0 stage that is
-not last, with llama.cpp's `cb_eval` callback asking for every node by name, against the
-stage as it runs (asking only for the addresses where it found its output; agent/runtime.py,
-docs/runtime.md). One thread, one session holding 512 positions; the two stages' steps are
-interleaved, and each figure is the lowest of --rounds medians of --steps steps.
+not last, with llama.cpp's `cb_eval` callback in Python against the stage as it runs, with
+the callback in C (agent/capture.py, docs/runtime.md). One thread, one session holding 512
+positions; the two stages' steps are interleaved, and each figure is the lowest of --rounds
+medians of --steps steps.
 
     .venv/bin/python bench/readout.py [--layers 8:29] [--rounds 6] [--steps 60]
 """
@@ -42,9 +42,12 @@ def main() -> None:
     step = rng.standard_normal((1, 576)).astype(np.float32)
     with tempfile.TemporaryDirectory() as d:
         shard = write_shard(master, Path(d) / "stage.gguf", ["Q8_0"] * 30, first, last, file_sha256(master)).path
-        stages = {"by name": Stage(shard, Settings(sessions=1, context=HELD + 64, threads=1)),
-                  "by address": Stage(shard, Settings(sessions=1, context=HELD + 64, threads=1))}
+        stages = {reader: Stage(shard, Settings(sessions=1, context=HELD + 64, threads=1,
+                                                 python_reader=reader == "in Python"))
+                  for reader in ("in Python", "in C")}
         try:
+            if not stages["in C"]._reader.native:
+                raise SystemExit("agent/capture.c could not be built here (see the warning above); install a C compiler")
             for st in stages.values():
                 st.forward([Step(0, 0, hidden=prompt)])
             medians: dict[str, list[float]] = {k: [] for k in stages}
@@ -52,7 +55,6 @@ def main() -> None:
                 for name, st in stages.items():
                     times = []
                     for _ in range(a.steps):
-                        st._learning = name == "by name"     # ask every node by name, as a fresh graph would
                         t = time.perf_counter()
                         st.forward([Step(0, HELD, hidden=step)])
                         times.append(time.perf_counter() - t)
@@ -62,7 +64,7 @@ def main() -> None:
                 st.close()
     print(f"SmolLM2 Q8_0 layers [{first}, {last}), one decode step at {HELD} positions, one thread:")
     for name, m in medians.items():
-        print(f"  output read {name:11} {min(m) * 1e3:.3f} ms (medians of the rounds: "
+        print(f"  output read {name:9} {min(m) * 1e3:.3f} ms (medians of the rounds: "
               f"{', '.join(f'{x * 1e3:.2f}' for x in m)})")
 
 

@@ -138,57 +138,47 @@ def test_each_step_gets_its_own_rows_in_any_order_of_sessions(reference_model, t
         stage.close()
 
 
-def test_a_graph_laid_out_elsewhere_still_gives_the_right_rows(reference_model, tmp_path):
-    """A stage reads its output at the address where it last found it: a remembered address
-    that now holds another node, or no remembered address at all, still gives the very rows
-    that a stage asking by name gives (the decode runs again from the same cells, here for two
-    sessions in one decode), and a graph of the same layout is read at once."""
+def test_the_native_and_the_python_output_readers_give_the_same_rows(reference_model, tmp_path):
+    """A middle stage reads its output through agent/capture.c (built here: CI has a C
+    compiler) and, where that cannot be built, through the same callback in Python: both give
+    the very same rows, for prompts of two lengths and for decodes of two sessions at once."""
     path = shards_of(reference_model, ["Q8_0"] * 8, [(2, 6)], tmp_path)[0]
     rng = np.random.default_rng(2)
     prompts = [rng.standard_normal((n, 256)).astype(np.float32) for n in (9, 7)]
     steps = [[rng.standard_normal((1, 256)).astype(np.float32) for _ in prompts] for _ in range(3)]
 
-    def run(stage: Stage, before_step) -> tuple[list[np.ndarray], list[int]]:
-        decodes = []
-        real_run = stage._run
+    def run(python: bool) -> list[np.ndarray]:
+        stage = Stage(path, Settings(sessions=2, context=64, batch_tokens=64, threads=THREADS,
+                                     python_reader=python))
+        try:
+            assert stage._reader.native is not python
+            out = [stage.forward([Step(q, 0, hidden=p)])[0] for q, p in enumerate(prompts)]
+            for i, xs in enumerate(steps):
+                out += stage.forward([Step(q, len(p) + i, hidden=x) for q, (p, x) in enumerate(zip(prompts, xs))])
+            return out
+        finally:
+            stage.close()
 
-        def counted(*args):
-            decodes[-1] += 1
-            real_run(*args)
-        stage._run = counted
-        out = []
-        for q, p in enumerate(prompts):
-            decodes.append(0)
-            out += stage.forward([Step(q, 0, hidden=p)])
-        for i, xs in enumerate(steps):
-            before_step(stage, i)
-            decodes.append(0)
-            out += stage.forward([Step(q, len(p) + i, hidden=x) for q, (p, x) in enumerate(zip(prompts, xs))])
-        return out, decodes
+    native, python = run(False), run(True)
+    assert [a.shape for a in native] == [(9, 256), (7, 256)] + [(1, 256)] * 6
+    assert all(np.array_equal(a, b) for a, b in zip(native, python))
+    assert not np.array_equal(native[2], native[3])      # two sessions' rows, not one row twice
 
-    settings = Settings(sessions=2, context=64, batch_tokens=64, threads=THREADS)
-    fresh = Stage(path, settings)
+
+def test_without_a_c_compiler_the_reader_says_so_and_falls_back(tmp_path, monkeypatch, caplog):
+    from agent import capture
+
+    assert "failed" in capture.build(tmp_path / "x.so", cc="false") and not (tmp_path / "x.so").exists()
+    assert "did not run" in capture.build(tmp_path / "x.so", cc="no-such-compiler-here")
+    assert capture.build(tmp_path / "x.so") == "" and (tmp_path / "x.so").exists()
+    monkeypatch.setenv("EDGEFLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    capture.library.cache_clear()
     try:
-        want, _ = run(fresh, lambda st, i: setattr(st, "_learning", True))      # every node asked by name
+        reader = capture.OutputReader(b"l_out-3", 4, 256)
+        assert not reader.native and "install a C compiler" in caplog.text
     finally:
-        fresh.close()
-    stage = Stage(path, settings)
-    try:
-        target = stage._target
-        stage._target = b"l_out-0"                      # where the first layer's output lies
-        stage.forward([Step(0, 0, hidden=prompts[0])])
-        other, stage._target = set(stage._seen_at), target
-
-        def spoil(st: Stage, i: int) -> None:
-            if i < 2:       # another node's address, then none; the last step reads where it learned
-                st._seen_at = set(other) if i == 0 else {1}
-        got, decodes = run(stage, spoil)
-    finally:
-        stage.close()
-    assert len(got) == len(want) == 8 and all(np.array_equal(a, b) for a, b in zip(got, want))
-    # llama_decode calls per forward: the first prompt finds another node at the remembered
-    # address and runs again; the second prompt's graph (7 rows, not 9) is laid out as the first
-    assert decodes == [2, 1, 2, 2, 1]
+        capture.library.cache_clear()
 
 
 def test_a_long_prompt_runs_in_slices_of_the_batch(reference_model, ref_prompt, tmp_path):
