@@ -20,6 +20,7 @@ host process runs in the root namespace, as edgefleet's controller does. Every p
 held to one thread (rpc-server -t 1, agents --threads 1).
 
     .venv/bin/python bench/versus.py [--fleet equal3,unequal4] [--model smollm2-q8_0] [--runs 3] [--node-memory MIB]
+                                     [--only-bc]
 
 Needs root (namespaces, tc, cgroups) and llama.cpp's RPC tools (built and cached on first
 use by bench/llamacpp.py, about 6 min). The agents' own --emulate-* options are not used.
@@ -315,7 +316,9 @@ def fleet_nodes(name: str, memory_mib: int | None) -> tuple[list[Node], Link]:
 
 
 def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: int,
-              work: Path, proxy_s: float) -> list[tuple[str, Figures, str]]:
+              work: Path, proxy_s: float, only_bc: bool = False) -> list[tuple[str, Figures, str]]:
+    """The fleet's rows: (label, figures, what it ran), and the breakdown rows; with only_bc,
+    (b) and (c) alone (and their breakdown and CPU rows)."""
     path_fn, master_type, free_types = models()[model_name]
     master = path_fn()
     rows = []
@@ -327,25 +330,30 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
             kept = ef.deploy(master, master_type, 5.0)
             c = ef.measure(master, runs)
             overhead, c_cpu = ef.breakdown(master, len(kept["stages"]), link, n_embd(master), proxy_s)
-            say(f"{name}: edgefleet, its own plan over {free_types or 'every type'}")
-            own = ef.deploy(master, free_types, 5.0)
-            d = ef.measure(master, runs)
-            own_overhead, _ = ef.breakdown(master, len(own["stages"]), link, n_embd(master), proxy_s)
-            say(f"{name}: edgefleet, its plan for throughput, every layer at {master_type}")
-            fast = ef.deploy(master, master_type, 5.0, "throughput")
-            e = ef.measure(master, runs)
+            if not only_bc:
+                say(f"{name}: edgefleet, its own plan over {free_types or 'every type'}")
+                own = ef.deploy(master, free_types, 5.0)
+                d = ef.measure(master, runs)
+                own_overhead, _ = ef.breakdown(master, len(own["stages"]), link, n_embd(master), proxy_s)
+                say(f"{name}: edgefleet, its plan for throughput, every layer at {master_type}")
+                fast = ef.deploy(master, master_type, 5.0, "throughput")
+                e = ef.measure(master, runs)
         finally:
             ef.stop()
         n_layer = sum(s["last"] - s["first"] for s in kept["stages"])
         order, split = tensor_split(kept, n_layer, nodes)
-        fast_order, fast_split = tensor_split(fast, n_layer, nodes)
-        say(f"{name}: llama.cpp RPC, default split and edgefleet's splits {split} and {fast_split}")
+        if not only_bc:
+            fast_order, fast_split = tensor_split(fast, n_layer, nodes)
+        say(f"{name}: llama.cpp RPC, " + (f"edgefleet's split {split}" if only_bc else
+                                          f"default split and edgefleet's splits {split} and {fast_split}"))
         llama = LlamaRpc(fleet)
         try:
-            a = llama.bench(master, list(range(len(nodes))), None, runs)
+            if not only_bc:
+                a = llama.bench(master, list(range(len(nodes))), None, runs)
             b = llama.bench(master, order, split, runs)
             b_cpu = llama.cpu_per_token(master, order, split)
-            f = llama.bench(master, fast_order, fast_split, runs)
+            if not only_bc:
+                f = llama.bench(master, fast_order, fast_split, runs)
         finally:
             llama.stop()
     def describe(p: dict, f: Figures | None = None) -> str:
@@ -356,14 +364,18 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
                      f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f})")
         return text
 
-    rows.append(("(a) llama.cpp RPC, default split", a, "even split"))
+    if not only_bc:
+        rows.append(("(a) llama.cpp RPC, default split", a, "even split"))
     rows.append(("(b) llama.cpp RPC, edgefleet's split", b, describe(kept)))
     rows.append(("(c) edgefleet, same split and types", c, describe(kept, c)))
-    rows.append(("(d) edgefleet, own plan (5 %)", d, describe(own, d) + f"; {own['prediction']['ppl_increase_pct']:+.2f} % ppl"))
-    rows.append(("(e) edgefleet, throughput plan", e, describe(fast, e)))
-    rows.append(("(f) llama.cpp RPC, (e)'s split", f, describe(fast)))
+    if not only_bc:
+        rows.append(("(d) edgefleet, own plan (5 %)", d,
+                     describe(own, d) + f"; {own['prediction']['ppl_increase_pct']:+.2f} % ppl"))
+        rows.append(("(e) edgefleet, throughput plan", e, describe(fast, e)))
+        rows.append(("(f) llama.cpp RPC, (e)'s split", f, describe(fast)))
     rows.append(("(c) per token", c, overhead))
-    rows.append(("(d) per token", d, own_overhead))
+    if not only_bc:
+        rows.append(("(d) per token", d, own_overhead))
     rows.append(("(c) and (b), CPU", c, "ms per decode token on each node of the split (in brackets, ms per token "
                  "its cgroup was held off the CPU by its quota): " + ", ".join(
                      f"{nodes[i].name} {c_cpu[i][0] * 1e3:.2f} ({c_cpu[i][1] * 1e3:.2f}) and "
@@ -373,11 +385,18 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
     return rows
 
 
+def is_system(label: str) -> bool:
+    """A row of one system's figures, "(x) ...", not a breakdown or CPU row."""
+    return label[3:4] == " " and "per token" not in label and "CPU" not in label
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fleet", default="equal3,unequal4", help=f"comma-separated, of {', '.join(FLEETS)}")
     ap.add_argument("--model", default="smollm2-q8_0", help="smollm2-q8_0, smollm2-f16 or reference")
     ap.add_argument("--runs", type=int, default=3, help="single requests (and llama-bench repetitions) per figure")
+    ap.add_argument("--only-bc", action="store_true",
+                    help="run (b) and (c) alone: the one-request ratio at the same split, with more --runs in the time")
     ap.add_argument("--node-memory", type=int, metavar="MIB",
                     help="every node's memory in MiB, for both systems (default: 340; SmolLM2 F16 with 8 requests' "
                          "KV cache needs 400 on the 3-node fleet)")
@@ -388,7 +407,7 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"versus-{name}-"))
         proxy_s, bare_s = delay_proxy.measure(link.delay_ms), delay_proxy.measure(0)
         try:
-            rows = run_fleet(name, nodes, link, a.model, a.runs, tmp, proxy_s)
+            rows = run_fleet(name, nodes, link, a.model, a.runs, tmp, proxy_s, a.only_bc)
         except (RuntimeError, subprocess.CalledProcessError) as exc:
             raise SystemExit(f"{name}: {exc} (logs kept in {tmp})") from None
         shutil.rmtree(tmp)
@@ -398,16 +417,18 @@ def main() -> None:
         print(f"the delay proxy adds {proxy_s * 1e3:.3f} ms per crossing with "
               f"{link.delay_ms:g} ms set (one 576-float step, loopback; {bare_s * 1e3:.3f} ms with none)")
         print(f"{'system':40} {'TTFT':>8} {'tok/s':>7} {'8 req tok/s':>12}")
-        for label, f, _ in rows[:6]:
+        systems = [r for r in rows if is_system(r[0])]
+        for label, f, _ in systems:
             print(f"{label:40} {f.row()[0]:>8} {f.row()[1]:>7} {f.row()[2]:>12}")
-        fig = {label[:3]: f for label, f, _ in rows}
+        fig = {label[:3]: f for label, f, _ in systems}
         for num, den in (("(c)", "(b)"), ("(d)", "(a)"), ("(e)", "(f)"), ("(e)", "(a)")):
+            if num not in fig or den not in fig:
+                continue
             n, d = fig[num], fig[den]
             print(f"{num}/{den}: TTFT {d.ttft_s / n.ttft_s:.2f}x faster, tok/s {n.decode_tps / d.decode_tps:.2f}, "
                   f"8 requests {n.concurrent_tps / d.concurrent_tps:.2f}")
         for label, _, plan in rows:
-            short = label[3:4] == " " and "per token" not in label and "CPU" not in label
-            print(f"  {label[:3] if short else label} {plan}")
+            print(f"  {label[:3] if is_system(label) else label} {plan}")
 
 
 if __name__ == "__main__":
