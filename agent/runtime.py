@@ -8,9 +8,9 @@ stage holds; the one-token steps of several sessions go into one `llama_decode`.
 that is not first takes hidden states through `llama_batch.embd`; a first stage that is not
 last looks its tokens up in the shard's embedding table with ggml's own `to_float` and feeds
 them the same way. A stage that is not last reads the residual stream after its last layer
-(the tensor llama.cpp names `l_out-{k-1}`) in the `cb_eval` callback (agent/capture.py), with every token of the
-batch marked as an output (llama.cpp keeps only output rows in the last layer). A split is
-therefore exactly llama.cpp running the whole model.
+(the tensor llama.cpp names `l_out-{k-1}`) in the `cb_eval` callback (agent/capture.py),
+with every token of the batch marked as an output (llama.cpp keeps only output rows in the
+last layer). A split is therefore exactly llama.cpp running the whole model.
 
 Shapes: N = rows of one decode (tokens of all steps), d = n_embd, V = the stage's vocabulary.
 """
