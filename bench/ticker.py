@@ -20,12 +20,15 @@ import sys
 import time
 
 
-def tick(cpu: int, every_s: float) -> None:
+def tick(cpu: int, every_s: float, ready: int) -> None:
+    """Pin to `cpu`, take real-time priority, say so on the `ready` pipe, then wake forever."""
     os.sched_setaffinity(0, {cpu})
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(50))
     except OSError as e:
         sys.exit(f"ticker: real-time priority refused ({e}); run as root")
+    os.write(ready, b"1")
+    os.close(ready)
     t = time.monotonic()
     while True:
         t = max(t + every_s, time.monotonic())      # a late wake-up is not made up with a burst
@@ -37,12 +40,15 @@ def main() -> None:
     ap.add_argument("--every-us", type=float, default=500.0, help="wake-up interval per CPU")
     args = ap.parse_args()
     children = []
+    ready_r, ready_w = os.pipe()
     for cpu in sorted(os.sched_getaffinity(0)):
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            tick(cpu, args.every_us / 1e6)
+            os.close(ready_r)
+            tick(cpu, args.every_us / 1e6, ready_w)
         children.append(pid)
+    os.close(ready_w)
 
     def stop(*_, code: int = 0):
         for pid in children:
@@ -59,6 +65,13 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # every child writes one byte once it runs at real-time priority, and closes its end
+    ready = b""
+    while chunk := os.read(ready_r, 64):
+        ready += chunk
+    os.close(ready_r)
+    if len(ready) < len(children):
+        stop(code=1)
     print(f"ticking every {args.every_us:g} us on CPUs {sorted(os.sched_getaffinity(0))}", flush=True)
     # a child that exits (real-time priority refused) ends the ticker
     os.wait()
