@@ -60,6 +60,13 @@ def footprint(path: Path, max_sessions: int, context_length: int,
     return need, cfg, (first, last)
 
 
+def stage_settings(max_sessions: int, context_length: int, max_batch_tokens: int, threads: int) -> Settings:
+    """How an agent makes a stage's llama.cpp context: what `footprint` counts. A decode of
+    distinct sessions' steps makes a row of logits per session at most."""
+    return Settings(sessions=max_sessions, context=context_length, batch_tokens=max_batch_tokens, threads=threads,
+                    outputs=max_sessions)
+
+
 @dataclass
 class Session:
     seq: int            # llama.cpp sequence id (the stage knows the positions it holds)
@@ -188,8 +195,7 @@ class Engine:
                     "concurrency, or give the agent more --memory", "RESOURCE_EXHAUSTED")
         t0 = time.perf_counter()
         try:
-            stage = Stage(path, Settings(sessions=max_sessions, context=context_length,
-                                         batch_tokens=max_batch_tokens, threads=self.threads))
+            stage = Stage(path, stage_settings(max_sessions, context_length, max_batch_tokens, self.threads))
         except ValueError as exc:
             raise EngineError(f"shard {sha256[:12]} cannot be loaded: {exc}", "DATA_LOSS") from None
         dep = Deployment(deployment_id, sha256, stage, next_address, max_sessions, context_length, need)

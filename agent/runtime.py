@@ -78,6 +78,7 @@ class Settings:
     threads: int = 2           # compute threads (their spin policy: OMP_WAIT_POLICY, see agent/daemon.py)
     flash_attn: bool = True    # llama.cpp's flash attention: faster prefill and smaller compute buffers here (docs/runtime.md)
     python_reader: bool = False    # read a middle stage's output in Python even where agent/capture.c builds
+    outputs: int = 0           # a stage with the head: most rows of logits one llama_decode makes (0: batch_tokens; at least `sessions`)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,11 @@ class Stage:
         cp.kv_unified = False         # a KV cache per session (see forward for the order of rows)
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True
+        # llama.cpp sizes a head stage's compute buffer for this many rows of logits (n_vocab
+        # floats each; by default for every row of a batch), and keeps one per session
+        self._outputs = max(settings.sessions, min(settings.outputs or settings.batch_tokens, settings.batch_tokens))
+        if self.has_head:
+            cp.n_outputs_max = self._outputs
         self._reader = None
         if not self.has_head:       # the residual stream after the last layer, every row of every decode
             self._reader = OutputReader(f"l_out-{self.last - self.first - 1}".encode(), settings.batch_tokens,
@@ -209,7 +215,6 @@ class Stage:
             self.forget(s.seq, s.position)
             self._held[s.seq] = s.position + s.n_tokens
         outs: list[np.ndarray | None] = [None] * len(steps)
-        cap = self.settings.batch_tokens
         for group in self._groups(steps):
             rows_seq, rows_pos, wanted, inputs = [], [], [], []
             for i in group:
@@ -225,9 +230,8 @@ class Stage:
             if self.has_embedding and not self._feeds_tokens:
                 inputs = self.embed(inputs)
             out_rows: list[np.ndarray] = []
-            for a in range(0, len(rows_seq), cap):
-                out_rows.extend(self._decode(inputs[a:a + cap], rows_pos[a:a + cap], rows_seq[a:a + cap],
-                                             wanted[a:a + cap]))
+            for a, b in self._slices(wanted):
+                out_rows.extend(self._decode(inputs[a:b], rows_pos[a:b], rows_seq[a:b], wanted[a:b]))
             flat = np.concatenate(out_rows) if len(out_rows) > 1 else out_rows[0]
             k = 0
             for i in group:     # split the output rows back into steps
@@ -254,6 +258,21 @@ class Stage:
             else:
                 groups.append([i])
         return groups
+
+    def _slices(self, wanted: list[int]) -> list[tuple[int, int]]:
+        """Row ranges [a, b) of the llama_decode calls for one group's rows: at most
+        batch_tokens rows each, and on a stage with the head at most `outputs` rows of logits
+        (llama.cpp aborts the process on a batch with more outputs than it sized for)."""
+        cap = self.settings.batch_tokens
+        limit = self._outputs if self.has_head else cap
+        ranges, a, n = [], 0, 0
+        for i, w in enumerate(wanted):
+            if i - a == cap or n + w > limit:
+                ranges.append((a, i))
+                a, n = i, 0
+            n += w
+        ranges.append((a, len(wanted)))
+        return ranges
 
     def _decode(self, inputs: np.ndarray, pos: list[int], seq: list[int], wanted: list[int]) -> list[np.ndarray]:
         n = len(pos)

@@ -145,14 +145,16 @@ def runtime_bytes(model: ModelProfile, w: Workload) -> int:
 
 def head_bytes(model: ModelProfile, w: Workload) -> int:
     """What the last stage holds beyond a middle one: the head's weights instead of the
-    one-row vocabulary, and llama.cpp's larger compute buffer while the head runs (with the
-    logits rows it keeps)."""
+    one-row vocabulary, and llama.cpp's larger compute buffer while the head runs (a row of
+    logits per output, and the logits rows it keeps)."""
     weights = model.head_bytes - model.stage_bytes
     if not model.head_scratch_bytes_per_token:
         return weights
+    rows = M.head_outputs(w.concurrency, M.batch_tokens(w.prompt_tokens, w.concurrency))
     head = _compute_bytes(model, w, model.head_scratch_bytes_per_token, 2 * model.mask_bytes_per_position) \
-        + 4 * model.n_vocab * w.concurrency
-    return weights + max(0, head - (runtime_bytes(model, w) - model.stage_bytes))
+        + 4 * model.n_vocab * rows
+    kept = 4 * model.n_vocab * w.concurrency
+    return weights + max(0, head - (runtime_bytes(model, w) - model.stage_bytes)) + kept
 
 
 def layer_bytes(model: ModelProfile, l: int, q: str, w: Workload) -> int:

@@ -9,13 +9,19 @@ A stage holds
 - llama.cpp's compute buffer, sized when the context is made for the largest batch: with
   flash attention, T tokens (T = min(batch, n_ctx)) of activations, 4 x (4 d + 3 n_ff) bytes
   each, and the F16 attention masks, one per session's cache (2 x T x a session's padded
-  context in all); a stage with the LM head may peak instead
-  at the head: T rows of logits and two of d, 4 bytes each, while the mask is still live,
-- the logits rows llama.cpp keeps for the sessions (last stage: n_vocab floats per session).
+  context in all); a stage with the LM head may peak instead at the head: two rows of d
+  per token, 4 bytes each, while the mask is still live, and a row of logits for each
+  output. llama.cpp sizes that for every token of a batch unless told the most outputs a
+  batch has (`n_outputs_max`); an agent's stage makes one per session at most (the last
+  token of each session's step), and says so (agent/runtime.py `Settings.outputs`), so
+  min(T, sessions) rows: without it the logits alone were ~100 MB of SmolLM2's head stage,
+- the logits rows llama.cpp keeps for the sessions (last stage: n_vocab floats per session,
+  its output buffer, beside the compute buffer).
 The compute-buffer terms were read off llama.cpp's own log ("CPU compute buffer size") for
 SmolLM2-135M and the reference model across sessions 1-8, context 256-2048 and batches
-64-512 (again in session 15, for the cache per session; the formula is at or above every
-reading; tests/test_memory.py checks the resident memory of real agents against it).
+64-512 (again in session 15, for the cache per session, and in session 18, for the head's
+outputs). tests/test_memory.py checks the formula against llama.cpp's logged buffers (at or
+above them, by at most 2 MiB + 10 %) and the resident memory of real agents against it.
 """
 from __future__ import annotations
 
@@ -74,10 +80,16 @@ def layer_compute_bytes(n_embd: int, n_ff: int, sessions: int, context: int,
     return compute_bytes(4 * (4 * n_embd + 3 * n_ff), 2, sessions, context, batch_tokens)
 
 
+def head_outputs(sessions: int, batch_tokens: int = BATCH_TOKENS) -> int:
+    """Rows of logits one llama_decode of a head stage makes at most: one per session."""
+    return max(1, min(sessions, batch_tokens))
+
+
 def head_compute_bytes(n_embd: int, n_vocab: int, sessions: int, context: int,
                        batch_tokens: int = BATCH_TOKENS) -> int:
-    """llama.cpp's compute buffer while the LM head runs, plus the logits rows it keeps."""
-    return compute_bytes(4 * (n_vocab + 2 * n_embd), 4, sessions, context, batch_tokens) + 4 * n_vocab * sessions
+    """llama.cpp's compute buffer while the LM head runs: a row of logits per output."""
+    logits = 4 * n_vocab * head_outputs(sessions, batch_tokens)
+    return compute_bytes(4 * 2 * n_embd, 4, sessions, context, batch_tokens) + logits
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,7 @@ def stage_memory(weights: int, n_layers: int, n_embd: int, n_head: int, n_head_k
     """Memory of a stage of n_layers layers; n_vocab is 1 for a stage without the LM head."""
     kv = kv_bytes_per_token(n_layers, n_head_kv, n_embd // n_head) * padded_context(sessions, context)
     compute = layer_compute_bytes(n_embd, n_ff, sessions, context, batch_tokens)
-    if n_vocab > 1:
-        compute = max(compute, head_compute_bytes(n_embd, n_vocab, sessions, context, batch_tokens))
+    if n_vocab > 1:     # the peak at the head, and the logits rows kept (llama.cpp's output buffer)
+        compute = max(compute, head_compute_bytes(n_embd, n_vocab, sessions, context, batch_tokens)) \
+            + 4 * n_vocab * sessions
     return StageMemory(weights, kv, compute)

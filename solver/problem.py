@@ -58,7 +58,7 @@ class ModelProfile:
     scratch_bytes_per_token: int    # llama.cpp compute buffer per token of a batch (solver/memory.py)
     scratch_bytes: int              # fixed runtime memory of a stage
     mask_bytes_per_position: int = 0     # compute buffer per token of a batch and context position
-    head_scratch_bytes_per_token: int = 0   # compute buffer per token of a batch while the LM head runs
+    head_scratch_bytes_per_token: int = 0   # compute buffer per token of a batch while the LM head runs (its logits rows apart)
     stage_bytes: int = 0            # tensors every shard holds besides its layers (output norm, one f32 vocabulary row)
     tied_embeddings: bool = False   # head_bytes holds the token embedding too (one copy when one stage has both ends)
     head_type: str = "F16"          # GGUF type of the LM head's matrix (token_embd's when tied): the node's speed at it times the head
@@ -129,7 +129,7 @@ def model_from_shape(name: str, n_layer: int, n_embd: int, n_head: int, n_head_k
         name=name, n_embd=n_embd, n_vocab=n_vocab, layers=tuple(layers), embed_bytes=emb, head_bytes=head,
         # llama.cpp's compute buffers (solver/memory.py: layer_compute_bytes, head_compute_bytes)
         scratch_bytes_per_token=4 * (4 * n_embd + 3 * n_ff), scratch_bytes=FIXED_BYTES, mask_bytes_per_position=2,
-        head_scratch_bytes_per_token=4 * (n_vocab + 2 * n_embd), stage_bytes=2 * 4 * n_embd, tied_embeddings=tied,
+        head_scratch_bytes_per_token=4 * 2 * n_embd, stage_bytes=2 * 4 * n_embd, tied_embeddings=tied,
         head_type=head_type, sensitivity_source=sensitivity_source, sha256=sha256)
 
 

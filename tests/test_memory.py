@@ -5,6 +5,8 @@ vocabulary, allocator slack)."""
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import sys
 
@@ -19,12 +21,13 @@ PROBE = r"""
 import gc, json, sys, psutil
 import numpy as np
 import agent
-from agent.runtime import Settings, Stage, Step, init_llama
+from agent.engine import stage_settings
+from agent.runtime import Stage, Step, init_llama
 init_llama()
 path, sessions, context, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 proc = psutil.Process()
 gc.collect(); before = proc.memory_info().rss
-st = Stage(path, Settings(sessions=sessions, context=context, batch_tokens=batch, threads=1))
+st = Stage(path, stage_settings(sessions, context, batch, 1))     # as an agent makes it
 n = min(batch, context)
 step = (Step(0, 0, tokens=np.arange(n) % 100 + 1) if st.takes_tokens
         else Step(0, 0, hidden=np.ones((n, st.n_embd), np.float32)))
@@ -81,3 +84,31 @@ def test_the_solver_and_the_agent_agree_on_a_stage_s_memory(model, spec, first, 
         solver = stage_memory(problem, Stage("a", first, last, tuple(types[first:last])), first == 0, last == n)
         agent, _, _ = footprint(path, w.concurrency, w.ctx, batch_tokens(w.prompt_tokens, w.concurrency))
         assert solver == agent.total, (w, solver, agent)
+
+
+def _buffers_mib(records) -> float:
+    """The compute and output buffers llama.cpp's log says a context allocated, in MiB."""
+    sizes = [float(m.group(1)) for r in records
+             if (m := re.search(r"(?:compute|output) buffer size =\s*([\d.]+) MiB", r.getMessage()))]
+    assert len(sizes) == 2, sizes
+    return sum(sizes)
+
+
+@pytest.mark.parametrize("first,last", [(20, 30), (10, 20)])
+def test_the_formula_covers_llama_cpp_s_own_buffers_and_no_more(smollm2, first, last, tmp_path, caplog):
+    """The compute figure of the formula covers the compute and output buffers llama.cpp
+    allocates for an agent's stage (as its log reports them), by at most 2 MiB + 10 %: a
+    stage with the head is not charged for rows of logits it never makes (an agent's stage
+    makes one per session at most and tells llama.cpp so; unbounded, SmolLM2's head stage
+    reserved ~100 MB for 512 of them)."""
+    from agent.engine import stage_settings
+    from agent.runtime import Stage
+
+    path = write_shard(smollm2, tmp_path / "s.gguf", parse_types("Q8_0", 30), first, last, file_sha256(smollm2)).path
+    caplog.set_level(logging.DEBUG, logger="llama.cpp")
+    for sessions, context, batch in ((8, 576, 512), (64, 128, 512), (4, 256, 64), (1, 2048, 512)):
+        caplog.clear()
+        Stage(path, stage_settings(sessions, context, batch, 1)).close()
+        llama = _buffers_mib(caplog.records)
+        formula = footprint(path, sessions, context, batch)[0].compute / 2**20
+        assert llama <= formula <= llama * 1.1 + 2, (sessions, context, batch, llama, formula)

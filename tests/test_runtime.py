@@ -197,6 +197,33 @@ def test_a_long_prompt_runs_in_slices_of_the_batch(reference_model, ref_prompt, 
     assert [int(r.argmax()) for r in out] == [int(r.argmax()) for r in whole]
 
 
+def test_a_head_stage_sized_for_few_outputs_makes_more_in_several_decodes(reference_model, ref_prompt, tmp_path):
+    """llama.cpp aborts on a batch with more rows of logits than its context was sized for
+    (Settings.outputs, at least one per session): the stage cuts such a batch (every row of a
+    prompt), and every row comes back, with the argmax of a stage sized for the whole batch
+    (llama.cpp's sums depend on a batch's shape, as for a prompt in slices of the batch). A
+    decode of one step per session stays one decode, the very same as unsized."""
+    path = shards_of(reference_model, ["Q8_0"] * 8, [(0, 8)], tmp_path)[0]
+    prompts = [ref_prompt[i:i + 8] for i in range(0, 32, 8)]       # 4 sessions
+
+    def run(outputs: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        st = Stage(path, Settings(sessions=4, context=128, batch_tokens=128, threads=THREADS, outputs=outputs))
+        try:
+            every = st.forward([Step(0, 0, tokens=np.array(ref_prompt), all_logits=True)])[0]
+            st.forget(0)
+            last = st.forward([Step(s, 0, tokens=np.array(p)) for s, p in enumerate(prompts)])
+            return every, last
+        finally:
+            st.close()
+
+    few_every, few_last = run(4)
+    all_every, all_last = run(0)
+    assert few_every.shape == all_every.shape == (len(ref_prompt), 4096)
+    assert [int(r.argmax()) for r in few_every] == [int(r.argmax()) for r in all_every]
+    assert len(few_last) == len(all_last) == len(prompts)
+    assert all(np.array_equal(a, b) for a, b in zip(few_last, all_last))
+
+
 def test_split_evenly():
     assert split_evenly(8, 3) == [(0, 3), (3, 5), (5, 8)]
     with pytest.raises(ValueError):
