@@ -22,6 +22,7 @@ from pathlib import Path
 import llama_cpp as L
 import numpy as np
 
+from agent.home import home
 from agent.quant import libggml
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,7 @@ def build(out: Path, cc: str = "") -> str:
 def library() -> ctypes.CDLL | None:
     """agent/capture.c as a loaded library, built on first use and kept by its source's
     hash; None, with a warning, where it cannot be built."""
-    home = Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet")).expanduser()
-    so = home / "native" / f"capture-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]}.so"
+    so = home() / "native" / f"capture-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]}.so"
     problem = "" if so.exists() else build(so)
     if not problem:
         try:

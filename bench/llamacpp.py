@@ -10,13 +10,14 @@ the test path needs it.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
+
+from agent.home import home as edgefleet_home
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("ggml-rpc-server", "llama-bench", "llama-batched-bench")
@@ -30,7 +31,7 @@ def pinned_version() -> str:
 
 
 def home() -> Path:
-    return Path(os.environ.get("EDGEFLEET_HOME", "~/.edgefleet")).expanduser() / "llama-rpc" / pinned_version()
+    return edgefleet_home() / "llama-rpc" / pinned_version()
 
 
 def binary(name: str) -> Path:

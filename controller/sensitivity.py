@@ -22,6 +22,7 @@ import numpy as np
 
 from solver import jsonio
 from agent import weights as W
+from agent.home import home
 from agent.pipeline import token_nll
 from agent.runtime import Settings, Stage, Step
 from agent.tokenizer import Tokenizer
@@ -35,7 +36,7 @@ Progress = Callable[[str, int, int], None]   # (what, done, total)
 
 def cache_dir() -> Path:
     """Where profiles are cached: $EDGEFLEET_HOME/profiles (default ~/.edgefleet/profiles)."""
-    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet")) / "profiles"
+    return home() / "profiles"
 
 
 class Evaluator:

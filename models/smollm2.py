@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.home import home
 from agent.store import file_sha256
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ TABLE = Path(__file__).resolve().parent / "SmolLM2-135M-Instruct.Q4_1.sensitivit
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet")) / "models"
+    return home() / "models"
 
 
 def _fetch_q4_1(dest: Path) -> None:
