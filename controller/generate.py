@@ -75,8 +75,7 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
                 sent = None
                 took = None if recover is None or failures >= MAX_RECOVERIES else recover(exc, pipe.deployment_id)
                 if took is None:
-                    _cancel(pipeline, sid)      # the stages may still hold the session
-                    raise
+                    raise                       # the stages may still hold the session: freed below
                 failures += 1
                 recovered += took
                 pos, pending, replay = 0, tuple(prompt), list(produced)
@@ -99,7 +98,7 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
                 if not last:
                     pipe.cancel_session(sid)
                 return
-    except GeneratorExit:           # the caller stopped early: free the session's KV cache now
+    except BaseException:           # the caller stopped early (GeneratorExit), or anything failed: free the session's KV cache now
         if sent is not None:
             sent[2].abandon()
         _cancel(pipeline, sid, sent[0] if sent is not None else None)

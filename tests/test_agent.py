@@ -785,6 +785,13 @@ def test_a_tokens_next_step_is_on_its_way_before_the_token_is_handed_out():
     gen.close()                 # the step sent ahead is abandoned and the session freed
     assert early.abandoned == 1 and early.cancelled == ["s"]
 
+    thrown = _Recorder()        # the same for any exception the caller's side throws in
+    gen = generate(lambda: thrown, [1], 5, session_id="t")
+    assert next(gen).token == 101
+    with pytest.raises(KeyboardInterrupt):
+        gen.throw(KeyboardInterrupt())
+    assert thrown.abandoned == 1 and thrown.cancelled == ["t"]
+
     calls = []
 
     def vanishing():            # the deployment goes away after the first step
