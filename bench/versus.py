@@ -62,8 +62,8 @@ HEADROOM = 96 * MiB
 
 FLEETS = {
     # three equal nodes on a slow LAN, none of which holds SmolLM2 with 8 requests' KV cache
-    # (340 MiB each, in both fleets: with 96 MiB beside each agent, a 300 MiB node cannot hold
-    # SmolLM2 Q8_0's last stage for 8 x 576 tokens, its head alone 119 MiB)
+    # (340 MiB each, in both fleets, of which an agent is told 244: the whole of SmolLM2 Q8_0
+    # for 8 x 576 tokens needs 288 MiB by the admission formula)
     "equal3": ([Node(f"node{i}", 1.0, 340 * MiB) for i in range(3)], Link(100, 2.0)),
     # four unequal nodes on a fast LAN: the same memory, CPU shares 1 : 0.6 : 0.4 : 0.25
     "unequal4": ([Node("fast", 1.0, 340 * MiB), Node("mid", 0.6, 340 * MiB), Node("slow", 0.4, 340 * MiB),
