@@ -16,12 +16,13 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from agent.engine import Engine
+from agent.home import home
 from agent.server import AgentService
 from agent.shaping import Shaper
 from agent.store import ShardStore
@@ -43,7 +44,7 @@ class AgentConfig:
     memory_bytes: int = 4 * 2 ** 30    # what the device gives edgefleet: the agent itself + its stages
     memory_beside: bool = False        # True (--memory +N): memory_bytes is for stages alone, beside the agent
     threads: int = 0                   # llama.cpp compute threads (0 = all cores)
-    data_dir: Path = Path("~/.edgefleet/agent")
+    data_dir: Path = field(default_factory=lambda: home() / "agent")
     security: Security = Security()
     emulate_bandwidth: float | None = None   # bytes/s of the emulated uplink (None = off)
     emulate_latency: float = 0.0             # seconds added to every message sent

@@ -7,5 +7,5 @@ from pathlib import Path
 
 
 def home() -> Path:
-    """$EDGEFLEET_HOME, default ~/.edgefleet (a ~ in the variable means the user's home too)."""
-    return Path(os.environ.get("EDGEFLEET_HOME", "~/.edgefleet")).expanduser()
+    """$EDGEFLEET_HOME, default (unset or empty) ~/.edgefleet; a ~ in it means the user's home."""
+    return Path(os.environ.get("EDGEFLEET_HOME") or "~/.edgefleet").expanduser()

@@ -148,10 +148,11 @@ class Stage:
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cp.no_perf = True
         # llama.cpp sizes a head stage's compute buffer for this many rows of logits (n_vocab
-        # floats each; by default for every row of a batch), and keeps one per session
-        self._outputs = max(settings.sessions, min(settings.outputs or settings.batch_tokens, settings.batch_tokens))
-        if self.has_head:
-            cp.n_outputs_max = self._outputs
+        # floats each; by default for every row of a batch), keeps one per session, and refuses
+        # (aborts) a context or batch beyond it; a stage without the head outputs every row
+        cap = settings.batch_tokens
+        self._outputs = max(settings.sessions, min(settings.outputs or cap, cap) if self.has_head else cap)
+        cp.n_outputs_max = self._outputs
         self._reader = None
         if not self.has_head:       # the residual stream after the last layer, every row of every decode
             self._reader = OutputReader(f"l_out-{self.last - self.first - 1}".encode(), settings.batch_tokens,
@@ -260,14 +261,15 @@ class Stage:
         return groups
 
     def _slices(self, wanted: list[int]) -> list[tuple[int, int]]:
-        """Row ranges [a, b) of the llama_decode calls for one group's rows: at most
-        batch_tokens rows each, and on a stage with the head at most `outputs` rows of logits
-        (llama.cpp aborts the process on a batch with more outputs than it sized for)."""
+        """Row ranges [a, b) of the llama_decode calls for one group's rows (wanted: 1 where a
+        row is an output): at most batch_tokens rows each, and at most the outputs llama.cpp
+        was sized for (it aborts the process on a batch with more)."""
         cap = self.settings.batch_tokens
-        limit = self._outputs if self.has_head else cap
+        if not wanted:
+            return []
         ranges, a, n = [], 0, 0
         for i, w in enumerate(wanted):
-            if i - a == cap or n + w > limit:
+            if i - a == cap or n + w > self._outputs:
                 ranges.append((a, i))
                 a, n = i, 0
             n += w

@@ -92,13 +92,17 @@ class EmulatedFleet:
         return self
 
     def _ticker(self) -> None:
+        log = self.logs / "ticker.log"
         p = subprocess.Popen([sys.executable, str(HERE / "ticker.py"), "--every-us", str(TICK_US)],
-                             stdout=open(self.logs / "ticker.log", "ab"), stderr=subprocess.STDOUT)
+                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         self.procs.append(p)
-        wait_port(self.logs / "ticker.log", "ticking")
-        time.sleep(0.2)
-        if p.poll() is not None:    # a CPU refused it real-time priority: the quotas would not hold
-            raise RuntimeError(f"bench/ticker.py stopped: {(self.logs / 'ticker.log').read_text().strip()[-300:]}")
+        deadline = time.monotonic() + 30
+        # it says "ticking" once every CPU's process runs at real-time priority, and exits if one
+        # is refused it (the quotas would not hold)
+        while "ticking" not in log.read_text(errors="replace"):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"bench/ticker.py did not start: {log.read_text(errors='replace').strip()[-300:]}")
+            time.sleep(0.05)
 
     def _net(self, i: int) -> None:
         ns, host, peer = self.ns(i), f"{self.tag}h{i}", f"{self.tag}n{i}"

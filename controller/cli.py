@@ -478,7 +478,7 @@ def demo(model_path: Path | None, prompt: str | None, max_tokens: int, max_ppl_i
                    "stages beside the agent.")
 @click.option("--threads", default=0, help="Compute threads (default: all cores).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Where shards are kept (default ~/.edgefleet/agent-NAME).")
+              help="Where shards are kept (default $EDGEFLEET_HOME/agent-NAME, ~/.edgefleet/agent-NAME).")
 @click.option("--emulate-bandwidth", default=None, metavar="RATE",
               help="Shape what this agent sends to RATE, e.g. 100Mbit (one-machine fleets).")
 @click.option("--emulate-latency", default=None, metavar="TIME", help="Delay every message sent, e.g. 5ms.")
@@ -488,6 +488,7 @@ def agent(controller, name, listen, advertise, memory, threads, data_dir, emulat
           session_timeout, token, tls_cert, tls_key, tls_ca) -> None:
     """Run the edge daemon: store shards, run pipeline stages, report to the controller."""
     from agent.daemon import AgentConfig, serve, setup_logging
+    from agent.home import home
     from solver.units import parse_quantity
 
     memory = memory.strip()
@@ -495,7 +496,7 @@ def agent(controller, name, listen, advertise, memory, threads, data_dir, emulat
         name=name, controller=controller, listen=listen, advertise=advertise,
         memory_bytes=int(parse_quantity(memory.removeprefix("+"), "--memory")), memory_beside=memory.startswith("+"),
         threads=threads,
-        data_dir=data_dir or Path(f"~/.edgefleet/agent-{name}"),
+        data_dir=data_dir or home() / f"agent-{name}",
         security=make_security(token, tls_cert, tls_key, tls_ca),
         emulate_bandwidth=parse_quantity(emulate_bandwidth, "--emulate-bandwidth") if emulate_bandwidth else None,
         emulate_latency=parse_quantity(emulate_latency, "--emulate-latency") if emulate_latency else 0.0,

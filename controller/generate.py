@@ -72,10 +72,10 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
             try:
                 out = answer.wait(timeout_s)
             except AgentError as exc:
-                sent = None
                 took = None if recover is None or failures >= MAX_RECOVERIES else recover(exc, pipe.deployment_id)
                 if took is None:
-                    raise                       # the stages may still hold the session: freed below
+                    raise       # the stages of `sent`, and the current ones, may still hold the session: freed below
+                sent = None
                 failures += 1
                 recovered += took
                 pos, pending, replay = 0, tuple(prompt), list(produced)

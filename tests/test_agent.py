@@ -792,6 +792,24 @@ def test_a_tokens_next_step_is_on_its_way_before_the_token_is_handed_out():
         gen.throw(KeyboardInterrupt())
     assert thrown.abandoned == 1 and thrown.cancelled == ["t"]
 
+    class Failing(_Recorder):   # a step that fails while the active deployment changes
+        def send(self, step):
+            super().send(step)
+
+            class Answer:
+                def wait(self, timeout_s=None):
+                    current[0] = new
+                    raise AgentError("the stage went away", "UNAVAILABLE")
+
+                def abandon(self):
+                    pass
+            return Answer()
+    old, new = Failing(), _Recorder()
+    current = [old]
+    with pytest.raises(AgentError, match="went away"):     # no recovery: the error comes out ...
+        list(generate(lambda: current[0], [1], 3, session_id="f"))
+    assert old.cancelled == ["f"] and new.cancelled == ["f"]     # ... and both deployments free the session once
+
     calls = []
 
     def vanishing():            # the deployment goes away after the first step

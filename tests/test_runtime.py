@@ -216,12 +216,37 @@ def test_a_head_stage_sized_for_few_outputs_makes_more_in_several_decodes(refere
         finally:
             st.close()
 
+    few = Stage(path, Settings(sessions=4, context=128, batch_tokens=128, threads=THREADS, outputs=4))
+    try:    # the decodes' row ranges: at most 4 outputs, at most 128 rows; nothing for no rows
+        assert few._slices([1] * 10) == [(0, 4), (4, 8), (8, 10)]
+        assert few._slices([0, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1]) == [(0, 11), (11, 12)]
+        assert few._slices([0] * 200 + [1]) == [(0, 128), (128, 201)]
+        assert few._slices([]) == []
+    finally:
+        few.close()
     few_every, few_last = run(4)
     all_every, all_last = run(0)
     assert few_every.shape == all_every.shape == (len(ref_prompt), 4096)
     assert [int(r.argmax()) for r in few_every] == [int(r.argmax()) for r in all_every]
     assert len(few_last) == len(all_last) == len(prompts)
     assert all(np.array_equal(a, b) for a, b in zip(few_last, all_last))
+
+
+def test_a_stage_holds_more_sessions_than_its_batch_has_rows(reference_model, tmp_path):
+    """llama.cpp requires a context to be sized for a row of output per session; a stage made
+    for 8 sessions and 4-token batches loads (it aborted the process before) and takes a
+    step of every session."""
+    first, last = shards_of(reference_model, ["Q8_0"] * 8, [(0, 4), (4, 8)], tmp_path)
+    settings = Settings(sessions=8, context=64, batch_tokens=4, threads=THREADS)
+    a, b = Stage(first, settings), Stage(last, settings)
+    try:
+        hidden = a.forward([Step(s, 0, tokens=np.array([s + 1, s + 2])) for s in range(8)])
+        logits = b.forward([Step(s, 0, hidden=h) for s, h in enumerate(hidden)])
+    finally:
+        a.close()
+        b.close()
+    assert [h.shape for h in hidden] == [(2, a.n_embd)] * 8
+    assert [x.shape for x in logits] == [(1, 4096)] * 8 and all(np.isfinite(x).all() for x in logits)
 
 
 def test_split_evenly():
