@@ -96,13 +96,9 @@ class EmulatedFleet:
         p = subprocess.Popen([sys.executable, str(HERE / "ticker.py"), "--every-us", str(TICK_US)],
                              stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         self.procs.append(p)
-        deadline = time.monotonic() + 30
         # it says "ticking" once every CPU's process runs at real-time priority, and exits if one
         # is refused it (the quotas would not hold)
-        while "ticking" not in log.read_text(errors="replace"):
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"bench/ticker.py did not start: {log.read_text(errors='replace').strip()[-300:]}")
-            time.sleep(0.05)
+        wait_for(p, log, "ticking")
 
     def _net(self, i: int) -> None:
         ns, host, peer = self.ns(i), f"{self.tag}h{i}", f"{self.tag}n{i}"
@@ -150,7 +146,7 @@ class EmulatedFleet:
         p = self.run(i, [sys.executable, str(HERE / "delay_proxy.py"), "--listen", f"{self.address(i)}:{port}",
                          "--to", f"127.0.0.1:{inner}", "--delay-ms", str(self.link.delay_ms)],
                      f"proxy{i}-{port}", limited=False)
-        wait_port(self.logs / f"proxy{i}-{port}.log", "listening")
+        wait_for(p, self.logs / f"proxy{i}-{port}.log", "listening")
         return p
 
     def stop(self, p: subprocess.Popen) -> None:
@@ -239,10 +235,15 @@ def cpu_spent(fleet: "EmulatedFleet") -> list[tuple[float, float]]:
     return out
 
 
-def wait_port(log: Path, text: str, timeout: float = 30) -> None:
+def wait_for(p: subprocess.Popen, log: Path, text: str, timeout: float = 30) -> None:
+    """Until process p's log says `text`; RuntimeError with the log's end if p exits first or
+    the time runs out."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and text in log.read_text(errors="replace"):
+    while True:
+        said = log.read_text(errors="replace") if log.exists() else ""
+        if text in said:
             return
+        if p.poll() is not None or time.monotonic() > deadline:
+            why = "exited" if p.poll() is not None else f"did not say {text!r} within {timeout:.0f} s"
+            raise RuntimeError(f"{log.stem} {why}: {said.strip()[-300:]}")
         time.sleep(0.05)
-    raise RuntimeError(f"{log.name}: {text!r} did not appear within {timeout:.0f} s")
