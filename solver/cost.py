@@ -152,8 +152,8 @@ def head_bytes(model: ModelProfile, w: Workload) -> int:
         return weights
     rows = M.head_outputs(w.concurrency, M.batch_tokens(w.prompt_tokens, w.concurrency))
     head = _compute_bytes(model, w, model.head_scratch_bytes_per_token, 2 * model.mask_bytes_per_position) \
-        + 4 * model.n_vocab * rows
-    kept = 4 * model.n_vocab * w.concurrency
+        + M.logits_bytes(model.n_vocab, rows)
+    kept = M.logits_bytes(model.n_vocab, w.concurrency)
     return weights + max(0, head - (runtime_bytes(model, w) - model.stage_bytes)) + kept
 
 

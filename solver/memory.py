@@ -85,11 +85,17 @@ def head_outputs(sessions: int, batch_tokens: int = BATCH_TOKENS) -> int:
     return max(1, min(sessions, batch_tokens))
 
 
+def logits_bytes(n_vocab: int, rows: int) -> int:
+    """Rows of logits, float32: made in a head stage's compute buffer (one per output of a
+    decode) or kept in llama.cpp's output buffer (one per session)."""
+    return 4 * n_vocab * rows
+
+
 def head_compute_bytes(n_embd: int, n_vocab: int, sessions: int, context: int,
                        batch_tokens: int = BATCH_TOKENS) -> int:
     """llama.cpp's compute buffer while the LM head runs: a row of logits per output."""
-    logits = 4 * n_vocab * head_outputs(sessions, batch_tokens)
-    return compute_bytes(4 * 2 * n_embd, 4, sessions, context, batch_tokens) + logits
+    return compute_bytes(4 * 2 * n_embd, 4, sessions, context, batch_tokens) + \
+        logits_bytes(n_vocab, head_outputs(sessions, batch_tokens))
 
 
 @dataclass(frozen=True)
@@ -112,5 +118,5 @@ def stage_memory(weights: int, n_layers: int, n_embd: int, n_head: int, n_head_k
     compute = layer_compute_bytes(n_embd, n_ff, sessions, context, batch_tokens)
     if n_vocab > 1:     # the peak at the head, and the logits rows kept (llama.cpp's output buffer)
         compute = max(compute, head_compute_bytes(n_embd, n_vocab, sessions, context, batch_tokens)) \
-            + 4 * n_vocab * sessions
+            + logits_bytes(n_vocab, sessions)
     return StageMemory(weights, kv, compute)
