@@ -249,16 +249,29 @@ class LlamaRpc:
             cmd += ["-ts", "/".join(str(x) for x in split)]
         return json.loads(self._run(cmd))[0]
 
-    def bench(self, model: Path, order: list[int], split: list[int] | None, runs: int) -> Figures:
+    def bench(self, model: Path, order: list[int], split: list[int] | None,
+              runs: int) -> tuple[Figures, list[float]]:
+        """The figures, and each node's CPU seconds in the 8-request run's timed work: the
+        difference from a run of one 1-token request, which loads and warms up alike."""
         pp = self.llama_bench(model, order, split, runs, "-p", str(PROMPT), "-n", "0")
         tg = self.llama_bench(model, order, split, runs, "-p", "0", "-n", str(OUTPUT), "-d", str(PROMPT))
-        batched = [str(self.bin / "llama-batched-bench"), "-m", str(model), "--rpc", self.rpc_list(order), "-ngl", "99",
-                   "-t", "1", "-fa", "on", "-c", str(CONCURRENT * (PROMPT + OUTPUT)), "-b", "2048", "-ub", "512",
-                   "-npp", str(PROMPT), "-ntg", str(OUTPUT), "-npl", str(CONCURRENT), "--output-format", "jsonl"]
-        if split:
-            batched += ["-ts", ",".join(str(x) for x in split)]
-        row = json.loads([ln for ln in self._run(batched).splitlines() if ln.startswith("{")][-1])
-        return Figures(PROMPT / pp["avg_ts"], tg["avg_ts"], CONCURRENT * OUTPUT / row["t"])
+
+        def batched(prompt: int, output: int, requests: int) -> tuple[dict, list[float]]:
+            cmd = [str(self.bin / "llama-batched-bench"), "-m", str(model), "--rpc", self.rpc_list(order),
+                   "-ngl", "99", "-t", "1", "-fa", "on", "-c", str(CONCURRENT * (PROMPT + OUTPUT)), "-b", "2048",
+                   "-ub", "512", "-npp", str(prompt), "-ntg", str(output), "-npl", str(requests),
+                   "--output-format", "jsonl"]
+            if split:
+                cmd += ["-ts", ",".join(str(x) for x in split)]
+            before = cpu_spent(self.fleet)
+            out = self._run(cmd)
+            spent = [b[0] - a[0] for a, b in zip(before, cpu_spent(self.fleet))]
+            return json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1]), spent
+
+        row, spent = batched(PROMPT, OUTPUT, CONCURRENT)
+        _, idle = batched(1, 1, 1)
+        return (Figures(PROMPT / pp["avg_ts"], tg["avg_ts"], CONCURRENT * OUTPUT / row["t"]),
+                [max(0.0, a - b) for a, b in zip(spent, idle)])
 
     def cpu_per_token(self, model: Path, order: list[int], split: list[int]) -> list[tuple[float, float]]:
         """Each node's CPU seconds per decode token, and seconds per token its quota held it off
@@ -315,47 +328,51 @@ def fleet_nodes(name: str, memory_mib: int | None) -> tuple[list[Node], Link]:
     return nodes, link
 
 
+def edgefleet_runs(master_type: str, free_types: str, only_bc: bool) -> list[tuple[str, str, str, str]]:
+    """(run, types, objective, what) of each edgefleet deployment measured: (c) always, (d)
+    and (e) unless only_bc."""
+    runs = [("(c)", master_type, "latency", f"every layer at {master_type}")]
+    if not only_bc:
+        runs += [("(d)", free_types, "latency", f"its own plan over {free_types or 'every type'}"),
+                 ("(e)", master_type, "throughput", f"its plan for throughput, every layer at {master_type}")]
+    return runs
+
+
 def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: int,
               work: Path, proxy_s: float, only_bc: bool = False) -> list[tuple[str, Figures, str]]:
-    """The fleet's rows: (label, figures, what it ran), and the breakdown rows; with only_bc,
-    (b) and (c) alone (and their breakdown and CPU rows)."""
+    """The fleet's rows: (label, figures, what it ran), and the breakdown, bound and CPU rows;
+    with only_bc, (b) and (c) alone (and their rows)."""
     path_fn, master_type, free_types = models()[model_name]
     master = path_fn()
-    rows = []
+    plans, figs, per_token = {}, {}, {}
     with EmulatedFleet(nodes, link, work / "logs") as fleet:
         cpu = cpu_check(fleet)
-        say(f"{name}: edgefleet, every layer at {master_type}")
         ef = Edgefleet(fleet, work)
         try:
-            kept = ef.deploy(master, master_type, 5.0)
-            c = ef.measure(master, runs)
-            overhead, c_cpu = ef.breakdown(master, len(kept["stages"]), link, n_embd(master), proxy_s)
-            if not only_bc:
-                say(f"{name}: edgefleet, its own plan over {free_types or 'every type'}")
-                own = ef.deploy(master, free_types, 5.0)
-                d = ef.measure(master, runs)
-                own_overhead, _ = ef.breakdown(master, len(own["stages"]), link, n_embd(master), proxy_s)
-                say(f"{name}: edgefleet, its plan for throughput, every layer at {master_type}")
-                fast = ef.deploy(master, master_type, 5.0, "throughput")
-                e = ef.measure(master, runs)
+            for run, types, objective, what in edgefleet_runs(master_type, free_types, only_bc):
+                say(f"{name}: edgefleet, {what}")
+                plans[run] = ef.deploy(master, types, 5.0, objective)
+                figs[run] = ef.measure(master, runs)
+                if run in ("(c)", "(d)"):
+                    per_token[run] = ef.breakdown(master, len(plans[run]["stages"]), link, n_embd(master), proxy_s)
         finally:
             ef.stop()
-        n_layer = sum(s["last"] - s["first"] for s in kept["stages"])
-        order, split = tensor_split(kept, n_layer, nodes)
-        if not only_bc:
-            fast_order, fast_split = tensor_split(fast, n_layer, nodes)
-        say(f"{name}: llama.cpp RPC, " + (f"edgefleet's split {split}" if only_bc else
-                                          f"default split and edgefleet's splits {split} and {fast_split}"))
+        n_layer = sum(s["last"] - s["first"] for s in plans["(c)"]["stages"])
+        # llama.cpp's runs: (a) its default split over every node, (b) (c)'s split, (f) (e)'s
+        splits = {"(a)": (list(range(len(nodes))), None)} if not only_bc else {}
+        splits["(b)"] = tensor_split(plans["(c)"], n_layer, nodes)
+        if "(e)" in plans:
+            splits["(f)"] = tensor_split(plans["(e)"], n_layer, nodes)
+        say(f"{name}: llama.cpp RPC, splits " + ", ".join(f"{k} {v[1] or 'default'}" for k, v in splits.items()))
         llama = LlamaRpc(fleet)
+        busy = {}
         try:
-            if not only_bc:
-                a = llama.bench(master, list(range(len(nodes))), None, runs)
-            b = llama.bench(master, order, split, runs)
-            b_cpu = llama.cpu_per_token(master, order, split)
-            if not only_bc:
-                f = llama.bench(master, fast_order, fast_split, runs)
+            for run, (order, split) in splits.items():
+                figs[run], busy[run] = llama.bench(master, order, split, runs)
+            b_cpu = llama.cpu_per_token(master, *splits["(b)"])
         finally:
             llama.stop()
+
     def describe(p: dict, f: Figures | None = None) -> str:
         text = " -> ".join(f"{s['node']}[{s['first']}:{s['last']}]" for s in p["stages"])
         if f is not None:       # the cost model's prediction against what was measured
@@ -364,20 +381,40 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
                      f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f})")
         return text
 
-    if not only_bc:
-        rows.append(("(a) llama.cpp RPC, default split", a, "even split"))
-    rows.append(("(b) llama.cpp RPC, edgefleet's split", b, describe(kept)))
-    rows.append(("(c) edgefleet, same split and types", c, describe(kept, c)))
-    if not only_bc:
-        rows.append(("(d) edgefleet, own plan (5 %)", d,
-                     describe(own, d) + f"; {own['prediction']['ppl_increase_pct']:+.2f} % ppl"))
-        rows.append(("(e) edgefleet, throughput plan", e, describe(fast, e)))
-        rows.append(("(f) llama.cpp RPC, (e)'s split", f, describe(fast)))
-    rows.append(("(c) per token", c, overhead))
-    if not only_bc:
-        rows.append(("(d) per token", d, own_overhead))
-    rows.append(("(c) and (b), CPU", c, "ms per decode token on each node of the split (in brackets, ms per token "
-                 "its cgroup was held off the CPU by its quota): " + ", ".join(
+    def bound(run: str, ours: str) -> str:
+        """The most a pipeline could gain on llama.cpp's 8-request run of this split: its wall
+        time against the busiest node's share of it (that node's CPU seconds in llama.cpp's
+        run at the node's quota; edgefleet's stage does the same layers' work with the same
+        kernels, and cannot finish sooner)."""
+        order, _ = splits[run]
+        wall = CONCURRENT * OUTPUT / figs[run].concurrent_tps
+        i = max(order, key=lambda k: busy[run][k] / nodes[k].cpu)
+        least = busy[run][i] / nodes[i].cpu
+        return (f"{ours}/{run} with 8 requests can reach at most {wall / least:.2f}: llama.cpp's {run} took {wall:.1f} s, "
+                f"of which its busiest node, {nodes[i].name}, ran {busy[run][i]:.2f} s of CPU at {nodes[i].cpu:g} CPU "
+                f"= {least:.1f} s; measured {figs[ours].concurrent_tps / figs[run].concurrent_tps:.2f}")
+
+    c_cpu = per_token["(c)"][1]
+    rows = []
+    labels = {"(a)": ("(a) llama.cpp RPC, default split", "even split"),
+              "(b)": ("(b) llama.cpp RPC, edgefleet's split", describe(plans["(c)"])),
+              "(c)": ("(c) edgefleet, same split and types", describe(plans["(c)"], figs["(c)"])),
+              "(d)": ("(d) edgefleet, own plan (5 %)", describe(plans.get("(d)", {}), figs.get("(d)"))
+                      + f"; {plans.get('(d)', {}).get('prediction', {}).get('ppl_increase_pct', 0):+.2f} % ppl"
+                      if "(d)" in plans else ""),
+              "(e)": ("(e) edgefleet, throughput plan", describe(plans.get("(e)", {}), figs.get("(e)"))
+                      if "(e)" in plans else ""),
+              "(f)": ("(f) llama.cpp RPC, (e)'s split", describe(plans.get("(e)", {})) if "(e)" in plans else "")}
+    for run in sorted(figs):
+        rows.append((labels[run][0], figs[run], labels[run][1]))
+    for run, (text, _) in per_token.items():
+        rows.append((f"{run} per token", figs[run], text))
+    for ours, theirs in (("(c)", "(b)"), ("(e)", "(f)")):
+        if theirs in figs:
+            rows.append((f"{ours} bound", figs[ours], bound(theirs, ours)))
+    order = splits["(b)"][0]
+    rows.append(("(c) and (b), CPU", figs["(c)"], "ms per decode token on each node of the split (in brackets, ms "
+                 "per token its cgroup was held off the CPU by its quota): " + ", ".join(
                      f"{nodes[i].name} {c_cpu[i][0] * 1e3:.2f} ({c_cpu[i][1] * 1e3:.2f}) and "
                      f"{b_cpu[i][0] * 1e3:.2f} ({b_cpu[i][1] * 1e3:.2f})" for i in order)))
     rows.append(("CPU", None, "each node's speed, as a slowdown against an unlimited process: " + ", ".join(
@@ -387,7 +424,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
 
 def is_system(label: str) -> bool:
     """A row of one system's figures, "(x) ...", not a breakdown or CPU row."""
-    return label[3:4] == " " and "per token" not in label and "CPU" not in label
+    return label[3:4] == " " and not any(w in label for w in ("per token", "CPU", "bound"))
 
 
 def main() -> None:
