@@ -240,6 +240,11 @@ class Engine:
         with self._lock:
             return sum(len(d.sessions) for d in self._deployments.values())
 
+    def holds(self, session_id: str) -> bool:
+        """Whether any deployment here holds the session's KV cache."""
+        with self._lock:
+            return any(session_id in d.sessions for d in self._deployments.values())
+
     def busy_sessions(self, within_s: float) -> int:
         """Sessions that computed a step in the last within_s seconds (the others look abandoned)."""
         cutoff = time.monotonic() - within_s

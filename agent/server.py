@@ -9,9 +9,17 @@ own stage time; the final stage answers with the sampled token. A step that name
 collector (`reply_to`, the controller's `Collect` call on the last agent) carries the stage
 times down with it, and the last stage answers it on that call, straight to the controller:
 a decode step then crosses stages + 1 links, not 2 × stages. Errors still go up the chain.
+
+A step of the first stage that asks to go on (`continue_tokens`) is continued by the last
+stage itself: it answers the step, and makes the next one-token step of the session from the
+token it sampled, without waiting for the controller. With one stage the step goes straight
+back into the engine; with several it goes round to the first stage (the last stage's
+next_address) on a `Ring` stream, so a decode step crosses as many links as there are
+stages, and the controller's answers leave the path that makes the tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import statistics
@@ -34,6 +42,7 @@ from proto import edgefleet_pb2_grpc as rpc
 from proto.security import Security
 
 log = logging.getLogger(__name__)
+PRUNE_EVERY = 1024      # steps a stream takes between looks for the sessions it names that ended elsewhere
 
 
 def _abort(context, code: str, message: str):
@@ -108,6 +117,8 @@ class Hop:
         self._sent: dict[tuple[str, int], tuple[A.StageTime, str]] = {}   # (session, position) -> my time, next address
         self._direct: dict[str, tuple[int, A.StageTime, str]] = {}   # session -> its latest step sent on with reply_to
         self._open: dict[str, str] = {}     # sessions that came through this stream and are not ended -> deployment
+        self._handled = 0
+        self._stale: set[str] = set()       # sessions of _open and _direct that the engine no longer held at the last look
 
     # ---------------------------------------------------------- upstream side
 
@@ -150,7 +161,9 @@ class Hop:
                 self._open.pop(step.session_id, None)
                 self._direct.pop(step.session_id, None)
             eng.cancel(dep.deployment_id, step.session_id)
-            if not dep.is_last and dep.next_address:
+            if dep.is_last:
+                self.svc.ring.end(step.session_id)
+            elif dep.next_address:
                 self._downstream(dep.next_address).send(step)
             return
         try:
@@ -159,15 +172,44 @@ class Hop:
             self._answer_now(A.StepOut(step.session_id, step.position, error=f"{exc}; fix the request",
                                        error_code="INVALID_ARGUMENT"))
             return
+        ends = _ends(step)
         with self._lock:
             self._pending += 1
-            if step.finish:
+            if ends:
                 self._open.pop(step.session_id, None)
             else:
                 self._open[step.session_id] = dep.deployment_id
+            self._handled += 1
+            prune = self._handled % PRUNE_EVERY == 0
+        if prune:
+            self._prune()
         eng.submit(Job(dep.deployment_id, step.session_id, step.position, step.tokens, step.hidden,
-                       sampling, step.return_logits, step.finish,
+                       sampling, step.return_logits, ends,
                        done=lambda r, s=step, d=dep: self._computed(r, s, d)))
+
+    def _prune(self) -> None:
+        """Forget sessions this stream's bookkeeping still names but no stage here holds any
+        more, twice in a row (a continued session ends on another stream: module doc)."""
+        with self._lock:
+            names = set(self._open) | set(self._direct)
+        gone = {sid for sid in names if not self.svc.engine.holds(sid)}
+        with self._lock:
+            for sid in gone & self._stale:
+                self._open.pop(sid, None)
+                self._direct.pop(sid, None)
+            self._stale = gone
+
+    def _continued(self, step: A.StepIn, r: Result, dep) -> A.StepIn | None:
+        """The session's next one-token step, where this last stage goes on by itself."""
+        if step.continue_tokens <= 0 or r.token == step.stop_token or self._closed:
+            return None
+        if not dep.stage.has_embedding and not dep.next_address:
+            return None     # nowhere to go round to: the controller sends the next step
+        return A.StepIn(step.session_id, step.position + step.n_tokens, tokens=(r.token,),
+                        temperature=step.temperature, top_p=step.top_p, seed=step.seed,
+                        return_logits=step.return_logits, finish=step.finish, deployment_id=dep.deployment_id,
+                        reply_to=step.reply_to, continue_tokens=step.continue_tokens - 1,
+                        stop_token=step.stop_token)
 
     def _computed(self, r: Result, step: A.StepIn, dep) -> None:
         mine = A.StageTime(self.svc.node.name, r.compute_s, r.queue_s, r.batch_size)
@@ -177,6 +219,15 @@ class Hop:
                                    stage_times=times))
         elif dep.is_last:
             out = A.StepOut(r.session_id, r.position, token=r.token, logits=r.logits, stage_times=times)
+            nxt = self._continued(step, r, dep)
+            if nxt is not None and dep.stage.has_embedding:     # one stage: straight back into the engine
+                self._handle(nxt)           # before the answer, so that this stream stays open for it
+                out = dataclasses.replace(out, continued=True)
+            elif (nxt is not None and step.reply_to and self.svc.collecting(step.reply_to)
+                  and self.svc.ring.send(dep.next_address, nxt)):
+                out = dataclasses.replace(out, continued=True)
+            else:
+                self.svc.ring.end(r.session_id)
             if not (step.reply_to and self.svc.collect(step.reply_to, out)):
                 self._answer(out)           # no such collector here (yet): up the chain
             else:
@@ -187,7 +238,7 @@ class Hop:
         else:
             with self._lock:
                 if step.reply_to:       # no answer comes back up unless an error: this step is settled here
-                    if step.finish:
+                    if _ends(step):
                         self._direct.pop(r.session_id, None)
                     else:
                         self._direct[r.session_id] = (r.position, mine, dep.next_address)
@@ -196,7 +247,8 @@ class Hop:
             nxt = A.StepIn(step.session_id, step.position, hidden=r.hidden, temperature=step.temperature,
                            top_p=step.top_p, seed=step.seed, return_logits=step.return_logits,
                            finish=step.finish, deployment_id=dep.deployment_id, reply_to=step.reply_to,
-                           stage_times=times if step.reply_to else ())
+                           stage_times=times if step.reply_to else (), continue_tokens=step.continue_tokens,
+                           stop_token=step.stop_token)
             self._downstream(dep.next_address).send(nxt)
             if step.reply_to:
                 self._settled()
@@ -305,6 +357,59 @@ class Hop:
             log.info("upstream gone: ended %d open sessions", len(left))
 
 
+def _ends(step: A.StepIn) -> bool:
+    """Whether the session ends with this step (a continued session ends with its last step)."""
+    return step.finish and not step.continue_tokens
+
+
+class Ring:
+    """The last stage's streams round to the first stage, one per address, shared by every
+    session it continues (module doc). What comes back on them is an error of a continued
+    step (or an answer nobody collected): it goes to the session's collector here."""
+
+    def __init__(self, svc: "AgentService"):
+        self.svc = svc
+        self._lock = threading.Lock()
+        self._down: dict[str, Downstream] = {}
+        self._sessions: dict[str, tuple[str, int, str]] = {}    # session -> collector, position, address of its step out
+
+    def send(self, address: str, step: A.StepIn) -> bool:
+        """Send a continued step round; False if the stream to the first stage cannot be made."""
+        with self._lock:
+            d = self._down.get(address)
+            if d is None or d.broken:
+                try:
+                    d = Downstream(address, self.svc.security, self.svc.shaper, self._answered, self._broken)
+                except Exception as exc:    # e.g. an address the channel refuses
+                    log.warning("cannot go round to the first stage at %s: %s", address, exc)
+                    return False
+                self._down[address] = d
+            self._sessions[step.session_id] = (step.reply_to, step.position, address)
+        d.send(step)
+        return True
+
+    def end(self, session_id: str) -> None:
+        """The session goes round no more (its last step, a stop token, a cancel)."""
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def _answered(self, out: A.StepOut) -> None:
+        with self._lock:
+            entry = self._sessions.pop(out.session_id, None)
+        if entry is None or not self.svc.collect(entry[0], dataclasses.replace(out, continued=False)):
+            log.debug("dropping an answer for session %s position %d: nobody collects it", out.session_id,
+                      out.position)
+
+    def _broken(self, down: Downstream, message: str) -> None:
+        log.warning("%s", message)
+        with self._lock:
+            lost = [(sid, e) for sid, e in self._sessions.items() if e[2] == down.address]
+            for sid, _ in lost:
+                del self._sessions[sid]
+        for sid, (collector, pos, _) in lost:
+            self.svc.collect(collector, A.StepOut(sid, pos, error=message, error_code="UNAVAILABLE"))
+
+
 class AgentService(rpc.AgentServicer):
     def __init__(self, node: A.NodeInfo, store: ShardStore, engine: Engine, security: Security, shaper: Shaper,
                  local_address: str = ""):
@@ -317,6 +422,7 @@ class AgentService(rpc.AgentServicer):
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
         self._collectors: dict[str, queue.Queue] = {}
         self._collectors_lock = threading.Lock()
+        self.ring = Ring(self)
 
     # ---------------------------------------------------------- shards
 
@@ -395,6 +501,11 @@ class AgentService(rpc.AgentServicer):
 
         context.add_callback(gone)
         yield from Shaper.delivered(q)
+
+    def collecting(self, collector_id: str) -> bool:
+        """Whether the controller's collector is open here."""
+        with self._collectors_lock:
+            return collector_id in self._collectors
 
     def collect(self, collector_id: str, out: A.StepOut) -> bool:
         """Send a last stage's answer to the controller's collector; False if it is not open here."""

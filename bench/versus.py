@@ -208,15 +208,18 @@ class Edgefleet:
         queue = (end_q - start_q) / decode_steps
         tokens = len(times) - 2         # after the first
         per_token = (times[-1] - times[1]) / tokens
-        crossings = stages + 1          # down the chain from the controller, the answer straight back from the last stage
-        links = crossings * (proxy_s + n_embd * 4 * 8 / (link.mbit * 1e6))
+        # down the chain, then the last stage's step round to the first (a token id); one
+        # stage goes on inside its node (agent/server.py); the answers to the controller are
+        # not on the way
+        crossings = stages if stages > 1 else 0
+        links = (stages - 1) * (proxy_s + n_embd * 4 * 8 / (link.mbit * 1e6)) + (proxy_s if stages > 1 else 0.0)
         rest = per_token - compute - links
         cpu = [((b[0] - a[0]) / tokens, (b[1] - a[1]) / tokens) for a, b in zip(start_cpu, end_cpu)]
+        each = f"{rest * 1e3 / crossings:.2f} ms per crossing; the target is <= 1.5" if crossings else "no crossing"
         return (f"{per_token * 1e3:.2f} ms/token = stage compute {compute * 1e3:.2f} + emulated links "
                 f"{links * 1e3:.2f} ({crossings} crossings, the proxy as measured) + the rest {rest * 1e3:.2f} "
-                f"({rest * 1e3 / crossings:.2f} ms per crossing; the target is <= 1.5; of it, waits in the "
-                f"stages' queues {queue * 1e3:.2f}, and gRPC, serialization and hand-offs "
-                f"{(rest - queue) * 1e3:.2f})"), cpu
+                f"({each}; of it, waits in the stages' queues {queue * 1e3:.2f}, and gRPC, serialization and "
+                f"hand-offs {(rest - queue) * 1e3:.2f})"), cpu
 
     def stop(self) -> None:
         for a in self.agents:

@@ -5,6 +5,7 @@ to do, and the gRPC status name in `code`.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import queue
@@ -26,6 +27,7 @@ from proto.security import Security
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
+EARLY_KEPT = 4096       # sessions whose continued answers a PipelineStream keeps before anyone waits for them
 
 
 class AgentError(RuntimeError):
@@ -166,7 +168,10 @@ class PipelineStream:
     Given the last stage's address (`last`, a different agent), it also opens a `Collect` call
     there and every step names it (`reply_to`): answers come straight from the last stage
     instead of back up the chain, and errors still come up the chain. The answer that
-    arrives first for a step is the one its waiter gets."""
+    arrives first for a step is the one its waiter gets. The answer to a step the stages made
+    themselves (a continued one) may come before anyone waits for it (`expect`): it is kept
+    until then (for the EARLY_KEPT sessions that had one last), and dropped when the session
+    is cancelled or its next step is sent from here."""
 
     def __init__(self, address: str, security: Security = Security(), deployment_id: str = "", last: str = ""):
         self.address = address
@@ -174,6 +179,7 @@ class PipelineStream:
         self._channel = security.channel(address)
         self._q: queue.Queue = queue.Queue()
         self._waiters: dict[tuple[str, int], queue.Queue] = {}
+        self._early: collections.OrderedDict[str, dict[int, A.StepOut]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.broken: AgentError | None = None
         self._call = rpc.AgentStub(self._channel).Forward(iter(self._q.get, None), metadata=security.metadata())
@@ -193,8 +199,14 @@ class PipelineStream:
         try:
             for m in call:
                 out = A.step_out(m)
+                key = (out.session_id, out.position)
                 with self._lock:
-                    w = self._waiters.pop((out.session_id, out.position), None)
+                    w = self._waiters.pop(key, None)
+                    if w is None:
+                        self._early.setdefault(out.session_id, {}).setdefault(out.position, out)
+                        self._early.move_to_end(out.session_id)
+                        while len(self._early) > EARLY_KEPT:
+                            self._early.popitem(last=False)
                 if w is not None:
                     w.put(out)
         except grpc.RpcError as exc:
@@ -220,19 +232,47 @@ class PipelineStream:
         with self._lock:
             if self.broken is not None:
                 raise self.broken
+            self._early.pop(step.session_id, None)  # a step sent from here: the session's stages went on no further
             self._waiters[key] = w
         self._q.put(A.step_pb(dataclasses.replace(step, reply_to=self.collector) if self.collector else step))
+        return Answer(self, key, w)
+
+    def expect(self, session_id: str, position: int) -> "Answer":
+        """The answer to a step the stages make themselves (StepOut.continued), not sent from here."""
+        w: queue.Queue = queue.Queue(maxsize=1)
+        key = (session_id, position)
+        with self._lock:
+            early = self._early_pop(key)
+            if early is not None:
+                w.put(early)
+            elif self.broken is not None:
+                raise self.broken
+            else:
+                self._waiters[key] = w
         return Answer(self, key, w)
 
     def step(self, step: A.StepIn, timeout_s: float | None = None) -> A.StepOut:
         """Send one step and wait for its answer; StepFailed if the pipeline reports an error."""
         return self.send(step).wait(timeout_s)
 
+    def _early_pop(self, key: tuple[str, int]) -> A.StepOut | None:
+        """The kept answer for a step, if any (caller holds the lock)."""
+        kept = self._early.get(key[0])
+        if kept is None:
+            return None
+        out = kept.pop(key[1], None)
+        if not kept:
+            del self._early[key[0]]
+        return out
+
     def _forget(self, key: tuple[str, int]) -> None:
         with self._lock:
             self._waiters.pop(key, None)
+            self._early_pop(key)
 
     def cancel_session(self, session_id: str) -> None:
+        with self._lock:
+            self._early.pop(session_id, None)
         self._q.put(A.step_pb(A.StepIn(session_id, 0, cancel=True, deployment_id=self.deployment_id)))
 
     def close(self, why: str = "") -> None:

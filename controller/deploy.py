@@ -171,6 +171,12 @@ def push_all(targets: list[tuple[NodeInfo, ShardInfo]], security: Security, repo
     return sent
 
 
+def next_address(addresses: list[str], i: int) -> str:
+    """Where stage i sends its steps on: the next stage's agent; the last stage of several
+    sends its continued steps round to the first (agent/server.py); one stage, nowhere."""
+    return addresses[(i + 1) % len(addresses)] if len(addresses) > 1 else ""
+
+
 def switch(deployment_id: str, targets: list[tuple[NodeInfo, ShardInfo]], w: Workload, security: Security,
            report: Callable) -> None:
     """Prepare every stage, then activate every stage; on a prepare failure unload what was
@@ -179,7 +185,7 @@ def switch(deployment_id: str, targets: list[tuple[NodeInfo, ShardInfo]], w: Wor
     batch = batch_tokens(w.prompt_tokens, w.concurrency)   # as the plan's memory assumed
     try:
         for i, (node, shard) in enumerate(targets):
-            nxt = targets[i + 1][0].address if i + 1 < len(targets) else ""
+            nxt = next_address([n.address for n, _ in targets], i)
             with AgentClient(node.address, security, node.name) as c:
                 c.prepare(deployment_id, shard.sha256, nxt, w.concurrency, w.ctx, batch)
             prepared.append(node)

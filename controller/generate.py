@@ -5,6 +5,11 @@ on a bare pipeline (without one). After a recovery the request is replayed on th
 stages in the steps it was first computed in (the prompt at once, then one token a step):
 llama.cpp's sums depend on a batch's shape, so only the same steps rebuild the very same
 KV cache, and a greedy request's output is the one an undisturbed run gives.
+
+Each step asks the stages to go on by themselves for the rest of the request
+(`continue_tokens`, stopping at `eos`): where the last stage can (agent/server.py), the next
+step's answer then comes without a step sent from here (`Pipeline.expect`), and the
+controller is off the path that makes the tokens. Replayed steps never go on.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ class Pipeline(Protocol):
     deployment_id: str
 
     def send(self, step: A.StepIn) -> Answer: ...
+
+    def expect(self, session_id: str, position: int) -> Answer: ...
 
     def cancel_session(self, session_id: str) -> None: ...
 
@@ -63,8 +70,9 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
 
     def send() -> tuple[Pipeline, bool, Answer]:
         pipe = pipeline()
-        last = not replay and len(produced) == max_tokens - 1
-        return pipe, last, _send(pipe, _step(sid, pos, pending, sampling, last, pipe.deployment_id))
+        more = 0 if replay else max_tokens - len(produced) - 1     # steps the stages may go on with
+        step = _step(sid, pos, pending, sampling, not replay, pipe.deployment_id, more, eos)
+        return pipe, not replay and more == 0, _send(pipe, step)
 
     try:
         while len(produced) < max_tokens:
@@ -88,8 +96,8 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
             produced.append(out.token)
             if out.token != eos and len(produced) < max_tokens:
                 pending = (out.token,)
-                try:
-                    sent = send()
+                try:        # the stages went on with this token, or the next step goes from here
+                    sent = (pipe, len(produced) == max_tokens - 1, pipe.expect(sid, pos)) if out.continued else send()
                 except Exception as exc:    # e.g. no deployment any more: raised once this token is out
                     sent = pipe, False, _Unsent(exc)
             yield Token(out.token, recovered, out.stage_times)
@@ -125,9 +133,12 @@ def _send(pipe: Pipeline, step: A.StepIn) -> Answer:
         return _Unsent(exc)
 
 
-def _step(sid: str, pos: int, tokens: tuple[int, ...], s: Sampling, last: bool, deployment_id: str) -> A.StepIn:
-    return A.StepIn(sid, pos, tokens=tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, finish=last,
-                    deployment_id=deployment_id)
+def _step(sid: str, pos: int, tokens: tuple[int, ...], s: Sampling, finish: bool, deployment_id: str,
+          more: int, eos: int | None) -> A.StepIn:
+    """A step; `finish` frees the session after it, or after the last of the `more` steps the
+    stages go on with."""
+    return A.StepIn(sid, pos, tokens=tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, finish=finish,
+                    deployment_id=deployment_id, continue_tokens=more, stop_token=eos)
 
 
 def _cancel(pipeline: Callable[[], Pipeline], sid: str, also: Pipeline | None = None) -> None:

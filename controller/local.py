@@ -123,9 +123,10 @@ def wait_alive(controller: str, n: int, timeout_s: float, logs: Path) -> None:
 def deploy_chain(agents: list[ServiceProcess], shards, deployment_id: str, max_sessions: int, context: int) -> None:
     """Without a controller: push shard i to agent i, chain them in order, prepare, then activate."""
     from controller.agents import AgentClient
+    from controller.deploy import next_address
 
     for i, (a, s) in enumerate(zip(agents, shards)):
-        nxt = agents[i + 1].address if i + 1 < len(agents) else ""
+        nxt = next_address([x.address for x in agents], i)
         with AgentClient(a.address) as c:
             c.push_shard(s.path, s.sha256)
             c.prepare(deployment_id, s.sha256, nxt, max_sessions, context)

@@ -150,6 +150,8 @@ class StepIn:
     cancel: bool = False
     reply_to: str = ""                   # the last stage answers this collector (Agent.Collect)
     stage_times: tuple["StageTime", ...] = ()   # with reply_to: the stages already passed
+    continue_tokens: int = 0             # one-token steps the last stage goes on with by itself
+    stop_token: int | None = None        # ... stopping after this token
 
     @property
     def n_tokens(self) -> int:
@@ -161,7 +163,9 @@ def step_pb(s: StepIn) -> pb.StageInput:
                       sampling=pb.Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                                            return_logits=s.return_logits),
                       finish=s.finish, deployment_id=s.deployment_id, cancel=s.cancel, reply_to=s.reply_to,
-                      stage_times=_times_pb(s.stage_times))
+                      stage_times=_times_pb(s.stage_times), continue_tokens=s.continue_tokens)
+    if s.stop_token is not None:
+        m.stop_token = s.stop_token
     if s.hidden is not None:
         m.hidden.CopyFrom(tensor_pb(s.hidden))
     return m
@@ -178,7 +182,8 @@ def step_in(m: pb.StageInput) -> StepIn:
     sp = m.sampling if m.HasField("sampling") else pb.Sampling(top_p=1.0)
     return StepIn(m.session_id, int(m.position), tuple(m.tokens), hidden, float(sp.temperature),
                   float(sp.top_p) if sp.top_p > 0 else 1.0, int(sp.seed), sp.return_logits,
-                  m.finish, m.deployment_id, m.cancel, m.reply_to, _times(m.stage_times))
+                  m.finish, m.deployment_id, m.cancel, m.reply_to, _times(m.stage_times),
+                  int(m.continue_tokens), int(m.stop_token) if m.HasField("stop_token") else None)
 
 
 @dataclass(frozen=True)
@@ -200,11 +205,12 @@ class StepOut:
     stage_times: tuple[StageTime, ...] = field(default_factory=tuple)
     error: str = ""
     error_code: str = ""
+    continued: bool = False     # the last stage went on with this token: the next answer follows unasked
 
 
 def out_pb(o: StepOut) -> pb.StageOutput:
     m = pb.StageOutput(session_id=o.session_id, position=o.position, token=o.token, error=o.error,
-                       error_code=o.error_code, stage_times=_times_pb(o.stage_times))
+                       error_code=o.error_code, stage_times=_times_pb(o.stage_times), continued=o.continued)
     if o.logits is not None:
         m.logits.CopyFrom(tensor_pb(o.logits))
     return m
@@ -213,7 +219,7 @@ def out_pb(o: StepOut) -> pb.StageOutput:
 def step_out(m: pb.StageOutput) -> StepOut:
     return StepOut(m.session_id, int(m.position), int(m.token),
                    tensor_array(m.logits) if m.HasField("logits") else None, _times(m.stage_times),
-                   m.error, m.error_code)
+                   m.error, m.error_code, m.continued)
 
 
 def _times_pb(times) -> list[pb.StageTime]:

@@ -10,7 +10,8 @@ The system modelled is the one the agents run (docs/simulator.md):
 - steps that leave a stage together travel on together as a *cohort*; a message occupies
   each link of its route for bytes / bandwidth (first come first served) and arrives
   `latency` later; the sampled tokens go from the last stage straight to the controller,
-  which sends the next step;
+  and the last stage goes on by itself: the next step goes round to the first stage (a
+  few bytes; nothing with one stage), while the controller learns of the tokens;
 - a failed node stops the pipeline: the solver re-plans on the nodes left, the changed
   shards are pushed from the controller, and in-flight requests are replayed (a prefill of
   prompt + tokens so far), as the controller's failover does.
@@ -255,6 +256,7 @@ class Simulator:
                 self.links[(u, v)] = [d["bandwidth"], d["latency"], old[2] if old else 0.0]
         self._reply_cache: dict[int, float] = {}
         self._ctrl_cache: dict[int, float] = {}
+        self._ring_cache: dict[int, float] = {}
         self.route = []             # per stage-to-stage hop: the links, forward
         names = [s.node.name for s in self.stages]
         for a, b in zip(names, names[1:]):
@@ -269,6 +271,13 @@ class Simulator:
         cached = self._reply_cache.get(k)
         if cached is None:
             cached = self._reply_cache[k] = C.reply_s(self.net, self.last_node, k)
+        return cached
+
+    def ring_in(self, k: int) -> float:
+        """Seconds for a continued step of k tokens to go round from the last stage to the first."""
+        cached = self._ring_cache.get(k)
+        if cached is None:
+            cached = self._ring_cache[k] = C.ring_s(self.net, self.last_node, self.first_node, k)
         return cached
 
     def ctrl_in(self, k: int) -> float:
@@ -384,24 +393,26 @@ class Simulator:
             arrive = self._send(self.route[i], t, self.act_bytes * cohort.ntok)
             heapq.heappush(self.heap, (arrive, next(self.seq), self.STAGE_IN, self.epoch, (i + 1, cohort)))
         else:
-            heapq.heappush(self.heap, (t + self._reply_s(len(cohort.members)), next(self.seq), self.CYCLE_DONE,
-                                       self.epoch, cohort))
+            heapq.heappush(self.heap, (t, next(self.seq), self.CYCLE_DONE, self.epoch, cohort))
         if stage.queue:
             self._start(t, stage)
 
     def _cycle_done(self, t: float, c: _Cohort) -> None:
+        """The last stage is done with a step of the cohort at t: the controller has the tokens
+        a reply later, and the cohort's next step goes round at once."""
+        seen = t + self._reply_s(len(c.members))
         c.cycle += 1
-        self.token_times.append((t, len(c.members)))
+        self.token_times.append((seen, len(c.members)))
         for m in c.fresh:
             if math.isnan(m.rec.first_s):
-                m.rec.first_s = t
+                m.rec.first_s = seen
             m.fresh_tokens = 0
         c.fresh = []
         finished = False
         while c.heap and c.heap[0][0] <= c.cycle:
             _, rid = heapq.heappop(c.heap)
             m = c.members.pop(rid)
-            m.rec.done_s = t
+            m.rec.done_s = seen
             m.rec.status = "ok"
             c.decode_ctx -= m.ctx
             self._release(m.rec)
@@ -409,11 +420,11 @@ class Simulator:
         if c.members:
             c.ntok = len(c.members)
             c.ctxw = c.decode_ctx
-            self._push(t + self.ctrl_in(c.ntok), self.STAGE_IN, (0, c))
+            self._push(t + self.ring_in(c.ntok), self.STAGE_IN, (0, c))
         else:
             self.cohorts.discard(c)
         if finished:
-            self._admit(t)
+            self._admit(seen)       # the controller admits the next request once it has the last token
 
     def _release(self, rec: Record) -> None:
         need = rec.prompt_tokens + rec.output_tokens

@@ -112,8 +112,9 @@ def naive_model(problem: Problem) -> tuple[pulp.LpProblem, dict]:
                                                            for l in range(L) for q in allowed if (l, n, q) in y])
               for n in nodes}
     if o.objective == "latency":
+        first, last = {n: x[0, n] for n in nodes}, {n: x[L - 1, n] for n in nodes}
         lp += terms.latency(problem, net, stages.values(), u, (((a, b), v) for (l, a, b), v in tr.items()),
-                            {n: x[0, n] for n in nodes}, {n: x[L - 1, n] for n in nodes}), "latency"
+                            first, last) + terms.ring(lp, problem, net, first, last), "latency"
     else:
         steps = {f"stage_time_{i}": terms.step_time(problem, fleet.node(n), stages[n], u[n], x[L - 1, n])
                  for i, n in enumerate(nodes)}

@@ -16,7 +16,7 @@ from solver.devices import TypeSpeed
 from solver.problem import Fleet, LayerProfile, ModelProfile, Node, Workload
 
 REPLY_BYTES = 16      # a sampled token (+ framing), from the last stage straight to the controller
-TOKEN_BYTES = 4       # a token id entering the first stage
+TOKEN_BYTES = 4       # a token id entering the first stage (from the controller, or round from the last)
 
 
 def roofline_s(read_s: float, flops: float, flop_s: float) -> float:
@@ -189,7 +189,8 @@ class Network:
 
 def hop_first_s(net: Network, model: ModelProfile, w: Workload, a: str, b: str) -> float:
     """A hop's share of the first token: the prompt's activations forward. (The sampled token
-    goes from the last stage straight to the controller, reply_s, not back up the chain.)"""
+    goes from the last stage straight to the controller, reply_s, not back up the chain, and
+    round to the first stage, ring_s.)"""
     return net.transfer_s(a, b, model.act_bytes_per_token * w.prompt_tokens)
 
 
@@ -221,23 +222,20 @@ def controller_first_s(net: Network, w: Workload, first: str) -> float:
     return net.transfer_s(c, first, TOKEN_BYTES * w.prompt_tokens) if c else 0.0
 
 
-def controller_next_s(net: Network, w: Workload, first: str) -> float:
-    """Each further step's token id to the first stage."""
-    c = net.fleet.controller
-    return net.transfer_s(c, first, TOKEN_BYTES) if c else 0.0
+def ring_s(net: Network, last: str, first: str, k: int = 1) -> float:
+    """Each further step of k sessions: the last stage goes on by itself and sends the sampled
+    token ids round to the first stage (agent/server.py); 0 with one stage."""
+    return net.transfer_s(last, first, TOKEN_BYTES * k)
 
 
-def controller_latency_s(net: Network, w: Workload, first: str) -> float:
-    return controller_first_s(net, w, first) + (w.output_tokens - 1) * controller_next_s(net, w, first)
+def ring_latency_s(net: Network, w: Workload, last: str, first: str) -> float:
+    """The way round's share of one request's latency: once per further token."""
+    return (w.output_tokens - 1) * ring_s(net, last, first)
 
 
 def reply_s(net: Network, last: str, k: int = 1) -> float:
     """k sampled tokens from the last stage straight to the controller (the agents' Collect
-    call); 0 when the fleet does not place the controller."""
+    call); 0 when the fleet does not place the controller. A request's latency holds one: the
+    stages go on while the others travel."""
     c = net.fleet.controller
     return net.transfer_s(last, c, REPLY_BYTES * k) if c else 0.0
-
-
-def reply_latency_s(net: Network, w: Workload, last: str) -> float:
-    """The replies' share of one request's latency: one per token."""
-    return w.output_tokens * reply_s(net, last)

@@ -170,7 +170,8 @@ def master_objective(lp: pulp.LpProblem, problem: Problem, v: dict, net: C.Netwo
     stages = {n: terms.stage_time(problem, fleet.node(n), [((0, q), v["c"][n, q]) for q in v["types"][n]])
               for n in nodes}
     if problem.options.objective == "latency":
-        lp += terms.latency(problem, net, stages.values(), v["u"], t.items(), v["first"], v["last"]), "latency"
+        lp += terms.latency(problem, net, stages.values(), v["u"], t.items(), v["first"], v["last"]) \
+            + terms.ring(lp, problem, net, v["first"], v["last"]), "latency"
         return
     steps = {f"stage_time_{i}": terms.step_time(problem, fleet.node(n), stages[n], v["u"][n], v["last"][n])
              for i, n in enumerate(nodes)}

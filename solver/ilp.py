@@ -177,8 +177,9 @@ def objective(lp: pulp.LpProblem, problem: Problem, v: Vars, net: C.Network) -> 
                                                            for l in range(L) for q in v.cand.get((l, n), [])])
               for n in v.nodes}
     if problem.options.objective == "latency":
-        lp += terms.latency(problem, net, stages.values(), v.used, v.t.items(), {n: v.f[0, n] for n in v.nodes},
-                            {n: v.f[L - 1, n] for n in v.nodes}), "latency"
+        first, last = {n: v.f[0, n] for n in v.nodes}, {n: v.f[L - 1, n] for n in v.nodes}
+        lp += terms.latency(problem, net, stages.values(), v.used, v.t.items(), first, last) \
+            + terms.ring(lp, problem, net, first, last), "latency"
         return
     steps = {f"stage_time_{i}": terms.step_time(problem, fleet.node(n), stages[n], v.used[n], v.f[L - 1, n])
              for i, n in enumerate(v.nodes)}

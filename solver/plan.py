@@ -152,7 +152,7 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
         preds.append(StagePrediction(st.node, pre, dec, step, transfer, mem, node.memory))
     if stages:
         ttft += C.controller_first_s(net, w, stages[0].node) + C.reply_s(net, stages[-1].node)
-        tpot += C.controller_next_s(net, w, stages[0].node) + C.reply_s(net, stages[-1].node)
+        tpot += C.ring_s(net, stages[-1].node, stages[0].node)
     latency = ttft + (w.output_tokens - 1) * tpot
     return Prediction(ttft_s=ttft, tpot_s=tpot, latency_s=latency, bottleneck_s=bottleneck,
                       tokens_per_s=w.output_tokens / bottleneck if bottleneck > 0 else math.inf, dnll=dnll,

@@ -40,16 +40,36 @@ def stage_time(problem: Problem, node: Node, layers) -> pulp.LpAffineExpression:
 
 def latency(problem: Problem, net: C.Network, stages, used: dict, hops, first: dict,
             last: dict) -> pulp.LpAffineExpression:
-    """One request's latency: the stages' compute (stage_time expressions), each used node's
-    step overheads (node -> "holds a stage"), each hop taken ((a, b), variable), the
-    controller's link to the first node (node -> "holds the first stage"), and the LM head on
-    the last and its replies to the controller (node -> "holds the last stage")."""
+    """One request's latency but the way round (`ring`): the stages' compute (stage_time
+    expressions), each used node's step overheads (node -> "holds a stage"), each hop taken
+    ((a, b), variable), the controller's link to the first node (node -> "holds the first
+    stage"), and the LM head on the last and its reply to the controller (node -> "holds the
+    last stage")."""
     m, w, fleet = problem.model, problem.workload, problem.fleet
     return (pulp.lpSum(stages)
             + pulp.lpSum(C.stage_overhead_latency_s(fleet.node(n), w) * u for n, u in used.items())
-            + pulp.lpSum((head_time(problem, fleet.node(n)) + C.reply_latency_s(net, w, n)) * x for n, x in last.items())
+            + pulp.lpSum((head_time(problem, fleet.node(n)) + C.reply_s(net, n)) * x for n, x in last.items())
             + pulp.lpSum(C.hop_latency_s(net, m, w, a, b) * v for (a, b), v in hops)
-            + pulp.lpSum(C.controller_latency_s(net, w, n) * x for n, x in first.items()))
+            + pulp.lpSum(C.controller_first_s(net, w, n) * x for n, x in first.items()))
+
+
+def ring(lp: pulp.LpProblem, problem: Problem, net: C.Network, first: dict, last: dict) -> pulp.LpAffineExpression:
+    """The way round's share of one request's latency (cost.ring_latency_s) for the pair of
+    nodes holding the last and the first stage: a variable r ≥ last[a] + first[b] − 1 per
+    pair, which the minimised objective holds at that bound, so that it is exact where the
+    ends are whole (and 0 for one stage, which goes on inside its node)."""
+    w, names = problem.workload, list(first)
+    parts = []
+    for a, x in last.items():
+        for b, y in first.items():
+            cost = C.ring_latency_s(net, w, a, b)
+            if a == b or cost <= 0:
+                continue
+            i, j = names.index(a), names.index(b)
+            r = pulp.LpVariable(f"ring_{i}_{j}", lowBound=0)
+            lp += r >= x + y - 1, f"ring_{i}_{j}"
+            parts.append(cost * r)
+    return pulp.lpSum(parts)
 
 
 def step_time(problem: Problem, node: Node, stage: pulp.LpAffineExpression, used, last) -> pulp.LpAffineExpression:

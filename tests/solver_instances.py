@@ -129,7 +129,8 @@ def brute_force(p: Problem) -> tuple[float, list[Stage] | None]:
                     if i + 1 < S:
                         fixed += C.hop_latency_s(net, m, w, name, seq[i + 1])
                         hop_max = max(hop_max, C.hop_busy_s(net, m, w, name, seq[i + 1]))
-                fixed += C.controller_latency_s(net, w, seq[0]) + C.reply_latency_s(net, w, seq[-1])
+                fixed += C.controller_first_s(net, w, seq[0]) + C.reply_s(net, seq[-1]) \
+                    + C.ring_latency_s(net, w, seq[-1], seq[0])
                 if not ok.any():
                     continue
                 value = lat_total + fixed if o.objective == "latency" else np.maximum(step_max, hop_max)

@@ -474,6 +474,136 @@ def test_a_pipeline_stream_with_the_last_stage_gives_the_same_tokens(fleet, refe
     assert all([t.node for t in o.stage_times] == ["a0", "a1", "a2"] for o in outs)
 
 
+class _Counting:
+    """A pipeline stream that counts the steps sent from here."""
+
+    def __init__(self, stream: PipelineStream):
+        self.stream, self.deployment_id, self.sent = stream, stream.deployment_id, 0
+
+    def send(self, step):
+        self.sent += 1
+        return self.stream.send(step)
+
+    def expect(self, session_id, position):
+        return self.stream.expect(session_id, position)
+
+    def cancel_session(self, session_id):
+        self.stream.cancel_session(session_id)
+
+
+def sessions_left(agents, within_s: float = 5.0) -> list[int]:
+    """Each agent's sessions, once none is left or the time is up."""
+    deadline = time.monotonic() + within_s
+    while True:
+        left = []
+        for a in agents:
+            with AgentClient(a.address) as c:
+                left.append(c.state().sessions)
+        if not any(left) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def test_the_last_stage_goes_on_round_to_the_first_and_the_controller_sends_one_step(fleet, reference):
+    """With the controller's collector on the last stage, a request is one step sent: the last
+    stage makes each next step from the token it sampled and sends it round to the first. The
+    tokens are one process's, every answer holds every stage's time, and every stage frees the
+    session with the last token."""
+    pipe = _Counting(PipelineStream(fleet[0].address, last=fleet[2].address))
+    try:
+        outs = list(generate(lambda: pipe, PROMPTS[0], 24))
+    finally:
+        pipe.stream.close()
+    assert [o.token for o in outs] == list(reference.generate(PROMPTS[0], 24))
+    assert pipe.sent == 1
+    assert all([t.node for t in o.stage_times] == ["a0", "a1", "a2"] for o in outs)
+    assert sessions_left(fleet, 0) == [0, 0, 0]
+
+
+def test_a_request_going_round_stops_at_its_stop_token_and_when_it_is_closed(fleet, reference):
+    """The stages stop going on at the end-of-sequence token, and the controller frees the
+    session; a request closed early stops the stages within a step, and frees it too."""
+    want = list(reference.generate(PROMPTS[1], 40))
+    eos = want[5]
+    pipe = _Counting(PipelineStream(fleet[0].address, last=fleet[2].address))
+    try:
+        got = [o.token for o in generate(lambda: pipe, PROMPTS[1], 40, eos=eos)]
+        assert got == want[:want.index(eos) + 1] and pipe.sent == 1
+        assert sessions_left(fleet) == [0, 0, 0]
+
+        gen = generate(lambda: pipe, PROMPTS[2], 200)
+        assert [next(gen).token for _ in range(3)] == list(reference.generate(PROMPTS[2], 3))
+        gen.close()
+        assert sessions_left(fleet) == [0, 0, 0]
+        with AgentClient(fleet[0].address) as c:
+            before = c.state().steps_computed
+        time.sleep(0.5)
+        with AgentClient(fleet[0].address) as c:
+            assert c.state().steps_computed == before       # nothing goes round any more
+    finally:
+        pipe.stream.close()
+
+
+def run_out(stream: PipelineStream, sid: str, prompt: list[int]) -> tuple[int, str]:
+    """Send one step that asks the stages to go on for ever; follow the answers to the
+    first error: (the position of the step that failed, its code)."""
+    out = stream.send(A.StepIn(sid, 0, tokens=tuple(prompt), continue_tokens=2 ** 32 - 1, finish=True)).wait(30)
+    pos = len(prompt)
+    while True:
+        assert out.continued
+        try:
+            out = stream.expect(sid, pos).wait(30)
+        except StepFailed as exc:
+            return pos, exc.code
+        pos += 1
+
+
+def test_a_request_going_round_for_ever_stops_at_the_context_and_is_freed(fleet):
+    """A step that asks for more tokens than the context holds: the first stage refuses the
+    step past it, the error comes round to the last stage and on to the controller, and every
+    stage frees the session."""
+    stream = PipelineStream(fleet[0].address, last=fleet[2].address)
+    try:
+        assert run_out(stream, "long", PROMPTS[0]) == (256, "OUT_OF_RANGE")     # the fleet's context
+    finally:
+        stream.close()
+    assert sessions_left(fleet) == [0, 0, 0]
+
+
+def test_one_stage_goes_on_by_itself(tmp_path, reference_model):
+    """A deployment of one stage continues its requests inside the agent: one step sent per
+    request, and the tokens of one process; two requests at once each get their own."""
+    whole = write_shard(reference_model, tmp_path / "whole.gguf", TYPES, 0, 8, file_sha256(reference_model))
+    alone = LocalPipeline.from_files([whole.path])
+    agent = start_agent("one", tmp_path)
+    try:
+        deploy([agent], [whole])
+        pipe = _Counting(PipelineStream(agent.address, last=agent.address))
+        results: dict[int, list[int]] = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, [o.token for o in generate(lambda: pipe, PROMPTS[i], 20)])) for i in range(2)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        finally:
+            pipe.stream.close()
+        for i in range(2):
+            assert results[i] == list(alone.generate(PROMPTS[i], 20)), f"request {i}"
+        assert pipe.sent == 2
+        assert sessions_left([agent], 0) == [0]
+        stream = PipelineStream(agent.address)
+        try:                # for ever: it stops at the context, and the session is freed
+            assert run_out(stream, "long", PROMPTS[0]) == (256, "OUT_OF_RANGE")
+        finally:
+            stream.close()
+        assert sessions_left([agent]) == [0]
+    finally:
+        agent.terminate()
+        alone.close()
+
+
 def test_a_compute_thread_that_dies_takes_the_agent_out_of_service():
     """Every step's failure is answered inside the compute loop; should the loop itself fail,
     the engine says so (the daemon then stops heartbeating and exits 1, so the controller
@@ -776,8 +906,10 @@ def test_a_tokens_next_step_is_on_its_way_before_the_token_is_handed_out():
     pipe = _Recorder()
     seen = [(t.token, len(pipe.sent)) for t in generate(lambda: pipe, [1, 2, 3], 4)]
     assert seen == [(101, 2), (102, 3), (103, 4), (104, 4)]      # the last token has no next step
-    assert [(s.position, s.tokens, s.finish) for s in pipe.sent] == \
-        [(0, (1, 2, 3), False), (3, (101,), False), (4, (102,), False), (5, (103,), True)]
+    # each step offers the stages the rest of the request; this pipeline never goes on, so
+    # each next step is sent from here, and the session ends after the last of them
+    assert [(s.position, s.tokens, s.finish, s.continue_tokens) for s in pipe.sent] == \
+        [(0, (1, 2, 3), True, 3), (3, (101,), True, 2), (4, (102,), True, 1), (5, (103,), True, 0)]
 
     early = _Recorder()
     gen = generate(lambda: early, [1], 5, session_id="s")

@@ -65,7 +65,17 @@ steps = st.builds(
     sampling=st.builds(pb.Sampling, temperature=floats, top_p=floats, seed=st.integers(0, 2 ** 64 - 1),
                        return_logits=st.booleans()),
     finish=st.booleans(), cancel=st.booleans(),
-    deployment_id=st.sampled_from(["", DEPLOYMENT, "nope"]))
+    deployment_id=st.sampled_from(["", DEPLOYMENT, "nope"]),
+    continue_tokens=st.one_of(st.just(0), st.integers(0, 3), st.just(2 ** 32 - 1)))
+
+
+def with_stop(m: pb.StageInput, stop: int | None) -> pb.StageInput:
+    if stop is not None:
+        m.stop_token = stop
+    return m
+
+
+steps = st.builds(with_stop, steps, st.one_of(st.none(), st.integers(0, 600), st.just(2 ** 32 - 1)))
 
 
 def answers(address: str, messages: list[pb.StageInput], timeout_s: float = 20) -> list:

@@ -30,6 +30,7 @@ from solver.problem import Fleet, LayerProfile, Link, ModelProfile, Node, Proble
 ROOT = Path(__file__).resolve().parent.parent
 AZURE = ROOT.parent / "shared" / "data" / "AzureLLMInferenceTrace_conv.csv"
 REPLY = 0.0     # the last stage's reply goes straight to the controller, which the toy does not place
+RING = 0.005 + 4 / 1e6      # each further step's token id, round from n1 to n0 over their link
 
 
 def toy(memory: int = 10 ** 9, nodes=("n0", "n1"), concurrency: int = 2, head: int = 0) -> Problem:
@@ -54,7 +55,7 @@ def close(a, b):
     return math.isclose(a, b, abs_tol=1e-9)
 
 
-def test_with_a_controller_the_reply_goes_from_the_last_stage_straight_to_it():
+def test_with_a_controller_the_reply_goes_straight_to_it_and_the_next_step_round_to_the_first_stage():
     p = toy()
     fleet = replace(p.fleet, controller="ctl",
                     links=p.fleet.links + (Link("ctl", "n0", 1e6, 0.001), Link("ctl", "n1", 1e6, 0.003)))
@@ -62,22 +63,27 @@ def test_with_a_controller_the_reply_goes_from_the_last_stage_straight_to_it():
     reply = 0.003 + 16 / 1e6            # n1 -> ctl; back up the chain it would be n1 -> n0 -> ctl, 6.032 ms
     # 20 token ids in, prefill 20 ms, 20 kB over the link 20 ms + 5 ms, prefill 20 ms, the reply
     assert close(first, 0.001 + 80 / 1e6 + 0.020 + 0.025 + 0.020 + reply)
-    assert close(done, first + 2 * (0.001 + 4 / 1e6 + 0.010 + 0.006 + 0.010 + reply)) and status == "ok"
+    # each further token: the last stage sends the token id round to the first, by the
+    # cheapest route (n1 -> ctl -> n0, 4.008 ms, not the 5.004 ms link), without the
+    # controller's reply on the way; the last token reaches the controller a reply later
+    ring = 0.003 + 4 / 1e6 + 0.001 + 4 / 1e6
+    assert close(C.ring_s(C.Network(fleet), "n1", "n0"), ring)
+    assert close(done, first + 2 * (ring + 0.010 + 0.006 + 0.010)) and status == "ok"
 
 
 def test_one_request_by_hand():
     (first, done, status), = times(simulate(toy(), PLAN, [Request(0, 0.0, 20, 3)]))
     # prefill 20 ms, 20 kB over the link 20 ms + 5 ms, prefill 20 ms, reply: first token
     assert close(first, 0.020 + 0.025 + 0.020 + REPLY)
-    # each further token: 10 ms, 1 ms + 5 ms, 10 ms, reply
-    assert close(done, first + 2 * (0.010 + 0.006 + 0.010 + REPLY)) and status == "ok"
+    # each further token: round to n0 5.004 ms, 10 ms, 1 ms + 5 ms, 10 ms
+    assert close(done, first + 2 * (RING + 0.010 + 0.006 + 0.010)) and status == "ok"
 
 
 def test_the_last_stage_runs_the_lm_head_once_per_step():
     # a 1 MB head read at 100 MB/s: 10 ms more on n1 for the first token and for each further one
     (first, done, status), = times(simulate(toy(head=1_000_000), PLAN, [Request(0, 0.0, 20, 3)]))
     assert close(first, 0.020 + 0.025 + 0.020 + 0.010 + REPLY)
-    assert close(done, first + 2 * (0.010 + 0.006 + 0.010 + 0.010 + REPLY)) and status == "ok"
+    assert close(done, first + 2 * (RING + 0.010 + 0.006 + 0.010 + 0.010)) and status == "ok"
 
 
 def test_two_overlapping_requests_queue_at_each_stage_and_on_the_link():
@@ -86,9 +92,10 @@ def test_two_overlapping_requests_queue_at_each_stage_and_on_the_link():
     # the link (until 40 ms) and arrive at 55 ms; n1 is busy with A until 65 ms, then B: 75 ms.
     assert close(b[0], 0.075 + REPLY)
     # A is never delayed by B: n0 is free when its decode steps come, and so is n1
-    assert close(a[0], 0.065 + REPLY) and close(a[1], a[0] + 2 * (0.026 + REPLY))
-    # B's decode step: n0 at 80.016 ms (A's step ends just then), link, n1 after A's step
-    assert close(b[1], b[0] + 0.010 + 0.006 + 0.010 + REPLY)
+    assert close(a[0], 0.065 + REPLY) and close(a[1], a[0] + 2 * (RING + 0.026))
+    # B's decode step: round to n0 at 80.004 ms (A's step ends just then), link, n1 as A's
+    # step ends there
+    assert close(b[1], b[0] + RING + 0.010 + 0.006 + 0.010)
 
 
 def test_prompts_that_pass_the_batch_tokens_together_run_one_after_the_other():
@@ -107,9 +114,9 @@ def test_a_full_kv_cache_makes_the_next_request_wait():
     problem = toy(memory=need)
     (a_first, a_done, _), (b_first, b_done, b_status) = times(
         simulate(problem, PLAN, [Request(0, 0.0, 20, 3), Request(1, 0.005, 10, 2)]))
-    assert close(a_done, 0.065 + REPLY + 2 * (0.026 + REPLY))
+    assert close(a_done, 0.065 + REPLY + 2 * (RING + 0.026))
     # B starts when A finishes: 10 ms, 10 kB 10 ms + 5 ms, 10 ms, reply
-    assert close(b_first, a_done + 0.035 + REPLY) and close(b_done, b_first + 0.026 + REPLY)
+    assert close(b_first, a_done + 0.035 + REPLY) and close(b_done, b_first + RING + 0.026)
     assert b_status == "ok"
     # a request that can never fit is rejected, not queued forever
     (_, _, status), = times(simulate(problem, PLAN, [Request(0, 0.0, 40, 3)]))
@@ -131,8 +138,9 @@ def test_a_failure_replans_pushes_the_changed_shard_and_replays():
     head = 520_000 / 1e8                            # the last stage's LM head, each step
     assert close(first, 0.065 + head + REPLY)       # before the failure
     # one token was out: the replay is a 21-token prefill, which yields token 2, then token 3
+    # (round from n2 to n0 over their link, as long as n1's)
     t2 = ready + 0.021 + 0.021 + 0.005 + 0.021 + head + REPLY
-    assert close(done, t2 + 0.026 + head + REPLY) and status == "ok"
+    assert close(done, t2 + RING + 0.026 + head) and status == "ok"
     assert result.records[0].replays == 1
     assert "n1 fails" in result.events[0][1] and "serving again" in result.events[1][1]
 
@@ -284,7 +292,7 @@ def test_attention_priced_apart_by_hand():
     (first, done, status), = times(simulate(p, PLAN, [Request(0, 0.0, 20, 3)]))
     prefill, decode = 0.020 + 0.002, 0.010 + 1000 * 21.5 / 5e7
     assert close(first, prefill + 0.025 + prefill + REPLY)
-    assert close(done, first + 2 * (decode + 0.006 + decode + REPLY)) and status == "ok"
+    assert close(done, first + 2 * (RING + decode + 0.006 + decode)) and status == "ok"
     # the cost model's prediction for one request is the same
     pred = evaluate(p, PLAN.stages)
     assert close(pred.ttft_s, first) and close(pred.tpot_s, (done - first) / 2)
@@ -293,7 +301,7 @@ def test_attention_priced_apart_by_hand():
     slow = {"F16": TypeSpeed(1e8, 1e9)}
     q = replace(p, fleet=replace(p.fleet, nodes=tuple(replace(n, speed=slow) for n in p.fleet.nodes)))
     (first, done, _), = times(simulate(q, PLAN, [Request(0, 0.0, 20, 3)]))
-    assert close(first, 2 * 0.0202 + 0.025 + REPLY) and close(done, first + 2 * (0.020 + 0.006 + REPLY))
+    assert close(first, 2 * 0.0202 + 0.025 + REPLY) and close(done, first + 2 * (RING + 0.020 + 0.006))
 
 
 def test_a_step_of_several_tokens_pays_its_fixed_part_by_hand():
@@ -305,7 +313,7 @@ def test_a_step_of_several_tokens_pays_its_fixed_part_by_hand():
     p = replace(p, fleet=replace(p.fleet, nodes=tuple(replace(n, speed=speed) for n in p.fleet.nodes)))
     (first, done, status), = times(simulate(p, PLAN, [Request(0, 0.0, 20, 3)]))
     assert close(first, 0.040 + 0.025 + 0.040 + REPLY)
-    assert close(done, first + 2 * (0.010 + 0.006 + 0.010 + REPLY)) and status == "ok"
+    assert close(done, first + 2 * (RING + 0.010 + 0.006 + 0.010)) and status == "ok"
     pred = evaluate(p, PLAN.stages)
     assert close(pred.ttft_s, first) and close(pred.tpot_s, (done - first) / 2)
     # the cost model's steps: one token 10 ms; two tokens 20 + 2 ms, where the roofline said
