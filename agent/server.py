@@ -70,8 +70,10 @@ def _median_echo_s(stub, msg, md, repeats: int, timeout_s: float, shaper: Shaper
 class Downstream:
     """This agent's stream to the next stage's agent (requests shaped by the emulated link)."""
 
-    def __init__(self, address: str, security: Security, shaper: Shaper, on_output, on_broken):
+    def __init__(self, address: str, security: Security, shaper: Shaper, on_output, on_broken,
+                 every_end: bool = False):
         self.address = address
+        self.every_end = every_end      # on_broken also when the stream ends without an error
         self._shaper = shaper
         self._q: queue.Queue = queue.Queue()
         self._channel = security.channel(address)
@@ -88,8 +90,12 @@ class Downstream:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self.broken = True
                 self._on_broken(self, f"the next stage at {self.address} failed: {exc.details() or exc.code().name}")
+                return
         finally:
             self._channel.close()
+        self.broken = True      # an ended stream carries no more steps: the next send makes a new one
+        if self.every_end:
+            self._on_broken(self, f"the stream to the stage at {self.address} ended")
 
     def send(self, step: A.StepIn) -> None:
         msg = A.step_pb(step)
@@ -175,8 +181,8 @@ class Hop:
         ends = _ends(step)
         with self._lock:
             self._pending += 1
-            if ends:
-                self._open.pop(step.session_id, None)
+            if ends or (step.continue_tokens and not dep.stage.has_embedding):
+                self._open.pop(step.session_id, None)   # it ends here, or goes on round, not on this stream
             else:
                 self._open[step.session_id] = dep.deployment_id
             self._handled += 1
@@ -199,17 +205,24 @@ class Hop:
                 self._direct.pop(sid, None)
             self._stale = gone
 
-    def _continued(self, step: A.StepIn, r: Result, dep) -> A.StepIn | None:
-        """The session's next one-token step, where this last stage goes on by itself."""
-        if step.continue_tokens <= 0 or r.token == step.stop_token or self._closed:
-            return None
-        if not dep.stage.has_embedding and not dep.next_address:
-            return None     # nowhere to go round to: the controller sends the next step
-        return A.StepIn(step.session_id, step.position + step.n_tokens, tokens=(r.token,),
-                        temperature=step.temperature, top_p=step.top_p, seed=step.seed,
-                        return_logits=step.return_logits, finish=step.finish, deployment_id=dep.deployment_id,
-                        reply_to=step.reply_to, continue_tokens=step.continue_tokens - 1,
-                        stop_token=step.stop_token)
+    def _go_on(self, step: A.StepIn, r: Result, dep) -> bool:
+        """Make the session's next one-token step, where this last stage goes on by itself
+        (module doc); False where the sender is to send it."""
+        if step.continue_tokens <= 0 or r.token == step.stop_token:
+            return False
+        nxt = A.StepIn(step.session_id, step.position + step.n_tokens, tokens=(r.token,),
+                       temperature=step.temperature, top_p=step.top_p, seed=step.seed,
+                       finish=step.continue_tokens == 1, deployment_id=dep.deployment_id, reply_to=step.reply_to,
+                       continue_tokens=step.continue_tokens - 1, stop_token=step.stop_token)
+        if dep.stage.has_embedding:     # one stage: straight back into the engine
+            if self._closed:            # nobody reads this stream any more: the session ends here
+                self.svc.engine.cancel(dep.deployment_id, step.session_id)
+                return False
+            self._handle(nxt)           # before the answer, so that this stream stays open for it
+            return True
+        if not dep.next_address or not (step.reply_to and self.svc.collecting(step.reply_to)):
+            return False                # nowhere to go round to, or nobody to answer there
+        return self.svc.ring.send(dep.next_address, nxt)
 
     def _computed(self, r: Result, step: A.StepIn, dep) -> None:
         mine = A.StageTime(self.svc.node.name, r.compute_s, r.queue_s, r.batch_size)
@@ -218,16 +231,15 @@ class Hop:
             self._answer(A.StepOut(r.session_id, r.position, error=r.error, error_code=r.error_code,
                                    stage_times=times))
         elif dep.is_last:
-            out = A.StepOut(r.session_id, r.position, token=r.token, logits=r.logits, stage_times=times)
-            nxt = self._continued(step, r, dep)
-            if nxt is not None and dep.stage.has_embedding:     # one stage: straight back into the engine
-                self._handle(nxt)           # before the answer, so that this stream stays open for it
-                out = dataclasses.replace(out, continued=True)
-            elif (nxt is not None and step.reply_to and self.svc.collecting(step.reply_to)
-                  and self.svc.ring.send(dep.next_address, nxt)):
-                out = dataclasses.replace(out, continued=True)
-            else:
+            try:
+                went = self._go_on(step, r, dep)
+            except Exception:   # a bug must not end the compute thread this runs on: the sender goes on
+                log.exception("session %s could not go on by itself", r.session_id)
+                went = False
+            if not went:
                 self.svc.ring.end(r.session_id)
+            out = A.StepOut(r.session_id, r.position, token=r.token, logits=r.logits, stage_times=times,
+                            continued=went)
             if not (step.reply_to and self.svc.collect(step.reply_to, out)):
                 self._answer(out)           # no such collector here (yet): up the chain
             else:
@@ -238,10 +250,7 @@ class Hop:
         else:
             with self._lock:
                 if step.reply_to:       # no answer comes back up unless an error: this step is settled here
-                    if _ends(step):
-                        self._direct.pop(r.session_id, None)
-                    else:
-                        self._direct[r.session_id] = (r.position, mine, dep.next_address)
+                    self._direct[r.session_id] = (r.position, mine, dep.next_address)   # until _prune
                 else:
                     self._sent[(r.session_id, r.position)] = (mine, dep.next_address)
             nxt = A.StepIn(step.session_id, step.position, hidden=r.hidden, temperature=step.temperature,
@@ -371,7 +380,7 @@ class Ring:
         self.svc = svc
         self._lock = threading.Lock()
         self._down: dict[str, Downstream] = {}
-        self._sessions: dict[str, tuple[str, int, str]] = {}    # session -> collector, position, address of its step out
+        self._sessions: dict[str, tuple[str, int, Downstream]] = {}   # session -> collector, position, stream of its step out
 
     def send(self, address: str, step: A.StepIn) -> bool:
         """Send a continued step round; False if the stream to the first stage cannot be made."""
@@ -379,12 +388,13 @@ class Ring:
             d = self._down.get(address)
             if d is None or d.broken:
                 try:
-                    d = Downstream(address, self.svc.security, self.svc.shaper, self._answered, self._broken)
+                    d = Downstream(address, self.svc.security, self.svc.shaper, self._answered, self._broken,
+                                   every_end=True)
                 except Exception as exc:    # e.g. an address the channel refuses
                     log.warning("cannot go round to the first stage at %s: %s", address, exc)
                     return False
                 self._down[address] = d
-            self._sessions[step.session_id] = (step.reply_to, step.position, address)
+            self._sessions[step.session_id] = (step.reply_to, step.position, d)
         d.send(step)
         return True
 
@@ -394,16 +404,28 @@ class Ring:
             self._sessions.pop(session_id, None)
 
     def _answered(self, out: A.StepOut) -> None:
+        """An answer of the session's step on its way round (an error, or one nobody collected
+        at the last stage); one for an earlier step is stale, and dropped."""
         with self._lock:
-            entry = self._sessions.pop(out.session_id, None)
-        if entry is None or not self.svc.collect(entry[0], dataclasses.replace(out, continued=False)):
+            entry = self._sessions.get(out.session_id)
+            if entry is None or entry[1] != out.position:
+                entry = None
+            else:
+                del self._sessions[out.session_id]
+        if entry is None:
+            log.debug("dropping a stale answer for session %s position %d", out.session_id, out.position)
+            return
+        if out.error:   # as a hop's failed step: the session ends here too, the controller replays it
+            for d in self.svc.engine.deployments():
+                self.svc.engine.cancel(d.deployment_id, out.session_id)
+        if not self.svc.collect(entry[0], dataclasses.replace(out, continued=False)):
             log.debug("dropping an answer for session %s position %d: nobody collects it", out.session_id,
                       out.position)
 
     def _broken(self, down: Downstream, message: str) -> None:
         log.warning("%s", message)
         with self._lock:
-            lost = [(sid, e) for sid, e in self._sessions.items() if e[2] == down.address]
+            lost = [(sid, e) for sid, e in self._sessions.items() if e[2] is down]
             for sid, _ in lost:
                 del self._sessions[sid]
         for sid, (collector, pos, _) in lost:

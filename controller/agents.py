@@ -169,9 +169,10 @@ class PipelineStream:
     there and every step names it (`reply_to`): answers come straight from the last stage
     instead of back up the chain, and errors still come up the chain. The answer that
     arrives first for a step is the one its waiter gets. The answer to a step the stages made
-    themselves (a continued one) may come before anyone waits for it (`expect`): it is kept
-    until then (for the EARLY_KEPT sessions that had one last), and dropped when the session
-    is cancelled or its next step is sent from here."""
+    themselves (a continued one) may come before anyone waits for it (`expect`): while the
+    stages go on with a session, such an answer is kept until then (for the EARLY_KEPT
+    sessions that had one last), and dropped when the session is cancelled, its next step is
+    sent from here, or its waiter gives up."""
 
     def __init__(self, address: str, security: Security = Security(), deployment_id: str = "", last: str = ""):
         self.address = address
@@ -180,6 +181,7 @@ class PipelineStream:
         self._q: queue.Queue = queue.Queue()
         self._waiters: dict[tuple[str, int], queue.Queue] = {}
         self._early: collections.OrderedDict[str, dict[int, A.StepOut]] = collections.OrderedDict()
+        self._going: set[str] = set()      # sessions sent with continue_tokens whose stages may still go on
         self._lock = threading.Lock()
         self.broken: AgentError | None = None
         self._call = rpc.AgentStub(self._channel).Forward(iter(self._q.get, None), metadata=security.metadata())
@@ -202,7 +204,10 @@ class PipelineStream:
                 key = (out.session_id, out.position)
                 with self._lock:
                     w = self._waiters.pop(key, None)
-                    if w is None:
+                    going = out.session_id in self._going
+                    if not out.continued:   # the stages go on no further with it
+                        self._going.discard(out.session_id)
+                    if w is None and going:
                         self._early.setdefault(out.session_id, {}).setdefault(out.position, out)
                         self._early.move_to_end(out.session_id)
                         while len(self._early) > EARLY_KEPT:
@@ -233,6 +238,10 @@ class PipelineStream:
             if self.broken is not None:
                 raise self.broken
             self._early.pop(step.session_id, None)  # a step sent from here: the session's stages went on no further
+            if step.continue_tokens:
+                self._going.add(step.session_id)
+            else:
+                self._going.discard(step.session_id)
             self._waiters[key] = w
         self._q.put(A.step_pb(dataclasses.replace(step, reply_to=self.collector) if self.collector else step))
         return Answer(self, key, w)
@@ -268,11 +277,13 @@ class PipelineStream:
     def _forget(self, key: tuple[str, int]) -> None:
         with self._lock:
             self._waiters.pop(key, None)
-            self._early_pop(key)
+            self._early.pop(key[0], None)
+            self._going.discard(key[0])
 
     def cancel_session(self, session_id: str) -> None:
         with self._lock:
             self._early.pop(session_id, None)
+            self._going.discard(session_id)
         self._q.put(A.step_pb(A.StepIn(session_id, 0, cancel=True, deployment_id=self.deployment_id)))
 
     def close(self, why: str = "") -> None:

@@ -71,8 +71,8 @@ def generate(pipeline: Callable[[], Pipeline], prompt: list[int] | tuple[int, ..
     def send() -> tuple[Pipeline, bool, Answer]:
         pipe = pipeline()
         more = 0 if replay else max_tokens - len(produced) - 1     # steps the stages may go on with
-        step = _step(sid, pos, pending, sampling, not replay, pipe.deployment_id, more, eos)
-        return pipe, not replay and more == 0, _send(pipe, step)
+        last = not replay and more == 0
+        return pipe, last, _send(pipe, _step(sid, pos, pending, sampling, last, pipe.deployment_id, more, eos))
 
     try:
         while len(produced) < max_tokens:
@@ -135,8 +135,8 @@ def _send(pipe: Pipeline, step: A.StepIn) -> Answer:
 
 def _step(sid: str, pos: int, tokens: tuple[int, ...], s: Sampling, finish: bool, deployment_id: str,
           more: int, eos: int | None) -> A.StepIn:
-    """A step; `finish` frees the session after it, or after the last of the `more` steps the
-    stages go on with."""
+    """A step; `finish` frees the session after it; the last of the `more` steps the stages
+    may go on with frees it too."""
     return A.StepIn(sid, pos, tokens=tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed, finish=finish,
                     deployment_id=deployment_id, continue_tokens=more, stop_token=eos)
 

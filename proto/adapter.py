@@ -180,6 +180,9 @@ def step_in(m: pb.StageInput) -> StepIn:
     if not m.cancel and hidden is None and not m.tokens:
         raise WireError(f"step of session {m.session_id} carries neither tokens nor hidden states")
     sp = m.sampling if m.HasField("sampling") else pb.Sampling(top_p=1.0)
+    if m.continue_tokens and sp.return_logits:
+        raise WireError(f"step of session {m.session_id} asks the stages to go on and to return logits: the "
+                        "logits of steps nobody sent would pile up; ask for one or the other")
     return StepIn(m.session_id, int(m.position), tuple(m.tokens), hidden, float(sp.temperature),
                   float(sp.top_p) if sp.top_p > 0 else 1.0, int(sp.seed), sp.return_logits,
                   m.finish, m.deployment_id, m.cancel, m.reply_to, _times(m.stage_times),

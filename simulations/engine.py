@@ -303,7 +303,7 @@ class Simulator:
     def _push(self, t: float, kind: int, data=None) -> None:
         heapq.heappush(self.heap, (t, next(self.seq), kind, self.epoch, data))
 
-    ARRIVE, STAGE_IN, STAGE_DONE, CYCLE_DONE, WHATIF, DEPLOYED = range(6)
+    ARRIVE, STAGE_IN, STAGE_DONE, CYCLE_DONE, WHATIF, DEPLOYED, RELEASE = range(7)
 
     def run(self) -> Result:
         t0 = time.perf_counter()
@@ -328,6 +328,10 @@ class Simulator:
             elif kind == self.CYCLE_DONE:
                 if epoch == self.epoch:
                     self._cycle_done(now, data)
+            elif kind == self.RELEASE:
+                if epoch == self.epoch:
+                    self._release(data)
+                    self._admit(now)
             elif kind == self.ARRIVE:
                 self._arrive(now, self.records[data])
             elif kind == self.WHATIF:
@@ -408,23 +412,19 @@ class Simulator:
                 m.rec.first_s = seen
             m.fresh_tokens = 0
         c.fresh = []
-        finished = False
         while c.heap and c.heap[0][0] <= c.cycle:
             _, rid = heapq.heappop(c.heap)
             m = c.members.pop(rid)
             m.rec.done_s = seen
             m.rec.status = "ok"
             c.decode_ctx -= m.ctx
-            self._release(m.rec)
-            finished = True
+            self._push(seen, self.RELEASE, m.rec)     # the controller frees its slot when it has the last token
         if c.members:
             c.ntok = len(c.members)
             c.ctxw = c.decode_ctx
             self._push(t + self.ring_in(c.ntok), self.STAGE_IN, (0, c))
         else:
             self.cohorts.discard(c)
-        if finished:
-            self._admit(seen)       # the controller admits the next request once it has the last token
 
     def _release(self, rec: Record) -> None:
         need = rec.prompt_tokens + rec.output_tokens

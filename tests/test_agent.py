@@ -547,7 +547,7 @@ def test_a_request_going_round_stops_at_its_stop_token_and_when_it_is_closed(fle
 def run_out(stream: PipelineStream, sid: str, prompt: list[int]) -> tuple[int, str]:
     """Send one step that asks the stages to go on for ever; follow the answers to the
     first error: (the position of the step that failed, its code)."""
-    out = stream.send(A.StepIn(sid, 0, tokens=tuple(prompt), continue_tokens=2 ** 32 - 1, finish=True)).wait(30)
+    out = stream.send(A.StepIn(sid, 0, tokens=tuple(prompt), continue_tokens=2 ** 32 - 1)).wait(30)
     pos = len(prompt)
     while True:
         assert out.continued
@@ -565,9 +565,12 @@ def test_a_request_going_round_for_ever_stops_at_the_context_and_is_freed(fleet)
     stream = PipelineStream(fleet[0].address, last=fleet[2].address)
     try:
         assert run_out(stream, "long", PROMPTS[0]) == (256, "OUT_OF_RANGE")     # the fleet's context
+        with AgentClient(fleet[0].address) as c:
+            assert c.state().sessions == 0      # the stage that failed the step freed it
+        stream.cancel_session("long")           # as the controller does on a failed request
+        assert sessions_left(fleet) == [0, 0, 0]
     finally:
         stream.close()
-    assert sessions_left(fleet) == [0, 0, 0]
 
 
 def test_one_stage_goes_on_by_itself(tmp_path, reference_model):
@@ -907,9 +910,9 @@ def test_a_tokens_next_step_is_on_its_way_before_the_token_is_handed_out():
     seen = [(t.token, len(pipe.sent)) for t in generate(lambda: pipe, [1, 2, 3], 4)]
     assert seen == [(101, 2), (102, 3), (103, 4), (104, 4)]      # the last token has no next step
     # each step offers the stages the rest of the request; this pipeline never goes on, so
-    # each next step is sent from here, and the session ends after the last of them
+    # each next step is sent from here, and the last of them ends the session
     assert [(s.position, s.tokens, s.finish, s.continue_tokens) for s in pipe.sent] == \
-        [(0, (1, 2, 3), True, 3), (3, (101,), True, 2), (4, (102,), True, 1), (5, (103,), True, 0)]
+        [(0, (1, 2, 3), False, 3), (3, (101,), False, 2), (4, (102,), False, 1), (5, (103,), True, 0)]
 
     early = _Recorder()
     gen = generate(lambda: early, [1], 5, session_id="s")

@@ -39,13 +39,16 @@ def chain(reference_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
     master = file_sha256(reference_model)
     shards = [write_shard(reference_model, d / f"s{i}.gguf", TYPES, a, b, master) for i, (a, b) in enumerate(RANGES)]
+    whole = write_shard(reference_model, d / "whole.gguf", TYPES, 0, len(TYPES), master)
     agents = []
     try:
-        for i in range(len(RANGES)):
+        for i in range(len(RANGES) + 1):
             agents.append(start_agent(f"f{i}", d))
-        deploy_chain(agents, shards, DEPLOYMENT, 4, 128)
+        deploy_chain(agents[:-1], shards, DEPLOYMENT, 4, 128)
+        deploy_chain(agents[-1:], [whole], DEPLOYMENT, 4, 128)     # one stage, which goes on by itself
         want = [o for o in LocalPipeline.from_files([s.path for s in shards]).generate(PROMPT, 12)]
-        yield agents, list(want)
+        alone = list(LocalPipeline.from_files([whole.path]).generate(PROMPT, 12))
+        yield agents, list(want), alone
     finally:
         for a in agents:
             a.terminate()
@@ -112,9 +115,9 @@ def answers(address: str, messages: list[pb.StageInput], timeout_s: float = 20) 
 
 
 @FUZZ
-@given(stage=st.integers(0, len(RANGES) - 1), messages=st.lists(steps, max_size=5))
+@given(stage=st.integers(0, len(RANGES)), messages=st.lists(steps, max_size=5))
 def test_every_forward_step_is_answered_and_blames_only_itself(chain, stage, messages):
-    agents, _ = chain
+    agents, _, _ = chain
     got = answers(agents[stage].address, messages)
     errors = [g for g in got if isinstance(g, grpc.RpcError)]
     assert not errors, errors[0]                     # the stream itself never breaks
@@ -126,13 +129,14 @@ def test_every_forward_step_is_answered_and_blames_only_itself(chain, stage, mes
 
 
 def test_after_the_forward_fuzz_the_chain_serves_the_right_tokens(chain):
-    agents, want = chain
+    agents, want, alone = chain
     assert all(a.alive() for a in agents)
-    pipe = PipelineStream(agents[0].address)
-    try:
-        assert [o.token for o in generate(lambda: pipe, PROMPT, 12)] == want
-    finally:
-        pipe.close()
+    for first, tokens in ((agents[0], want), (agents[-1], alone)):
+        pipe = PipelineStream(first.address)
+        try:
+            assert [o.token for o in generate(lambda: pipe, PROMPT, 12)] == tokens
+        finally:
+            pipe.close()
     deadline = time.monotonic() + 10      # every fuzzed stream has ended, so its sessions are gone
     while time.monotonic() < deadline and any(AgentClient(a.address).state().sessions for a in agents):
         time.sleep(0.2)
