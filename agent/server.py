@@ -122,7 +122,9 @@ class Hop:
         self._down: dict[str, Downstream] = {}
         self._sent: dict[tuple[str, int], tuple[A.StageTime, str]] = {}   # (session, position) -> my time, next address
         self._direct: dict[str, tuple[int, A.StageTime, str]] = {}   # session -> its latest step sent on with reply_to
-        self._open: dict[str, str] = {}     # sessions that came through this stream and are not ended -> deployment
+        # sessions that came through this stream and are not ended -> deployment; one the stages
+        # go on with ends on another stream (the way round): _prune forgets it here
+        self._open: dict[str, str] = {}
         self._handled = 0
         self._stale: set[str] = set()       # sessions of _open and _direct that the engine no longer held at the last look
 
@@ -181,8 +183,8 @@ class Hop:
         ends = _ends(step)
         with self._lock:
             self._pending += 1
-            if ends or (step.continue_tokens and not dep.stage.has_embedding):
-                self._open.pop(step.session_id, None)   # it ends here, or goes on round, not on this stream
+            if ends:
+                self._open.pop(step.session_id, None)
             else:
                 self._open[step.session_id] = dep.deployment_id
             self._handled += 1
