@@ -53,6 +53,7 @@ from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
 
 MiB = 2 ** 20
 PROMPT, OUTPUT, CONCURRENT = 512, 64, 8
+SHORT = 8       # tokens of the breakdown's short request (Edgefleet.breakdown)
 CONTROLLER_PORT, PUBLIC_PORT, INNER_PORT = 50061, 50052, 40052
 # what an agent is told is its node's memory limit less this (the cgroup's limit is hard):
 # beside its admission formula's figure a loaded agent holds ~50 MB more at rest
@@ -149,15 +150,12 @@ class Edgefleet:
             raise RuntimeError(f"deploy failed: {r.stderr.strip()}")
         return json.loads(self.stub.Status(pb.Empty()).plan_json)
 
-    def generate(self, ids: list[int], n: int, on_first=None) -> list[float]:
-        """Arrival times (perf_counter) of the request's start and of each token; on_first()
-        is called once the first token has arrived, while the rest are computed."""
+    def generate(self, ids: list[int], n: int) -> list[float]:
+        """Arrival times (perf_counter) of the request's start and of each token."""
         times = [time.perf_counter()]
         for _ in self.stub.Generate(pb.GenerateRequest(prompt_tokens=ids, max_tokens=n, ignore_eos=True),
                                     timeout=600):
             times.append(time.perf_counter())
-            if len(times) == 2 and on_first is not None:
-                on_first()
         return times
 
     def measure(self, master: Path, runs: int) -> Figures:
@@ -194,27 +192,38 @@ class Edgefleet:
     def breakdown(self, master: Path, stages: int, link: Link, n_embd: int,
                   proxy_s: float) -> tuple[str, list[tuple[float, float]]]:
         """Where a decode step's time goes, on a request like the single ones (512 + 64 tokens):
-        the stages' compute and their queues (the metrics counted after the first token), the
-        emulated links (proxy_s per crossing, the proxy as measured, and the transmission
-        time), and the rest: gRPC, serialization, thread hand-offs. Also each node's CPU
-        seconds per token, and seconds per token its quota held it off the CPU, over the same tokens."""
-        first = []
-        times = self.generate(prompt_ids(master, PROMPT, 7), OUTPUT,
-                              on_first=lambda: first.append((self.stage_totals(), cpu_spent(self.fleet))))
-        (end, end_q, end_steps), end_cpu = self.stage_totals(), cpu_spent(self.fleet)
-        (start, start_q, start_steps), start_cpu = first[0]
-        decode_steps = (end_steps - start_steps) / stages
-        compute = (end - start) / decode_steps    # per decode step, summed over the stages
-        queue = (end_q - start_q) / decode_steps
-        tokens = len(times) - 2         # after the first
-        per_token = (times[-1] - times[1]) / tokens
+        the stages' compute and their queues (the controller's metrics), the emulated links
+        (proxy_s per crossing, the proxy as measured, and the transmission time), and the
+        rest: gRPC, serialization, thread hand-offs. Also each node's CPU seconds per token,
+        and seconds per token its quota held it off the CPU. The sums are the difference of
+        that request and the same one stopped after SHORT tokens (the prompt and its warm-up
+        cancel out): the stages go on without the controller, so nothing can be read between
+        two of one request's tokens."""
+        ids = prompt_ids(master, PROMPT, 7)
+
+        def totals():
+            return self.stage_totals(), cpu_spent(self.fleet)
+
+        before = totals()
+        self.generate(ids, SHORT)
+        middle = totals()
+        times = self.generate(ids, OUTPUT)
+        after = totals()
+        tokens = OUTPUT - SHORT
+        (c0, q0, _), cpu0 = before
+        (c1, q1, _), cpu1 = middle
+        (c2, q2, _), cpu2 = after
+        compute = ((c2 - c1) - (c1 - c0)) / tokens      # per decode step, summed over the stages
+        queue = ((q2 - q1) - (q1 - q0)) / tokens
+        per_token = (times[-1] - times[1]) / (len(times) - 2)
+        cpu = [(((z[0] - y[0]) - (y[0] - x[0])) / tokens, ((z[1] - y[1]) - (y[1] - x[1])) / tokens)
+               for x, y, z in zip(cpu0, cpu1, cpu2)]
         # down the chain, then the last stage's step round to the first (a token id); one
         # stage goes on inside its node (agent/server.py); the answers to the controller are
         # not on the way
         crossings = stages if stages > 1 else 0
         links = (stages - 1) * (proxy_s + n_embd * 4 * 8 / (link.mbit * 1e6)) + (proxy_s if stages > 1 else 0.0)
         rest = per_token - compute - links
-        cpu = [((b[0] - a[0]) / tokens, (b[1] - a[1]) / tokens) for a, b in zip(start_cpu, end_cpu)]
         each = f"{rest * 1e3 / crossings:.2f} ms per crossing; the target is <= 1.5" if crossings else "no crossing"
         return (f"{per_token * 1e3:.2f} ms/token = stage compute {compute * 1e3:.2f} + emulated links "
                 f"{links * 1e3:.2f} ({crossings} crossings, the proxy as measured) + the rest {rest * 1e3:.2f} "
@@ -343,7 +352,7 @@ def edgefleet_runs(master_type: str, free_types: str, only_bc: bool) -> list[tup
 
 def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: int,
               work: Path, proxy_s: float, only_bc: bool = False) -> list[tuple[str, Figures, str]]:
-    """The fleet's rows: (label, figures, what it ran), and the breakdown, bound and CPU rows;
+    """The fleet's rows: (label, figures, what it ran), and the breakdown, ceiling and CPU rows;
     with only_bc, (b) and (c) alone (and their rows)."""
     path_fn, master_type, free_types = models()[model_name]
     master = path_fn()
@@ -384,18 +393,19 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
                      f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f})")
         return text
 
-    def bound(run: str, ours: str) -> str:
-        """The most a pipeline could gain on llama.cpp's 8-request run of this split: its wall
-        time against the busiest node's share of it (that node's CPU seconds in llama.cpp's
-        run at the node's quota; edgefleet's stage does the same layers' work with the same
-        kernels, and cannot finish sooner)."""
+    def ceiling(run: str, ours: str) -> str:
+        """What a pipeline could gain on llama.cpp's 8-request run of this split if each node
+        did llama.cpp's work, all at once: its wall time against its busiest node's share of
+        it (that node's CPU seconds in llama.cpp's run at the node's quota). A ceiling where
+        edgefleet's stages cost no less CPU than llama.cpp's (the CPU row says per token)."""
         order, _ = splits[run]
         wall = CONCURRENT * OUTPUT / figs[run].concurrent_tps
         i = max(order, key=lambda k: busy[run][k] / nodes[k].cpu)
         least = busy[run][i] / nodes[i].cpu
-        return (f"{ours}/{run} with 8 requests can reach at most {wall / least:.2f}: llama.cpp's {run} took {wall:.1f} s, "
-                f"of which its busiest node, {nodes[i].name}, ran {busy[run][i]:.2f} s of CPU at {nodes[i].cpu:g} CPU "
-                f"= {least:.1f} s; measured {figs[ours].concurrent_tps / figs[run].concurrent_tps:.2f}")
+        return (f"{ours}/{run} with 8 requests, each node doing llama.cpp's work all at once: {wall / least:.2f} "
+                f"(llama.cpp's {run} took {wall:.1f} s, of which its busiest node, {nodes[i].name}, ran "
+                f"{busy[run][i]:.2f} s of CPU at {nodes[i].cpu:g} CPU = {least:.1f} s); measured "
+                f"{figs[ours].concurrent_tps / figs[run].concurrent_tps:.2f}")
 
     c_cpu = per_token["(c)"][1]
     rows = []
@@ -414,7 +424,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
         rows.append((f"{run} per token", figs[run], text))
     for ours, theirs in (("(c)", "(b)"), ("(e)", "(f)")):
         if theirs in figs:
-            rows.append((f"{ours} bound", figs[ours], bound(theirs, ours)))
+            rows.append((f"{ours} ceiling", figs[ours], ceiling(theirs, ours)))
     order = splits["(b)"][0]
     rows.append(("(c) and (b), CPU", figs["(c)"], "ms per decode token on each node of the split (in brackets, ms "
                  "per token its cgroup was held off the CPU by its quota): " + ", ".join(
@@ -427,7 +437,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
 
 def is_system(label: str) -> bool:
     """A row of one system's figures, "(x) ...", not a breakdown or CPU row."""
-    return label[3:4] == " " and not any(w in label for w in ("per token", "CPU", "bound"))
+    return label[3:4] == " " and not any(w in label for w in ("per token", "CPU", "ceiling"))
 
 
 def main() -> None:
