@@ -58,6 +58,15 @@ def fleet(tmp_path_factory, shards):
             a.terminate()
 
 
+def run_all(fns, timeout_s: float = 120) -> None:
+    """Run the functions in threads at once, and wait for them."""
+    threads = [threading.Thread(target=f) for f in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+
+
 def test_three_agents_generate_exactly_what_one_process_does(fleet, reference):
     pipe = PipelineStream(fleet[0].address)
     try:
@@ -81,12 +90,8 @@ def test_concurrent_sessions_are_batched_and_each_matches(fleet, reference):
         else:
             results[i] = list(generate(lambda: pipe, PROMPTS[i], 16))
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        run_all([lambda i=i: run(i) for i in range(4)])
     finally:
         pipe.close()
     # Greedy sessions: the same tokens as alone. A batch of several sessions runs llama.cpp's
@@ -583,13 +588,9 @@ def test_one_stage_goes_on_by_itself(tmp_path, reference_model):
         deploy([agent], [whole])
         pipe = _Counting(PipelineStream(agent.address, last=agent.address))
         results: dict[int, list[int]] = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-            i, [o.token for o in generate(lambda: pipe, PROMPTS[i], 20)])) for i in range(2)]
         try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(120)
+            run_all([lambda i=i: results.__setitem__(i, [o.token for o in generate(lambda: pipe, PROMPTS[i], 20)])
+                     for i in range(2)])
         finally:
             pipe.stream.close()
         for i in range(2):
