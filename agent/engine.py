@@ -259,6 +259,12 @@ class Engine:
             d = self._deployments.get(deployment_id) if deployment_id else self.active()
             return d is not None and self._end(d, session_id)
 
+    def cancel_everywhere(self, session_id: str) -> None:
+        """End the session on every deployment here (a failed step: whoever retries replays it)."""
+        with self._lock:
+            for d in self._deployments.values():
+                self._end(d, session_id)
+
     def _end(self, d: Deployment, session_id: str) -> bool:
         """End a session (caller holds the lock). Its sequence id is reused only after the
         compute thread has removed its cells (_tidy), never before."""

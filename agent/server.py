@@ -324,8 +324,7 @@ class Hop:
             # from position 0, and an abandoned cache would hold memory until the idle timeout
             with self._lock:
                 self._open.pop(out.session_id, None)
-            for d in self.svc.engine.deployments():
-                self.svc.engine.cancel(d.deployment_id, out.session_id)
+            self.svc.engine.cancel_everywhere(out.session_id)
         msg = A.out_pb(out)
         self._out.put((self.svc.shaper.schedule(msg.ByteSize()), msg))
         with self._lock:
@@ -418,8 +417,7 @@ class Ring:
             log.debug("dropping a stale answer for session %s position %d", out.session_id, out.position)
             return
         if out.error:   # as a hop's failed step: the session ends here too, the controller replays it
-            for d in self.svc.engine.deployments():
-                self.svc.engine.cancel(d.deployment_id, out.session_id)
+            self.svc.engine.cancel_everywhere(out.session_id)
         if not self.svc.collect(entry[0], dataclasses.replace(out, continued=False)):
             log.debug("dropping an answer for session %s position %d: nobody collects it", out.session_id,
                       out.position)
