@@ -21,7 +21,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +51,7 @@ class SentFromHere:
 
 def request(pipe, ids: list[int]) -> tuple[float, float]:
     """(TTFT in seconds, decode tokens/s after the first) of one request."""
-    times = [time.perf_counter()]
-    for _ in generate(lambda: pipe, ids, V.OUTPUT):
-        times.append(time.perf_counter())
+    times = V.arrival_times(generate(lambda: pipe, ids, V.OUTPUT))
     return times[1] - times[0], (len(times) - 2) / (times[-1] - times[1])
 
 

@@ -109,6 +109,14 @@ def prompt_ids(master: Path, n: int, salt: int = 0) -> list[int]:
     return [ids[0], *ids[start:start + n - 1]]
 
 
+def arrival_times(tokens) -> list[float]:
+    """perf_counter when the iteration starts, then when each token of `tokens` arrives."""
+    times = [time.perf_counter()]
+    for _ in tokens:
+        times.append(time.perf_counter())
+    return times
+
+
 class Edgefleet:
     """A controller in the root namespace and one agent per node, behind the node's proxy."""
 
@@ -152,11 +160,8 @@ class Edgefleet:
 
     def generate(self, ids: list[int], n: int) -> list[float]:
         """Arrival times (perf_counter) of the request's start and of each token."""
-        times = [time.perf_counter()]
-        for _ in self.stub.Generate(pb.GenerateRequest(prompt_tokens=ids, max_tokens=n, ignore_eos=True),
-                                    timeout=600):
-            times.append(time.perf_counter())
-        return times
+        return arrival_times(self.stub.Generate(pb.GenerateRequest(prompt_tokens=ids, max_tokens=n, ignore_eos=True),
+                                                timeout=600))
 
     def measure(self, master: Path, runs: int) -> Figures:
         self.generate(prompt_ids(master, 32), 4)                       # warm-up

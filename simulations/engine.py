@@ -254,9 +254,7 @@ class Simulator:
             for u, v in ((a, b), (b, a)):
                 old = self.links.get((u, v))
                 self.links[(u, v)] = [d["bandwidth"], d["latency"], old[2] if old else 0.0]
-        self._reply_cache: dict[int, float] = {}
-        self._ctrl_cache: dict[int, float] = {}
-        self._ring_cache: dict[int, float] = {}
+        self._small_cache: dict[tuple[str, int], float] = {}
         self.route = []             # per stage-to-stage hop: the links, forward
         names = [s.node.name for s in self.stages]
         for a, b in zip(names, names[1:]):
@@ -265,29 +263,21 @@ class Simulator:
         # a reply (a few bytes per token) goes from the last stage straight to the controller
         self.first_node, self.last_node = names[0], names[-1]
 
-    def _reply_s(self, k: int) -> float:
-        """Seconds for k sampled tokens to reach the controller from the last stage (small
-        messages: no queueing), cached per k until the routes change."""
-        cached = self._reply_cache.get(k)
+    def _small_s(self, kind: str, k: int) -> float:
+        """Seconds for a small message about k tokens (no queueing), cached per (kind, k) until
+        the routes change: "reply", k sampled tokens from the last stage to the controller;
+        "ring", a continued step of k tokens round from the last stage to the first; "ctrl", a
+        step of k tokens from the controller to the first stage."""
+        cached = self._small_cache.get((kind, k))
         if cached is None:
-            cached = self._reply_cache[k] = C.reply_s(self.net, self.last_node, k)
-        return cached
-
-    def ring_in(self, k: int) -> float:
-        """Seconds for a continued step of k tokens to go round from the last stage to the first."""
-        cached = self._ring_cache.get(k)
-        if cached is None:
-            cached = self._ring_cache[k] = C.ring_s(self.net, self.last_node, self.first_node, k)
-        return cached
-
-    def ctrl_in(self, k: int) -> float:
-        """Seconds for a step of k tokens to go from the controller to the first stage."""
-        if not self.fleet.controller:
-            return 0.0
-        cached = self._ctrl_cache.get(k)
-        if cached is None:
-            cached = self._ctrl_cache[k] = self.net.transfer_s(self.fleet.controller, self.first_node,
-                                                               C.TOKEN_BYTES * k)
+            if kind == "reply":
+                cached = C.reply_s(self.net, self.last_node, k)
+            elif kind == "ring":
+                cached = C.ring_s(self.net, self.last_node, self.first_node, k)
+            else:
+                cached = (self.net.transfer_s(self.fleet.controller, self.first_node, C.TOKEN_BYTES * k)
+                          if self.fleet.controller else 0.0)
+            self._small_cache[(kind, k)] = cached
         return cached
 
     def _send(self, hops, t: float, nbytes: int) -> float:
@@ -303,7 +293,7 @@ class Simulator:
     def _push(self, t: float, kind: int, data=None) -> None:
         heapq.heappush(self.heap, (t, next(self.seq), kind, self.epoch, data))
 
-    ARRIVE, STAGE_IN, STAGE_DONE, CYCLE_DONE, WHATIF, DEPLOYED, RELEASE = range(7)
+    ARRIVE, STAGE_IN, STAGE_DONE, WHATIF, DEPLOYED, RELEASE = range(6)
 
     def run(self) -> Result:
         t0 = time.perf_counter()
@@ -325,9 +315,6 @@ class Simulator:
                     stage.queue.append(data[1])
                     if not stage.busy:
                         self._start(now, stage)
-            elif kind == self.CYCLE_DONE:
-                if epoch == self.epoch:
-                    self._cycle_done(now, data)
             elif kind == self.RELEASE:
                 if epoch == self.epoch:
                     self._release(data)
@@ -374,7 +361,7 @@ class Simulator:
             c = _Cohort()
             c.add(_Member(rec, g, 0, rec.prompt_tokens + g))
             self.cohorts.add(c)
-            self._push(t + self.ctrl_in(c.ntok), self.STAGE_IN, (0, c))
+            self._push(t + self._small_s("ctrl", c.ntok), self.STAGE_IN, (0, c))
         self.queue_samples.append((t, len(self.waiting), self.running))
 
     def _start(self, t: float, stage: _StageState) -> None:
@@ -397,14 +384,14 @@ class Simulator:
             arrive = self._send(self.route[i], t, self.act_bytes * cohort.ntok)
             heapq.heappush(self.heap, (arrive, next(self.seq), self.STAGE_IN, self.epoch, (i + 1, cohort)))
         else:
-            heapq.heappush(self.heap, (t, next(self.seq), self.CYCLE_DONE, self.epoch, cohort))
+            self._cycle_done(t, cohort)
         if stage.queue:
             self._start(t, stage)
 
     def _cycle_done(self, t: float, c: _Cohort) -> None:
         """The last stage is done with a step of the cohort at t: the controller has the tokens
         a reply later, and the cohort's next step goes round at once."""
-        seen = t + self._reply_s(len(c.members))
+        seen = t + self._small_s("reply", len(c.members))
         c.cycle += 1
         self.token_times.append((seen, len(c.members)))
         for m in c.fresh:
@@ -422,7 +409,7 @@ class Simulator:
         if c.members:
             c.ntok = len(c.members)
             c.ctxw = c.decode_ctx
-            self._push(t + self.ring_in(c.ntok), self.STAGE_IN, (0, c))
+            self._push(t + self._small_s("ring", c.ntok), self.STAGE_IN, (0, c))
         else:
             self.cohorts.discard(c)
 
