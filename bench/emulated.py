@@ -58,8 +58,12 @@ def sh(*args: str, ns: str = "") -> None:
 
 
 class EmulatedFleet:
-    def __init__(self, nodes: list[Node], link: Link, logs: Path, tag: str = "ef"):
-        self.nodes, self.link, self.logs, self.tag = nodes, link, Path(logs), tag
+    def __init__(self, nodes: list[Node], link: Link, logs: Path, tag: str = "ef", systems: tuple[str, ...] = ("",)):
+        """systems: a name for each system that runs on the nodes at once, each in CPU and
+        memory cgroups of its own with the node's limits ("" for one system alone): two
+        systems measured by turns each get the whole node while they run, and neither's
+        memory counts against the other's."""
+        self.nodes, self.link, self.logs, self.tag, self.systems = nodes, link, Path(logs), tag, systems
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
         self._forward = "0"
@@ -71,6 +75,10 @@ class EmulatedFleet:
     def address(self, i: int) -> str:
         """The node's address, as others reach it."""
         return f"10.77.{i}.2"
+
+    def cgroup(self, i: int, system: str = "") -> str:
+        """Node i's cgroup (CPU and memory) for a system."""
+        return self.ns(i) + system
 
     def gateway(self, i: int) -> str:
         """The root namespace's address, as node i reaches it."""
@@ -118,22 +126,24 @@ class EmulatedFleet:
                ns=where)
 
     def _cgroups(self, i: int, node: Node) -> None:
-        cpu = CGROUP / "cpu" / self.ns(i)
-        cpu.mkdir(exist_ok=True)
         period, quota = cfs_limits(node.cpu)
-        (cpu / "cpu.cfs_quota_us").write_text("-1")
-        (cpu / "cpu.cfs_period_us").write_text(str(period))
-        (cpu / "cpu.cfs_quota_us").write_text(str(quota))
-        mem = CGROUP / "memory" / self.ns(i)
-        mem.mkdir(exist_ok=True)
-        (mem / "memory.limit_in_bytes").write_text(str(node.memory))
+        for system in self.systems:
+            cpu = CGROUP / "cpu" / self.cgroup(i, system)
+            cpu.mkdir(exist_ok=True)
+            (cpu / "cpu.cfs_quota_us").write_text("-1")
+            (cpu / "cpu.cfs_period_us").write_text(str(period))
+            (cpu / "cpu.cfs_quota_us").write_text(str(quota))
+            mem = CGROUP / "memory" / self.cgroup(i, system)
+            mem.mkdir(exist_ok=True)
+            (mem / "memory.limit_in_bytes").write_text(str(node.memory))
 
     # ------------------------------------------------------------------ processes
 
-    def run(self, i: int, argv: list[str], name: str, limited: bool = True) -> subprocess.Popen:
-        """Start argv in node i's namespace (and, when `limited`, its CPU and memory cgroups)."""
-        ns = self.ns(i)
-        join = (f"echo $$ > {CGROUP}/cpu/{ns}/cgroup.procs && echo $$ > {CGROUP}/memory/{ns}/cgroup.procs && "
+    def run(self, i: int, argv: list[str], name: str, limited: bool = True, system: str = "") -> subprocess.Popen:
+        """Start argv in node i's namespace (and, when `limited`, the system's CPU and memory
+        cgroups of the node)."""
+        ns, cg = self.ns(i), self.cgroup(i, system)
+        join = (f"echo $$ > {CGROUP}/cpu/{cg}/cgroup.procs && echo $$ > {CGROUP}/memory/{cg}/cgroup.procs && "
                 if limited else "")
         log = open(self.logs / f"{name}.log", "ab")
         p = subprocess.Popen(["sh", "-c", join + f'exec ip netns exec {ns} "$@"', "sh", *argv],
@@ -165,8 +175,8 @@ class EmulatedFleet:
         for i in range(len(self.nodes)):
             subprocess.run(["ip", "netns", "del", self.ns(i)], capture_output=True)
             subprocess.run(["ip", "link", "del", f"{self.tag}h{i}"], capture_output=True)
-            for kind in ("cpu", "memory"):
-                d = CGROUP / kind / self.ns(i)
+            for kind, system in ((k, x) for k in ("cpu", "memory") for x in self.systems):
+                d = CGROUP / kind / self.cgroup(i, system)
                 for _ in range(50):
                     try:
                         d.rmdir() if d.exists() else None
@@ -216,14 +226,14 @@ def cpu_check(fleet: "EmulatedFleet") -> list[tuple[str, float, float]]:
     return out
 
 
-def cpu_spent(fleet: "EmulatedFleet") -> list[tuple[float, float]]:
+def cpu_spent(fleet: "EmulatedFleet", system: str = "") -> list[tuple[float, float]]:
     """Per node, so far: seconds its processes' threads have run (the kernel's schedstat of
-    every task in its CPU cgroup; a process that ended takes its share with it) and seconds
+    every task in the system's CPU cgroup of the node; a process that ended takes its share with it) and seconds
     its cgroup was throttled, held off the CPU by its quota (cgroup v1's throttled_time: not
     part of the time run, and summed over the CPUs, so it can exceed it)."""
     out = []
     for i in range(len(fleet.nodes)):
-        cg = CGROUP / "cpu" / fleet.ns(i)
+        cg = CGROUP / "cpu" / fleet.cgroup(i, system)
         ran = 0
         for tid in (cg / "tasks").read_text().split():
             try:

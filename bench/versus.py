@@ -246,13 +246,15 @@ class Edgefleet:
 class LlamaRpc:
     """One ggml-rpc-server per node (-t 1), behind the node's proxy; the host tools run here."""
 
-    def __init__(self, fleet: EmulatedFleet):
-        self.fleet, self.bin = fleet, llamacpp.build()
+    def __init__(self, fleet: EmulatedFleet, system: str = "", inner_port: int = INNER_PORT):
+        """system: the fleet's cgroups the servers run in (EmulatedFleet's systems); inner_port:
+        where they listen inside their namespaces, behind the proxies."""
+        self.fleet, self.bin, self.system = fleet, llamacpp.build(), system
         self.servers = []
         for i in range(len(fleet.nodes)):
-            self.servers.append(fleet.run(i, [str(self.bin / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(INNER_PORT),
-                                              "-t", "1"], f"rpc-server-{i}"))
-            fleet.proxy(i, PUBLIC_PORT + 1, INNER_PORT)
+            self.servers.append(fleet.run(i, [str(self.bin / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(inner_port),
+                                              "-t", "1"], f"rpc-server-{i}", system=system))
+            fleet.proxy(i, PUBLIC_PORT + 1, inner_port)
 
     def rpc_list(self, order: list[int]) -> str:
         return ",".join(f"{self.fleet.address(i)}:{PUBLIC_PORT + 1}" for i in order)
@@ -280,9 +282,9 @@ class LlamaRpc:
                    "--output-format", "jsonl"]
             if split:
                 cmd += ["-ts", ",".join(str(x) for x in split)]
-            before = cpu_spent(self.fleet)
+            before = cpu_spent(self.fleet, self.system)
             out = self._run(cmd)
-            spent = [b[0] - a[0] for a, b in zip(before, cpu_spent(self.fleet))]
+            spent = [b[0] - a[0] for a, b in zip(before, cpu_spent(self.fleet, self.system))]
             return json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1]), spent
 
         row, spent = batched(PROMPT, OUTPUT, CONCURRENT)
@@ -296,9 +298,9 @@ class LlamaRpc:
         (warm-up and prefill alike)."""
         spent = []
         for n in (32, 96):
-            before = cpu_spent(self.fleet)
+            before = cpu_spent(self.fleet, self.system)
             self.llama_bench(model, order, split, 1, "-p", "0", "-d", str(PROMPT), "-n", str(n))
-            spent.append([(b[0] - a[0], b[1] - a[1]) for a, b in zip(before, cpu_spent(self.fleet))])
+            spent.append([(b[0] - a[0], b[1] - a[1]) for a, b in zip(before, cpu_spent(self.fleet, self.system))])
         return [((b[0] - a[0]) / 64, (b[1] - a[1]) / 64) for a, b in zip(*spent)]
 
     @staticmethod
