@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from agent import weights as W  # noqa: E402
 from agent.runtime import Settings, Stage, Step  # noqa: E402
 from bench import versus as V  # noqa: E402
-from bench.emulated import EmulatedFleet  # noqa: E402
+from bench.emulated import EmulatedFleet, ran_s  # noqa: E402
 from controller.shards import write_shard  # noqa: E402
 
 REQUESTS = 4        # requests of each kind per round
@@ -39,14 +39,8 @@ SHORT = 8           # output tokens of the short kind
 
 
 def thread_cpu(pid: int) -> dict[int, float]:
-    """Seconds each live thread of a process has run (the kernel's schedstat)."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            out[int(tid)] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
-        except (OSError, IndexError, ValueError):    # a thread that ended meanwhile
-            pass
-    return out
+    """Seconds each live thread of a process has run (one that ended meanwhile is left out)."""
+    return {int(tid): s for tid in os.listdir(f"/proc/{pid}/task") if (s := ran_s(tid))}
 
 
 def spent(pids: dict[str, int], run) -> dict[str, dict[int, float]]:
@@ -110,7 +104,7 @@ def main() -> None:
             ef.stop()
     tokens = a.rounds * REQUESTS * (V.OUTPUT - SHORT)
     stages = plan["stages"]
-    print(f"{a.fleet}, {a.model}: " + " -> ".join(f"{s['node']}[{s['first']}:{s['last']}]" for s in stages))
+    print(f"{a.fleet}, {a.model}: {V.split_text(plan)}")
     print(f"CPU ms per decode token ({tokens} tokens: {a.rounds} x {REQUESTS} requests of {V.PROMPT} + {V.OUTPUT} "
           f"less as many of {V.PROMPT} + {SHORT})")
     print(f"{'node':8} {'agent':>7} {'compute thread':>15} {'other threads':>14} {'forward alone':>14}")

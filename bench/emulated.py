@@ -226,22 +226,25 @@ def cpu_check(fleet: "EmulatedFleet") -> list[tuple[str, float, float]]:
     return out
 
 
+def ran_s(tid: int | str) -> float:
+    """Seconds a thread has run so far (the kernel's schedstat); 0 for one that has ended."""
+    try:
+        return int(Path(f"/proc/{tid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):    # a thread that ended meanwhile
+        return 0.0
+
+
 def cpu_spent(fleet: "EmulatedFleet", system: str = "") -> list[tuple[float, float]]:
-    """Per node, so far: seconds its processes' threads have run (the kernel's schedstat of
-    every task in the system's CPU cgroup of the node; a process that ended takes its share with it) and seconds
-    its cgroup was throttled, held off the CPU by its quota (cgroup v1's throttled_time: not
-    part of the time run, and summed over the CPUs, so it can exceed it)."""
+    """Per node, so far: seconds its processes' threads have run (`ran_s` of every task in
+    the system's CPU cgroup of the node; a process that ended takes its share with it) and
+    seconds its cgroup was throttled, held off the CPU by its quota (cgroup v1's
+    throttled_time: not part of the time run, and summed over the CPUs, so it can exceed it)."""
     out = []
     for i in range(len(fleet.nodes)):
         cg = CGROUP / "cpu" / fleet.cgroup(i, system)
-        ran = 0
-        for tid in (cg / "tasks").read_text().split():
-            try:
-                ran += int(Path(f"/proc/{tid}/schedstat").read_text().split()[0])
-            except (OSError, IndexError, ValueError):    # a thread that ended meanwhile
-                pass
+        ran = sum(ran_s(tid) for tid in (cg / "tasks").read_text().split())
         stat = dict(line.split() for line in (cg / "cpu.stat").read_text().splitlines())
-        out.append((ran / 1e9, int(stat.get("throttled_time", 0)) / 1e9))
+        out.append((ran, int(stat.get("throttled_time", 0)) / 1e9))
     return out
 
 

@@ -63,8 +63,7 @@ def main() -> None:
                                              str(V.PROMPT))["avg_ts"]
 
                 def c(r: int) -> float:
-                    times = ef.generate(V.prompt_ids(master, V.PROMPT, r), V.OUTPUT)
-                    return (len(times) - 2) / (times[-1] - times[1])
+                    return V.decode_tps(ef.generate(V.prompt_ids(master, V.PROMPT, r), V.OUTPUT))
 
                 b(), c(0)       # warm-up
                 for r in range(a.pairs):
@@ -78,8 +77,7 @@ def main() -> None:
             ef.stop()
     shutil.rmtree(work)
     ratios = [x / y for x, y in zip(got["(c)"], got["(b)"])]
-    print(f"{a.fleet}, {a.model}: " + " -> ".join(f"{s['node']}[{s['first']}:{s['last']}]" for s in plan["stages"])
-          + f"; llama.cpp's --tensor-split {'/'.join(map(str, split))}")
+    print(f"{a.fleet}, {a.model}: {V.split_text(plan)}; llama.cpp's --tensor-split {'/'.join(map(str, split))}")
     for run, what in (("(b)", "llama.cpp RPC"), ("(c)", "edgefleet")):
         print(f"{run} {what:14} decode median {statistics.median(got[run]):.1f} tok/s "
               f"({', '.join(f'{x:.1f}' for x in got[run])})")

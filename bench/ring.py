@@ -52,7 +52,7 @@ class SentFromHere:
 def request(pipe, ids: list[int]) -> tuple[float, float]:
     """(TTFT in seconds, decode tokens/s after the first) of one request."""
     times = V.arrival_times(generate(lambda: pipe, ids, V.OUTPUT))
-    return times[1] - times[0], (len(times) - 2) / (times[-1] - times[1])
+    return times[1] - times[0], V.decode_tps(times)
 
 
 def main() -> None:
@@ -86,7 +86,7 @@ def main() -> None:
         finally:
             ef.stop()
     shutil.rmtree(work)
-    print(f"{a.fleet}, {a.model}: " + " -> ".join(f"{s['node']}[{s['first']}:{s['last']}]" for s in plan["stages"]))
+    print(f"{a.fleet}, {a.model}: {V.split_text(plan)}")
     for k, v in got.items():
         print(f"{k:15} TTFT median {statistics.median(x[0] for x in v) * 1e3:.0f} ms, decode median "
               f"{statistics.median(x[1] for x in v):.1f} tok/s ({', '.join(f'{x[1]:.1f}' for x in v)})")

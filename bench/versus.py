@@ -109,6 +109,16 @@ def prompt_ids(master: Path, n: int, salt: int = 0) -> list[int]:
     return [ids[0], *ids[start:start + n - 1]]
 
 
+def decode_tps(times: list[float]) -> float:
+    """Decode tokens/s of a request from its arrival_times: the tokens after the first."""
+    return (len(times) - 2) / (times[-1] - times[1])
+
+
+def split_text(plan: dict) -> str:
+    """A plan's stages as node[first:last] -> ..."""
+    return " -> ".join(f"{s['node']}[{s['first']}:{s['last']}]" for s in plan["stages"])
+
+
 def arrival_times(tokens) -> list[float]:
     """perf_counter when the iteration starts, then when each token of `tokens` arrives."""
     times = [time.perf_counter()]
@@ -167,7 +177,7 @@ class Edgefleet:
         self.generate(prompt_ids(master, 32), 4)                       # warm-up
         singles = [self.generate(prompt_ids(master, PROMPT, r), OUTPUT) for r in range(runs)]
         ttft = statistics.median(t[1] - t[0] for t in singles)
-        decode = statistics.median((len(t) - 2) / (t[-1] - t[1]) for t in singles)
+        decode = statistics.median(decode_tps(t) for t in singles)
         done: list[list[float]] = [[] for _ in range(CONCURRENT)]
         prompts = [prompt_ids(master, PROMPT, 100 + i) for i in range(CONCURRENT)]
         threads = [threading.Thread(target=lambda i=i: done[i].extend(self.generate(prompts[i], OUTPUT)))
@@ -220,7 +230,7 @@ class Edgefleet:
         (c2, q2, _), cpu2 = after
         compute = ((c2 - c1) - (c1 - c0)) / tokens      # per decode step, summed over the stages
         queue = ((q2 - q1) - (q1 - q0)) / tokens
-        per_token = (times[-1] - times[1]) / (len(times) - 2)
+        per_token = 1 / decode_tps(times)
         cpu = [(((z[0] - y[0]) - (y[0] - x[0])) / tokens, ((z[1] - y[1]) - (y[1] - x[1])) / tokens)
                for x, y, z in zip(cpu0, cpu1, cpu2)]
         # down the chain, then the last stage's step round to the first (a token id); one
@@ -393,7 +403,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
             llama.stop()
 
     def describe(p: dict, f: Figures | None = None) -> str:
-        text = " -> ".join(f"{s['node']}[{s['first']}:{s['last']}]" for s in p["stages"])
+        text = split_text(p)
         if f is not None:       # the cost model's prediction against what was measured
             pr = p["prediction"]
             text += (f"; predicted TTFT {pr['ttft_s'] * 1e3:.0f} ms, {1 / pr['tpot_s']:.1f} tok/s "
