@@ -23,8 +23,9 @@ import numpy as np
 
 from agent import weights as W
 from agent.runtime import Settings, Stage, Step, release_freed_memory
-from agent.store import drop_cached
 from agent.sampling import Sampling, sample
+from agent.shaping import together
+from agent.store import drop_cached
 from solver.memory import MAX_BATCH, StageMemory, fmt_bytes, stage_memory
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,7 @@ class Engine:
             return sum(1 for d in self._deployments.values() for s in d.sessions.values() if s.last_used >= cutoff)
 
     def queue_depth(self) -> int:
-        return self._jobs.qsize() + len(self._deferred)
+        return sum(len(x) if isinstance(x, list) else 1 for x in list(self._jobs.queue)) + len(self._deferred)
 
     def cancel(self, deployment_id: str, session_id: str) -> bool:
         with self._lock:
@@ -274,8 +275,11 @@ class Engine:
         self._forget.append((d, s.seq))
         return True
 
-    def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+    def submit(self, *jobs: Job) -> None:
+        """Queue steps for the compute thread; several given at once go in one batch (as far
+        as the stage's batch size allows)."""
+        if jobs:
+            self._jobs.put(jobs[0] if len(jobs) == 1 else list(jobs))
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run fn on the compute thread (e.g. profiling), between batches."""
@@ -338,12 +342,16 @@ class Engine:
             if isinstance(item, tuple):
                 self._run_call(*item)
                 continue
+            if isinstance(item, list):      # steps submitted together: this batch takes them first
+                item, self._deferred = item[0], item[1:]
             batch, budget = [item], self._batch_tokens(item)
             tokens = item.n_tokens
-            while self._deferred and len(batch) < MAX_BATCH and tokens + self._deferred[0].n_tokens <= budget:
-                tokens += self._deferred[0].n_tokens
-                batch.append(self._deferred.pop(0))
-            while len(batch) < MAX_BATCH and tokens < budget:
+            while True:
+                while self._deferred and len(batch) < MAX_BATCH and tokens + self._deferred[0].n_tokens <= budget:
+                    tokens += self._deferred[0].n_tokens
+                    batch.append(self._deferred.pop(0))
+                if self._deferred or len(batch) >= MAX_BATCH or tokens >= budget:
+                    break
                 try:
                     nxt = self._jobs.get_nowait()
                 except queue.Empty:
@@ -351,11 +359,7 @@ class Engine:
                 if nxt is None or isinstance(nxt, tuple):
                     self._jobs.put(nxt)   # keep calls and the stop marker for the next round
                     break
-                if tokens + nxt.n_tokens > budget:
-                    self._deferred.append(nxt)    # the next batch's first step
-                    break
-                tokens += nxt.n_tokens
-                batch.append(nxt)
+                self._deferred.extend(nxt if isinstance(nxt, list) else [nxt])   # taken above if they fit
             self._tidy()   # sessions that ended while this thread waited free their ids first
             by_dep: dict[str, list[Job]] = {}
             for j in batch:
@@ -486,6 +490,7 @@ class Engine:
             k = len(admitted)
             seen = d.decode_s.get(k)
             d.decode_s[k] = compute if seen is None else seen + 0.2 * (compute - seen)
+        results = []
         for (j, s), out in zip(admitted, outs):
             s.last_used = now
             r = Result(j.session_id, j.position, compute_s=compute, queue_s=start - j.enqueued,
@@ -497,16 +502,19 @@ class Engine:
                 except ValueError as exc:   # e.g. logits that are not finite: this session fails, no other
                     with self._lock:
                         self._end(d, j.session_id)
-                    self._fail(j, EngineError(f"cannot sample from this step's logits: {exc}", "INTERNAL"), start)
-                    continue
-                if j.return_logits:
+                    r = Result(j.session_id, j.position, queue_s=start - j.enqueued,
+                               error=f"cannot sample from this step's logits: {exc}", error_code="INTERNAL")
+                if j.return_logits and not r.error:
                     r.logits = logits
             else:
                 r.hidden = out
             if j.finish:
                 with self._lock:
                     self._end(d, j.session_id)
-            j.done(r)
+            results.append((j, r))
+        with together():    # the batch's messages leave together, one per stream (agent/shaping.py)
+            for j, r in results:
+                j.done(r)
 
     @staticmethod
     def _fail(j: Job, exc: EngineError, start: float) -> None:

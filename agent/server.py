@@ -16,6 +16,11 @@ token it sampled, without waiting for the controller. With one stage the step go
 back into the engine; with several it goes round to the first stage (the last stage's
 next_address) on a `Ring` stream, so a decode step crosses as many links as there are
 stages, and the controller's answers leave the path that makes the tokens.
+
+A message may carry several steps (or answers: `more`). Those of one message go to the engine
+together, so they are computed as one batch; the results of one batch leave together, one
+message per stream (agent/shaping.py, `together`), so a batch stays one batch down the
+stages and round the ring, and costs one message per hop instead of one per session.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from agent.engine import Engine, EngineError, Job, Result
 from agent.profile import MIN_PROBE_BYTES, PROBE_BYTES, median_time, time_types
 from agent.runtime import release_freed_memory
 from agent.sampling import Sampling
-from agent.shaping import Shaper
+from agent.shaping import Shaper, post
 from agent.store import Chunk, PushError, ShardStore, check_sha
 from proto import adapter as A
 from proto import edgefleet_pb2 as pb
@@ -85,12 +90,19 @@ class Downstream:
     def _read(self) -> None:
         try:
             for m in self._call:
-                self._on_output(A.step_out(m))
+                for one in A.unbatched(m):
+                    self._on_output(A.step_out(one))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 self.broken = True
                 self._on_broken(self, f"the next stage at {self.address} failed: {exc.details() or exc.code().name}")
                 return
+        except A.WireError as exc:
+            self._call.cancel()
+            self.broken = True
+            self._on_broken(self, f"the next stage at {self.address} sent a malformed answer ({exc}); check that "
+                                  "every agent runs this version")
+            return
         finally:
             self._channel.close()
         self.broken = True      # an ended stream carries no more steps: the next send makes a new one
@@ -99,10 +111,10 @@ class Downstream:
 
     def send(self, step: A.StepIn) -> None:
         msg = A.step_pb(step)
-        self._q.put((self._shaper.schedule(msg.ByteSize()), msg))
+        post(self._q, (self._shaper.schedule(msg.ByteSize()), msg))
 
     def close(self) -> None:
-        self._q.put(None)
+        post(self._q, None)
 
     def cancel(self) -> None:
         self._call.cancel()
@@ -139,17 +151,13 @@ class Hop:
         try:
             for m in request_iterator:
                 try:
-                    step = A.step_in(m)
-                except Exception as exc:  # WireError, or any message the checks did not foresee
+                    steps = A.unbatched(m)
+                except A.WireError as exc:
+                    steps = ()
                     self._answer_now(A.StepOut(m.session_id, m.position, error=f"a malformed step: {exc}",
                                                error_code="INVALID_ARGUMENT"))
-                    continue
-                try:
-                    self._handle(step)
-                except Exception as exc:  # a bug must fail this one step, never the stream's reader
-                    log.exception("step %s@%d failed", step.session_id, step.position)
-                    self._answer_now(A.StepOut(step.session_id, step.position, error=f"internal error: {exc}",
-                                               error_code="INTERNAL"))
+                jobs = [j for one in steps if (j := self._take(one)) is not None]
+                self.svc.engine.submit(*jobs)      # a message's steps go in one batch
         except grpc.RpcError:
             pass   # upstream went away; _cancelled cleans up
         finally:
@@ -157,13 +165,32 @@ class Hop:
                 self._upstream_done = True
             self._maybe_close()
 
-    def _handle(self, step: A.StepIn) -> None:
+    def _take(self, m: pb.StageInput) -> Job | None:
+        """One step as it came off the wire: checked, then handled (its job for the engine, or
+        None); it fails alone."""
+        try:
+            step = A.step_in(m)
+        except Exception as exc:  # WireError, or any message the checks did not foresee
+            self._answer_now(A.StepOut(m.session_id, m.position, error=f"a malformed step: {exc}",
+                                       error_code="INVALID_ARGUMENT"))
+            return None
+        try:
+            return self._handle(step)
+        except Exception as exc:  # a bug must fail this one step, never the stream's reader
+            log.exception("step %s@%d failed", step.session_id, step.position)
+            self._answer_now(A.StepOut(step.session_id, step.position, error=f"internal error: {exc}",
+                                       error_code="INTERNAL"))
+            return None
+
+    def _handle(self, step: A.StepIn) -> Job | None:
+        """A step's job for the engine, or None where it is answered (an error) or done here
+        (a cancel)."""
         eng = self.svc.engine
         try:
             dep = eng.get(step.deployment_id)
         except EngineError as exc:
             self._answer_now(A.StepOut(step.session_id, step.position, error=str(exc), error_code=exc.code))
-            return
+            return None
         if step.cancel:
             with self._lock:
                 self._open.pop(step.session_id, None)
@@ -173,13 +200,13 @@ class Hop:
                 self.svc.ring.end(step.session_id)
             elif dep.next_address:
                 self._downstream(dep.next_address).send(step)
-            return
+            return None
         try:
             sampling = Sampling(step.temperature, step.top_p, step.seed)
         except ValueError as exc:
             self._answer_now(A.StepOut(step.session_id, step.position, error=f"{exc}; fix the request",
                                        error_code="INVALID_ARGUMENT"))
-            return
+            return None
         ends = _ends(step)
         with self._lock:
             self._pending += 1
@@ -191,9 +218,8 @@ class Hop:
             prune = self._handled % PRUNE_EVERY == 0
         if prune:
             self._prune()
-        eng.submit(Job(dep.deployment_id, step.session_id, step.position, step.tokens, step.hidden,
-                       sampling, step.return_logits, ends,
-                       done=lambda r, s=step, d=dep: self._computed(r, s, d)))
+        return Job(dep.deployment_id, step.session_id, step.position, step.tokens, step.hidden,
+                   sampling, step.return_logits, ends, done=lambda r, s=step, d=dep: self._computed(r, s, d))
 
     def _prune(self) -> None:
         """Forget sessions this stream's bookkeeping still names but no stage here holds any
@@ -220,7 +246,9 @@ class Hop:
             if self._closed:            # nobody reads this stream any more: the session ends here
                 self.svc.engine.cancel(dep.deployment_id, step.session_id)
                 return False
-            self._handle(nxt)           # before the answer, so that this stream stays open for it
+            job = self._handle(nxt)     # before the answer, so that this stream stays open for it
+            if job is not None:
+                self.svc.engine.submit(job)
             return True
         if not dep.next_address or not (step.reply_to and self.svc.collecting(step.reply_to)):
             return False                # nowhere to go round to, or nobody to answer there
@@ -326,7 +354,7 @@ class Hop:
                 self._open.pop(out.session_id, None)
             self.svc.engine.cancel_everywhere(out.session_id)
         msg = A.out_pb(out)
-        self._out.put((self.svc.shaper.schedule(msg.ByteSize()), msg))
+        post(self._out, (self.svc.shaper.schedule(msg.ByteSize()), msg))
         with self._lock:
             self._pending -= 1
         self._maybe_close()
@@ -340,7 +368,7 @@ class Hop:
         self._end_open_sessions()
         for d in downs:
             d.close()
-        self._out.put(None)
+        post(self._out, None)
 
     def _cancelled(self) -> None:
         """The upstream call ended. After a close of ours (every step settled) that is its normal
@@ -353,7 +381,7 @@ class Hop:
         self._end_open_sessions()
         for d in downs:
             d.cancel()
-        self._out.put(None)
+        post(self._out, None)
 
     def _end_open_sessions(self) -> None:
         """The stream that carried these sessions is gone (its sender ended or died): nobody can
@@ -536,7 +564,7 @@ class AgentService(rpc.AgentServicer):
         if q is None:
             return False
         msg = A.out_pb(out)
-        q.put((self.shaper.schedule(msg.ByteSize()), msg))
+        post(q, (self.shaper.schedule(msg.ByteSize()), msg))
         return True
 
     # ---------------------------------------------------------- measurements

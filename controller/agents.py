@@ -200,28 +200,36 @@ class PipelineStream:
     def _read(self, call, who: str) -> None:
         try:
             for m in call:
-                out = A.step_out(m)
-                key = (out.session_id, out.position)
-                with self._lock:
-                    w = self._waiters.pop(key, None)
-                    going = out.session_id in self._going
-                    if not out.continued:   # the stages go on no further with it
-                        self._going.discard(out.session_id)
-                    if w is None and going:
-                        self._early.setdefault(out.session_id, {}).setdefault(out.position, out)
-                        self._early.move_to_end(out.session_id)
-                        while len(self._early) > EARLY_KEPT:
-                            self._early.popitem(last=False)
-                if w is not None:
-                    w.put(out)
+                for one in A.unbatched(m):
+                    self._answered(A.step_out(one))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 with self._lock:
                     self.broken = self.broken or rpc_error(who, exc)
+        except A.WireError as exc:
+            with self._lock:
+                self.broken = self.broken or AgentError(f"the {who} sent a malformed answer ({exc}); "
+                                                        "check that every agent runs this version", "INTERNAL")
         finally:    # an ended stream carries no more steps: later ones fail at once, and a new stream is made
             with self._lock:
                 self.broken = self.broken or AgentError(f"the pipeline stream to the {who} closed", "UNAVAILABLE")
             self._fail_waiters(self.broken)
+
+    def _answered(self, out: A.StepOut) -> None:
+        """An answer off the wire: to its waiter, or kept for one (class doc)."""
+        key = (out.session_id, out.position)
+        with self._lock:
+            w = self._waiters.pop(key, None)
+            going = out.session_id in self._going
+            if not out.continued:   # the stages go on no further with it
+                self._going.discard(out.session_id)
+            if w is None and going:
+                self._early.setdefault(out.session_id, {}).setdefault(out.position, out)
+                self._early.move_to_end(out.session_id)
+                while len(self._early) > EARLY_KEPT:
+                    self._early.popitem(last=False)
+        if w is not None:
+            w.put(out)
 
     def _fail_waiters(self, err: AgentError) -> None:
         """Answer every step still waiting on this stream with `err`."""

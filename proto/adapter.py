@@ -189,6 +189,17 @@ def step_in(m: pb.StageInput) -> StepIn:
                   int(m.continue_tokens), int(m.stop_token) if m.HasField("stop_token") else None)
 
 
+def unbatched(m):
+    """A StageInput or StageOutput and the ones sent in it (`more`), in order, each to be
+    handled as if it came alone (their own `more` is never read). WireError if one of them
+    carries more in turn: a sender merges one level only."""
+    if not m.more:
+        return (m,)
+    if any(x.more for x in m.more):
+        raise WireError("a step sent inside another carries further steps itself; send one level only")
+    return (m, *m.more)
+
+
 @dataclass(frozen=True)
 class StageTime:
     node: str

@@ -479,6 +479,53 @@ def test_a_pipeline_stream_with_the_last_stage_gives_the_same_tokens(fleet, refe
     assert all([t.node for t in o.stage_times] == ["a0", "a1", "a2"] for o in outs)
 
 
+def test_steps_sent_in_one_message_are_computed_together_on_every_stage(fleet, reference):
+    """Steps of several sessions in one message (StageInput.more) go into one batch on the
+    first stage; each stage sends its batch's results on as one message, so every later
+    stage computes them together too, and every step is answered as if sent alone."""
+    import grpc
+
+    from proto import edgefleet_pb2_grpc as rpc
+
+    want = {f"m{i}": list(reference.generate(PROMPTS[i], 1))[0] for i in range(3)}
+    msg = A.step_pb(A.StepIn("m0", 0, tokens=tuple(PROMPTS[0]), finish=True))
+    for i in (1, 2):
+        msg.more.append(A.step_pb(A.StepIn(f"m{i}", 0, tokens=tuple(PROMPTS[i]), finish=True)))
+    with grpc.insecure_channel(fleet[0].address) as ch:
+        answers = [A.step_out(one) for m in rpc.AgentStub(ch).Forward(iter([msg]), timeout=60)
+                   for one in A.unbatched(m)]
+    assert [o.error for o in answers] == ["", "", ""]
+    assert {o.session_id: o.token for o in answers} == want
+    for o in answers:
+        assert [(t.node, t.batch_size) for t in o.stage_times] == [("a0", 3), ("a1", 3), ("a2", 3)]
+    with AgentClient(fleet[2].address) as c:
+        assert c.state().sessions == 0
+
+
+def test_messages_posted_together_leave_as_one_and_a_stream_sends_what_waits_as_one():
+    import queue
+
+    from agent.shaping import MERGE_BYTES, Shaper, post, together
+
+    q: queue.Queue = queue.Queue()
+    with together():                        # a batch's results: one message per queue, in order
+        post(q, (2.0, pb.StageInput(session_id="a")))
+        post(q, (1.0, pb.StageInput(session_id="b")))
+        post(q, None)                       # the end of the stream goes after them
+        assert q.empty()
+    at, m = q.get()
+    assert at == 2.0 and [x.session_id for x in A.unbatched(m)] == ["a", "b"]
+    assert q.get() is None
+    # what waits on a stream's queue leaves as one message, one level deep, up to MERGE_BYTES
+    big = pb.StageInput(session_id="big", hidden=pb.Tensor(data=bytes(MERGE_BYTES)))
+    for item in ((0.0, m), (0.0, pb.StageInput(session_id="c")), (0.0, big), None):
+        q.put(item)
+    sent = list(Shaper.delivered(q))
+    assert [[x.session_id for x in A.unbatched(s)] for s in sent] == [["a", "b", "c"], ["big"]]
+    with pytest.raises(A.WireError, match="one level"):
+        A.unbatched(pb.StageInput(session_id="x", more=[sent[0]]))
+
+
 class _Counting:
     """A pipeline stream that counts the steps sent from here."""
 
