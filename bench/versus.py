@@ -85,6 +85,7 @@ class Figures:
     ttft_s: float               # single request, 512-token prompt
     decode_tps: float           # single request, tokens/s after the first
     concurrent_tps: float       # 8 requests started together: generated tokens / wall time
+    batch: tuple[tuple[str, float], ...] = ()   # edgefleet, 8 requests: per node, the batch a step ran in, on average
 
     def row(self) -> list[str]:
         return [f"{self.ttft_s * 1e3:.0f} ms", f"{self.decode_tps:.1f}", f"{self.concurrent_tps:.1f}"]
@@ -182,25 +183,42 @@ class Edgefleet:
         prompts = [prompt_ids(master, PROMPT, 100 + i) for i in range(CONCURRENT)]
         threads = [threading.Thread(target=lambda i=i: done[i].extend(self.generate(prompts[i], OUTPUT)))
                    for i in range(CONCURRENT)]
+        before = self.metrics()
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = max(d[-1] for d in done) - t0
-        return Figures(ttft, decode, sum(len(d) - 1 for d in done) / wall)
+        after = self.metrics()
+
+        def grew(name: str, node: str) -> float:
+            return after.get((name, node), 0.0) - before.get((name, node), 0.0)
+
+        nodes = sorted({node for name, node in after if name == "edgefleet_stage_batch_size_count"})
+        batch = tuple((n, grew("edgefleet_stage_batch_size_sum", n) / grew("edgefleet_stage_batch_size_count", n))
+                      for n in nodes if grew("edgefleet_stage_batch_size_count", n))
+        return Figures(ttft, decode, sum(len(d) - 1 for d in done) / wall, batch)
+
+    def metrics(self) -> dict[tuple[str, str], float]:
+        """The controller's per-node metrics now: (sample name, node) -> value."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        got: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(httpx.get(self.http + "/metrics", timeout=30).text):
+            for sample in family.samples:
+                if "node" in sample.labels and "le" not in sample.labels:
+                    got[(sample.name, sample.labels["node"])] = sample.value
+        return got
 
     def stage_totals(self) -> tuple[float, float, int]:
         """Seconds of stage compute so far and seconds steps waited on the nodes before their
         compute (the hand-off to the engine, and any step ahead), each summed over every node,
         and the stage steps taken (the controller's metrics)."""
-        import httpx
-        from prometheus_client.parser import text_string_to_metric_families
-
         sums: dict[str, float] = {}
-        for family in text_string_to_metric_families(httpx.get(self.http + "/metrics", timeout=30).text):
-            for sample in family.samples:
-                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+        for (name, _), value in self.metrics().items():
+            sums[name] = sums.get(name, 0.0) + value
         return (sums.get("edgefleet_stage_compute_seconds_sum", 0.0), sums.get("edgefleet_stage_queue_seconds_sum", 0.0),
                 int(sums.get("edgefleet_stage_compute_seconds_count", 0)))
 
@@ -442,6 +460,9 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
     for ours, theirs in (("(c)", "(b)"), ("(e)", "(f)")):
         if theirs in figs:
             rows.append((f"{ours} ceiling", figs[ours], ceiling(theirs, ours)))
+        if figs.get(ours) and figs[ours].batch:
+            rows.append((f"{ours} batches", figs[ours], "with 8 requests, the batch a step ran in, on average: "
+                         + ", ".join(f"{n} {b:.2f}" for n, b in figs[ours].batch)))
     order = splits["(b)"][0]
     rows.append(("(c) and (b), CPU", figs["(c)"], "ms per decode token on each node of the split (in brackets, ms "
                  "per token its cgroup was held off the CPU by its quota): " + ", ".join(
@@ -454,7 +475,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
 
 def is_system(label: str) -> bool:
     """A row of one system's figures, "(x) ...", not a breakdown or CPU row."""
-    return label[3:4] == " " and not any(w in label for w in ("per token", "CPU", "ceiling"))
+    return label[3:4] == " " and not any(w in label for w in ("per token", "CPU", "ceiling", "batches"))
 
 
 def main() -> None:

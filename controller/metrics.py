@@ -17,6 +17,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 
 disable_created_metrics()     # no *_created series: dashboards do not use them
 
 STAGE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)     # MAX_BATCH is 64
 
 
 class NodeCollector:
@@ -58,6 +59,8 @@ class Metrics:
                                        ["node"], buckets=STAGE_BUCKETS, registry=r)
         self.stage_queue = Histogram("edgefleet_stage_queue_seconds", "Time a step waited on a node",
                                      ["node"], buckets=STAGE_BUCKETS, registry=r)
+        self.stage_batch = Histogram("edgefleet_stage_batch_size", "Steps computed together in the batch a step "
+                                     "ran in on a node", ["node"], buckets=BATCH_BUCKETS, registry=r)
         self.failovers = Counter("edgefleet_failovers", "Failovers, by result (ok, failed)", ["result"], registry=r)
         self.deploys = Counter("edgefleet_deploys", "Deployments switched, by reason (deploy, drain, failover) "
                                "and result (ok, failed)", ["reason", "result"], registry=r)
@@ -67,6 +70,7 @@ class Metrics:
         for t in times:
             self.stage_compute.labels(t.node).observe(t.compute_seconds)
             self.stage_queue.labels(t.node).observe(t.queue_seconds)
+            self.stage_batch.labels(t.node).observe(t.batch_size)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,7 @@ from controller.generate import generate
 from controller.local import deploy_chain, start_agent
 from controller.shards import file_sha256, write_shard
 from fleet import Fleet, cli
+from proto import adapter as A
 from proto import edgefleet_pb2 as pb
 from proto import edgefleet_pb2_grpc as rpc
 
@@ -81,10 +82,23 @@ def with_stop(m: pb.StageInput, stop: int | None) -> pb.StageInput:
 steps = st.builds(with_stop, steps, st.one_of(st.none(), st.integers(0, 600), st.just(2 ** 32 - 1)))
 
 
+def with_more(m: pb.StageInput, more: list[pb.StageInput]) -> pb.StageInput:
+    m.more.extend(more)
+    return m
+
+
+# a message may carry further steps (StageInput.more), each answered as if sent alone
+steps = st.one_of(steps, st.builds(with_more, steps, st.lists(steps, min_size=1, max_size=2)))
+
+
+def each_step(messages: list[pb.StageInput]) -> list[pb.StageInput]:
+    return [one for m in messages for one in A.unbatched(m)]
+
+
 def answers(address: str, messages: list[pb.StageInput], timeout_s: float = 20) -> list:
     """Send the steps on one Forward stream; what came back until every step that is not a
     cancel had its answer (or the time ran out): StageOutputs, or the RpcError that ended it."""
-    want = Counter((m.session_id, m.position) for m in messages if not m.cancel)
+    want = Counter((m.session_id, m.position) for m in each_step(messages) if not m.cancel)
     q: queue.Queue = queue.Queue()
     got: list = []
     done, closing = threading.Event(), threading.Event()
@@ -94,9 +108,10 @@ def answers(address: str, messages: list[pb.StageInput], timeout_s: float = 20) 
         def read():
             left = Counter(want)
             try:
-                for out in call:
-                    got.append(out)
-                    left[(out.session_id, out.position)] -= 1
+                for message in call:
+                    for out in A.unbatched(message):     # answers computed together come in one message
+                        got.append(out)
+                        left[(out.session_id, out.position)] -= 1
                     if all(v <= 0 for v in left.values()):
                         break
             except grpc.RpcError as exc:
@@ -122,7 +137,7 @@ def test_every_forward_step_is_answered_and_blames_only_itself(chain, stage, mes
     errors = [g for g in got if isinstance(g, grpc.RpcError)]
     assert not errors, errors[0]                     # the stream itself never breaks
     answered = Counter((g.session_id, g.position) for g in got)
-    unanswered = Counter((m.session_id, m.position) for m in messages if not m.cancel) - answered
+    unanswered = Counter((m.session_id, m.position) for m in each_step(messages) if not m.cancel) - answered
     assert not unanswered, f"steps went unanswered: {dict(unanswered)}"
     for out in got:                                  # a malformed cancel may be answered too, with an error
         assert not out.error or out.error_code in CLIENT_CODES, (out.error_code, out.error)

@@ -338,8 +338,15 @@ def test_fifty_concurrent_streams_complete_and_metrics_count_them(fleet, referen
     assert delta("edgefleet_generated_tokens_total") == tokens + alone_tokens
     assert delta("edgefleet_time_to_first_token_seconds_count") == n + 3
     assert delta("edgefleet_time_per_output_token_seconds_count") == delta("edgefleet_generated_tokens_total") - n - 3
-    stage_counts = [v for k, v in after.items() if re.match(r'edgefleet_stage_compute_seconds_count\{node=', k)]
-    assert len(stage_counts) >= 2 and all(v > 0 for v in stage_counts)
+    stage_counts = {k.split("{")[1]: v for k, v in after.items()
+                    if re.match(r'edgefleet_stage_compute_seconds_count\{node=', k)}
+    assert len(stage_counts) >= 2 and all(v > 0 for v in stage_counts.values())
+    # every step reports the batch it ran in: as many observations as steps, each of at least 1,
+    # and the concurrent requests were computed together somewhere
+    batches = {node: (after[f"edgefleet_stage_batch_size_sum{{{node}"], after[f"edgefleet_stage_batch_size_count{{{node}"])
+               for node in stage_counts}
+    assert all(count == stage_counts[node] and total >= count for node, (total, count) in batches.items())
+    assert max(total / count for total, count in batches.values()) > 1
     assert after["edgefleet_requests_in_flight"] == 0
     assert after['edgefleet_deploys_total{reason="deploy",result="ok"}'] == 1
     assert all(after[f'edgefleet_node_up{{node="{name}"}}'] == 1 for name, _ in AGENTS)
