@@ -152,10 +152,11 @@ class Hop:
             for m in request_iterator:
                 try:
                     steps = A.unbatched(m)
-                except A.WireError as exc:
+                except A.WireError as exc:     # every step it names fails, none runs
                     steps = ()
-                    self._answer_now(A.StepOut(m.session_id, m.position, error=f"a malformed step: {exc}",
-                                               error_code="INVALID_ARGUMENT"))
+                    for bad in (m, *m.more):
+                        self._answer_now(A.StepOut(bad.session_id, bad.position, error=f"a malformed step: {exc}",
+                                                   error_code="INVALID_ARGUMENT"))
                 jobs = [j for one in steps if (j := self._take(one)) is not None]
                 self.svc.engine.submit(*jobs)      # a message's steps go in one batch
         except grpc.RpcError:

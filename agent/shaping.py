@@ -94,7 +94,8 @@ def merge(first, others) -> None:
 
 @contextlib.contextmanager
 def together():
-    """Messages this thread posts inside the block go to each queue as one, when it ends."""
+    """Messages this thread posts inside the block go to each queue as one (up to
+    MERGE_BYTES each), when it ends."""
     held: dict[int, tuple[queue.Queue, list]] = {}
     _held.queues = held
     try:
@@ -102,18 +103,22 @@ def together():
     finally:
         _held.queues = None
         for q, items in held.values():
-            run = None      # (deliver_at, message) being merged into
+            run, size = None, 0     # (deliver_at, message) being merged into, and its bytes
             for item in items:
                 if item is None:            # the end of the stream: what came before goes first
                     if run is not None:
                         q.put(run)
                         run = None
                     q.put(None)
-                elif run is None:
-                    run = item
+                    continue
+                n = item[1].ByteSize()
+                if run is None or size + n > MERGE_BYTES:
+                    if run is not None:
+                        q.put(run)
+                    run, size = item, n
                 else:
                     merge(run[1], [item[1]])
-                    run = (max(run[0], item[0]), run[1])
+                    run, size = (max(run[0], item[0]), run[1]), size + n
             if run is not None:
                 q.put(run)
 

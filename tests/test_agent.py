@@ -498,6 +498,17 @@ def test_steps_sent_in_one_message_are_computed_together_on_every_stage(fleet, r
     assert {o.session_id: o.token for o in answers} == want
     for o in answers:
         assert [(t.node, t.batch_size) for t in o.stage_times] == [("a0", 3), ("a1", 3), ("a2", 3)]
+    # a message inside a message that carries more in turn: every step it names fails, none runs
+    inner = A.step_pb(A.StepIn("n1", 0, tokens=tuple(PROMPTS[1]), finish=True))
+    inner.more.append(A.step_pb(A.StepIn("n2", 0, tokens=tuple(PROMPTS[2]), finish=True)))
+    nested = A.step_pb(A.StepIn("n0", 0, tokens=tuple(PROMPTS[0]), finish=True))
+    nested.more.append(inner)
+    with grpc.insecure_channel(fleet[0].address) as ch:
+        refused = [A.step_out(one) for m in rpc.AgentStub(ch).Forward(iter([nested]), timeout=60)
+                   for one in A.unbatched(m)]
+    assert sorted((o.session_id, o.error_code) for o in refused) == [("n0", "INVALID_ARGUMENT"),
+                                                                     ("n1", "INVALID_ARGUMENT")]
+    assert all("one level" in o.error for o in refused)
     with AgentClient(fleet[2].address) as c:
         assert c.state().sessions == 0
 
@@ -516,6 +527,11 @@ def test_messages_posted_together_leave_as_one_and_a_stream_sends_what_waits_as_
     at, m = q.get()
     assert at == 2.0 and [x.session_id for x in A.unbatched(m)] == ["a", "b"]
     assert q.get() is None
+    half = pb.StageInput(session_id="h", hidden=pb.Tensor(data=bytes(MERGE_BYTES // 2 + 1)))
+    with together():                        # no message beyond MERGE_BYTES
+        for _ in range(3):
+            post(q, (0.0, half))
+    assert [len(A.unbatched(q.get()[1])) for _ in range(3)] == [1, 1, 1] and q.empty()
     # what waits on a stream's queue leaves as one message, one level deep, up to MERGE_BYTES
     big = pb.StageInput(session_id="big", hidden=pb.Tensor(data=bytes(MERGE_BYTES)))
     for item in ((0.0, m), (0.0, pb.StageInput(session_id="c")), (0.0, big), None):
