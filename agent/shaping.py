@@ -7,6 +7,7 @@ what the cost model predicts for a LAN of edge devices.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import threading
@@ -50,22 +51,35 @@ class Shaper:
     def delivered(q):
         """Yield the messages put on q as (deliver_at, message), at their delivery time, until
         None. Those already waiting behind the first go in the same message (merge, up to
-        MERGE_BYTES in all), delivered with the last of them."""
-        pending: list = []       # one taken from q that did not fit (or the end): it goes next
-        while (item := pending.pop() if pending else q.get()) is not None:
+        MERGE_BYTES in all), delivered with the last of them; a list on q (together()) is its
+        items, in order."""
+        ready: collections.deque = collections.deque()      # taken from q, not yet sent
+
+        def take(block: bool) -> bool:
+            """Move q's next entry into ready; False where none waits."""
+            try:
+                got = q.get(block)
+            except queue.Empty:
+                return False
+            ready.extend(got if isinstance(got, list) else [got])
+            return True
+
+        while ready or take(True):
+            item = ready.popleft()
+            if item is None:
+                return
             deliver_at, msg = item
             size = msg.ByteSize()
-            while not pending:
-                try:
-                    nxt = q.get_nowait()
-                except queue.Empty:
+            while ready or take(False):         # what waits behind it, up to MERGE_BYTES
+                if ready[0] is None:
                     break
-                if nxt is None or size + nxt[1].ByteSize() > MERGE_BYTES:
-                    pending.append(nxt)
-                else:
-                    deliver_at = max(deliver_at, nxt[0])
-                    size += nxt[1].ByteSize()
-                    merge(msg, [nxt[1]])
+                at, nxt = ready[0]
+                n = nxt.ByteSize()
+                if size + n > MERGE_BYTES:
+                    break
+                ready.popleft()
+                deliver_at, size = max(deliver_at, at), size + n
+                merge(msg, nxt)
             Shaper.wait_until(deliver_at)
             yield msg
 
@@ -84,18 +98,17 @@ class Shaper:
 _held = threading.local()
 
 
-def merge(first, others) -> None:
-    """Append messages (StageInput or StageOutput) to first's `more`, flattened: one level."""
-    for o in others:
-        first.more.append(o)
-        first.more[-1].ClearField("more")
-        first.more.extend(o.more)
+def merge(first, other) -> None:
+    """Append a message (StageInput or StageOutput) to first's `more`, flattened: one level."""
+    first.more.append(other)
+    first.more[-1].ClearField("more")
+    first.more.extend(other.more)
 
 
 @contextlib.contextmanager
 def together():
-    """Messages this thread posts inside the block go to each queue as one (up to
-    MERGE_BYTES each), when it ends."""
+    """Messages this thread posts inside the block go to each queue at once, when it ends: its
+    stream (Shaper.delivered) then sends them as one message, up to MERGE_BYTES."""
     held: dict[int, tuple[queue.Queue, list]] = {}
     _held.queues = held
     try:
@@ -103,24 +116,7 @@ def together():
     finally:
         _held.queues = None
         for q, items in held.values():
-            run, size = None, 0     # (deliver_at, message) being merged into, and its bytes
-            for item in items:
-                if item is None:            # the end of the stream: what came before goes first
-                    if run is not None:
-                        q.put(run)
-                        run = None
-                    q.put(None)
-                    continue
-                n = item[1].ByteSize()
-                if run is None or size + n > MERGE_BYTES:
-                    if run is not None:
-                        q.put(run)
-                    run, size = item, n
-                else:
-                    merge(run[1], [item[1]])
-                    run, size = (max(run[0], item[0]), run[1]), size + n
-            if run is not None:
-                q.put(run)
+            q.put(items if len(items) > 1 else items[0])
 
 
 def post(q: queue.Queue, item) -> None:

@@ -519,19 +519,23 @@ def test_messages_posted_together_leave_as_one_and_a_stream_sends_what_waits_as_
     from agent.shaping import MERGE_BYTES, Shaper, post, together
 
     q: queue.Queue = queue.Queue()
+    later = time.monotonic() + 0.3
     with together():                        # a batch's results: one message per queue, in order
-        post(q, (2.0, pb.StageInput(session_id="a")))
-        post(q, (1.0, pb.StageInput(session_id="b")))
+        post(q, (later, pb.StageInput(session_id="a")))
+        post(q, (0.0, pb.StageInput(session_id="b")))
         post(q, None)                       # the end of the stream goes after them
         assert q.empty()
-    at, m = q.get()
-    assert at == 2.0 and [x.session_id for x in A.unbatched(m)] == ["a", "b"]
-    assert q.get() is None
+    assert q.qsize() == 1                   # on the queue at once
+    sent = list(Shaper.delivered(q))        # one message, then the end
+    assert time.monotonic() >= later        # delivered with the latest of them
+    assert [[x.session_id for x in A.unbatched(s)] for s in sent] == [["a", "b"]]
+    m = sent[0]
     half = pb.StageInput(session_id="h", hidden=pb.Tensor(data=bytes(MERGE_BYTES // 2 + 1)))
     with together():                        # no message beyond MERGE_BYTES
         for _ in range(3):
             post(q, (0.0, half))
-    assert [len(A.unbatched(q.get()[1])) for _ in range(3)] == [1, 1, 1] and q.empty()
+        post(q, None)
+    assert [len(A.unbatched(s)) for s in Shaper.delivered(q)] == [1, 1, 1] and q.empty()
     # what waits on a stream's queue leaves as one message, one level deep, up to MERGE_BYTES
     big = pb.StageInput(session_id="big", hidden=pb.Tensor(data=bytes(MERGE_BYTES)))
     for item in ((0.0, m), (0.0, pb.StageInput(session_id="c")), (0.0, big), None):
