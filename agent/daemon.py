@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from agent import dataplane
 from agent.engine import Engine
 from agent.home import home
 from agent.server import AgentService
@@ -41,6 +42,8 @@ class AgentConfig:
     controller: str                    # host:port of the controller ("" = run unmanaged)
     listen: str = "0.0.0.0:50061"      # where the Agent service listens (port 0 = any free port)
     advertise: str = ""                # address announced to the controller (default: from listen)
+    data_listen: str = ""              # the data plane's HOST:PORT (default: --listen's host, any free port; "off": none)
+    data_advertise: str = ""           # the data plane's address announced to peers (default: --advertise's host)
     memory_bytes: int = 4 * 2 ** 30    # what the device gives edgefleet: the agent itself + its stages
     memory_beside: bool = False        # True (--memory +N): memory_bytes is for stages alone, beside the agent
     threads: int = 0                   # llama.cpp compute threads (0 = all cores)
@@ -67,6 +70,14 @@ def _advertised(listen: str, port: int) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = socket.gethostname()
     return f"{host}:{port}"
+
+
+def data_listen(cfg: AgentConfig) -> str:
+    """Where the data plane listens: --data-listen, by default the gRPC listener's host at any
+    free port; "" for off."""
+    if cfg.data_listen.strip().lower() == "off":
+        return ""
+    return cfg.data_listen or f"{cfg.listen.rsplit(':', 1)[0]}:0"
 
 
 def _local(listen: str, port: int) -> str:
@@ -155,17 +166,28 @@ def serve(cfg: AgentConfig) -> int:
     engine = Engine(stages, cfg.session_timeout_s, cfg.threads or None)
     stop, died = threading.Event(), threading.Event()
     engine.on_death = lambda: (died.set(), stop.set())     # no heartbeat from a wedged agent: the controller fails over
-    node = A.NodeInfo(cfg.name, address, stages, TYPE_ORDER, engine.threads, "cpu", own)
-    service = AgentService(node, store, engine, cfg.security, shaper, _local(cfg.listen, port))
+    data, data_address, data_local = None, "", ""
+    if listen_data := data_listen(cfg):
+        try:
+            data = dataplane.Server(listen_data, cfg.security)
+        except ValueError:
+            server.stop(None)
+            raise
+        data_address = cfg.data_advertise or _advertised(address, data.port)   # the host peers reach us at
+        data_local = _local(listen_data, data.port)
+    node = A.NodeInfo(cfg.name, address, stages, TYPE_ORDER, engine.threads, "cpu", own, data_address)
+    service = AgentService(node, store, engine, cfg.security, shaper, _local(cfg.listen, port), data_local)
+    if data is not None:
+        data.start({dataplane.FORWARD: service.forward_data, dataplane.ECHO: dataplane.echo})
     rpc.add_AgentServicer_to_server(service, server)
     server.start()
 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(json.dumps({"event": "listening", "name": cfg.name, "address": address, "port": port,
-                      "pid": os.getpid(), "data_dir": str(data_dir)}), flush=True)
-    log.info("agent %s listening on %s (%s for stages + the agent itself %s, %d shards on disk%s)", cfg.name,
-             address, fmt_bytes(stages), fmt_bytes(own), len(store.list()),
+                      "data_address": data_address, "pid": os.getpid(), "data_dir": str(data_dir)}), flush=True)
+    log.info("agent %s listening on %s%s (%s for stages + the agent itself %s, %d shards on disk%s)", cfg.name,
+             address, f", data plane on {data_address}" if data else "", fmt_bytes(stages), fmt_bytes(own), len(store.list()),
              f", emulated link {cfg.emulate_bandwidth or 0:.0f} B/s + {cfg.emulate_latency * 1e3:.1f} ms"
              if shaper.active else "")
     link = None
@@ -177,6 +199,8 @@ def serve(cfg: AgentConfig) -> int:
         if link is not None:
             link.stop_event.set()
         server.stop(grace=0)
+        if data is not None:
+            data.stop()
         log.error("agent %s stopped: its compute thread died (see the log above); restart it", cfg.name)
         return 1
 
@@ -190,6 +214,8 @@ def serve(cfg: AgentConfig) -> int:
     if link is not None:
         link.stop_event.set()
     server.stop(grace=2).wait()
+    if data is not None:
+        data.stop()
     engine.stop()
     log.info("agent %s stopped", cfg.name)
     return 0

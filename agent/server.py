@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from agent import dataplane
 from agent import weights as W
 from agent.engine import Engine, EngineError, Job, Result
 from agent.profile import MIN_PROBE_BYTES, PROBE_BYTES, median_time, time_types
@@ -47,6 +48,7 @@ from proto import edgefleet_pb2_grpc as rpc
 from proto.security import Security
 
 log = logging.getLogger(__name__)
+DATA_LOOKUP_S = 10.0   # the next agent's State, asked where its data plane listens
 PRUNE_EVERY = 1024      # steps a stream takes between looks for the sessions it names that ended elsewhere
 
 
@@ -73,41 +75,87 @@ def _median_echo_s(stub, msg, md, repeats: int, timeout_s: float, shaper: Shaper
 
 
 class Downstream:
-    """This agent's stream to the next stage's agent (requests shaped by the emulated link)."""
+    """This agent's stream to the next stage's agent (requests shaped by the emulated link): on
+    the next agent's data plane where its State names one (agent/dataplane.py), else a gRPC
+    Forward call. It connects on a thread of its own, so that a step never waits for that."""
 
     def __init__(self, address: str, security: Security, shaper: Shaper, on_output, on_broken,
                  every_end: bool = False):
         self.address = address
         self.every_end = every_end      # on_broken also when the stream ends without an error
+        self.security = security
         self._shaper = shaper
         self._q: queue.Queue = queue.Queue()
-        self._channel = security.channel(address)
-        self._call = rpc.AgentStub(self._channel).Forward(Shaper.delivered(self._q), metadata=security.metadata())
+        self._lock = threading.Lock()
+        self._conn: dataplane.Connection | None = None
+        self._call = None
+        self._cancelled = False
         self.broken = False
+        self.transport = ""             # "data" or "grpc", once connected
         self._on_output, self._on_broken = on_output, on_broken
-        threading.Thread(target=self._read, name=f"down-{address}", daemon=True).start()
+        threading.Thread(target=self._run, name=f"down-{address}", daemon=True).start()
 
-    def _read(self) -> None:
+    def _open(self, channel):
+        """The stream's answers: on the next agent's data plane if it has one, else gRPC's."""
+        data = rpc.AgentStub(channel).State(pb.Empty(), metadata=self.security.metadata(),
+                                            timeout=DATA_LOOKUP_S).node.data_address
+        if data:
+            conn = dataplane.connect(data, self.security)
+            log.info("steps to the stage at %s go on its data plane at %s", self.address, data)
+            with self._lock:
+                self._conn, self.transport = conn, "data"
+                if self._cancelled:
+                    conn.close()
+            threading.Thread(target=self._write, args=(conn,), name=f"down-write-{data}",
+                             daemon=True).start()
+            return conn.messages(pb.StageOutput)
+        log.info("steps to the stage at %s go by gRPC: it has no data plane", self.address)
+        call = rpc.AgentStub(channel).Forward(Shaper.delivered(self._q), metadata=self.security.metadata())
+        with self._lock:
+            self._call, self.transport = call, "grpc"
+            if self._cancelled:
+                call.cancel()
+        return call
+
+    def _write(self, conn: dataplane.Connection) -> None:
         try:
-            for m in self._call:
+            for msg in Shaper.delivered(self._q):
+                conn.send(msg)
+            conn.send_end()
+        except OSError:
+            pass        # the reader sees the connection break
+
+    def _run(self) -> None:
+        channel = None
+        try:
+            channel = self.security.channel(self.address)
+            for m in self._open(channel):
                 for one in A.unbatched(m):
                     self._on_output(A.step_out(one))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
-                self.broken = True
-                self._on_broken(self, f"the next stage at {self.address} failed: {exc.details() or exc.code().name}")
-                return
+                return self._fail(f"the next stage at {self.address} failed: {exc.details() or exc.code().name}")
+        except (dataplane.DataError, OSError) as exc:
+            if not self._cancelled:
+                return self._fail(f"the next stage at {self.address} failed: {exc}")
         except A.WireError as exc:
-            self._call.cancel()
-            self.broken = True
-            self._on_broken(self, f"the next stage at {self.address} sent a malformed answer ({exc}); check that "
-                                  "every agent runs this version")
-            return
+            self.cancel()
+            return self._fail(f"the next stage at {self.address} sent a malformed answer ({exc}); check that "
+                              "every agent runs this version")
+        except Exception as exc:        # e.g. an address the channel refuses
+            return self._fail(f"cannot reach the next stage at {self.address}: {exc}")
         finally:
-            self._channel.close()
+            if self._conn is not None:
+                self._conn.close()
+            if channel is not None:
+                channel.close()
         self.broken = True      # an ended stream carries no more steps: the next send makes a new one
         if self.every_end:
             self._on_broken(self, f"the stream to the stage at {self.address} ended")
+
+    def _fail(self, message: str) -> None:
+        self.broken = True
+        self._on_broken(self, message)
 
     def send(self, step: A.StepIn) -> None:
         msg = A.step_pb(step)
@@ -117,15 +165,21 @@ class Downstream:
         post(self._q, None)
 
     def cancel(self) -> None:
-        self._call.cancel()
+        with self._lock:
+            self._cancelled = True
+            conn, call = self._conn, self._call
+        if conn is not None:
+            conn.close()
+        if call is not None:
+            call.cancel()
+        self._q.put(None)       # the data plane's writer ends
 
 
 class Hop:
     """One upstream Forward stream through this agent."""
 
-    def __init__(self, svc: "AgentService", context):
+    def __init__(self, svc: "AgentService"):
         self.svc = svc
-        self.context = context
         self._out: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0
@@ -143,8 +197,9 @@ class Hop:
     # ---------------------------------------------------------- upstream side
 
     def responses(self, request_iterator):
+        """The answers to the steps of request_iterator; whoever runs the stream calls
+        cancelled() when it ends (the Forward call, or the data-plane connection)."""
         threading.Thread(target=self._read, args=(request_iterator,), name="hop-read", daemon=True).start()
-        self.context.add_callback(self._cancelled)
         yield from Shaper.delivered(self._out)
 
     def _read(self, request_iterator) -> None:
@@ -159,8 +214,8 @@ class Hop:
                                                    error_code="INVALID_ARGUMENT"))
                 jobs = [j for one in steps if (j := self._take(one)) is not None]
                 self.svc.engine.submit(*jobs)      # a message's steps go in one batch
-        except grpc.RpcError:
-            pass   # upstream went away; _cancelled cleans up
+        except (grpc.RpcError, dataplane.DataError, OSError):
+            pass   # upstream went away; cancelled() cleans up
         finally:
             with self._lock:
                 self._upstream_done = True
@@ -258,7 +313,12 @@ class Hop:
     def _computed(self, r: Result, step: A.StepIn, dep) -> None:
         mine = A.StageTime(self.svc.node.name, r.compute_s, r.queue_s, r.batch_size)
         times = step.stage_times + (mine,)
-        if r.error:
+        if self._closed and not r.error:
+            # the stream broke while this step waited for the engine: nobody takes its answer and
+            # nobody continues its session, which the step made again after cancelled() ended it
+            self.svc.engine.cancel(dep.deployment_id, r.session_id)
+            self._settled()
+        elif r.error:
             self._answer(A.StepOut(r.session_id, r.position, error=r.error, error_code=r.error_code,
                                    stage_times=times))
         elif dep.is_last:
@@ -371,8 +431,8 @@ class Hop:
             d.close()
         post(self._out, None)
 
-    def _cancelled(self) -> None:
-        """The upstream call ended. After a close of ours (every step settled) that is its normal
+    def cancelled(self) -> None:
+        """The upstream stream ended. After a close of ours (every step settled) that is its normal
         end, and steps sent on with reply_to may still be on their way down: they go on."""
         with self._lock:
             if self._closed:
@@ -463,9 +523,10 @@ class Ring:
 
 class AgentService(rpc.AgentServicer):
     def __init__(self, node: A.NodeInfo, store: ShardStore, engine: Engine, security: Security, shaper: Shaper,
-                 local_address: str = ""):
+                 local_address: str = "", local_data_address: str = ""):
         self.node = node
         self.local_address = local_address      # this agent as it reaches itself (the step-overhead probe)
+        self.local_data_address = local_data_address    # and its data plane ("" = none)
         self.store = store
         self.engine = engine
         self.security = security
@@ -532,7 +593,32 @@ class AgentService(rpc.AgentServicer):
     # ---------------------------------------------------------- pipeline
 
     def Forward(self, request_iterator, context):
-        yield from Hop(self, context).responses(request_iterator)
+        hop = Hop(self)
+        context.add_callback(hop.cancelled)
+        yield from hop.responses(request_iterator)
+
+    def forward_data(self, conn: dataplane.Connection) -> None:
+        """Forward on the data plane (agent/dataplane.py): one connection is one stream."""
+        hop = Hop(self)
+        broke = []
+
+        def requests():
+            try:
+                yield from conn.messages(pb.StageInput)
+            except (dataplane.DataError, OSError) as exc:
+                log.info("a data-plane stream from upstream broke: %s", exc)
+                broke.append(exc)
+                hop.cancelled()
+
+        try:
+            for msg in hop.responses(requests()):
+                conn.send(msg)
+            if not broke:       # a stream that broke ends without the end of messages: its sender sees that
+                conn.send_end()
+        except OSError:
+            pass
+        finally:
+            hop.cancelled()
 
     def Collect(self, request, context):
         cid = request.collector_id
@@ -609,11 +695,23 @@ class AgentService(rpc.AgentServicer):
 
     def _step_overhead(self, n_embd: int, repeats: int = 5) -> float:
         """What a stage costs a step besides its compute: a round trip of one token's hidden
-        state to this agent itself over gRPC (a message received, answered and read back, its
-        serialization and thread hand-offs), at this node's CPU speed and share: timed in
-        blocks of back-to-back round trips, as the layers are (profile.median_time), so that
-        a node under a CPU quota reads its sustained speed. 0 when the agent cannot reach
-        itself (the solver then uses its default)."""
+        state to this agent itself on the transport its peers use, the data plane where it has
+        one, else gRPC (a message received, answered and read back, its serialization and
+        thread hand-offs), at this node's CPU speed and share: timed in blocks of back-to-back
+        round trips, as the layers are (profile.median_time), so that a node under a CPU quota
+        reads its sustained speed. 0 when the agent cannot reach itself (the solver then uses
+        its default)."""
+        if self.local_data_address:
+            payload = bytes(4 * n_embd)
+            try:
+                conn = dataplane.connect(self.local_data_address, self.security, dataplane.ECHO)
+                try:
+                    return max(median_time(lambda: (conn.send_bytes(payload), conn.receive()), repeats), 1e-6)
+                finally:
+                    conn.close()
+            except (dataplane.DataError, OSError) as exc:
+                log.warning("could not time a step's overhead on this agent's data plane: %s", exc)
+                return 0.0
         if not self.local_address:
             return 0.0
         probe = pb.ShardChunk(data=bytes(4 * n_embd))

@@ -55,6 +55,7 @@ MiB = 2 ** 20
 PROMPT, OUTPUT, CONCURRENT = 512, 64, 8
 SHORT = 8       # tokens of the breakdown's short request (Edgefleet.breakdown)
 CONTROLLER_PORT, PUBLIC_PORT, INNER_PORT = 50061, 50052, 40052
+PUBLIC_DATA, INNER_DATA = PUBLIC_PORT + 2, INNER_PORT + 2     # the agents' data plane (llama.cpp's servers take +1)
 # what an agent is told is its node's memory limit less this (the cgroup's limit is hard):
 # beside its admission formula's figure a loaded agent holds ~50 MB more at rest
 # (docs/fleet.md), and under 8 concurrent 512-token prompts the messages in flight add tens
@@ -131,7 +132,9 @@ def arrival_times(tokens) -> list[float]:
 class Edgefleet:
     """A controller in the root namespace and one agent per node, behind the node's proxy."""
 
-    def __init__(self, fleet: EmulatedFleet, work: Path):
+    def __init__(self, fleet: EmulatedFleet, work: Path, data_plane: bool = True):
+        """data_plane: the agents send steps to each other on their data plane, behind the same
+        proxy (else by gRPC, as before session 22)."""
         self.fleet, self.work = fleet, work
         self.controller = ServiceProcess(["controller", "--listen", f"0.0.0.0:{CONTROLLER_PORT}", "--state",
                                           str(work / "edgefleet.db"), "--http", "127.0.0.1:0"],
@@ -146,8 +149,13 @@ class Edgefleet:
                                                  "--advertise", f"{fleet.address(i)}:{PUBLIC_PORT}",
                                                  "--controller", f"{fleet.gateway(i)}:{CONTROLLER_PORT}",
                                                  "--memory", str(node.memory - HEADROOM), "--threads", "1",
-                                                 "--data-dir", str(work / node.name)], f"agent-{node.name}"))
+                                                 "--data-dir", str(work / node.name),
+                                                 *(("--data-listen", f"127.0.0.1:{INNER_DATA}", "--data-advertise",
+                                                    f"{fleet.address(i)}:{PUBLIC_DATA}") if data_plane else
+                                                   ("--data-listen", "off"))], f"agent-{node.name}"))
                 fleet.proxy(i, PUBLIC_PORT, INNER_PORT)
+                if data_plane:
+                    fleet.proxy(i, PUBLIC_DATA, INNER_DATA)
             wait_alive(self.address, len(fleet.nodes), 60, work)
         except BaseException:
             self.stop()
@@ -386,7 +394,8 @@ def edgefleet_runs(master_type: str, free_types: str, only_bc: bool) -> list[tup
 
 
 def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: int,
-              work: Path, proxy_s: float, only_bc: bool = False) -> list[tuple[str, Figures, str]]:
+              work: Path, proxy_s: float, only_bc: bool = False,
+              data_plane: bool = True) -> list[tuple[str, Figures, str]]:
     """The fleet's rows: (label, figures, what it ran), and the breakdown, ceiling and CPU rows;
     with only_bc, (b) and (c) alone (and their rows)."""
     path_fn, master_type, free_types = models()[model_name]
@@ -394,7 +403,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
     plans, figs, per_token = {}, {}, {}
     with EmulatedFleet(nodes, link, work / "logs") as fleet:
         cpu = cpu_check(fleet)
-        ef = Edgefleet(fleet, work)
+        ef = Edgefleet(fleet, work, data_plane)
         try:
             for run, types, objective, what in edgefleet_runs(master_type, free_types, only_bc):
                 say(f"{name}: edgefleet, {what}")
@@ -488,6 +497,8 @@ def main() -> None:
     ap.add_argument("--node-memory", type=int, metavar="MIB",
                     help="every node's memory in MiB, for both systems (default: 340; SmolLM2 F16 with 8 requests' "
                          "KV cache needs 400 on the 3-node fleet)")
+    ap.add_argument("--data-plane", choices=("on", "off"), default="on",
+                    help="off: edgefleet's agents send steps to each other by gRPC, as before session 22 (A/B runs)")
     a = ap.parse_args()
     llamacpp.build()
     for name in a.fleet.split(","):
@@ -495,13 +506,13 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f"versus-{name}-"))
         proxy_s, bare_s = delay_proxy.measure(link.delay_ms), delay_proxy.measure(0)
         try:
-            rows = run_fleet(name, nodes, link, a.model, a.runs, tmp, proxy_s, a.only_bc)
+            rows = run_fleet(name, nodes, link, a.model, a.runs, tmp, proxy_s, a.only_bc, a.data_plane == "on")
         except (RuntimeError, subprocess.CalledProcessError) as exc:
             raise SystemExit(f"{name}: {exc} (logs kept in {tmp})") from None
         shutil.rmtree(tmp)
         say(f"{name}: done")
         print(f"\n{name}: {len(nodes)} nodes (CPU {', '.join(f'{n.cpu:g}' for n in nodes)}; "
-              f"{nodes[0].memory // MiB} MiB each), {link}, {a.model}")
+              f"{nodes[0].memory // MiB} MiB each), {link}, {a.model}, edgefleet's data plane {a.data_plane}")
         print(f"the delay proxy adds {proxy_s * 1e3:.3f} ms per crossing with "
               f"{link.delay_ms:g} ms set (one 576-float step, loopback; {bare_s * 1e3:.3f} ms with none)")
         print(f"{'system':40} {'TTFT':>8} {'tok/s':>7} {'8 req tok/s':>12}")

@@ -473,6 +473,11 @@ def demo(model_path: Path | None, prompt: str | None, max_tokens: int, max_ppl_i
 @click.option("--listen", default="0.0.0.0:50061", show_default=True, metavar="HOST:PORT",
               help="Where the agent serves (port 0: any free port).")
 @click.option("--advertise", default="", metavar="HOST:PORT", help="Address announced to the controller.")
+@click.option("--data-listen", default="", metavar="HOST:PORT|off",
+              help="Where steps from other agents arrive (the data plane; default: --listen's host, any free "
+                   "port; off: they come by gRPC).")
+@click.option("--data-advertise", default="", metavar="HOST:PORT",
+              help="The data plane's address announced to other agents (default: --advertise's host).")
 @click.option("--memory", default="4GiB", show_default=True,
               help="Memory this device gives edgefleet, the agent itself included; +N (e.g. +512MiB): N for "
                    "stages beside the agent.")
@@ -484,7 +489,7 @@ def demo(model_path: Path | None, prompt: str | None, max_tokens: int, max_ppl_i
 @click.option("--emulate-latency", default=None, metavar="TIME", help="Delay every message sent, e.g. 5ms.")
 @click.option("--session-timeout", default="300s", show_default=True, help="Free an idle session's KV cache after this.")
 @security_options
-def agent(controller, name, listen, advertise, memory, threads, data_dir, emulate_bandwidth, emulate_latency,
+def agent(controller, name, listen, advertise, data_listen, data_advertise, memory, threads, data_dir, emulate_bandwidth, emulate_latency,
           session_timeout, token, tls_cert, tls_key, tls_ca) -> None:
     """Run the edge daemon: store shards, run pipeline stages, report to the controller."""
     from agent.daemon import AgentConfig, serve, setup_logging
@@ -493,7 +498,8 @@ def agent(controller, name, listen, advertise, memory, threads, data_dir, emulat
 
     memory = memory.strip()
     cfg = AgentConfig(
-        name=name, controller=controller, listen=listen, advertise=advertise,
+        name=name, controller=controller, listen=listen, advertise=advertise, data_listen=data_listen,
+        data_advertise=data_advertise,
         memory_bytes=int(parse_quantity(memory.removeprefix("+"), "--memory")), memory_beside=memory.startswith("+"),
         threads=threads,
         data_dir=data_dir or home() / f"agent-{name}",

@@ -53,19 +53,20 @@ class NodeInfo:
     threads: int
     device: str = "cpu"
     agent_bytes: int = 0          # the agent process's own resident memory at start
+    data_address: str = ""        # host:port of its data plane for steps from other agents ("" = none)
 
 
 def node_pb(n: NodeInfo) -> pb.NodeInfo:
     return pb.NodeInfo(name=n.name, address=n.address, memory_bytes=n.memory_bytes,
                        gguf_types=list(n.gguf_types), threads=n.threads, device=n.device,
-                       agent_bytes=n.agent_bytes)
+                       agent_bytes=n.agent_bytes, data_address=n.data_address)
 
 
 def node_info(m: pb.NodeInfo) -> NodeInfo:
     if not m.name:
         raise WireError("node info without a name")
     return NodeInfo(m.name, m.address, int(m.memory_bytes), tuple(m.gguf_types), int(m.threads), m.device or "cpu",
-                    int(m.agent_bytes))
+                    int(m.agent_bytes), m.data_address)
 
 
 @dataclass(frozen=True)

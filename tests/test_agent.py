@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent import dataplane
 from agent.pipeline import LocalPipeline
 from agent import profile
 from agent.profile import ProbeMedians, fit_step, split_attention
@@ -273,6 +274,14 @@ def test_mutual_tls(tmp_path):
         with AgentClient(agent.address, Security("", rogue_cert, rogue_key, ca_path), timeout_s=5) as c, \
                 pytest.raises(AgentError):
             c.state()                                      # client certificate from another CA: refused
+        data = agent.info["data_address"]                  # the data plane: the same checks
+        echo = dataplane.connect(data, Security("", client_cert, client_key, ca_path), dataplane.ECHO)
+        echo.send_bytes(b"y" * 100_000)                    # more than a TLS record
+        assert echo.receive() == b"y" * 100_000
+        echo.close()
+        for refused in (Security(), Security("", rogue_cert, rogue_key, ca_path)):
+            with pytest.raises(dataplane.DataError):
+                dataplane.connect(data, refused, dataplane.ECHO, timeout_s=5)
     finally:
         agent.terminate()
 

@@ -1,5 +1,5 @@
-"""Fuzzing the two trust boundaries a stranger can reach (issue 17): the agents' Forward
-stream and the HTTP API. Whatever arrives, every step gets an answer (a token or an error
+"""Fuzzing the trust boundaries a stranger can reach (issue 17): the agents' Forward stream,
+the same on their data plane, and the HTTP API. Whatever arrives, every step gets an answer (a token or an error
 code that blames the request), every HTTP request a 2xx or 4xx, no thread dies, and a
 normal request gives the right answer afterwards."""
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent import dataplane
 from agent.pipeline import LocalPipeline
 from controller.agents import AgentClient, PipelineStream
 from controller.generate import generate
@@ -25,6 +26,7 @@ from fleet import Fleet, cli
 from proto import adapter as A
 from proto import edgefleet_pb2 as pb
 from proto import edgefleet_pb2_grpc as rpc
+from proto.security import Security
 
 TYPES = ["Q8_0"] * 4 + ["Q4_0"] * 4
 RANGES = [(0, 4), (4, 8)]
@@ -129,12 +131,44 @@ def answers(address: str, messages: list[pb.StageInput], timeout_s: float = 20) 
     return got
 
 
+def answers_on_the_data_plane(address: str, messages: list[pb.StageInput], timeout_s: float = 20) -> list:
+    """As answers(), on the agent's data plane (agent/dataplane.py): StageOutputs, or the error
+    that broke the connection."""
+    want = Counter((m.session_id, m.position) for m in each_step(messages) if not m.cancel)
+    got: list = []
+    done, closing = threading.Event(), threading.Event()
+    conn = dataplane.connect(address, Security())
+
+    def read():
+        left = Counter(want)
+        try:
+            for message in conn.messages(pb.StageOutput):
+                for out in A.unbatched(message):
+                    got.append(out)
+                    left[(out.session_id, out.position)] -= 1
+                if all(v <= 0 for v in left.values()):
+                    break
+        except (dataplane.DataError, OSError) as exc:
+            if not closing.is_set():
+                got.append(exc)
+        done.set()
+    threading.Thread(target=read, daemon=True).start()
+    for m in messages:
+        conn.send(m)
+    if want:
+        done.wait(timeout_s)
+    closing.set()
+    conn.close()
+    return got
+
+
 @FUZZ
-@given(stage=st.integers(0, len(RANGES)), messages=st.lists(steps, max_size=5))
-def test_every_forward_step_is_answered_and_blames_only_itself(chain, stage, messages):
+@given(stage=st.integers(0, len(RANGES)), messages=st.lists(steps, max_size=5), data_plane=st.booleans())
+def test_every_forward_step_is_answered_and_blames_only_itself(chain, stage, messages, data_plane):
     agents, _, _ = chain
-    got = answers(agents[stage].address, messages)
-    errors = [g for g in got if isinstance(g, grpc.RpcError)]
+    got = (answers_on_the_data_plane(agents[stage].info["data_address"], messages) if data_plane
+           else answers(agents[stage].address, messages))
+    errors = [g for g in got if isinstance(g, Exception)]
     assert not errors, errors[0]                     # the stream itself never breaks
     answered = Counter((g.session_id, g.position) for g in got)
     unanswered = Counter((m.session_id, m.position) for m in each_step(messages) if not m.cancel) - answered

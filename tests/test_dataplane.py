@@ -1,0 +1,126 @@
+"""The data plane between agents (agent/dataplane.py), with real agent processes: steps go on
+it between agents that have one, by gRPC to an agent that has none, and it refuses what its
+checks refuse without harm to the agent."""
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from agent import dataplane
+from agent.pipeline import LocalPipeline
+from controller.agents import AgentClient, PipelineStream
+from controller.generate import generate
+from controller.local import deploy_chain, start_agent
+from controller.shards import file_sha256, write_shard
+from proto import adapter as A
+from proto import edgefleet_pb2 as pb
+from proto.security import MAX_MESSAGE_BYTES, Security
+
+TYPES = ["Q8_0"] * 8
+RANGES = [(0, 3), (3, 6), (6, 8)]
+PROMPT = [1, 50, 60, 70, 80]
+
+
+@pytest.fixture(scope="module")
+def shards(reference_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    master = file_sha256(reference_model)
+    return [write_shard(reference_model, d / f"stage{i}.gguf", TYPES, a, b, master) for i, (a, b) in enumerate(RANGES)]
+
+
+def test_steps_go_on_the_data_plane_and_by_grpc_to_an_agent_without_one(tmp_path, shards):
+    """a0 and a2 have a data plane, a1 has none (--data-listen off): a0 reaches a1 by gRPC, a1
+    reaches a2 and a2 goes round to a0 on the data plane; the tokens are one process's, sent
+    step by step from here and going round alike."""
+    agents = [start_agent("a0", tmp_path), start_agent("a1", tmp_path, extra=("--data-listen", "off")),
+              start_agent("a2", tmp_path)]
+    try:
+        assert agents[0].info["data_address"] and agents[2].info["data_address"]
+        assert agents[1].info["data_address"] == ""
+        with AgentClient(agents[1].address) as c:
+            assert c.state().node.data_address == ""
+        with AgentClient(agents[2].address) as c:
+            assert c.state().node.data_address == agents[2].info["data_address"]
+        deploy_chain(agents, shards, "d1", 4, 256)
+        want = list(LocalPipeline.from_files([s.path for s in shards]).generate(PROMPT, 16))
+        for last in ("", agents[2].address):        # answers up the chain; then going round
+            pipe = PipelineStream(agents[0].address, last=last)
+            try:
+                outs = list(generate(lambda: pipe, PROMPT, 16))
+            finally:
+                pipe.close()
+            assert [o.token for o in outs] == want
+            assert all([t.node for t in o.stage_times] == ["a0", "a1", "a2"] for o in outs)
+        logs = [a.log_tail(20000) for a in agents]
+        assert f"steps to the stage at {agents[1].address} go by gRPC" in logs[0]
+        assert f"steps to the stage at {agents[2].address} go on its data plane" in logs[1]
+        assert f"steps to the stage at {agents[0].address} go on its data plane" in logs[2]   # the way round
+    finally:
+        for a in agents:
+            a.terminate()
+
+
+def _raw(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the peer closes the connection (after whatever it answers)."""
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except (ConnectionResetError, socket.timeout):
+        return False
+
+
+def test_the_data_plane_refuses_a_wrong_token_a_stranger_and_bad_frames_and_goes_on_serving(tmp_path):
+    agent = start_agent("locked", tmp_path, token="s3cret")
+    data = agent.info["data_address"]
+    try:
+        for token in ("", "wrong"):
+            with pytest.raises(dataplane.DataError) as e:
+                dataplane.connect(data, Security(token))
+            assert "token" in str(e.value)
+        with _raw(data) as s:                                   # not our protocol at all
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert _closed(s)
+        with _raw(data) as s:                                   # another version: told why, then closed
+            s.sendall(_frame(b"edgefleet-data/2 forward s3cret"))
+            reply = s.recv(4096)
+            assert b"speaks edgefleet-data/1" in reply and _closed(s)
+        conn = dataplane.connect(data, Security("s3cret"))      # past the checks, then a frame too large
+        conn.sock.sendall(struct.pack("!I", MAX_MESSAGE_BYTES + 1))
+        with pytest.raises(dataplane.DataError):
+            list(conn.messages(pb.StageOutput))
+        conn.close()
+        conn = dataplane.connect(data, Security("s3cret"))      # a frame that is no StageInput
+        conn.send_bytes(b"\xff\xff\xff\xff")
+        with pytest.raises(dataplane.DataError):
+            list(conn.messages(pb.StageOutput))
+        conn.close()
+        conn = dataplane.connect(data, Security("s3cret"))      # a step for no deployment: answered, stream goes on
+        conn.send(A.step_pb(A.StepIn("s", 0, tokens=(1,), deployment_id="nope")))
+        conn.send(A.step_pb(A.StepIn("t", 0, tokens=(1,), deployment_id="nope")))
+        conn.send_end()
+        outs = [A.step_out(x) for m in conn.messages(pb.StageOutput) for x in A.unbatched(m)]
+        conn.close()
+        assert sorted(o.session_id for o in outs) == ["s", "t"]
+        assert all(o.error and o.error_code for o in outs)
+        echo = dataplane.connect(data, Security("s3cret"), dataplane.ECHO)
+        echo.send_bytes(b"x" * 2304)
+        assert echo.receive() == b"x" * 2304
+        echo.send_end()
+        assert echo.receive() is None
+        echo.close()
+        with AgentClient(agent.address, Security("s3cret")) as c:
+            assert c.state().node.name == "locked"
+    finally:
+        agent.terminate()
