@@ -40,7 +40,7 @@ from agent.engine import Engine, EngineError, Job, Result
 from agent.profile import MIN_PROBE_BYTES, PROBE_BYTES, median_time, time_types
 from agent.runtime import release_freed_memory
 from agent.sampling import Sampling
-from agent.shaping import Shaper, post
+from agent.shaping import Shaper, merged, post, waiting
 from agent.store import Chunk, PushError, ShardStore, check_sha
 from proto import adapter as A
 from proto import edgefleet_pb2 as pb
@@ -49,6 +49,7 @@ from proto.security import Security
 
 log = logging.getLogger(__name__)
 DATA_LOOKUP_S = 10.0   # the next agent's State, asked where its data plane listens
+DIRECT_BYTES = 64 * 1024   # a message up to this size leaves from the sender's thread (Downstream)
 PRUNE_EVERY = 1024      # steps a stream takes between looks for the sessions it names that ended elsewhere
 
 
@@ -77,7 +78,14 @@ def _median_echo_s(stub, msg, md, repeats: int, timeout_s: float, shaper: Shaper
 class Downstream:
     """This agent's stream to the next stage's agent (requests shaped by the emulated link): on
     the next agent's data plane where its State names one (agent/dataplane.py), else a gRPC
-    Forward call. It connects on a thread of its own, so that a step never waits for that."""
+    Forward call. It connects on a thread of its own, so that a step never waits for that.
+
+    On the data plane, with no emulated link, a message of up to DIRECT_BYTES leaves at once
+    from the thread that sends it (the compute thread), unless the writer thread still has
+    messages to send: no hand-off to a thread that a node under a CPU quota may not run for
+    a while. Larger ones (prompts) go through the writer, so that the compute thread goes on
+    while they are sent; messages leave in the order they were sent either way.
+    """
 
     def __init__(self, address: str, security: Security, shaper: Shaper, on_output, on_broken,
                  every_end: bool = False):
@@ -90,6 +98,8 @@ class Downstream:
         self._conn: dataplane.Connection | None = None
         self._call = None
         self._cancelled = False
+        self._direct = False            # small messages leave from the sender's thread (class doc)
+        self._writing = False           # the writer thread has messages not sent yet
         self.broken = False
         self.transport = ""             # "data" or "grpc", once connected
         self._on_output, self._on_broken = on_output, on_broken
@@ -104,6 +114,7 @@ class Downstream:
             log.info("steps to the stage at %s go on its data plane at %s", self.address, data)
             with self._lock:
                 self._conn, self.transport = conn, "data"
+                self._direct = not self._shaper.active
                 if self._cancelled:
                     conn.close()
             threading.Thread(target=self._write, args=(conn,), name=f"down-write-{data}",
@@ -117,11 +128,34 @@ class Downstream:
                 call.cancel()
         return call
 
+    def put(self, entry) -> None:
+        """Send (deliver_at, message), a list of them (together()), or None (the end): at once
+        where it may (class doc), else through the writer thread's queue."""
+        entries = entry if isinstance(entry, list) else [entry]
+        with self._lock:
+            if (self._direct and not self._writing and None not in entries
+                    and sum(e[1].ByteSize() for e in entries) <= DIRECT_BYTES):
+                try:
+                    for _, msg in merged(entries):
+                        self._conn.send(msg)
+                except OSError:
+                    pass        # the reader sees the connection break
+                return
+            self._writing = True
+            self._q.put(entry)
+
     def _write(self, conn: dataplane.Connection) -> None:
         try:
-            for msg in Shaper.delivered(self._q):
-                conn.send(msg)
-            conn.send_end()
+            while True:
+                for item in merged(waiting(self._q)):
+                    if item is None:
+                        conn.send_end()
+                        return
+                    Shaper.wait_until(item[0])
+                    conn.send(item[1])
+                with self._lock:
+                    if self._q.empty():
+                        self._writing = False
         except OSError:
             pass        # the reader sees the connection break
 
@@ -159,10 +193,10 @@ class Downstream:
 
     def send(self, step: A.StepIn) -> None:
         msg = A.step_pb(step)
-        post(self._q, (self._shaper.schedule(msg.ByteSize()), msg))
+        post(self, (self._shaper.schedule(msg.ByteSize()), msg))
 
     def close(self) -> None:
-        post(self._q, None)
+        post(self, None)
 
     def cancel(self) -> None:
         with self._lock:

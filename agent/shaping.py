@@ -7,7 +7,6 @@ what the cost model predicts for a LAN of edge devices.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import queue
 import threading
@@ -50,38 +49,14 @@ class Shaper:
     @staticmethod
     def delivered(q):
         """Yield the messages put on q as (deliver_at, message), at their delivery time, until
-        None. Those already waiting behind the first go in the same message (merge, up to
-        MERGE_BYTES in all), delivered with the last of them; a list on q (together()) is its
-        items, in order."""
-        ready: collections.deque = collections.deque()      # taken from q, not yet sent
-
-        def take(block: bool) -> bool:
-            """Move q's next entry into ready; False where none waits."""
-            try:
-                got = q.get(block)
-            except queue.Empty:
-                return False
-            ready.extend(got if isinstance(got, list) else [got])
-            return True
-
-        while ready or take(True):
-            item = ready.popleft()
-            if item is None:
-                return
-            deliver_at, msg = item
-            size = msg.ByteSize()
-            while ready or take(False):         # what waits behind it, up to MERGE_BYTES
-                if ready[0] is None:
-                    break
-                at, nxt = ready[0]
-                n = nxt.ByteSize()
-                if size + n > MERGE_BYTES:
-                    break
-                ready.popleft()
-                deliver_at, size = max(deliver_at, at), size + n
-                merge(msg, nxt)
-            Shaper.wait_until(deliver_at)
-            yield msg
+        None. Those already waiting behind the first go in the same message (merged), delivered
+        with the last of them."""
+        while True:
+            for item in merged(waiting(q)):
+                if item is None:
+                    return
+                Shaper.wait_until(item[0])
+                yield item[1]
 
     def send(self, nbytes: int) -> None:
         """Block for as long as sending nbytes would take."""
@@ -105,6 +80,39 @@ def merge(first, other) -> None:
     first.more.extend(other.more)
 
 
+def waiting(q: queue.Queue) -> list:
+    """q's next entry (waiting for it) and every entry behind it, flattened: a list on q
+    (together()) is its items, in order."""
+    entries: list = []
+    got = q.get()
+    while True:
+        entries.extend(got if isinstance(got, list) else [got])
+        try:
+            got = q.get_nowait()
+        except queue.Empty:
+            return entries
+
+
+def merged(entries: list) -> list:
+    """(deliver_at, message) entries as few messages as MERGE_BYTES allows, in order, each
+    delivered with the latest of those it holds; a None (the end) ends the list."""
+    out: list = []
+    size = 0
+    for e in entries:
+        if e is None:
+            out.append(None)
+            break
+        n = e[1].ByteSize()
+        if out and size + n <= MERGE_BYTES:
+            at, msg = out[-1]
+            merge(msg, e[1])
+            out[-1], size = (max(at, e[0]), msg), size + n
+        else:
+            out.append(e)
+            size = n
+    return out
+
+
 @contextlib.contextmanager
 def together():
     """Messages this thread posts inside the block go to each queue at once, when it ends: its
@@ -120,8 +128,8 @@ def together():
 
 
 def post(q: queue.Queue, item) -> None:
-    """Put (deliver_at, message) or None (the end) on a stream's queue: now, or inside
-    together() when the block ends."""
+    """Put (deliver_at, message) or None (the end) on a stream's queue (or a Downstream): now,
+    or inside together() when the block ends."""
     held = getattr(_held, "queues", None)
     if held is None:
         q.put(item)

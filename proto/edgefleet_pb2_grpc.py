@@ -131,6 +131,8 @@ class AgentServicer:
         """A bidirectional stream per pipeline hop: the previous hop (or the controller, for
         stage 1) sends steps; this agent runs its layers and forwards to the next agent,
         whose outputs flow back on the same stream (or, with reply_to, go to Collect).
+        Between agents the same two streams go on the next agent's data plane where it has one
+        (NodeInfo.data_address; agent/dataplane.py), one message per length-prefixed frame.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
