@@ -87,6 +87,8 @@ class Figures:
     decode_tps: float           # single request, tokens/s after the first
     concurrent_tps: float       # 8 requests started together: generated tokens / wall time
     batch: tuple[tuple[str, float], ...] = ()   # edgefleet, 8 requests: per node, the batch a step ran in, on average
+    busy: tuple[tuple[str, float, float], ...] = ()   # edgefleet, 8 requests: per node, CPU s and the share of
+                                                     # the wall time its quota allowed that it ran
 
     def row(self) -> list[str]:
         return [f"{self.ttft_s * 1e3:.0f} ms", f"{self.decode_tps:.1f}", f"{self.concurrent_tps:.1f}"]
@@ -191,14 +193,16 @@ class Edgefleet:
         prompts = [prompt_ids(master, PROMPT, 100 + i) for i in range(CONCURRENT)]
         threads = [threading.Thread(target=lambda i=i: done[i].extend(self.generate(prompts[i], OUTPUT)))
                    for i in range(CONCURRENT)]
-        before = self.metrics()
+        before, cpu_before = self.metrics(), cpu_spent(self.fleet)
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         wall = max(d[-1] for d in done) - t0
-        after = self.metrics()
+        after, cpu_after = self.metrics(), cpu_spent(self.fleet)
+        busy = tuple((n.name, b[0] - a[0], (b[0] - a[0]) / (n.cpu * wall))
+                     for n, a, b in zip(self.fleet.nodes, cpu_before, cpu_after))
 
         def grew(name: str, node: str) -> float:
             return after.get((name, node), 0.0) - before.get((name, node), 0.0)
@@ -206,7 +210,7 @@ class Edgefleet:
         nodes = sorted({node for name, node in after if name == "edgefleet_stage_batch_size_count"})
         batch = tuple((n, grew("edgefleet_stage_batch_size_sum", n) / grew("edgefleet_stage_batch_size_count", n))
                       for n in nodes if grew("edgefleet_stage_batch_size_count", n))
-        return Figures(ttft, decode, sum(len(d) - 1 for d in done) / wall, batch)
+        return Figures(ttft, decode, sum(len(d) - 1 for d in done) / wall, batch, busy)
 
     def metrics(self) -> dict[tuple[str, str], float]:
         """The controller's per-node metrics now: (sample name, node) -> value."""
@@ -472,6 +476,10 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
         if figs.get(ours) and figs[ours].batch:
             rows.append((f"{ours} batches", figs[ours], "with 8 requests, the batch a step ran in, on average: "
                          + ", ".join(f"{n} {b:.2f}" for n, b in figs[ours].batch)))
+        if figs.get(ours) and figs[ours].busy:
+            rows.append((f"{ours} busy", figs[ours], "with 8 requests, each node's CPU seconds, and in brackets the "
+                         "share of the run's wall time at its quota that it ran: " + ", ".join(
+                             f"{n} {cpu:.2f} ({share:.0%})" for n, cpu, share in figs[ours].busy)))
     order = splits["(b)"][0]
     rows.append(("(c) and (b), CPU", figs["(c)"], "ms per decode token on each node of the split (in brackets, ms "
                  "per token its cgroup was held off the CPU by its quota): " + ", ".join(
@@ -484,7 +492,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
 
 def is_system(label: str) -> bool:
     """A row of one system's figures, "(x) ...", not a breakdown or CPU row."""
-    return label[3:4] == " " and not any(w in label for w in ("per token", "CPU", "ceiling", "batches"))
+    return label[3:4] == " " and not any(w in label for w in ("per token", "CPU", "ceiling", "batches", "busy"))
 
 
 def main() -> None:

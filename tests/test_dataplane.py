@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 
 import pytest
 
@@ -124,3 +125,35 @@ def test_the_data_plane_refuses_a_wrong_token_a_stranger_and_bad_frames_and_goes
             assert c.state().node.name == "locked"
     finally:
         agent.terminate()
+
+
+def test_prompts_through_the_writer_and_steps_sent_at_once_keep_each_session_right(tmp_path, shards):
+    """A prompt's hidden states (80 x 256 floats, over DIRECT_BYTES) leave through the writer
+    thread, decode steps from the compute thread; with four sessions at once, long prompts and
+    short, each gets one process's tokens."""
+    agents = [start_agent(f"w{i}", tmp_path) for i in range(3)]
+    prompts = [[1] + list(range(100, 179)), [1, 7, 300, 41], [1] + list(range(500, 579)), [1, 2000]]
+    reference = LocalPipeline.from_files([s.path for s in shards])
+    want = [list(reference.generate(p, 12)) for p in prompts]
+    try:
+        deploy_chain(agents, shards, "d1", 4, 256)
+        pipe = PipelineStream(agents[0].address, last=agents[2].address)
+        got: dict[int, list[int]] = {}
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                got[i] = [o.token for o in generate(lambda: pipe, prompts[i], 12)]
+            except BaseException as exc:    # reported below, not lost in the thread
+                errors.append(exc)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        pipe.close()
+        assert not errors, errors[0]
+        assert [got.get(i) for i in range(len(prompts))] == want
+    finally:
+        for a in agents:
+            a.terminate()
