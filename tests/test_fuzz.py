@@ -97,69 +97,50 @@ def each_step(messages: list[pb.StageInput]) -> list[pb.StageInput]:
     return [one for m in messages for one in A.unbatched(m)]
 
 
-def answers(address: str, messages: list[pb.StageInput], timeout_s: float = 20) -> list:
-    """Send the steps on one Forward stream; what came back until every step that is not a
-    cancel had its answer (or the time ran out): StageOutputs, or the RpcError that ended it."""
-    want = Counter((m.session_id, m.position) for m in each_step(messages) if not m.cancel)
-    q: queue.Queue = queue.Queue()
-    got: list = []
-    done, closing = threading.Event(), threading.Event()
-    with grpc.insecure_channel(address) as channel:
-        call = rpc.AgentStub(channel).Forward(iter(q.get, None))
-
-        def read():
-            left = Counter(want)
-            try:
-                for message in call:
-                    for out in A.unbatched(message):     # answers computed together come in one message
-                        got.append(out)
-                        left[(out.session_id, out.position)] -= 1
-                    if all(v <= 0 for v in left.values()):
-                        break
-            except grpc.RpcError as exc:
-                if not (closing.is_set() and exc.code() == grpc.StatusCode.CANCELLED):   # not our own cancel
-                    got.append(exc)
-            done.set()
-        threading.Thread(target=read, daemon=True).start()
-        for m in messages:
-            q.put(m)
-        if want:
-            done.wait(timeout_s)
-        closing.set()
-        q.put(None)
-        call.cancel()
-    return got
-
-
-def answers_on_the_data_plane(address: str, messages: list[pb.StageInput], timeout_s: float = 20) -> list:
-    """As answers(), on the agent's data plane (agent/dataplane.py): StageOutputs, or the error
-    that broke the connection."""
+def exchange(messages: list[pb.StageInput], send, stream, close, errors, timeout_s: float = 20) -> list:
+    """Send the steps with send() and read the answers in stream's messages on a thread until
+    every step that is not a cancel had its answer (or the time ran out), then close(): what
+    came back, StageOutputs or the error (of the types errors) that ended the stream before
+    our close."""
     want = Counter((m.session_id, m.position) for m in each_step(messages) if not m.cancel)
     got: list = []
     done, closing = threading.Event(), threading.Event()
-    conn = dataplane.connect(address, Security())
 
     def read():
         left = Counter(want)
         try:
-            for message in conn.messages(pb.StageOutput):
-                for out in A.unbatched(message):
+            for message in stream:
+                for out in A.unbatched(message):     # answers computed together come in one message
                     got.append(out)
                     left[(out.session_id, out.position)] -= 1
                 if all(v <= 0 for v in left.values()):
                     break
-        except (dataplane.DataError, OSError) as exc:
-            if not closing.is_set():
+        except errors as exc:
+            if not closing.is_set():                # not the end our own close made
                 got.append(exc)
         done.set()
     threading.Thread(target=read, daemon=True).start()
     for m in messages:
-        conn.send(m)
+        send(m)
     if want:
         done.wait(timeout_s)
     closing.set()
-    conn.close()
+    close()
     return got
+
+
+def answers(address: str, messages: list[pb.StageInput]) -> list:
+    """exchange() on one Forward stream."""
+    q: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(address) as channel:
+        call = rpc.AgentStub(channel).Forward(iter(q.get, None))
+        return exchange(messages, q.put, call, lambda: (q.put(None), call.cancel()), grpc.RpcError)
+
+
+def answers_on_the_data_plane(address: str, messages: list[pb.StageInput]) -> list:
+    """exchange() on one connection to the agent's data plane (agent/dataplane.py)."""
+    conn = dataplane.connect(address, Security())
+    return exchange(messages, conn.send, conn.messages(pb.StageOutput), conn.close, (dataplane.DataError, OSError))
 
 
 @FUZZ
