@@ -17,6 +17,10 @@ back into the engine; with several it goes round to the first stage (the last st
 next_address) on a `Ring` stream, so a decode step crosses as many links as there are
 stages, and the controller's answers leave the path that makes the tokens.
 
+Between agents these streams go on the next agent's data plane where it has one
+(agent/dataplane.py, `Downstream`): a data-plane connection is one upstream stream, handled
+as a Forward call (`forward_data`).
+
 A message may carry several steps (or answers: `more`). Those of one message go to the engine
 together, so they are computed as one batch; the results of one batch leave together, one
 message per stream (agent/shaping.py, `together`), so a batch stays one batch down the
@@ -101,7 +105,6 @@ class Downstream:
         self._direct = False            # small messages leave from the sender's thread (class doc)
         self._writing = False           # the writer thread has messages not sent yet
         self.broken = False
-        self.transport = ""             # "data" or "grpc", once connected
         self._on_output, self._on_broken = on_output, on_broken
         threading.Thread(target=self._run, name=f"down-{address}", daemon=True).start()
 
@@ -113,7 +116,7 @@ class Downstream:
             conn = dataplane.connect(data, self.security)
             log.info("steps to the stage at %s go on its data plane at %s", self.address, data)
             with self._lock:
-                self._conn, self.transport = conn, "data"
+                self._conn = conn
                 self._direct = not self._shaper.active
                 if self._cancelled:
                     conn.close()
@@ -123,7 +126,7 @@ class Downstream:
         log.info("steps to the stage at %s go by gRPC: it has no data plane", self.address)
         call = rpc.AgentStub(channel).Forward(Shaper.delivered(self._q), metadata=self.security.metadata())
         with self._lock:
-            self._call, self.transport = call, "grpc"
+            self._call = call
             if self._cancelled:
                 call.cancel()
         return call
