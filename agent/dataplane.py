@@ -120,8 +120,7 @@ class Connection:
 
     def send(self, message) -> None:
         """Send a protobuf message as one frame."""
-        payload = message.SerializeToString()
-        self._io.sendall(HEADER.pack(len(payload)) + payload)
+        self.send_bytes(message.SerializeToString())
 
     def send_bytes(self, payload: bytes) -> None:
         self._io.sendall(HEADER.pack(len(payload)) + payload)

@@ -44,7 +44,7 @@ from agent.engine import Engine, EngineError, Job, Result
 from agent.profile import MIN_PROBE_BYTES, PROBE_BYTES, median_time, time_types
 from agent.runtime import release_freed_memory
 from agent.sampling import Sampling
-from agent.shaping import Shaper, merged, post, waiting
+from agent.shaping import Shaper, merged, post
 from agent.store import Chunk, PushError, ShardStore, check_sha
 from proto import adapter as A
 from proto import edgefleet_pb2 as pb
@@ -149,18 +149,17 @@ class Downstream:
 
     def _write(self, conn: dataplane.Connection) -> None:
         try:
-            while True:
-                for item in merged(waiting(self._q)):
-                    if item is None:
-                        conn.send_end()
-                        return
-                    Shaper.wait_until(item[0])
-                    conn.send(item[1])
-                with self._lock:
-                    if self._q.empty():
-                        self._writing = False
+            for msg in Shaper.delivered(self._q, self._sent_all):
+                conn.send(msg)
+            conn.send_end()
         except OSError:
             pass        # the reader sees the connection break
+
+    def _sent_all(self) -> None:
+        """The writer has sent everything it took: unless more waits, messages may leave at once."""
+        with self._lock:
+            if self._q.empty():
+                self._writing = False
 
     def _run(self) -> None:
         channel = None

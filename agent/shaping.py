@@ -47,16 +47,19 @@ class Shaper:
             time.sleep(delay)
 
     @staticmethod
-    def delivered(q):
+    def delivered(q, sent_all=None):
         """Yield the messages put on q as (deliver_at, message), at their delivery time, until
         None. Those already waiting behind the first go in the same message (merged), delivered
-        with the last of them."""
+        with the last of them. sent_all(), if given, is called whenever every message taken
+        from q so far has been yielded and taken on (before waiting for the next)."""
         while True:
             for item in merged(waiting(q)):
                 if item is None:
                     return
                 Shaper.wait_until(item[0])
                 yield item[1]
+            if sent_all is not None:
+                sent_all()
 
     def send(self, nbytes: int) -> None:
         """Block for as long as sending nbytes would take."""
