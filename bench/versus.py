@@ -89,6 +89,7 @@ class Figures:
     batch: tuple[tuple[str, float], ...] = ()   # edgefleet, 8 requests: per node, the batch a step ran in, on average
     busy: tuple[tuple[str, float, float], ...] = ()   # edgefleet, 8 requests: per node, CPU s and the share of
                                                      # the wall time its quota allowed that it ran
+    phases: tuple[float, float] = ()   # llama.cpp, 8 requests: seconds of its prompts' pass and of its decode steps
 
     def row(self) -> list[str]:
         return [f"{self.ttft_s * 1e3:.0f} ms", f"{self.decode_tps:.1f}", f"{self.concurrent_tps:.1f}"]
@@ -329,7 +330,8 @@ class LlamaRpc:
 
         row, spent = batched(PROMPT, OUTPUT, CONCURRENT)
         _, idle = batched(1, 1, 1)
-        return (Figures(PROMPT / pp["avg_ts"], tg["avg_ts"], CONCURRENT * OUTPUT / row["t"]),
+        return (Figures(PROMPT / pp["avg_ts"], tg["avg_ts"], CONCURRENT * OUTPUT / row["t"],
+                        phases=(row["t_pp"], row["t_tg"])),
                 [max(0.0, a - b) for a, b in zip(spent, idle)])
 
     def cpu_per_token(self, model: Path, order: list[int], split: list[int]) -> list[tuple[float, float]]:
@@ -450,10 +452,14 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
         wall = CONCURRENT * OUTPUT / figs[run].concurrent_tps
         i = max(order, key=lambda k: busy[run][k] / nodes[k].cpu)
         least = busy[run][i] / nodes[i].cpu
+        prompts, decode = figs[run].phases
         return (f"{ours}/{run} with 8 requests, each node doing llama.cpp's work all at once: {wall / least:.2f} "
                 f"(llama.cpp's {run} took {wall:.1f} s, of which its busiest node, {nodes[i].name}, ran "
                 f"{busy[run][i]:.2f} s of CPU at {nodes[i].cpu:g} CPU = {least:.1f} s); measured "
-                f"{figs[ours].concurrent_tps / figs[run].concurrent_tps:.2f}")
+                f"{figs[ours].concurrent_tps / figs[run].concurrent_tps:.2f}. llama.cpp's run: {prompts:.1f} s for "
+                f"the prompts, whose micro-batches its RPC backend already overlaps across the servers, and "
+                f"{decode:.1f} s for the decode steps, one stage at a time; with decode steps that took no "
+                f"time at all and prompts at llama.cpp's speed, {ours}/{run} would be {wall / prompts:.2f}")
 
     c_cpu = per_token["(c)"][1]
     rows = []
