@@ -459,7 +459,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
                 f"{figs[ours].concurrent_tps / figs[run].concurrent_tps:.2f}. llama.cpp's run: {prompts:.1f} s for "
                 f"the prompts, whose micro-batches its RPC backend already overlaps across the servers, and "
                 f"{decode:.1f} s for the decode steps, one stage at a time; with decode steps that took no "
-                f"time at all and prompts at llama.cpp's speed, {ours}/{run} would be {wall / prompts:.2f}")
+                f"time at all and prompts no faster than llama.cpp's, {ours}/{run} would be {wall / prompts:.2f}")
 
     c_cpu = per_token["(c)"][1]
     rows = []
