@@ -26,7 +26,7 @@ from agent.runtime import Settings, Stage, Step, release_freed_memory
 from agent.sampling import Sampling, sample
 from agent.shaping import together
 from agent.store import drop_cached
-from solver.memory import MAX_BATCH, StageMemory, fmt_bytes, stage_memory
+from solver.memory import MAX_BATCH, StageMemory, decode_group, fmt_bytes, stage_memory
 
 log = logging.getLogger(__name__)
 RELEARN = 16       # every 16th decode of k sessions runs as one batch, whatever the figures say
@@ -83,6 +83,7 @@ class Deployment:
     max_sessions: int
     context_length: int
     memory: StageMemory
+    stages: int = 1                # stages in the deployment's chain (decode_group)
     active: bool = False
     sessions: dict[str, Session] = field(default_factory=dict)
     free_seqs: list[int] = field(default_factory=list)
@@ -172,7 +173,7 @@ class Engine:
         return d
 
     def prepare(self, deployment_id: str, sha256: str, path: Path, next_address: str,
-                max_sessions: int, context_length: int, max_batch_tokens: int = 512) -> Deployment:
+                max_sessions: int, context_length: int, max_batch_tokens: int = 512, stages: int = 1) -> Deployment:
         """Load a shard beside what is loaded; refuse before loading if it would not fit."""
         if not deployment_id:
             raise EngineError("prepare needs a deployment_id", "INVALID_ARGUMENT")
@@ -185,6 +186,7 @@ class Engine:
         with self._lock:
             old = self._deployments.get(deployment_id)
             if old is not None and old.sha256 == sha256 and old.next_address == next_address:
+                old.stages = stages
                 return old
             used = sum(d.memory.total for k, d in self._deployments.items() if k != deployment_id)
             if used + need.total > self.memory_bytes:
@@ -199,7 +201,7 @@ class Engine:
             stage = Stage(path, stage_settings(max_sessions, context_length, max_batch_tokens, self.threads))
         except ValueError as exc:
             raise EngineError(f"shard {sha256[:12]} cannot be loaded: {exc}", "DATA_LOSS") from None
-        dep = Deployment(deployment_id, sha256, stage, next_address, max_sessions, context_length, need)
+        dep = Deployment(deployment_id, sha256, stage, next_address, max_sessions, context_length, need, stages)
         with self._lock:
             prev = self._deployments.get(deployment_id)
             dep.active = prev.active if prev is not None else False
@@ -344,13 +346,13 @@ class Engine:
                 continue
             if isinstance(item, list):      # steps submitted together: this batch takes them first
                 item, self._deferred = item[0], item[1:]
-            batch, budget = [item], self._batch_tokens(item)
+            batch, (budget, most) = [item], self._limits(item)
             tokens = item.n_tokens
             while True:
-                while self._deferred and len(batch) < MAX_BATCH and tokens + self._deferred[0].n_tokens <= budget:
+                while self._deferred and len(batch) < most and tokens + self._deferred[0].n_tokens <= budget:
                     tokens += self._deferred[0].n_tokens
                     batch.append(self._deferred.pop(0))
-                if self._deferred or len(batch) >= MAX_BATCH or tokens >= budget:
+                if self._deferred or len(batch) >= most or tokens >= budget:
                     break
                 try:
                     nxt = self._jobs.get_nowait()
@@ -387,14 +389,24 @@ class Engine:
             return [jobs]
         return [[j] for j in jobs]
 
-    def _batch_tokens(self, job: Job) -> int:
-        """Tokens one batch takes at most: the stage's llama_decode size. A batch that held more
-        would run as several decodes anyway, and every step in it would leave the stage only
-        when the last one is done: a stage would hold a whole burst of prompts back, where
-        it can pass the first on to the next stage while it computes the second."""
+    def _limits(self, job: Job) -> tuple[int, int]:
+        """(tokens, steps) one batch that starts with this job takes at most.
+
+        Tokens: the stage's llama_decode size. A batch that held more would run as several
+        decodes anyway, and every step in it would leave the stage only when the last one is
+        done: a stage would hold a whole burst of prompts back, where it can pass the first on
+        to the next stage while it computes the second.
+
+        Steps: MAX_BATCH, and for a one-token step decode_group(sessions, stages). Without that
+        limit, the sessions' steps bunch into one group that goes round the stages together
+        while every other stage waits (docs/runtime.md)."""
         with self._lock:
             d = self._deployments.get(job.deployment_id)
-        return d.stage.settings.batch_tokens if d is not None else 1
+            if d is None:
+                return 1, MAX_BATCH
+            sessions = len(d.sessions) + (job.session_id not in d.sessions)     # a new one counts too
+            most = decode_group(sessions, d.stages) if job.n_tokens == 1 else MAX_BATCH
+        return d.stage.settings.batch_tokens, most
 
     @staticmethod
     def _run_call(fn, fut: Future) -> None:

@@ -187,7 +187,7 @@ def switch(deployment_id: str, targets: list[tuple[NodeInfo, ShardInfo]], w: Wor
         for i, (node, shard) in enumerate(targets):
             nxt = next_address([n.address for n, _ in targets], i)
             with AgentClient(node.address, security, node.name) as c:
-                c.prepare(deployment_id, shard.sha256, nxt, w.concurrency, w.ctx, batch)
+                c.prepare(deployment_id, shard.sha256, nxt, w.concurrency, w.ctx, batch, stages=len(targets))
             prepared.append(node)
             report("prepare", f"{node.name} loaded layers {shard.first}-{shard.last - 1}", i + 1, len(targets))
     except AgentError:

@@ -4,7 +4,8 @@ The system modelled is the one the agents run (docs/simulator.md):
 - the controller admits a request when a KV-cache slot is free and every stage has room for
   its prompt + output tokens; otherwise it waits, first come first served;
 - each stage is one compute thread: when it is free it takes the steps queued for it, in
-  order, up to MAX_BATCH steps and the deployment's batch tokens (a first step over that
+  order, up to MAX_BATCH steps (decode_group steps where the first is a decode step: a
+  larger group splits there) and the deployment's batch tokens (a first step over that
   runs alone), and runs them as one batch; a batch's time is the cost model's roofline
   (solver/cost.py) for its prompt and decode tokens, plus the node's step overhead;
 - steps that leave a stage together travel on together as a *cohort*; a message occupies
@@ -34,7 +35,7 @@ import networkx as nx
 from solver import cost as C
 from solver.cost import compute_s
 from solver import memory as M
-from solver.memory import MAX_BATCH
+from solver.memory import MAX_BATCH, decode_group
 from solver.plan import Plan, Stage, stage_memory
 from solver.problem import Fleet, Link, ModelProfile, Node, Problem
 from simulations.workload import Request
@@ -122,6 +123,19 @@ class _Cohort:
         else:
             self.ntok += 1
             self.ctxw += m.ctx
+
+    def split(self, k: int) -> "_Cohort":
+        """Keep the first k members of a decode step (no prefill) and return the others as a
+        cohort of their own, at the same step."""
+        rest = _Cohort()
+        rest.cycle = self.cycle
+        for rid in list(self.members)[k:]:
+            rest.add(self.members.pop(rid))
+        self.heap = [e for e in self.heap if e[1] in self.members]
+        heapq.heapify(self.heap)
+        self.decode_ctx = sum(m.ctx for m in self.members.values())
+        self.ntok, self.ctxw = len(self.members), self.decode_ctx
+        return rest
 
     def absorb(self, other: "_Cohort") -> None:
         fresh = {id(m) for m in other.fresh}
@@ -367,7 +381,14 @@ class Simulator:
     def _start(self, t: float, stage: _StageState) -> None:
         q = stage.queue
         cohort = q.pop(0)
-        while (q and len(cohort.members) + len(q[0].members) <= MAX_BATCH
+        most = MAX_BATCH
+        if not cohort.fresh:        # a decode step: at most decode_group steps, as the agents run it
+            most = decode_group(self.running, len(self.stages))
+            if len(cohort.members) > most:
+                rest = cohort.split(most)
+                self.cohorts.add(rest)
+                q.insert(0, rest)
+        while (q and len(cohort.members) + len(q[0].members) <= most
                and cohort.ntok + q[0].ntok <= self.batch_tokens):
             other = q.pop(0)
             cohort.absorb(other)

@@ -44,6 +44,18 @@ def fmt_bytes(n: float) -> str:
     return f"{n / scale:.{digits}f} {unit}"
 
 
+def decode_group(sessions: int, stages: int) -> int:
+    """Most one-token steps a stage computes together, for a deployment of `stages` stages whose
+    stage holds `sessions` sessions: ceil(sessions / stages). The sessions then go round the
+    stages in at least as many groups as there are stages, so every stage has a group to
+    compute while the others compute theirs. One group of every session keeps one stage busy
+    at a time, and groups that meet at a busy stage would merge into one (agent and simulator;
+    docs/runtime.md). With one stage there is no other to keep busy: MAX_BATCH."""
+    if stages <= 1:
+        return MAX_BATCH
+    return max(1, min(MAX_BATCH, -(-sessions // stages)))
+
+
 def batch_tokens(prompt_tokens: int, concurrency: int) -> int:
     """Tokens one llama_decode of a deployment takes at most: a whole prompt, or one decode
     step of every session, up to BATCH_TOKENS (a longer prompt goes in slices)."""

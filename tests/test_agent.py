@@ -768,6 +768,40 @@ def test_a_batch_takes_steps_up_to_the_stage_s_batch_tokens(shards):
 
 
 
+def test_one_token_steps_run_in_as_many_groups_as_the_deployment_has_stages(shards):
+    """A stage of a 4-stage deployment that holds 8 sessions computes their one-token steps in
+    batches of at most ceil(8 / 4) = 2, however many wait, so that the sessions go round the
+    stages in 4 groups; a stage of a 1-stage deployment takes all 8 at once."""
+    from agent.engine import Engine, Job
+
+    def decode_batches(stages: int) -> list[int]:
+        engine = Engine(1 << 30, threads=1)
+        try:
+            engine.prepare("d", shards[0].sha256, shards[0].path, "", 8, 64, stages=stages)
+            engine.activate("d")
+            sessions = [f"s{i}" for i in range(8)]
+
+            def run(position: int, tokens: tuple[int, ...]) -> list:
+                results, done, gate = [], threading.Event(), threading.Event()
+                held = engine.call(gate.wait)      # the steps queue up while the compute thread waits
+                for s in sessions:
+                    engine.submit(Job("d", s, position, tokens, None, Sampling(), False, False,
+                                      done=lambda r: (results.append(r), len(results) == 8 and done.set())))
+                gate.set()
+                held.result(5)
+                assert done.wait(30)
+                assert not any(r.error for r in results), [r.error for r in results]
+                return results
+
+            run(0, (5, 6, 7))                      # every session holds its cache
+            return sorted(r.batch_size for r in run(3, (8,)))
+        finally:
+            engine.stop()
+
+    assert decode_batches(4) == [2] * 8
+    assert decode_batches(1) == [8] * 8
+
+
 def test_a_decode_of_several_sessions_runs_as_one_step_or_one_per_session_whichever_this_stage_timed_faster(shards):
     """The engine times its decodes of k one-token steps and of one; where k single steps were
     faster than one step of k, it runs them so (llama.cpp's 2-3 token step can cost more),

@@ -106,6 +106,21 @@ def test_prompts_that_pass_the_batch_tokens_together_run_one_after_the_other():
     assert close(a[0], 0.065 + REPLY) and close(b[0], 0.085 + REPLY)
 
 
+def test_decode_steps_go_round_in_as_many_groups_as_there_are_stages():
+    # 4 requests on 2 stages: a decode step takes at most ceil(4 / 2) = 2 sessions, as the
+    # agents run it (solver/memory.py decode_group), and a larger group splits at the stage
+    reqs = [Request(i, 0.0, 20, 12) for i in range(4)]
+    two = simulate(toy(concurrency=4), PLAN, reqs)
+    assert [r.status for r in two.records] == ["ok"] * 4
+    assert max(n for _, n in two.token_times) == 2
+    assert sum(n for _, n in two.token_times) == 4 * 12
+    # on one stage (a group of up to 4) the same steps merge into larger groups
+    one_stage = Plan((Stage("n0", 0, 2, ("F16", "F16")),), "feasible", 0.0, 0.0, 0.0, 0.0, "test")
+    one = simulate(toy(concurrency=4), one_stage, reqs)
+    assert [r.status for r in one.records] == ["ok"] * 4
+    assert max(n for _, n in one.token_times) > 2
+
+
 def test_a_full_kv_cache_makes_the_next_request_wait():
     # each node holds exactly 30 tokens of KV cache: A needs 23, B 12, so B waits for A
     small = toy()
