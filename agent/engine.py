@@ -83,7 +83,7 @@ class Deployment:
     max_sessions: int
     context_length: int
     memory: StageMemory
-    stages: int = 1                # stages in the deployment's chain (decode_group)
+    groups: int = 1                # groups the sessions go round the stages in (decode_group)
     active: bool = False
     sessions: dict[str, Session] = field(default_factory=dict)
     free_seqs: list[int] = field(default_factory=list)
@@ -173,7 +173,7 @@ class Engine:
         return d
 
     def prepare(self, deployment_id: str, sha256: str, path: Path, next_address: str,
-                max_sessions: int, context_length: int, max_batch_tokens: int = 512, stages: int = 1) -> Deployment:
+                max_sessions: int, context_length: int, max_batch_tokens: int = 512, groups: int = 1) -> Deployment:
         """Load a shard beside what is loaded; refuse before loading if it would not fit."""
         if not deployment_id:
             raise EngineError("prepare needs a deployment_id", "INVALID_ARGUMENT")
@@ -186,7 +186,7 @@ class Engine:
         with self._lock:
             old = self._deployments.get(deployment_id)
             if old is not None and old.sha256 == sha256 and old.next_address == next_address:
-                old.stages = stages
+                old.groups = groups
                 return old
             used = sum(d.memory.total for k, d in self._deployments.items() if k != deployment_id)
             if used + need.total > self.memory_bytes:
@@ -201,7 +201,7 @@ class Engine:
             stage = Stage(path, stage_settings(max_sessions, context_length, max_batch_tokens, self.threads))
         except ValueError as exc:
             raise EngineError(f"shard {sha256[:12]} cannot be loaded: {exc}", "DATA_LOSS") from None
-        dep = Deployment(deployment_id, sha256, stage, next_address, max_sessions, context_length, need, stages)
+        dep = Deployment(deployment_id, sha256, stage, next_address, max_sessions, context_length, need, groups)
         with self._lock:
             prev = self._deployments.get(deployment_id)
             dep.active = prev.active if prev is not None else False
@@ -397,7 +397,7 @@ class Engine:
         done: a stage would hold a whole burst of prompts back, where it can pass the first on
         to the next stage while it computes the second.
 
-        Steps: MAX_BATCH, and for a one-token step decode_group(sessions, stages). Without that
+        Steps: MAX_BATCH, and for a one-token step decode_group(sessions, groups). Without that
         limit, the sessions' steps bunch into one group that goes round the stages together
         while every other stage waits (docs/runtime.md)."""
         with self._lock:
@@ -405,7 +405,7 @@ class Engine:
             if d is None:
                 return 1, MAX_BATCH
             sessions = len(d.sessions) + (job.session_id not in d.sessions)     # a new one counts too
-            most = decode_group(sessions, d.stages) if job.n_tokens == 1 else MAX_BATCH
+            most = decode_group(sessions, d.groups) if job.n_tokens == 1 else MAX_BATCH
         return d.stage.settings.batch_tokens, most
 
     @staticmethod

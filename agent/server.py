@@ -606,7 +606,7 @@ class AgentService(rpc.AgentServicer):
                                          "its SHA-256) and was deleted; push it again")
         fut = self._loader.submit(self.engine.prepare, request.deployment_id, sha, self.store.path(sha),
                                   request.next_address, request.max_sessions or 1, request.context_length or 2048,
-                                  request.max_batch_tokens or 512, request.stages or 1)
+                                  request.max_batch_tokens or 512, request.groups or 1)
         try:
             d = fut.result()
         except EngineError as exc:

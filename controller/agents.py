@@ -116,10 +116,10 @@ class AgentClient:
         return int(reply.bytes_received)
 
     def prepare(self, deployment_id: str, sha: str, next_address: str, max_sessions: int,
-                context_length: int, max_batch_tokens: int = 512, stages: int = 1, timeout_s: float = 300.0) -> str:
+                context_length: int, max_batch_tokens: int = 512, groups: int = 1, timeout_s: float = 300.0) -> str:
         return self._call("Prepare", pb.LoadRequest(
             sha256=sha, deployment_id=deployment_id, next_address=next_address, max_sessions=max_sessions,
-            context_length=context_length, max_batch_tokens=max_batch_tokens, stages=stages), timeout_s).message
+            context_length=context_length, max_batch_tokens=max_batch_tokens, groups=groups), timeout_s).message
 
     def activate(self, deployment_id: str) -> str:
         return self._call("Activate", pb.DeploymentRef(deployment_id=deployment_id)).message

@@ -178,16 +178,18 @@ def next_address(addresses: list[str], i: int) -> str:
 
 
 def switch(deployment_id: str, targets: list[tuple[NodeInfo, ShardInfo]], w: Workload, security: Security,
-           report: Callable) -> None:
+           report: Callable, groups: int = 0) -> None:
     """Prepare every stage, then activate every stage; on a prepare failure unload what was
-    prepared (the previous deployment stays active) and raise AgentError."""
+    prepared (the previous deployment stays active) and raise AgentError. groups: the groups
+    the sessions go round the stages in (the plan's Prediction.decode_groups; 0: one per
+    stage)."""
     prepared: list[NodeInfo] = []
     batch = batch_tokens(w.prompt_tokens, w.concurrency)   # as the plan's memory assumed
     try:
         for i, (node, shard) in enumerate(targets):
             nxt = next_address([n.address for n, _ in targets], i)
             with AgentClient(node.address, security, node.name) as c:
-                c.prepare(deployment_id, shard.sha256, nxt, w.concurrency, w.ctx, batch, stages=len(targets))
+                c.prepare(deployment_id, shard.sha256, nxt, w.concurrency, w.ctx, batch, groups=groups or len(targets))
             prepared.append(node)
             report("prepare", f"{node.name} loaded layers {shard.first}-{shard.last - 1}", i + 1, len(targets))
     except AgentError:

@@ -158,15 +158,16 @@ class Deployments:
     def _switch(self, dep: Deployment, targets: list, request: PlacementRequest, report: Report) -> None:
         """The two-phase switch; an agent that no longer holds its shard intact (it deleted a
         corrupt one) gets it pushed again, once."""
+        groups = dep.plan.prediction.decode_groups() if dep.plan.prediction else 0
         try:
-            D.switch(dep.id, targets, request.workload, self.security, report)
+            D.switch(dep.id, targets, request.workload, self.security, report, groups)
         except AgentError as exc:
             if exc.code != "NOT_FOUND":
                 raise
             log.warning("%s; pushing the shards again", exc)
             report("push", f"{exc}; pushing again", 0, 0)
             D.push_all(targets, self.security, report)
-            D.switch(dep.id, targets, request.workload, self.security, report)
+            D.switch(dep.id, targets, request.workload, self.security, report, groups)
 
     def _activate(self, dep: Deployment, reason: str) -> None:
         """The new deployment serves from now; the old one is unloaded where it still is."""

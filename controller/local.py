@@ -129,7 +129,7 @@ def deploy_chain(agents: list[ServiceProcess], shards, deployment_id: str, max_s
         nxt = next_address([x.address for x in agents], i)
         with AgentClient(a.address) as c:
             c.push_shard(s.path, s.sha256)
-            c.prepare(deployment_id, s.sha256, nxt, max_sessions, context, stages=len(agents))
+            c.prepare(deployment_id, s.sha256, nxt, max_sessions, context, groups=len(agents))
     for a in agents:
         with AgentClient(a.address) as c:
             c.activate(deployment_id)

@@ -4,10 +4,11 @@ The system modelled is the one the agents run (docs/simulator.md):
 - the controller admits a request when a KV-cache slot is free and every stage has room for
   its prompt + output tokens; otherwise it waits, first come first served;
 - each stage is one compute thread: when it is free it takes the steps queued for it, in
-  order, up to MAX_BATCH steps (decode_group steps where the first is a decode step: a
-  larger group splits there) and the deployment's batch tokens (a first step over that
-  runs alone), and runs them as one batch; a batch's time is the cost model's roofline
-  (solver/cost.py) for its prompt and decode tokens, plus the node's step overhead;
+  order, up to MAX_BATCH steps (decode_group steps, for the plan's decode_groups, where the
+  first is a decode step: a larger group splits there) and the deployment's batch tokens (a
+  first step over that runs alone), and runs them as one batch; a batch's time is the cost
+  model's roofline (solver/cost.py) for its prompt and decode tokens, plus the node's step
+  overhead;
 - steps that leave a stage together travel on together as a *cohort*; a message occupies
   each link of its route for bytes / bandwidth (first come first served) and arrives
   `latency` later; the sampled tokens go from the last stage straight to the controller,
@@ -36,7 +37,7 @@ from solver import cost as C
 from solver.cost import compute_s
 from solver import memory as M
 from solver.memory import MAX_BATCH, decode_group
-from solver.plan import Plan, Stage, stage_memory
+from solver.plan import Plan, Stage, evaluate, stage_memory
 from solver.problem import Fleet, Link, ModelProfile, Node, Problem
 from simulations.workload import Request
 
@@ -255,6 +256,7 @@ class Simulator:
             self.stages.append(_StageState(i, node, _stage_groups(p, st, node),
                                            _kv_capacity(p, st, i == 0, i == n - 1, node.memory),
                                            p.model if i == n - 1 else None))
+        self.groups = evaluate(p, plan.stages).decode_groups()    # as the controller tells the agents
         self._routes()
         self.serving = True
 
@@ -383,7 +385,7 @@ class Simulator:
         cohort = q.pop(0)
         most = MAX_BATCH
         if not cohort.fresh:        # a decode step: at most decode_group steps, as the agents run it
-            most = decode_group(self.running, len(self.stages))
+            most = decode_group(self.running, self.groups)
             if len(cohort.members) > most:
                 rest = cohort.split(most)
                 self.cohorts.add(rest)

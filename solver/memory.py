@@ -25,6 +25,8 @@ above them, by at most 2 MiB + 10 %) and the resident memory of real agents agai
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 BATCH_TOKENS = 512          # most tokens in one llama_decode (a prompt is fed in slices of this)
@@ -44,16 +46,28 @@ def fmt_bytes(n: float) -> str:
     return f"{n / scale:.{digits}f} {unit}"
 
 
-def decode_group(sessions: int, stages: int) -> int:
-    """Most one-token steps a stage computes together, for a deployment of `stages` stages whose
-    stage holds `sessions` sessions: ceil(sessions / stages). The sessions then go round the
-    stages in at least as many groups as there are stages, so every stage has a group to
-    compute while the others compute theirs. One group of every session keeps one stage busy
-    at a time, and groups that meet at a busy stage would merge into one (agent and simulator;
-    docs/runtime.md). With one stage there is no other to keep busy: MAX_BATCH."""
-    if stages <= 1:
+def decode_group(sessions: int, groups: int) -> int:
+    """Most one-token steps a stage computes together, for a deployment whose `sessions` go
+    round its stages in `groups` groups (decode_groups): ceil(sessions / groups). Groups that
+    meet at a busy stage would merge into one, which keeps one stage busy at a time, so no
+    stage takes more than a group's share (agent and simulator; docs/runtime.md). With one
+    group there is nothing to keep apart: MAX_BATCH."""
+    if groups <= 1:
         return MAX_BATCH
-    return max(1, min(MAX_BATCH, -(-sessions // stages)))
+    return max(1, min(MAX_BATCH, -(-sessions // groups)))
+
+
+def decode_groups(step_s: Sequence[float]) -> int:
+    """How many groups a deployment's sessions go round its stages in, from each stage's time
+    for a decode step (the cost model's prediction, in chain order): as many as keep the
+    slowest stage busy. While it computes one group, each other group has to get round the
+    other stages, sum(step_s) - max(step_s) of time at the same size, so sum / max groups,
+    rounded. Equal stages: one group per stage. A chain whose slowest stage is most of the
+    work: fewer, larger groups, whose batches cost llama.cpp's kernels less per token than
+    small ones (docs/runtime.md). At least 1, at most one per stage."""
+    if not step_s or max(step_s) <= 0:
+        return max(1, len(step_s))
+    return max(1, min(len(step_s), math.floor(sum(step_s) / max(step_s) + 0.5)))
 
 
 def batch_tokens(prompt_tokens: int, concurrency: int) -> int:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from solver import jsonio
 from solver import cost as C
+from solver.memory import decode_groups
 from solver.problem import Problem
 
 
@@ -46,6 +47,10 @@ class Prediction:
 
     def objective(self, kind: str) -> float:
         return self.latency_s if kind == "latency" else self.bottleneck_s
+
+    def decode_groups(self) -> int:
+        """Groups the sessions go round the stages in (solver/memory.py decode_groups)."""
+        return decode_groups([s.step_s for s in self.stages])
 
 
 @dataclass(frozen=True)

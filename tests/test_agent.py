@@ -768,16 +768,16 @@ def test_a_batch_takes_steps_up_to_the_stage_s_batch_tokens(shards):
 
 
 
-def test_one_token_steps_run_in_as_many_groups_as_the_deployment_has_stages(shards):
-    """A stage of a 4-stage deployment that holds 8 sessions computes their one-token steps in
-    batches of at most ceil(8 / 4) = 2, however many wait, so that the sessions go round the
-    stages in 4 groups; a stage of a 1-stage deployment takes all 8 at once."""
+def test_one_token_steps_run_in_as_many_groups_as_the_deployment_was_prepared_with(shards):
+    """A stage of a deployment whose 8 sessions go round in 4 groups computes their one-token
+    steps in batches of at most ceil(8 / 4) = 2, however many wait; in 3 groups, at most 3;
+    in one group, all 8 at once."""
     from agent.engine import Engine, Job
 
-    def decode_batches(stages: int) -> list[int]:
+    def decode_batches(groups: int) -> list[int]:
         engine = Engine(1 << 30, threads=1)
         try:
-            engine.prepare("d", shards[0].sha256, shards[0].path, "", 8, 64, stages=stages)
+            engine.prepare("d", shards[0].sha256, shards[0].path, "", 8, 64, groups=groups)
             engine.activate("d")
             sessions = [f"s{i}" for i in range(8)]
 
@@ -799,6 +799,7 @@ def test_one_token_steps_run_in_as_many_groups_as_the_deployment_has_stages(shar
             engine.stop()
 
     assert decode_batches(4) == [2] * 8
+    assert decode_batches(3) == [2, 2, 3, 3, 3, 3, 3, 3]
     assert decode_batches(1) == [8] * 8
 
 

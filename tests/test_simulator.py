@@ -121,6 +121,21 @@ def test_decode_steps_go_round_in_as_many_groups_as_there_are_stages():
     assert max(n for _, n in one.token_times) > 2
 
 
+def test_a_stage_that_is_most_of_the_work_takes_every_session_s_decode_step_at_once():
+    # n1 computes 20 times slower than n0: the other stage takes 1/20 of its time, so one group
+    # keeps it busy (solver/memory.py decode_groups, as the controller tells the agents), and
+    # the sessions' decode steps merge into groups larger than equal stages' ceil(4 / 2) = 2
+    p = toy(concurrency=4)
+    slow = replace(p.fleet.nodes[1], speed={"F16": TypeSpeed(1e8 / 20, 1e9 / 20)})
+    p = replace(p, fleet=replace(p.fleet, nodes=(p.fleet.nodes[0], slow)))
+    assert evaluate(p, PLAN.stages).decode_groups() == 1
+    reqs = [Request(i, 0.0, 20, 12) for i in range(4)]
+    result = simulate(p, PLAN, reqs)
+    assert [r.status for r in result.records] == ["ok"] * 4
+    assert max(n for _, n in result.token_times) > 2
+    assert sum(n for _, n in result.token_times) == 4 * 12
+
+
 def test_a_full_kv_cache_makes_the_next_request_wait():
     # each node holds exactly 30 tokens of KV cache: A needs 23, B 12, so B waits for A
     small = toy()

@@ -15,6 +15,7 @@ from solver import ilp
 from solver.baselines import SPLITS, baseline, naive_ilp, split
 from solver.catalog import model_profile, random_fleet
 from solver.fast import least_dnll, solve, solve_ilp, sorted_types
+from solver.memory import MAX_BATCH, decode_group, decode_groups
 from solver.plan import evaluate, violations
 from solver.devices import GiB
 from solver.problem import (Fleet, LayerProfile, Link, ModelProfile, Node, Options, Problem, TypeSpeed,
@@ -319,3 +320,18 @@ def test_a_fleet_file_gives_measured_speeds_with_their_optional_rates():
     d["speed"]["Q8_0"]["batch_bytes_per_s"] = -1
     with pytest.raises(ValueError, match="needs a positive memory and speeds"):
         node_from_dict(d, "fleet")
+
+
+def test_the_sessions_go_round_in_as_many_groups_as_keep_the_slowest_stage_busy():
+    # equal stages: one group per stage, each of ceil(sessions / groups) sessions
+    assert decode_groups([0.03, 0.03, 0.03]) == 3
+    assert [decode_group(8, g) for g in (1, 2, 3, 4)] == [MAX_BATCH, 4, 3, 2]
+    # the cost model's decode steps (s) of the 4 emulated nodes' split slow 1 -> fast 19 ->
+    # mid 10 layers (bench/versus.py): the others take 0.84 of mid's time, so while mid
+    # computes one group the other gets round: two groups of 4, not three of 3, 3 and 2
+    assert decode_groups([0.00463, 0.04192, 0.05573]) == 2
+    # a stage that is nearly all the work: one group; never more groups than stages
+    assert decode_groups([0.001, 0.05, 0.001]) == 1
+    assert decode_groups([0.05]) == 1
+    assert decode_groups([]) == 1
+    assert decode_groups([0.01, 0.01]) == 2
