@@ -144,7 +144,9 @@ def serve(cfg: AgentConfig) -> int:
     """Run the agent until SIGTERM/SIGINT; returns the process exit code."""
     import psutil
 
-    from agent.runtime import init_llama
+    from agent.runtime import init_llama, map_large_blocks
+
+    map_large_blocks()
 
     data_dir = Path(cfg.data_dir).expanduser()
     store = ShardStore(data_dir)

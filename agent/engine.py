@@ -44,7 +44,7 @@ def footprint(path: Path, max_sessions: int, context_length: int,
               max_batch_tokens: int = 512) -> tuple[StageMemory, W.ModelConfig, tuple[int, int]]:
     """Memory a shard needs as a stage, known from its header before anything is loaded:
     the same formula as the solver's (solver/memory.py)."""
-    reader = W.open_gguf(path)
+    reader = W.open_gguf(path, layout_only=True)
     cfg = W.read_config(reader)
     first, last = W.stage_range(reader, cfg)
     # llama.cpp maps the file: a tensor it never reads is never resident. A later stage takes

@@ -36,7 +36,7 @@ def write_probe_layer(shard: str | Path, qtype: str, out: Path, probe_bytes: int
     qtype: as many as make probe_bytes of weights (2 to MAX_COPIES), each with its own bytes,
     so that a step streams its weights from memory as a real stage's does instead of finding
     one small layer in the cache. Returns the number of copies."""
-    reader = W.open_gguf(shard)
+    reader = W.open_gguf(shard, layout_only=True)
     cfg = W.read_config(reader)
     first, _ = W.stage_range(reader, cfg)       # a mix chooses its matrices' types by the layer's place
     layer = []
@@ -126,7 +126,7 @@ def time_types(shard: str | Path, types: list[str] | None = None, prefill_tokens
     if bad:
         raise ValueError(f"cannot profile GGUF type {bad[0]}; choose from {', '.join(TYPE_ORDER)}")
     n = max(1, min(prefill_tokens, DEPTH // 2))
-    cfg = W.read_config(W.open_gguf(shard))
+    cfg = W.read_config(W.open_gguf(shard, layout_only=True))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, cfg.n_embd)).astype(np.float32)
     fill = rng.standard_normal((DEPTH - n, cfg.n_embd)).astype(np.float32)

@@ -50,6 +50,23 @@ def _route_log(level: int, text: bytes, _user) -> None:
         llama_log.log(lvl, "%s", msg)
 
 
+M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD = 128 * 1024    # glibc's default, kept fixed
+
+
+def map_large_blocks() -> None:
+    """Give every block of MMAP_THRESHOLD bytes or more its own mapping, returned to the system
+    when it is freed, for the rest of the process. glibc raises this threshold after the first
+    large block is freed (up to 32 MiB) and serves later ones from its heaps, which keep
+    freed memory: an agent that unloaded a stage and loaded another held 30 MiB more than the
+    first load, and a prompt's messages (1.2 MB each for SmolLM2) stayed behind after it
+    passed (docs/fleet.md, Memory). Fixing the threshold turns the dynamic raise off."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):      # not glibc: nothing to do
+        pass
+
+
 def release_freed_memory() -> None:
     """Hand memory freed by closed stages back to the system (glibc keeps it otherwise, and a
     device's memory limit counts it): what a node offers stays what it has."""
@@ -111,7 +128,7 @@ class Stage:
         init_llama()
         self.path = Path(path)
         self.settings = settings
-        reader = W.open_gguf(path)
+        reader = W.open_gguf(path, layout_only=True)
         self.cfg = W.read_config(reader)
         self.first, self.last = W.stage_range(reader, self.cfg)
         self.layer_types = W.layer_types(reader)

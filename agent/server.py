@@ -703,7 +703,7 @@ class AgentService(rpc.AgentServicer):
         if not request.link_only:
             try:
                 shard = self._profile_shard(request.sha256)
-                cfg = W.read_config(W.open_gguf(shard))
+                cfg = W.read_config(W.open_gguf(shard, layout_only=True))
             except EngineError as exc:
                 _abort(context, exc.code, str(exc))
             except ValueError as exc:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
+from gguf.gguf_reader import ReaderField
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,61 @@ def _open_kept(path: str, size: int, mtime_ns: int) -> GGUFReader:
     return open_gguf(path)
 
 
-def open_gguf(path: str | Path) -> GGUFReader:
-    """Open a GGUF file, turning every way it can fail into one clear ValueError."""
+class _LayoutReader(GGUFReader):
+    """A GGUFReader that leaves out the elements of long arrays (a vocabulary's tokens, types,
+    scores and merges) and keeps only their lengths, in `skipped`. gguf's reader makes numpy
+    views of every element: opening the shard of SmolLM2's last stage, with its 49,152-token
+    vocabulary, held ~150 MiB of them, on top of whatever stage the agent already held
+    (docs/fleet.md, Memory). An agent reads configuration and tensors, never a vocabulary."""
+
+    LONG = 1024     # elements; edgefleet's own arrays (a type per layer) are far shorter
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        self.skipped: dict[str, int] = {}
+        for _ in range(count):
+            start = offs
+            klen, kdata = self._get_str(offs)
+            offs += int(klen.nbytes + kdata.nbytes)
+            raw_type = self._get(offs, np.uint32)
+            offs += int(raw_type.nbytes)
+            name = str(bytes(kdata), encoding="utf-8")
+            if raw_type[0] == GGUFValueType.ARRAY:
+                item, n = int(self._get(offs, np.uint32)[0]), int(self._get(offs + 4, np.uint64)[0])
+                if n > self.LONG:
+                    self.skipped[name] = n
+                    offs = self._past_array(offs + 12, item, n)
+                    continue
+            size, parts, idxs, types = self._get_field_parts(offs, raw_type[0])
+            self._push_field(ReaderField(start, name, [klen, kdata, raw_type, *parts], [i + 3 for i in idxs], types),
+                             skip_sum=True)
+            offs += size
+        return offs
+
+    def _past_array(self, offs: int, item: int, n: int) -> int:
+        """The offset past n elements of type item starting at offs."""
+        if item == GGUFValueType.STRING:
+            length = struct.Struct(">Q" if self.byte_order == "S" else "<Q")
+            buf = memoryview(self.data)
+            for _ in range(n):
+                offs += 8 + length.unpack_from(buf, offs)[0]
+            return offs
+        scalar = self.gguf_scalar_to_np.get(GGUFValueType(item))
+        if scalar is None:
+            raise ValueError(f"an array of {GGUFValueType(item).name} cannot be skipped")
+        return offs + n * np.dtype(scalar).itemsize
+
+
+def array_length(reader: GGUFReader, key: str) -> int | None:
+    """Elements of an array field, also where the reader skipped them (open_gguf's layout_only)."""
+    f = reader.fields.get(key)
+    if f is not None:
+        return len(f.data)
+    return getattr(reader, "skipped", {}).get(key)
+
+
+def open_gguf(path: str | Path, layout_only: bool = False) -> GGUFReader:
+    """Open a GGUF file, turning every way it can fail into one clear ValueError. layout_only:
+    without the elements of long arrays (a vocabulary), as an agent reads a shard."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"model file {p} does not exist; pass the path of a GGUF file")
@@ -84,7 +139,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{p} is not a GGUF file (bad magic); convert the model to GGUF first")
     try:
-        return GGUFReader(p, "r")
+        return (_LayoutReader if layout_only else GGUFReader)(p, "r")
     except Exception as exc:  # truncated or corrupt file
         raise ValueError(f"{p} is not a readable GGUF file ({exc}); re-download or rebuild it") from None
 
@@ -109,8 +164,7 @@ def read_config(reader: GGUFReader) -> ModelConfig:
 
     n_head = int(key("attention.head_count"))
     names = {t.name for t in reader.tensors}
-    vocab = field_value(reader, "tokenizer.ggml.tokens")
-    n_vocab = int(field_value(reader, f"{arch}.vocab_size", len(vocab) if vocab is not None else 0))
+    n_vocab = int(field_value(reader, f"{arch}.vocab_size", array_length(reader, "tokenizer.ggml.tokens") or 0))
     if not n_vocab:
         embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         n_vocab = int(embd.shape[1]) if embd is not None else 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -112,3 +113,56 @@ def test_the_formula_covers_llama_cpp_s_own_buffers_and_no_more(smollm2, first, 
         llama = _buffers_mib(caplog.records)
         formula = footprint(path, sessions, context, batch)[0].compute / 2**20
         assert llama <= formula <= llama * 1.1 + 2, (sessions, context, batch, llama, formula)
+
+
+def _anon_mib(pid: int) -> float:
+    """The process's anonymous resident memory (what a cgroup's limit counts, beside the page cache)."""
+    status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return int(status["RssAnon"].split()[0]) / 1024
+
+
+def test_an_agent_that_loads_a_stage_again_holds_no_more_than_the_first_time(smollm2, tmp_path):
+    """A real agent loads SmolLM2's last 15 layers at Q8_0, unloads them and loads them again,
+    twice: each load holds no more than the first, within 8 MiB. Before session 24 (gguf's
+    reader's views of the vocabulary at every prepare, glibc's rising threshold for mapping
+    a block: docs/fleet.md, Memory) the loads held 262, 268 and 276 MiB."""
+    from controller.agents import AgentClient
+    from controller.local import ServiceProcess
+
+    shard = write_shard(smollm2, tmp_path / "s.gguf", parse_types("Q8_0", 30), 15, 30, file_sha256(smollm2))
+    agent = ServiceProcess(["agent", "--controller", "", "--name", "n0", "--listen", "127.0.0.1:0", "--memory",
+                            str(400 * 2**20), "--threads", "1", "--data-dir", str(tmp_path / "data"),
+                            "--data-listen", "off"], tmp_path / "agent.log")
+    try:
+        with AgentClient(agent.address) as c:
+            c.push_shard(shard.path, shard.sha256)
+            loaded = []
+            for name in ("d1", "d2", "d3"):
+                c.prepare(name, shard.sha256, "", 8, 576, 512)
+                c.activate(name)
+                loaded.append(_anon_mib(agent.pid))
+                c.unload(name)
+        assert loaded[0] > 150, loaded        # the stage is there: 167 MiB by the formula
+        assert max(loaded) - loaded[0] <= 8, loaded
+    finally:
+        agent.terminate()
+
+
+def test_an_agent_reads_a_last_stage_s_layout_without_holding_its_vocabulary(smollm2, tmp_path):
+    """The shard of SmolLM2's last stage carries its 49,152-token vocabulary. gguf's reader
+    holds ~150 MiB of numpy views of it while open; the reader an agent opens shards with
+    (agent/weights.py, layout_only) reads the same configuration and tensors and holds under
+    8 MiB, and knows the vocabulary's length."""
+    from agent import weights as W
+
+    path = write_shard(smollm2, tmp_path / "s.gguf", parse_types("Q8_0", 30), 20, 30, file_sha256(smollm2)).path
+    before = _anon_mib(os.getpid())
+    layout = W.open_gguf(path, layout_only=True)
+    held = _anon_mib(os.getpid()) - before
+    full = W.open_gguf(path)
+    assert held < 8, held
+    assert W.read_config(layout) == W.read_config(full) and W.read_config(layout).n_vocab == 49152
+    assert W.array_length(layout, "tokenizer.ggml.tokens") == W.array_length(full, "tokenizer.ggml.tokens") == 49152
+    assert [(t.name, t.tensor_type, t.data_offset, t.n_bytes) for t in layout.tensors] == \
+        [(t.name, t.tensor_type, t.data_offset, t.n_bytes) for t in full.tensors]
+    assert layout.data_offset == full.data_offset
