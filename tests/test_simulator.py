@@ -121,19 +121,21 @@ def test_decode_steps_go_round_in_as_many_groups_as_there_are_stages():
     assert max(n for _, n in one.token_times) > 2
 
 
-def test_a_stage_that_is_most_of_the_work_takes_every_session_s_decode_step_at_once():
-    # n1 computes 20 times slower than n0: the other stage takes 1/20 of its time, so one group
-    # keeps it busy (solver/memory.py decode_groups, as the controller tells the agents), and
-    # the sessions' decode steps merge into groups larger than equal stages' ceil(4 / 2) = 2
-    p = toy(concurrency=4)
-    slow = replace(p.fleet.nodes[1], speed={"F16": TypeSpeed(1e8 / 20, 1e9 / 20)})
-    p = replace(p, fleet=replace(p.fleet, nodes=(p.fleet.nodes[0], slow)))
-    assert evaluate(p, PLAN.stages).decode_groups() == 1
-    reqs = [Request(i, 0.0, 20, 12) for i in range(4)]
-    result = simulate(p, PLAN, reqs)
-    assert [r.status for r in result.records] == ["ok"] * 4
-    assert max(n for _, n in result.token_times) > 2
-    assert sum(n for _, n in result.token_times) == 4 * 12
+def test_a_chain_with_a_small_stage_goes_round_in_fewer_groups_than_stages():
+    # 3 stages, the middle one 10 times slower than the others: the other two take 0.2 of its
+    # time, so 2 groups keep it busy (solver/memory.py decode_groups, as the controller tells
+    # the agents), and 6 sessions' decode steps go round 3 at a time, not ceil(6 / 3) = 2
+    p = toy(concurrency=6, nodes=("n0", "n1", "n2"))
+    p = replace(p, model=replace(p.model, layers=(p.model.layers[0],) * 3))
+    slow = replace(p.fleet.nodes[1], speed={"F16": TypeSpeed(1e8 / 10, 1e9 / 10)})
+    p = replace(p, fleet=replace(p.fleet, nodes=(p.fleet.nodes[0], slow, p.fleet.nodes[2])))
+    plan = Plan((Stage("n0", 0, 1, ("F16",)), Stage("n1", 1, 2, ("F16",)), Stage("n2", 2, 3, ("F16",))),
+                "feasible", 0.0, 0.0, 0.0, 0.0, "test")
+    assert evaluate(p, plan.stages).decode_groups() == 2
+    result = simulate(p, plan, [Request(i, 0.0, 20, 12) for i in range(6)])
+    assert [r.status for r in result.records] == ["ok"] * 6
+    assert max(n for _, n in result.token_times) == 3
+    assert sum(n for _, n in result.token_times) == 6 * 12
 
 
 def test_a_full_kv_cache_makes_the_next_request_wait():
