@@ -41,6 +41,11 @@ def anon_bytes(fleet: EmulatedFleet, i: int) -> int:
     raise RuntimeError(f"no rss in node {i}'s memory.stat")
 
 
+def anon_all(fleet: EmulatedFleet) -> list[int]:
+    """anon_bytes of every node, in order."""
+    return [anon_bytes(fleet, i) for i in range(len(fleet.nodes))]
+
+
 class Peaks:
     """The highest anonymous memory of every node since the last reset, read every EVERY_S."""
 
@@ -53,13 +58,13 @@ class Peaks:
 
     def _watch(self) -> None:
         while not self._stop.wait(EVERY_S):
-            now = [anon_bytes(self.fleet, i) for i in range(len(self.fleet.nodes))]
+            now = anon_all(self.fleet)
             with self._lock:
                 self.peak = [max(p, n) for p, n in zip(self.peak, now)]
 
     def reset(self) -> None:
         with self._lock:
-            self.peak = [anon_bytes(self.fleet, i) for i in range(len(self.fleet.nodes))]
+            self.peak = anon_all(self.fleet)
 
     def read(self) -> list[int]:
         with self._lock:
@@ -85,16 +90,16 @@ def main() -> None:
         ef = V.Edgefleet(fleet, work)
         peaks = Peaks(fleet)
         try:
-            idle = [anon_bytes(fleet, i) for i in range(len(nodes))]
+            idle = anon_all(fleet)
             print("agents idle: " + ", ".join(f"{n.name} {b / MB:.0f}" for n, b in zip(nodes, idle)))
             for run, types, objective, _ in V.edgefleet_runs(master_type, free_types, False):
                 V.say(f"{a.fleet}: deploying {run}")
                 plan = ef.deploy(master, types, 5.0, objective)
                 planned = {s["node"]: s["memory"] for s in plan["prediction"]["stages"]}
-                deployed = [anon_bytes(fleet, i) for i in range(len(nodes))]
+                deployed = anon_all(fleet)
                 peaks.reset()
                 figs = ef.measure(master, 1)
-                peak, after = peaks.read(), [anon_bytes(fleet, i) for i in range(len(nodes))]
+                peak, after = peaks.read(), anon_all(fleet)
                 print(f"{run} {V.split_text(plan)}; 8 requests at {figs.concurrent_tps:.1f} tok/s")
                 for i, n in enumerate(nodes):
                     stage = f"stage planned at {planned[n.name] / MB:.0f}" if n.name in planned else "no stage"

@@ -64,9 +64,9 @@ def decode_groups(step_s: Sequence[float]) -> int:
     stages, sum(step_s) - max(step_s) of time at the same size, so ceil(sum / max) groups.
     Equal stages: one group per stage. A chain of two large stages and small ones: fewer,
     larger groups, whose batches cost llama.cpp's kernels less per token than small ones
-    (docs/runtime.md). Fewer than that leaves the slowest stage waiting: rounding 1.33 down
-    to one group on 2 stages made the real fleet's decode steps 26 % slower (docs/runtime.md).
-    At least 1, at most one per stage."""
+    (docs/runtime.md). Fewer than that leaves the slowest stage waiting: rounding down to one
+    group on 2 stages made the real fleet's decode steps 26 % slower (docs/runtime.md). At
+    least 1, at most one per stage."""
     if not step_s or max(step_s) <= 0:
         return max(1, len(step_s))
     return max(1, min(len(step_s), math.ceil(sum(step_s) / max(step_s) - 1e-9)))
