@@ -31,9 +31,6 @@ sys.path.insert(0, str(ROOT))
 from bench import versus as V  # noqa: E402
 from bench.emulated import EmulatedFleet  # noqa: E402
 
-RPC = "rpc"     # the RPC servers' cgroups (edgefleet's agents keep the nodes' own)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fleet", default="unequal4", help=f"one of {', '.join(V.FLEETS)}")
@@ -49,40 +46,24 @@ def main() -> None:
     master = path_fn()
     V.llamacpp.build()
     work = Path(tempfile.mkdtemp(prefix="paired-"))
-    got: dict[str, list[float]] = {"(b)": [], "(c)": []}
-    with EmulatedFleet(nodes, link, work / "logs", systems=("", RPC)) as fleet:
+    with EmulatedFleet(nodes, link, work / "logs", systems=("", V.RPC)) as fleet:
         ef = V.Edgefleet(fleet, work)
         try:
             plan = ef.deploy(master, master_type, 5.0)
-            n_layer = sum(s["last"] - s["first"] for s in plan["stages"])
-            order, split = V.tensor_split(plan, n_layer, nodes)
-            llama = V.LlamaRpc(fleet, system=RPC, inner_port=V.INNER_PORT + 1)
+            order, split = V.tensor_split(plan, nodes)
+            llama = V.LlamaRpc(fleet, system=V.RPC, inner_port=V.INNER_PORT + 1)
             try:
-                def b() -> float:
-                    return llama.llama_bench(master, order, split, 1, "-p", "0", "-n", str(V.OUTPUT), "-d",
-                                             str(V.PROMPT))["avg_ts"]
-
-                def c(r: int) -> float:
-                    return V.decode_tps(ef.generate(V.prompt_ids(master, V.PROMPT, r), V.OUTPUT))
-
-                b(), c(0)       # warm-up
-                for r in range(a.pairs):
-                    turn = [("(b)", b), ("(c)", lambda: c(r))]
-                    for run, measure in (turn if r % 2 == 0 else reversed(turn)):
-                        got[run].append(measure())
-                        V.say(f"pair {r + 1}: {run} {got[run][-1]:.1f} tok/s")
+                got = dict(zip(("(b)", "(c)"), V.by_turns(ef, llama, master, order, split, a.pairs)))
             finally:
                 llama.stop()
         finally:
             ef.stop()
     shutil.rmtree(work)
-    ratios = [x / y for x, y in zip(got["(c)"], got["(b)"])]
     print(f"{a.fleet}, {a.model}: {V.split_text(plan)}; llama.cpp's --tensor-split {'/'.join(map(str, split))}")
     for run, what in (("(b)", "llama.cpp RPC"), ("(c)", "edgefleet")):
         print(f"{run} {what:14} decode median {statistics.median(got[run]):.1f} tok/s "
               f"({', '.join(f'{x:.1f}' for x in got[run])})")
-    print(f"(c)/(b) one request, paired: median {statistics.median(ratios):.3f}, {sum(x >= 1 for x in ratios)} of "
-          f"{len(ratios)} pairs >= 1 ({', '.join(f'{x:.2f}' for x in ratios)})")
+    print(f"(c)/(b) one request: {V.paired_ratio(got['(b)'], got['(c)'])}")
 
 
 if __name__ == "__main__":

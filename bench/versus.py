@@ -16,11 +16,13 @@ Figures: single request, a 512-token prompt then 64 tokens: time to first token 
 tokens/s; and 8 requests of 512 + 64 started together: generated tokens per second of wall
 time. llama.cpp's single-request figures come from llama-bench (pp512 at depth 0, tg64 at
 depth 512), its 8-request figure from llama-batched-bench (-npp 512 -ntg 64 -npl 8); the
-host process runs in the root namespace, as edgefleet's controller does. Every process is
+host process runs in the root namespace, as edgefleet's controller does. The one-request
+decode tok/s of (b) and (c), and their ratio, come from --pairs requests of each by turns
+(by_turns): one system's speed drifts by ±10 % over the minutes between two stretches. Every process is
 held to one thread (rpc-server -t 1, agents --threads 1).
 
-    .venv/bin/python bench/versus.py [--fleet equal3,unequal4] [--model smollm2-q8_0] [--runs 3] [--node-memory MIB]
-                                     [--only-bc]
+    .venv/bin/python bench/versus.py [--fleet equal3,unequal4] [--model smollm2-q8_0] [--runs 3] [--pairs 8]
+                                     [--node-memory MIB] [--only-bc]
 
 Needs root (namespaces, tc, cgroups) and llama.cpp's RPC tools (built and cached on first
 use by bench/llamacpp.py, about 6 min). The agents' own --emulate-* options are not used.
@@ -37,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +56,8 @@ from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
 MiB = 2 ** 20
 PROMPT, OUTPUT, CONCURRENT = 512, 64, 8
 SHORT = 8       # tokens of the breakdown's short request (Edgefleet.breakdown)
+BREAKDOWN_REPEATS = 3   # pairs of requests the breakdown takes the median of
+RPC = "rpc"     # the RPC servers' cgroups on every node (edgefleet's agents keep the nodes' own)
 CONTROLLER_PORT, PUBLIC_PORT, INNER_PORT = 50061, 50052, 40052
 PUBLIC_DATA, INNER_DATA = PUBLIC_PORT + 2, INNER_PORT + 2     # the agents' data plane (llama.cpp's servers take +1)
 # what an agent is told is its node's memory limit less this (the cgroup's limit is hard):
@@ -90,6 +94,7 @@ class Figures:
     busy: tuple[tuple[str, float, float], ...] = ()   # edgefleet, 8 requests: per node, CPU s and the share of
                                                      # the wall time its quota allowed that it ran
     phases: tuple[float, float] = ()   # llama.cpp, 8 requests: seconds of its prompts' pass and of its decode steps
+    paired: tuple[float, ...] = ()     # (c): its one-request decode tok/s over (b)'s, pair by pair (by_turns)
 
     def row(self) -> list[str]:
         return [f"{self.ttft_s * 1e3:.0f} ms", f"{self.decode_tps:.1f}", f"{self.concurrent_tps:.1f}"]
@@ -235,8 +240,8 @@ class Edgefleet:
         return (sums.get("edgefleet_stage_compute_seconds_sum", 0.0), sums.get("edgefleet_stage_queue_seconds_sum", 0.0),
                 int(sums.get("edgefleet_stage_compute_seconds_count", 0)))
 
-    def breakdown(self, master: Path, stages: int, link: Link, n_embd: int,
-                  proxy_s: float) -> tuple[str, list[tuple[float, float]]]:
+    def breakdown(self, master: Path, stages: int, link: Link, n_embd: int, proxy_s: float,
+                  repeats: int = BREAKDOWN_REPEATS) -> tuple[str, list[tuple[float, float]]]:
         """Where a decode step's time goes, on a request like the single ones (512 + 64 tokens):
         the stages' compute and their queues (the controller's metrics), the emulated links
         (proxy_s per crossing, the proxy as measured, and the transmission time), and the
@@ -244,37 +249,45 @@ class Edgefleet:
         and seconds per token its quota held it off the CPU. The sums are the difference of
         that request and the same one stopped after SHORT tokens (the prompt and its warm-up
         cancel out): the stages go on without the controller, so nothing can be read between
-        two of one request's tokens."""
+        two of one request's tokens. Measured `repeats` times; the repeat whose rest is the
+        median is reported (one pair's rest moved by ±1 ms per crossing from run to run)."""
         ids = prompt_ids(master, PROMPT, 7)
-
-        def totals():
-            return self.stage_totals(), cpu_spent(self.fleet)
-
-        before = totals()
-        self.generate(ids, SHORT)
-        middle = totals()
-        times = self.generate(ids, OUTPUT)
-        after = totals()
         tokens = OUTPUT - SHORT
-        (c0, q0, _), cpu0 = before
-        (c1, q1, _), cpu1 = middle
-        (c2, q2, _), cpu2 = after
-        compute = ((c2 - c1) - (c1 - c0)) / tokens      # per decode step, summed over the stages
-        queue = ((q2 - q1) - (q1 - q0)) / tokens
-        per_token = 1 / decode_tps(times)
-        cpu = [(((z[0] - y[0]) - (y[0] - x[0])) / tokens, ((z[1] - y[1]) - (y[1] - x[1])) / tokens)
-               for x, y, z in zip(cpu0, cpu1, cpu2)]
         # down the chain, then the last stage's step round to the first (a token id); one
         # stage goes on inside its node (agent/server.py); the answers to the controller are
         # not on the way
         crossings = stages if stages > 1 else 0
         links = (stages - 1) * (proxy_s + n_embd * 4 * 8 / (link.mbit * 1e6)) + (proxy_s if stages > 1 else 0.0)
+
+        def totals():
+            return self.stage_totals(), cpu_spent(self.fleet)
+
+        def once() -> tuple[float, float, float, list[tuple[float, float]]]:
+            """(s per token, its stage compute, its queue waits, each node's CPU and throttled s per token)"""
+            before = totals()
+            self.generate(ids, SHORT)
+            middle = totals()
+            times = self.generate(ids, OUTPUT)
+            after = totals()
+            (c0, q0, _), cpu0 = before
+            (c1, q1, _), cpu1 = middle
+            (c2, q2, _), cpu2 = after
+            cpu = [(((z[0] - y[0]) - (y[0] - x[0])) / tokens, ((z[1] - y[1]) - (y[1] - x[1])) / tokens)
+                   for x, y, z in zip(cpu0, cpu1, cpu2)]
+            return 1 / decode_tps(times), ((c2 - c1) - (c1 - c0)) / tokens, ((q2 - q1) - (q1 - q0)) / tokens, cpu
+
+        got = sorted((once() for _ in range(repeats)), key=lambda r: r[0] - r[1])
+        per_token, compute, queue, cpu = got[len(got) // 2]
         rest = per_token - compute - links
+        spread = "" if repeats < 2 else (
+            f"; the median of {repeats} such pairs, whose rest per crossing ran from "
+            f"{(got[0][0] - got[0][1] - links) * 1e3 / max(1, crossings):.2f} to "
+            f"{(got[-1][0] - got[-1][1] - links) * 1e3 / max(1, crossings):.2f} ms")
         each = f"{rest * 1e3 / crossings:.2f} ms per crossing; the target is <= 1.5" if crossings else "no crossing"
         return (f"{per_token * 1e3:.2f} ms/token = stage compute {compute * 1e3:.2f} + emulated links "
                 f"{links * 1e3:.2f} ({crossings} crossings, the proxy as measured) + the rest {rest * 1e3:.2f} "
                 f"({each}; of it, waits in the stages' queues {queue * 1e3:.2f}, and gRPC, serialization and "
-                f"hand-offs {(rest - queue) * 1e3:.2f})"), cpu
+                f"hand-offs {(rest - queue) * 1e3:.2f}{spread})"), cpu
 
     def stop(self) -> None:
         for a in self.agents:
@@ -358,14 +371,45 @@ class LlamaRpc:
             self.fleet.stop(s)
 
 
-def tensor_split(plan: dict, n_layer: int, nodes: list[Node]) -> tuple[list[int], list[int]]:
+def by_turns(ef: Edgefleet, llama: LlamaRpc, master: Path, order: list[int], split: list[int],
+             pairs: int) -> tuple[list[float], list[float]]:
+    """One request of (b) and one of (c) by turns, `pairs` times, the order swapped every pair:
+    each system's decode tok/s, pair by pair. (b) is llama-bench's tg64 at depth 512 on the
+    RPC servers with (c)'s split, (c) one request of 512 + 64 tokens through the controller to
+    edgefleet's agents, which hold (c)'s deployment. Both systems' processes live on every node
+    at once, each in cgroups of its own with the node's limits (EmulatedFleet's systems), and
+    the one whose turn it is not waits idle, so each has the node to itself while it runs; a
+    drift of the machine's speed over minutes reaches both alike."""
+    def b() -> float:
+        return llama.llama_bench(master, order, split, 1, "-p", "0", "-n", str(OUTPUT), "-d", str(PROMPT))["avg_ts"]
+
+    def c(r: int) -> float:
+        return decode_tps(ef.generate(prompt_ids(master, PROMPT, r), OUTPUT))
+
+    b(), c(0)       # warm-up
+    got: dict[str, list[float]] = {"(b)": [], "(c)": []}
+    for r in range(pairs):
+        turn = [("(b)", b), ("(c)", lambda: c(r))]
+        for run, measure in (turn if r % 2 == 0 else reversed(turn)):
+            got[run].append(measure())
+        say(f"pair {r + 1} of {pairs}: (b) {got['(b)'][-1]:.1f} tok/s, (c) {got['(c)'][-1]:.1f}")
+    return got["(b)"], got["(c)"]
+
+
+def paired_ratio(b: list[float], c: list[float]) -> str:
+    """The median of the paired (c)/(b) ratios, how many were at least 1, and each."""
+    ratios = [y / x for x, y in zip(b, c)]
+    return (f"{statistics.median(ratios):.2f}, the median of {len(ratios)} pairs, {sum(r >= 1 for r in ratios)} "
+            f"of them >= 1 ({', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+def tensor_split(plan: dict, nodes: list[Node]) -> tuple[list[int], list[int]]:
     """(node order, layers per node) of an edgefleet plan, for llama.cpp's --rpc and -ts. The
     output layer counts as one more on the last stage (llama.cpp splits n_layer + 1 layers)."""
     index = {n.name: i for i, n in enumerate(nodes)}
     order = [index[s["node"]] for s in plan["stages"]]
     split = [s["last"] - s["first"] for s in plan["stages"]]
     split[-1] += 1
-    assert sum(split) == n_layer + 1
     return order, split
 
 
@@ -401,13 +445,15 @@ def edgefleet_runs(master_type: str, free_types: str, only_bc: bool) -> list[tup
 
 def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: int,
               work: Path, proxy_s: float, only_bc: bool = False,
-              data_plane: bool = True) -> list[tuple[str, Figures, str]]:
+              data_plane: bool = True, pairs: int = 8) -> list[tuple[str, Figures, str]]:
     """The fleet's rows: (label, figures, what it ran), and the breakdown, ceiling and CPU rows;
-    with only_bc, (b) and (c) alone (and their rows)."""
+    with only_bc, (b) and (c) alone (and their rows). (b)'s and (c)'s one-request tok/s are
+    the medians of `pairs` requests of each by turns (by_turns), on (c)'s deployment."""
     path_fn, master_type, free_types = models()[model_name]
     master = path_fn()
     plans, figs, per_token = {}, {}, {}
-    with EmulatedFleet(nodes, link, work / "logs") as fleet:
+    splits: dict[str, tuple[list[int], list[int] | None]] = {} if only_bc else {"(a)": (list(range(len(nodes))), None)}
+    with EmulatedFleet(nodes, link, work / "logs", systems=("", RPC)) as fleet:
         cpu = cpu_check(fleet)
         ef = Edgefleet(fleet, work, data_plane)
         try:
@@ -417,16 +463,24 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
                 figs[run] = ef.measure(master, runs)
                 if run in ("(c)", "(d)"):
                     per_token[run] = ef.breakdown(master, len(plans[run]["stages"]), link, n_embd(master), proxy_s)
+                if run == "(c)":
+                    splits["(b)"] = tensor_split(plans["(c)"], nodes)
+                    say(f"{name}: (b) and (c) by turns, one request each, {pairs} pairs")
+                    llama = LlamaRpc(fleet, system=RPC, inner_port=INNER_PORT + 1)
+                    try:
+                        turns = by_turns(ef, llama, master, *splits["(b)"], pairs)
+                    finally:
+                        llama.stop()
+                    figs[run] = replace(figs[run], decode_tps=statistics.median(turns[1]),
+                                        paired=tuple(y / x for x, y in zip(*turns)))
         finally:
             ef.stop()
-        n_layer = sum(s["last"] - s["first"] for s in plans["(c)"]["stages"])
         # llama.cpp's runs: (a) its default split over every node, (b) (c)'s split, (f) (e)'s
-        splits = {"(a)": (list(range(len(nodes))), None)} if not only_bc else {}
-        splits["(b)"] = tensor_split(plans["(c)"], n_layer, nodes)
         if "(e)" in plans:
-            splits["(f)"] = tensor_split(plans["(e)"], n_layer, nodes)
+            splits["(f)"] = tensor_split(plans["(e)"], nodes)
+        splits = {k: splits[k] for k in sorted(splits)}
         say(f"{name}: llama.cpp RPC, splits " + ", ".join(f"{k} {v[1] or 'default'}" for k, v in splits.items()))
-        llama = LlamaRpc(fleet)
+        llama = LlamaRpc(fleet, system=RPC, inner_port=INNER_PORT + 1)
         busy = {}
         try:
             for run, (order, split) in splits.items():
@@ -434,6 +488,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
             b_cpu = llama.cpu_per_token(master, *splits["(b)"])
         finally:
             llama.stop()
+        figs["(b)"] = replace(figs["(b)"], decode_tps=statistics.median(turns[0]))
 
     def describe(p: dict, f: Figures | None = None) -> str:
         text = split_text(p)
@@ -474,6 +529,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
               "(f)": ("(f) llama.cpp RPC, (e)'s split", describe(plans.get("(e)", {})) if "(e)" in plans else "")}
     for run in sorted(figs):
         rows.append((labels[run][0], figs[run], labels[run][1]))
+    rows.append(("(c)/(b) by turns", figs["(c)"], "one request each, decode tok/s: " + paired_ratio(*turns)))
     for run, (text, _) in per_token.items():
         rows.append((f"{run} per token", figs[run], text))
     for ours, theirs in (("(c)", "(b)"), ("(e)", "(f)")):
@@ -506,6 +562,8 @@ def main() -> None:
     ap.add_argument("--fleet", default="equal3,unequal4", help=f"comma-separated, of {', '.join(FLEETS)}")
     ap.add_argument("--model", default="smollm2-q8_0", help="smollm2-q8_0, smollm2-f16 or reference")
     ap.add_argument("--runs", type=int, default=3, help="single requests (and llama-bench repetitions) per figure")
+    ap.add_argument("--pairs", type=int, default=8,
+                    help="one request of (b) and of (c) by turns, this many times: their tok/s and ratio")
     ap.add_argument("--only-bc", action="store_true",
                     help="run (b) and (c) alone: the one-request ratio at the same split, with more --runs in the time")
     ap.add_argument("--node-memory", type=int, metavar="MIB",
@@ -514,13 +572,16 @@ def main() -> None:
     ap.add_argument("--data-plane", choices=("on", "off"), default="on",
                     help="off: edgefleet's agents send steps to each other by gRPC, as before session 22 (A/B runs)")
     a = ap.parse_args()
+    if a.runs < 1 or a.pairs < 1:
+        sys.exit("--runs and --pairs must be at least 1")
     llamacpp.build()
     for name in a.fleet.split(","):
         nodes, link = fleet_nodes(name, a.node_memory)
         tmp = Path(tempfile.mkdtemp(prefix=f"versus-{name}-"))
         proxy_s, bare_s = delay_proxy.measure(link.delay_ms), delay_proxy.measure(0)
         try:
-            rows = run_fleet(name, nodes, link, a.model, a.runs, tmp, proxy_s, a.only_bc, a.data_plane == "on")
+            rows = run_fleet(name, nodes, link, a.model, a.runs, tmp, proxy_s, a.only_bc, a.data_plane == "on",
+                             a.pairs)
         except (RuntimeError, subprocess.CalledProcessError) as exc:
             raise SystemExit(f"{name}: {exc} (logs kept in {tmp})") from None
         shutil.rmtree(tmp)
@@ -538,7 +599,9 @@ def main() -> None:
             if num not in fig or den not in fig:
                 continue
             n, d = fig[num], fig[den]
-            print(f"{num}/{den}: TTFT {d.ttft_s / n.ttft_s:.2f}x faster, tok/s {n.decode_tps / d.decode_tps:.2f}, "
+            tps = (f"{statistics.median(n.paired):.2f} (by turns)" if num == "(c)" and n.paired
+                   else f"{n.decode_tps / d.decode_tps:.2f}")
+            print(f"{num}/{den}: TTFT {d.ttft_s / n.ttft_s:.2f}x faster, tok/s {tps}, "
                   f"8 requests {n.concurrent_tps / d.concurrent_tps:.2f}")
         for label, _, plan in rows:
             print(f"  {label[:3] if is_system(label) else label} {plan}")
