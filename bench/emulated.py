@@ -248,12 +248,12 @@ def cpu_spent(fleet: "EmulatedFleet", system: str = "") -> list[tuple[float, flo
     return out
 
 
-def wait_for(p: subprocess.Popen, log: Path, text: str, timeout: float = 30) -> None:
-    """Until process p's log says `text`; RuntimeError with the log's end if p exits first or
-    the time runs out."""
+def wait_for(p: subprocess.Popen, log: Path, text: str, timeout: float = 30, since: int = 0) -> None:
+    """Until process p's log says `text` after its first `since` bytes (what an earlier process
+    wrote there); RuntimeError with the log's end if p exits first or the time runs out."""
     deadline = time.monotonic() + timeout
     while True:
-        said = log.read_text(errors="replace") if log.exists() else ""
+        said = log.read_bytes()[since:].decode(errors="replace") if log.exists() else ""
         if text in said:
             return
         if p.poll() is not None or time.monotonic() > deadline:

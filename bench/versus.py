@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from bench import delay_proxy, llamacpp  # noqa: E402
-from bench.emulated import EmulatedFleet, Link, Node, cpu_check, cpu_spent  # noqa: E402
+from bench.emulated import EmulatedFleet, Link, Node, cpu_check, cpu_spent, wait_for  # noqa: E402
 from controller.local import ServiceProcess, wait_alive  # noqa: E402
 from proto import edgefleet_pb2 as pb  # noqa: E402
 from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
@@ -305,10 +305,19 @@ class LlamaRpc:
         where they listen inside their namespaces, behind the proxies."""
         self.fleet, self.bin, self.system = fleet, llamacpp.build(), system
         self.servers = []
-        for i in range(len(fleet.nodes)):
-            self.servers.append(fleet.run(i, [str(self.bin / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(inner_port),
-                                              "-t", "1"], f"rpc-server-{i}", system=system))
-            fleet.proxy(i, PUBLIC_PORT + 1, inner_port)
+        try:
+            for i in range(len(fleet.nodes)):
+                log = fleet.logs / f"rpc-server-{i}.log"
+                since = log.stat().st_size if log.exists() else 0
+                # line-buffered, so that the log says when it listens (its stdout is a file)
+                self.servers.append(fleet.run(i, ["stdbuf", "-oL", "-eL", str(self.bin / "ggml-rpc-server"), "-H",
+                                                  "127.0.0.1", "-p", str(inner_port), "-t", "1"],
+                                              f"rpc-server-{i}", system=system))
+                wait_for(self.servers[-1], log, "transport", since=since)
+                fleet.proxy(i, PUBLIC_PORT + 1, inner_port)
+        except BaseException:
+            self.stop()
+            raise
 
     def rpc_list(self, order: list[int]) -> str:
         return ",".join(f"{self.fleet.address(i)}:{PUBLIC_PORT + 1}" for i in order)
@@ -363,7 +372,9 @@ class LlamaRpc:
         """A llama.cpp tool's stdout (RuntimeError with the end of its stderr if it fails)."""
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"{Path(cmd[0]).name} failed: {r.stderr.strip()[-800:]}")
+            said = (r.stderr.strip() or r.stdout.strip())[-800:] or "nothing on stdout or stderr"
+            raise RuntimeError(f"{Path(cmd[0]).name} failed with exit status {r.returncode}: {said} "
+                               f"(the command: {' '.join(cmd)})")
         return r.stdout
 
     def stop(self) -> None:
@@ -455,34 +466,33 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
     splits: dict[str, tuple[list[int], list[int] | None]] = {} if only_bc else {"(a)": (list(range(len(nodes))), None)}
     with EmulatedFleet(nodes, link, work / "logs", systems=("", RPC)) as fleet:
         cpu = cpu_check(fleet)
-        ef = Edgefleet(fleet, work, data_plane)
-        try:
-            for run, types, objective, what in edgefleet_runs(master_type, free_types, only_bc):
-                say(f"{name}: edgefleet, {what}")
-                plans[run] = ef.deploy(master, types, 5.0, objective)
-                figs[run] = ef.measure(master, runs)
-                if run in ("(c)", "(d)"):
-                    per_token[run] = ef.breakdown(master, len(plans[run]["stages"]), link, n_embd(master), proxy_s)
-                if run == "(c)":
-                    splits["(b)"] = tensor_split(plans["(c)"], nodes)
-                    say(f"{name}: (b) and (c) by turns, one request each, {pairs} pairs")
-                    llama = LlamaRpc(fleet, system=RPC, inner_port=INNER_PORT + 1)
-                    try:
-                        turns = by_turns(ef, llama, master, *splits["(b)"], pairs)
-                    finally:
-                        llama.stop()
-                    figs[run] = replace(figs[run], decode_tps=statistics.median(turns[1]),
-                                        paired=tuple(y / x for x, y in zip(*turns)))
-        finally:
-            ef.stop()
-        # llama.cpp's runs: (a) its default split over every node, (b) (c)'s split, (f) (e)'s
-        if "(e)" in plans:
-            splits["(f)"] = tensor_split(plans["(e)"], nodes)
-        splits = {k: splits[k] for k in sorted(splits)}
-        say(f"{name}: llama.cpp RPC, splits " + ", ".join(f"{k} {v[1] or 'default'}" for k, v in splits.items()))
+        # llama.cpp's RPC servers, in cgroups of their own on every node, live through the
+        # fleet's runs: they hold nothing between llama.cpp's runs and wait idle during edgefleet's
         llama = LlamaRpc(fleet, system=RPC, inner_port=INNER_PORT + 1)
-        busy = {}
         try:
+            ef = Edgefleet(fleet, work, data_plane)
+            try:
+                for run, types, objective, what in edgefleet_runs(master_type, free_types, only_bc):
+                    say(f"{name}: edgefleet, {what}")
+                    plans[run] = ef.deploy(master, types, 5.0, objective)
+                    figs[run] = ef.measure(master, runs)
+                    if run in ("(c)", "(d)"):
+                        per_token[run] = ef.breakdown(master, len(plans[run]["stages"]), link, n_embd(master),
+                                                      proxy_s)
+                    if run == "(c)":
+                        splits["(b)"] = tensor_split(plans["(c)"], nodes)
+                        say(f"{name}: (b) and (c) by turns, one request each, {pairs} pairs")
+                        turns = by_turns(ef, llama, master, *splits["(b)"], pairs)
+                        figs[run] = replace(figs[run], decode_tps=statistics.median(turns[1]),
+                                            paired=tuple(y / x for x, y in zip(*turns)))
+            finally:
+                ef.stop()
+            # llama.cpp's runs: (a) its default split over every node, (b) (c)'s split, (f) (e)'s
+            if "(e)" in plans:
+                splits["(f)"] = tensor_split(plans["(e)"], nodes)
+            splits = {k: splits[k] for k in sorted(splits)}
+            say(f"{name}: llama.cpp RPC, splits " + ", ".join(f"{k} {v[1] or 'default'}" for k, v in splits.items()))
+            busy = {}
             for run, (order, split) in splits.items():
                 figs[run], busy[run] = llama.bench(master, order, split, runs)
             b_cpu = llama.cpu_per_token(master, *splits["(b)"])
