@@ -63,7 +63,7 @@ def main() -> None:
     for run, what in (("(b)", "llama.cpp RPC"), ("(c)", "edgefleet")):
         print(f"{run} {what:14} decode median {statistics.median(got[run]):.1f} tok/s "
               f"({', '.join(f'{x:.1f}' for x in got[run])})")
-    print(f"(c)/(b) one request: {V.paired_ratio(got['(b)'], got['(c)'])}")
+    print(f"(c)/(b) one request: {V.paired_text(V.paired_ratios(got['(b)'], got['(c)']))}")
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ class Edgefleet:
         per_token, compute, queue, cpu = got[len(got) // 2]
         rest = per_token - compute - links
         spread = "" if repeats < 2 else (
-            f"; the median of {repeats} such pairs, whose rest per crossing ran from "
+            f"; the median of {repeats} such pairs, whose rest{' per crossing' if crossings else ''} ran from "
             f"{(got[0][0] - got[0][1] - links) * 1e3 / max(1, crossings):.2f} to "
             f"{(got[-1][0] - got[-1][1] - links) * 1e3 / max(1, crossings):.2f} ms")
         each = f"{rest * 1e3 / crossings:.2f} ms per crossing; the target is <= 1.5" if crossings else "no crossing"
@@ -407,9 +407,13 @@ def by_turns(ef: Edgefleet, llama: LlamaRpc, master: Path, order: list[int], spl
     return got["(b)"], got["(c)"]
 
 
-def paired_ratio(b: list[float], c: list[float]) -> str:
-    """The median of the paired (c)/(b) ratios, how many were at least 1, and each."""
-    ratios = [y / x for x, y in zip(b, c)]
+def paired_ratios(b: list[float], c: list[float]) -> tuple[float, ...]:
+    """(c)/(b) pair by pair."""
+    return tuple(y / x for x, y in zip(b, c))
+
+
+def paired_text(ratios: tuple[float, ...]) -> str:
+    """The median of the paired ratios, how many were at least 1, and each."""
     return (f"{statistics.median(ratios):.2f}, the median of {len(ratios)} pairs, {sum(r >= 1 for r in ratios)} "
             f"of them >= 1 ({', '.join(f'{r:.2f}' for r in ratios)})")
 
@@ -484,7 +488,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
                         say(f"{name}: (b) and (c) by turns, one request each, {pairs} pairs")
                         turns = by_turns(ef, llama, master, *splits["(b)"], pairs)
                         figs[run] = replace(figs[run], decode_tps=statistics.median(turns[1]),
-                                            paired=tuple(y / x for x, y in zip(*turns)))
+                                            paired=paired_ratios(*turns))
             finally:
                 ef.stop()
             # llama.cpp's runs: (a) its default split over every node, (b) (c)'s split, (f) (e)'s
@@ -539,7 +543,7 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
               "(f)": ("(f) llama.cpp RPC, (e)'s split", describe(plans.get("(e)", {})) if "(e)" in plans else "")}
     for run in sorted(figs):
         rows.append((labels[run][0], figs[run], labels[run][1]))
-    rows.append(("(c)/(b) by turns", figs["(c)"], "one request each, decode tok/s: " + paired_ratio(*turns)))
+    rows.append(("(c)/(b) by turns", figs["(c)"], "one request each, decode tok/s: " + paired_text(figs["(c)"].paired)))
     for run, (text, _) in per_token.items():
         rows.append((f"{run} per token", figs[run], text))
     for ours, theirs in (("(c)", "(b)"), ("(e)", "(f)")):
