@@ -331,12 +331,15 @@ class LlamaRpc:
             cmd += ["-ts", "/".join(str(x) for x in split)]
         return json.loads(self._run(cmd))[0]
 
-    def bench(self, model: Path, order: list[int], split: list[int] | None,
-              runs: int) -> tuple[Figures, list[float]]:
+    def bench(self, model: Path, order: list[int], split: list[int] | None, runs: int,
+              decode_tps: float | None = None) -> tuple[Figures, list[float]]:
         """The figures, and each node's CPU seconds in the 8-request run's timed work: the
-        difference from a run of one 1-token request, which loads and warms up alike."""
+        difference from a run of one 1-token request, which loads and warms up alike.
+        decode_tps: one request's decode speed measured already (by_turns), else llama-bench's tg64."""
         pp = self.llama_bench(model, order, split, runs, "-p", str(PROMPT), "-n", "0")
-        tg = self.llama_bench(model, order, split, runs, "-p", "0", "-n", str(OUTPUT), "-d", str(PROMPT))
+        if decode_tps is None:
+            decode_tps = self.llama_bench(model, order, split, runs, "-p", "0", "-n", str(OUTPUT), "-d",
+                                          str(PROMPT))["avg_ts"]
 
         def batched(prompt: int, output: int, requests: int) -> tuple[dict, list[float]]:
             cmd = [str(self.bin / "llama-batched-bench"), "-m", str(model), "--rpc", self.rpc_list(order),
@@ -352,7 +355,7 @@ class LlamaRpc:
 
         row, spent = batched(PROMPT, OUTPUT, CONCURRENT)
         _, idle = batched(1, 1, 1)
-        return (Figures(PROMPT / pp["avg_ts"], tg["avg_ts"], CONCURRENT * OUTPUT / row["t"],
+        return (Figures(PROMPT / pp["avg_ts"], decode_tps, CONCURRENT * OUTPUT / row["t"],
                         phases=(row["t_pp"], row["t_tg"])),
                 [max(0.0, a - b) for a, b in zip(spent, idle)])
 
@@ -494,15 +497,14 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
             # llama.cpp's runs: (a) its default split over every node, (b) (c)'s split, (f) (e)'s
             if "(e)" in plans:
                 splits["(f)"] = tensor_split(plans["(e)"], nodes)
-            splits = {k: splits[k] for k in sorted(splits)}
             say(f"{name}: llama.cpp RPC, splits " + ", ".join(f"{k} {v[1] or 'default'}" for k, v in splits.items()))
             busy = {}
             for run, (order, split) in splits.items():
-                figs[run], busy[run] = llama.bench(master, order, split, runs)
+                by_turn = statistics.median(turns[0]) if run == "(b)" else None
+                figs[run], busy[run] = llama.bench(master, order, split, runs, by_turn)
             b_cpu = llama.cpu_per_token(master, *splits["(b)"])
         finally:
             llama.stop()
-        figs["(b)"] = replace(figs["(b)"], decode_tps=statistics.median(turns[0]))
 
     def describe(p: dict, f: Figures | None = None) -> str:
         text = split_text(p)

@@ -330,7 +330,8 @@ def test_the_sessions_go_round_in_as_many_groups_as_keep_the_slowest_stage_busy(
     # mid 10 layers (bench/versus.py): the others take 0.84 of mid's time, so while mid
     # computes one group the other gets round: two groups of 4, not three of 3, 3 and 2
     assert decode_groups([0.00463, 0.04192, 0.05573]) == 2
-    # two stages and a third that is nearly nothing: two groups, never more than stages
+    # two equal stages and a third that is nearly nothing: the other two take just over the
+    # slowest's time, so three groups; never more groups than stages
     assert decode_groups([0.002, 0.05, 0.049]) == 3
     assert decode_groups([0.001, 0.05, 0.03]) == 2
     assert decode_groups([0.05, 0.01]) == 2     # one group would leave the slow stage waiting
