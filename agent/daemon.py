@@ -180,7 +180,8 @@ def serve(cfg: AgentConfig) -> int:
     node = A.NodeInfo(cfg.name, address, stages, TYPE_ORDER, engine.threads, "cpu", own, data_address)
     service = AgentService(node, store, engine, cfg.security, shaper, _local(cfg.listen, port), data_local)
     if data is not None:
-        data.start({dataplane.FORWARD: service.forward_data, dataplane.ECHO: dataplane.echo})
+        data.start({dataplane.FORWARD: service.forward_data, dataplane.COLLECT: service.collect_data,
+                    dataplane.ECHO: dataplane.echo})
     rpc.add_AgentServicer_to_server(service, server)
     server.start()
 

@@ -8,15 +8,18 @@ stage handles two or three messages per token, and on a node with a fraction of 
 ms of CPU costs several of wall time (docs/versus.md). Here a message costs one `sendall` by
 the thread that sends it and one read by the thread that waits for it.
 
-The control plane (shards, deployments, the controller's Forward and Collect calls, Profile,
+The controller's collector on a last stage (its answers, one per token) comes here too
+(`collect`). The control plane (shards, deployments, the controller's Forward call, Profile,
 State) stays on gRPC. An agent listens for the data plane on a second port and tells its
 peers where (`NodeInfo.data_address`, in its State); an agent whose State names none is
 reached by a gRPC Forward call, as before.
 
 A connection: the client sends a hello frame, `edgefleet-data/1 KIND TOKEN`; the server
 answers one frame, `ok`, or a sentence saying what is wrong and closes. KIND is `forward`
-(StageInput frames from the client, StageOutput frames back: the Forward call's two streams)
-or `echo` (every frame comes back as it is: the step-overhead probe). An empty frame ends a
+(StageInput frames from the client, StageOutput frames back: the Forward call's two streams),
+`collect` (the controller's Collect call on a last stage: one CollectRequest frame, answered
+by `ok` or a sentence, then StageOutput frames) or `echo` (every frame comes back as it is:
+the step-overhead probe). An empty frame ends a
 side's messages; a connection that closes before it broke. With mutual TLS both ends present
 a certificate of the fleet CA, as on gRPC; the token is checked as gRPC's interceptor does.
 """
@@ -31,15 +34,18 @@ import threading
 
 from google.protobuf.message import DecodeError
 
+from proto import edgefleet_pb2 as pb
+from proto import edgefleet_pb2_grpc as rpc
 from proto.security import MAX_MESSAGE_BYTES, Security
 
 log = logging.getLogger(__name__)
 
 VERSION = "edgefleet-data/1"
-FORWARD, ECHO = "forward", "echo"
+FORWARD, COLLECT, ECHO = "forward", "collect", "echo"
 HEADER = struct.Struct("!I")
 HANDSHAKE_S = 10.0          # a peer that does not finish its hello in this long is dropped
 READ_CHUNK = 1 << 16
+LOOKUP_S = 10.0             # an agent's State, asked where its data plane listens
 
 
 class DataError(Exception):
@@ -183,6 +189,11 @@ def _tls_context(security: Security, server_side: bool) -> ssl.SSLContext:
     ctx.load_cert_chain(str(security.tls_cert), str(security.tls_key))
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def data_address(channel, security: Security) -> str:
+    """Where the agent on this gRPC channel listens for its data plane ("" = it has none), from its State."""
+    return rpc.AgentStub(channel).State(pb.Empty(), metadata=security.metadata(), timeout=LOOKUP_S).node.data_address
 
 
 def connect(address: str, security: Security, kind: str = FORWARD, timeout_s: float = HANDSHAKE_S) -> Connection:

@@ -486,7 +486,7 @@ class Engine:
                       hidden=np.asarray(j.hidden, dtype=np.float32) if j.hidden is not None else None)
                  for j, s in admitted]
         try:
-            outs = d.stage.forward(steps)
+            outs = d.stage.forward(steps, keep=False)     # logits read here, then copied only if returned
         except Exception as exc:  # a bug or an out-of-memory: answer every step, keep serving
             log.exception("forward pass failed on deployment %s", dep_id)
             with self._lock:
@@ -517,7 +517,7 @@ class Engine:
                     r = Result(j.session_id, j.position, queue_s=start - j.enqueued,
                                error=f"cannot sample from this step's logits: {exc}", error_code="INTERNAL")
                 if j.return_logits and not r.error:
-                    r.logits = logits
+                    r.logits = np.array(logits)
             else:
                 r.hidden = out
             if j.finish:

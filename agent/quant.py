@@ -93,6 +93,10 @@ def dequantize(raw: np.ndarray, name: str, n_elements: int) -> np.ndarray:
     data = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     if name == "F32":
         return data.view(np.float32)[:n_elements].copy()
+    if name == "F16":       # IEEE half to single is exact: what ggml's to_float gives, without a call through ctypes
+        if data.nbytes < 2 * n_elements:
+            raise ValueError(f"{data.nbytes} bytes do not hold {n_elements} F16 values")
+        return data.view(np.float16)[:n_elements].astype(np.float32)
     elems, size = block(name)
     if n_elements % elems or data.nbytes < n_elements // elems * size:
         raise ValueError(f"{data.nbytes} bytes do not hold {n_elements} {name} values")

@@ -228,18 +228,23 @@ class Stage:
         rows = table[np.asarray(tokens, dtype=np.int64)]
         return dequantize(rows, qtype, rows.shape[0] * self.n_embd).reshape(-1, self.n_embd)
 
-    def forward(self, steps: list[Step]) -> list[np.ndarray]:
+    def forward(self, steps: list[Step], keep: bool = True) -> list[np.ndarray]:
         """Run the steps (of distinct sessions) through this stage. Returns per step the hidden
         states [T, d] (a stage that is not last) or logits: [T, V] if step.all_logits else
         [1, V] (the last stage). Each step first forgets the session's cells from its position
-        (a replay)."""
+        (a replay).
+
+        keep=False: the last decode's logits may be read-only views of llama.cpp's own buffer,
+        valid until this stage's next forward, instead of copies (a row of SmolLM2's is 192 KiB,
+        whose copy cost a quarter of the last stage's step overhead; docs/runtime.md)."""
         if len({s.seq for s in steps}) != len(steps):
             raise ValueError("a forward pass takes one step per session")
         for s in steps:
             self.forget(s.seq, s.position)
             self._held[s.seq] = s.position + s.n_tokens
         outs: list[np.ndarray | None] = [None] * len(steps)
-        for group in self._groups(steps):
+        groups = self._groups(steps)
+        for g_i, group in enumerate(groups):
             rows_seq, rows_pos, wanted, inputs = [], [], [], []
             for i in group:
                 s = steps[i]
@@ -254,13 +259,19 @@ class Stage:
             if self.has_embedding and not self._feeds_tokens:
                 inputs = self.embed(inputs)
             out_rows: list[np.ndarray] = []
-            for a, b in self._slices(wanted):
-                out_rows.extend(self._decode(inputs[a:b], rows_pos[a:b], rows_seq[a:b], wanted[a:b]))
-            flat = np.concatenate(out_rows) if len(out_rows) > 1 else out_rows[0]
+            slices = self._slices(wanted)
+            for s_i, (a, b) in enumerate(slices):
+                view = not keep and g_i == len(groups) - 1 and s_i == len(slices) - 1   # the last decode
+                out_rows.extend(self._decode(inputs[a:b], rows_pos[a:b], rows_seq[a:b], wanted[a:b], view))
+            # split the output rows back into steps: a head's come one row each, a reader's in blocks
+            flat = out_rows[0] if len(out_rows) == 1 else None if self.has_head else np.concatenate(out_rows)
             k = 0
-            for i in group:     # split the output rows back into steps
+            for i in group:
                 n = steps[i].n_tokens if (not self.has_head or steps[i].all_logits) else 1
-                outs[i] = flat[k:k + n]
+                if flat is not None:
+                    outs[i] = flat[k:k + n]
+                else:
+                    outs[i] = out_rows[k] if n == 1 else np.concatenate(out_rows[k:k + n])
                 k += n
         return outs
 
@@ -299,7 +310,8 @@ class Stage:
         ranges.append((a, len(wanted)))
         return ranges
 
-    def _decode(self, inputs: np.ndarray, pos: list[int], seq: list[int], wanted: list[int]) -> list[np.ndarray]:
+    def _decode(self, inputs: np.ndarray, pos: list[int], seq: list[int], wanted: list[int],
+                view: bool = False) -> list[np.ndarray]:
         n = len(pos)
         if self._feeds_tokens:
             self._b_tok[:n] = inputs
@@ -319,8 +331,11 @@ class Stage:
         for i, w in enumerate(wanted):
             if w:
                 ptr = L.llama_get_logits_ith(self._ctx, i)
-                row = self._logits_row.from_address(ctypes.cast(ptr, ctypes.c_void_p).value)
-                out.append(np.frombuffer(row, dtype=np.float32).reshape(1, -1).copy())
+                row = np.frombuffer(self._logits_row.from_address(ctypes.cast(ptr, ctypes.c_void_p).value),
+                                    dtype=np.float32).reshape(1, -1)
+                if view:
+                    row.flags.writeable = False
+                out.append(row if view else row.copy())
         return out
 
     def _run(self, seq: list[int]) -> None:

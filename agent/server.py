@@ -19,7 +19,9 @@ stages, and the controller's answers leave the path that makes the tokens.
 
 Between agents these streams go on the next agent's data plane where it has one
 (agent/dataplane.py, `Downstream`): a data-plane connection is one upstream stream, handled
-as a Forward call (`forward_data`).
+as a Forward call (`forward_data`). The controller's collector goes there too where the last
+agent has one (`collect_data`): its answers leave as frames from the compute thread that
+sampled them, where a gRPC Collect call hands each to gRPC's threads.
 
 A message may carry several steps (or answers: `more`). Those of one message go to the engine
 together, so they are computed as one batch; the results of one batch leave together, one
@@ -37,6 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from agent import dataplane
 from agent import weights as W
@@ -52,7 +55,6 @@ from proto import edgefleet_pb2_grpc as rpc
 from proto.security import Security
 
 log = logging.getLogger(__name__)
-DATA_LOOKUP_S = 10.0   # the next agent's State, asked where its data plane listens
 DIRECT_BYTES = 64 * 1024   # a message up to this size leaves from the sender's thread (Downstream)
 PRUNE_EVERY = 1024      # steps a stream takes between looks for the sessions it names that ended elsewhere
 
@@ -79,61 +81,32 @@ def _median_echo_s(stub, msg, md, repeats: int, timeout_s: float, shaper: Shaper
     return statistics.median(times)
 
 
-class Downstream:
-    """This agent's stream to the next stage's agent (requests shaped by the emulated link): on
-    the next agent's data plane where its State names one (agent/dataplane.py), else a gRPC
-    Forward call. It connects on a thread of its own, so that a step never waits for that.
+class Outbox:
+    """The messages one thread or another sends on one stream: (deliver_at, message), a list
+    of them (together()), or None (the end).
 
-    On the data plane, with no emulated link, a message of up to DIRECT_BYTES leaves at once
-    from the thread that sends it (the compute thread), unless the writer thread still has
-    messages to send: no hand-off to a thread that a node under a CPU quota may not run for
-    a while. Larger ones (prompts) go through the writer, so that the compute thread goes on
-    while they are sent; messages leave in the order they were sent either way.
-    """
+    On a data-plane connection with no emulated link (`attach(conn, direct=True)`), a message
+    of up to DIRECT_BYTES leaves at once from the thread that puts it (the compute thread),
+    unless the writer thread still has messages to send: no hand-off to a thread that a node
+    under a CPU quota may not run for a while. Larger ones (prompts), shaped ones, and those
+    put before the connection is made go through the writer thread's queue (`q`), so that the
+    compute thread goes on while they are sent; messages leave in the order they were put
+    either way. A gRPC call reads `q` itself (Shaper.delivered)."""
 
-    def __init__(self, address: str, security: Security, shaper: Shaper, on_output, on_broken,
-                 every_end: bool = False):
-        self.address = address
-        self.every_end = every_end      # on_broken also when the stream ends without an error
-        self.security = security
-        self._shaper = shaper
-        self._q: queue.Queue = queue.Queue()
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._conn: dataplane.Connection | None = None
-        self._call = None
-        self._cancelled = False
-        self._direct = False            # small messages leave from the sender's thread (class doc)
+        self._direct = False
         self._writing = False           # the writer thread has messages not sent yet
-        self.broken = False
-        self._on_output, self._on_broken = on_output, on_broken
-        threading.Thread(target=self._run, name=f"down-{address}", daemon=True).start()
 
-    def _open(self, channel):
-        """The stream's answers: on the next agent's data plane if it has one, else gRPC's."""
-        data = rpc.AgentStub(channel).State(pb.Empty(), metadata=self.security.metadata(),
-                                            timeout=DATA_LOOKUP_S).node.data_address
-        if data:
-            conn = dataplane.connect(data, self.security)
-            log.info("steps to the stage at %s go on its data plane at %s", self.address, data)
-            with self._lock:
-                self._conn = conn
-                self._direct = not self._shaper.active
-                if self._cancelled:
-                    conn.close()
-            threading.Thread(target=self._write, args=(conn,), name=f"down-write-{data}",
-                             daemon=True).start()
-            return conn.messages(pb.StageOutput)
-        log.info("steps to the stage at %s go by gRPC: it has no data plane", self.address)
-        call = rpc.AgentStub(channel).Forward(Shaper.delivered(self._q), metadata=self.security.metadata())
+    def attach(self, conn: dataplane.Connection, direct: bool, name: str) -> None:
+        """Send on conn from now on: the writer thread starts (and sends what waits)."""
         with self._lock:
-            self._call = call
-            if self._cancelled:
-                call.cancel()
-        return call
+            self._conn, self._direct = conn, direct
+        threading.Thread(target=self._write, args=(conn,), name=name, daemon=True).start()
 
     def put(self, entry) -> None:
-        """Send (deliver_at, message), a list of them (together()), or None (the end): at once
-        where it may (class doc), else through the writer thread's queue."""
         entries = entry if isinstance(entry, list) else [entry]
         with self._lock:
             if (self._direct and not self._writing and None not in entries
@@ -145,11 +118,11 @@ class Downstream:
                     pass        # the reader sees the connection break
                 return
             self._writing = True
-            self._q.put(entry)
+            self.q.put(entry)
 
     def _write(self, conn: dataplane.Connection) -> None:
         try:
-            for msg in Shaper.delivered(self._q, self._sent_all):
+            for msg in Shaper.delivered(self.q, self._sent_all):
                 conn.send(msg)
             conn.send_end()
         except OSError:
@@ -158,8 +131,54 @@ class Downstream:
     def _sent_all(self) -> None:
         """The writer has sent everything it took: unless more waits, messages may leave at once."""
         with self._lock:
-            if self._q.empty():
+            if self.q.empty():
                 self._writing = False
+
+
+class Downstream:
+    """This agent's stream to the next stage's agent (requests shaped by the emulated link): on
+    the next agent's data plane where its State names one (agent/dataplane.py), else a gRPC
+    Forward call. It connects on a thread of its own, so that a step never waits for that;
+    its messages leave through an Outbox."""
+
+    def __init__(self, address: str, security: Security, shaper: Shaper, on_output, on_broken,
+                 every_end: bool = False):
+        self.address = address
+        self.every_end = every_end      # on_broken also when the stream ends without an error
+        self.security = security
+        self._shaper = shaper
+        self._out = Outbox()
+        self._lock = threading.Lock()
+        self._conn: dataplane.Connection | None = None
+        self._call = None
+        self._cancelled = False
+        self.broken = False
+        self._on_output, self._on_broken = on_output, on_broken
+        threading.Thread(target=self._run, name=f"down-{address}", daemon=True).start()
+
+    def _open(self, channel):
+        """The stream's answers: on the next agent's data plane if it has one, else gRPC's."""
+        data = dataplane.data_address(channel, self.security)
+        if data:
+            conn = dataplane.connect(data, self.security)
+            log.info("steps to the stage at %s go on its data plane at %s", self.address, data)
+            with self._lock:
+                self._conn = conn
+                if self._cancelled:
+                    conn.close()
+            self._out.attach(conn, not self._shaper.active, f"down-write-{data}")
+            return conn.messages(pb.StageOutput)
+        log.info("steps to the stage at %s go by gRPC: it has no data plane", self.address)
+        call = rpc.AgentStub(channel).Forward(Shaper.delivered(self._out.q), metadata=self.security.metadata())
+        with self._lock:
+            self._call = call
+            if self._cancelled:
+                call.cancel()
+        return call
+
+    def put(self, entry) -> None:
+        """Send (deliver_at, message), a list of them (together()), or None (the end)."""
+        self._out.put(entry)
 
     def _run(self) -> None:
         channel = None
@@ -208,7 +227,7 @@ class Downstream:
             conn.close()
         if call is not None:
             call.cancel()
-        self._q.put(None)       # the data plane's writer ends
+        self._out.q.put(None)       # the data plane's writer ends
 
 
 class Hop:
@@ -568,7 +587,7 @@ class AgentService(rpc.AgentServicer):
         self.security = security
         self.shaper = shaper
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="loader")
-        self._collectors: dict[str, queue.Queue] = {}
+        self._collectors: dict[str, queue.Queue | Outbox] = {}     # collector id -> where its answers go
         self._collectors_lock = threading.Lock()
         self.ring = Ring(self)
 
@@ -657,23 +676,56 @@ class AgentService(rpc.AgentServicer):
             hop.cancelled()
 
     def Collect(self, request, context):
-        cid = request.collector_id
-        if not cid or len(cid) > 128:
-            _abort(context, "INVALID_ARGUMENT", "a collector needs an id of 1 to 128 characters")
         q: queue.Queue = queue.Queue()
+        refusal = self._open_collector(request.collector_id, q)
+        if refusal:
+            _abort(context, *refusal)
+        context.add_callback(lambda: self._close_collector(request.collector_id, q))
+        yield from Shaper.delivered(q)
+
+    def collect_data(self, conn: dataplane.Connection) -> None:
+        """Collect on the data plane (agent/dataplane.py, kind `collect`): the client's first
+        frame is a CollectRequest, answered by one frame, `ok` or a sentence saying why not;
+        then the answers go out as StageOutput frames, from the thread that makes them, until
+        the client ends the connection."""
+        try:
+            req = pb.CollectRequest()
+            req.ParseFromString(conn.receive() or b"")
+        except (dataplane.DataError, DecodeError, OSError) as exc:
+            log.info("a data-plane collector broke before it opened: %s", exc)
+            return
+        out = Outbox()
+        refusal = self._open_collector(req.collector_id, out)
+        try:
+            conn.send_bytes(refusal[1].encode() if refusal else b"ok")
+            if refusal:
+                return
+            out.attach(conn, not self.shaper.active, f"collect-write-{req.collector_id[:8]}")
+            log.info("a collector opened on the data plane (%s)", req.collector_id)
+            while conn.receive() is not None:       # the client sends nothing more; its end closes
+                pass
+        except (dataplane.DataError, OSError):
+            pass
+        finally:
+            if not refusal:
+                self._close_collector(req.collector_id, out)
+
+    def _open_collector(self, cid: str, target) -> tuple[str, str] | None:
+        """Open the controller's collector `cid` here, sending to target (a queue or an Outbox):
+        None, or (status code, a sentence) where it cannot be opened."""
+        if not cid or len(cid) > 128:
+            return "INVALID_ARGUMENT", "a collector needs an id of 1 to 128 characters"
         with self._collectors_lock:
             if cid in self._collectors:
-                _abort(context, "ALREADY_EXISTS", f"collector {cid} is already open on this agent; choose another id")
-            self._collectors[cid] = q
+                return "ALREADY_EXISTS", f"collector {cid} is already open on this agent; choose another id"
+            self._collectors[cid] = target
+        return None
 
-        def gone() -> None:
-            with self._collectors_lock:
-                if self._collectors.get(cid) is q:
-                    del self._collectors[cid]
-            q.put(None)
-
-        context.add_callback(gone)
-        yield from Shaper.delivered(q)
+    def _close_collector(self, cid: str, target) -> None:
+        with self._collectors_lock:
+            if self._collectors.get(cid) is target:
+                del self._collectors[cid]
+        target.put(None)
 
     def collecting(self, collector_id: str) -> bool:
         """Whether the controller's collector is open here."""

@@ -253,7 +253,7 @@ def input_embedding(path: str | Path, reader: GGUFReader, cfg: ModelConfig) -> t
     if total > size_on_disk:
         raise ValueError(f"{Path(path).name} is truncated: its embedding table needs {total} bytes")
     table = np.memmap(path, dtype=np.uint8, mode="r", offset=size_on_disk - total, shape=(rows, row_bytes))
-    return table, qtype
+    return np.asarray(table), qtype     # a plain array on the map: indexing it skips np.memmap's Python code
 
 
 def copy_metadata(reader: GGUFReader, writer, drop=lambda key: False, values: dict | None = None) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 
+from agent import dataplane
 from controller.shards import file_sha256
 from proto import adapter as A
 from proto import edgefleet_pb2 as pb
@@ -165,9 +166,11 @@ class Answer:
 class PipelineStream:
     """One Forward stream into the first stage, shared by many sessions (thread-safe).
 
-    Given the last stage's address (`last`, a different agent), it also opens a `Collect` call
+    Given the last stage's address (`last`, a different agent), it also opens a collector
     there and every step names it (`reply_to`): answers come straight from the last stage
-    instead of back up the chain, and errors still come up the chain. The answer that
+    instead of back up the chain, and errors still come up the chain. The collector is on the
+    last agent's data plane where its State names one (one frame per answer, sent by the
+    thread that sampled it; agent/dataplane.py), else a gRPC `Collect` call. The answer that
     arrives first for a step is the one its waiter gets. The answer to a step the stages made
     themselves (a continued one) may come before anyone waits for it (`expect`): while the
     stages go on with a session, such an answer is kept until then (for the EARLY_KEPT
@@ -188,24 +191,58 @@ class PipelineStream:
         self._reader = threading.Thread(target=self._read, args=(self._call, f"first stage at {address}"),
                                         name="pipeline-read", daemon=True)
         self._reader.start()
-        self.collector, self._collect, self._last_channel = "", None, None
+        self.collector, self._collect, self._collect_conn, self._last_channel = "", None, None, None
         if last and last != address:
             self.collector = uuid.uuid4().hex
             self._last_channel = security.channel(last)
-            self._collect = rpc.AgentStub(self._last_channel).Collect(
-                pb.CollectRequest(collector_id=self.collector), metadata=security.metadata())
-            threading.Thread(target=self._read, args=(self._collect, f"last stage at {last}"),
+            answers = self._collect_on_data_plane(security)
+            if answers is None:
+                answers = self._collect = rpc.AgentStub(self._last_channel).Collect(
+                    pb.CollectRequest(collector_id=self.collector), metadata=security.metadata())
+            threading.Thread(target=self._read, args=(answers, f"last stage at {last}"),
                              name="pipeline-collect", daemon=True).start()
 
-    def _read(self, call, who: str) -> None:
+    def _collect_on_data_plane(self, security: Security):
+        """The collector's answers on the last agent's data plane, or None where it has none or
+        it cannot be reached there now (then the gRPC call serves, and reports what is wrong)."""
         try:
-            for m in call:
+            where = dataplane.data_address(self._last_channel, security)
+        except grpc.RpcError:
+            return None
+        if not where:
+            return None
+        try:
+            conn = dataplane.connect(where, security, dataplane.COLLECT)
+        except dataplane.DataError as exc:
+            log.warning("%s; the answers come by gRPC", exc)
+            return None
+        try:
+            conn.send(pb.CollectRequest(collector_id=self.collector))
+            reply = conn.receive()
+        except (dataplane.DataError, OSError) as exc:
+            conn.close()
+            log.warning("the collector on the data plane at %s failed (%s); the answers come by gRPC", where, exc)
+            return None
+        if reply != b"ok":
+            conn.close()
+            log.warning("the agent at %s refused a collector on its data plane (%s); the answers come by gRPC",
+                        where, (reply or b"no reason given").decode(errors="replace"))
+            return None
+        self._collect_conn = conn
+        return conn.messages(pb.StageOutput)
+
+    def _read(self, answers, who: str) -> None:
+        try:
+            for m in answers:
                 for one in A.unbatched(m):
                     self._answered(A.step_out(one))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 with self._lock:
                     self.broken = self.broken or rpc_error(who, exc)
+        except (dataplane.DataError, OSError) as exc:
+            with self._lock:
+                self.broken = self.broken or AgentError(f"the stream from the {who} broke ({exc})", "UNAVAILABLE")
         except A.WireError as exc:
             with self._lock:
                 self.broken = self.broken or AgentError(f"the {who} sent a malformed answer ({exc}); "
@@ -305,6 +342,9 @@ class PipelineStream:
         self._call.cancel()
         if self._collect is not None:
             self._collect.cancel()
+        if self._collect_conn is not None:
+            self._collect_conn.close()
+        if self._last_channel is not None:
             self._last_channel.close()
         self._reader.join(timeout=10)
         self._channel.close()

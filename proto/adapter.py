@@ -23,23 +23,27 @@ class WireError(ValueError):
 
 # ------------------------------------------------------------------ tensors
 
+_WIRE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}     # on the wire: little-endian
+
+
 def tensor_pb(a: np.ndarray) -> pb.Tensor:
-    a = np.ascontiguousarray(a)
-    if a.dtype.name not in ("float32", "float16"):
-        a = a.astype(np.float32)
-    return pb.Tensor(shape=list(a.shape), dtype=a.dtype.name, data=a.astype(a.dtype.newbyteorder("<")).tobytes())
+    # a step's tensor crosses here once per stage and token: dtype lookups by value, not by
+    # numpy's `dtype.name` (Python code), and no copy where the array is already as sent
+    name = "float16" if a.dtype == np.float16 else "float32"
+    return pb.Tensor(shape=a.shape, dtype=name, data=np.ascontiguousarray(a, _WIRE[name]).tobytes())
 
 
 def tensor_array(t: pb.Tensor) -> np.ndarray:
-    if t.dtype not in ("float32", "float16"):
+    wire = _WIRE.get(t.dtype)
+    if wire is None:
         raise WireError(f"tensor dtype {t.dtype!r} is not supported on the wire; send float32 or float16")
     if not t.shape:
         raise WireError("a tensor without a shape; send its shape with its data")
-    a = np.frombuffer(t.data, dtype=np.dtype(t.dtype).newbyteorder("<"))
+    a = np.frombuffer(t.data, dtype=wire)
     n = math.prod(t.shape)          # Python integers: a forged shape cannot overflow
     if a.size != n:
         raise WireError(f"tensor of shape {list(t.shape)} carries {a.size} values")
-    return a.reshape(tuple(t.shape)).astype(a.dtype.newbyteorder("="))
+    return a.reshape(tuple(t.shape)).astype(wire.newbyteorder("="))
 
 
 # ------------------------------------------------------------------ nodes and stages

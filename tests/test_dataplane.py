@@ -58,6 +58,7 @@ def test_steps_go_on_the_data_plane_and_by_grpc_to_an_agent_without_one(tmp_path
         assert f"steps to the stage at {agents[1].address} go by gRPC" in logs[0]
         assert f"steps to the stage at {agents[2].address} go on its data plane" in logs[1]
         assert f"steps to the stage at {agents[0].address} go on its data plane" in logs[2]   # the way round
+        assert "a collector opened on the data plane" in logs[2]      # the answers to this process, too
     finally:
         for a in agents:
             a.terminate()
@@ -115,6 +116,18 @@ def test_the_data_plane_refuses_a_wrong_token_a_stranger_and_bad_frames_and_goes
         conn.close()
         assert sorted(o.session_id for o in outs) == ["s", "t"]
         assert all(o.error and o.error_code for o in outs)
+        for cid, why in (("", "an id of 1 to 128"), ("c" * 129, "an id of 1 to 128"), ("c1", "already open")):
+            first = None
+            if why == "already open":                       # the same id twice: the second is refused
+                first = dataplane.connect(data, Security("s3cret"), dataplane.COLLECT)
+                first.send(pb.CollectRequest(collector_id=cid))
+                assert first.receive() == b"ok"
+            conn = dataplane.connect(data, Security("s3cret"), dataplane.COLLECT)
+            conn.send(pb.CollectRequest(collector_id=cid))
+            assert why in conn.receive().decode()
+            conn.close()
+            if first is not None:
+                first.close()
         echo = dataplane.connect(data, Security("s3cret"), dataplane.ECHO)
         echo.send_bytes(b"x" * 2304)
         assert echo.receive() == b"x" * 2304

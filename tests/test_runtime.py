@@ -138,6 +138,36 @@ def test_each_step_gets_its_own_rows_in_any_order_of_sessions(reference_model, t
         stage.close()
 
 
+def test_logits_without_a_copy_are_the_same_rows_and_only_the_last_decode_is_a_view(reference_model, tmp_path):
+    """forward(keep=False), the agent's engine's call: the last decode's logits are read-only
+    views of llama.cpp's buffer, every earlier decode's rows copies, and all are the rows that
+    keep=True gives for the very same batch."""
+    path = shards_of(reference_model, ["Q8_0"] * 8, [(4, 8)], tmp_path)[0]
+    stage = Stage(path, Settings(sessions=3, context=64, batch_tokens=64, threads=THREADS))
+    try:
+        rng = np.random.default_rng(2)
+        prompts = [rng.standard_normal((5, stage.n_embd)).astype(np.float32) for _ in range(3)]
+        for q, p in enumerate(prompts):
+            stage.forward([Step(q, 0, hidden=p)])
+        xs = [rng.standard_normal((n, stage.n_embd)).astype(np.float32) for n in (2, 1, 1)]
+        # sessions 1 and 2 (one token each) are one decode, session 0's two tokens the last one
+        batch = [Step(q, 5, hidden=x) for q, x in enumerate(xs)]
+        kept = stage.forward(batch)
+        viewed = stage.forward(batch, keep=False)       # the same positions again: a replay of the same batch
+        for q in range(3):
+            assert viewed[q].shape == kept[q].shape == (1, stage.n_vocab)
+            assert np.array_equal(viewed[q], kept[q]), f"session {q}"
+        assert not viewed[0].flags.owndata and not viewed[0].flags.writeable    # the last decode's row
+        assert viewed[1].flags.owndata and viewed[2].flags.owndata            # the first decode's: copies
+        before = [v.copy() for v in viewed]
+        stage.forward([Step(1, 6, hidden=xs[1])])       # another decode: only the last one's view changes
+        assert np.array_equal(viewed[1], before[1]) and np.array_equal(viewed[2], before[2])
+        assert not np.array_equal(viewed[0], before[0])
+        assert all(np.array_equal(k, b) for k, b in zip(kept, before))
+    finally:
+        stage.close()
+
+
 def test_the_native_and_the_python_output_readers_give_the_same_rows(reference_model, tmp_path):
     """A middle stage reads its output through agent/capture.c (built here: CI has a C
     compiler) and, where that cannot be built, through the same callback in Python: both give
