@@ -191,20 +191,35 @@ class PipelineStream:
         self._reader = threading.Thread(target=self._read, args=(self._call, f"first stage at {address}"),
                                         name="pipeline-read", daemon=True)
         self._reader.start()
+        self._closed = False
         self.collector, self._collect, self._collect_conn, self._last_channel = "", None, None, None
         if last and last != address:
             self.collector = uuid.uuid4().hex
             self._last_channel = security.channel(last)
-            answers = self._collect_on_data_plane(security)
-            if answers is None:
-                answers = self._collect = rpc.AgentStub(self._last_channel).Collect(
-                    pb.CollectRequest(collector_id=self.collector), metadata=security.metadata())
-            threading.Thread(target=self._read, args=(answers, f"last stage at {last}"),
+            threading.Thread(target=self._collect_answers, args=(security, f"last stage at {last}"),
                              name="pipeline-collect", daemon=True).start()
 
-    def _collect_on_data_plane(self, security: Security):
-        """The collector's answers on the last agent's data plane, or None where it has none or
-        it cannot be reached there now (then the gRPC call serves, and reports what is wrong)."""
+    def _collect_answers(self, security: Security, who: str) -> None:
+        """Open the collector, then read its answers. On a thread of its own, as gRPC opens its
+        calls: the stream is there at once, and a last agent slow to answer holds up nobody.
+        Until the collector is open there, the last stage answers up the chain."""
+        conn = self._collect_on_data_plane(security)
+        with self._lock:
+            closed = self._closed
+            if not closed and conn is not None:
+                self._collect_conn = conn
+            elif not closed:
+                self._collect = rpc.AgentStub(self._last_channel).Collect(
+                    pb.CollectRequest(collector_id=self.collector), metadata=security.metadata())
+        if closed:      # close() came first: it found nothing of this to end
+            if conn is not None:
+                conn.close()
+            return
+        self._read(conn.messages(pb.StageOutput) if conn is not None else self._collect, who)
+
+    def _collect_on_data_plane(self, security: Security) -> dataplane.Connection | None:
+        """The collector's connection on the last agent's data plane, or None where it has none
+        or it cannot be reached there now (then the gRPC call serves, and reports what is wrong)."""
         try:
             where = dataplane.data_address(self._last_channel, security)
         except grpc.RpcError:
@@ -228,8 +243,7 @@ class PipelineStream:
             log.warning("the agent at %s refused a collector on its data plane (%s); the answers come by gRPC",
                         where, (reply or b"no reason given").decode(errors="replace"))
             return None
-        self._collect_conn = conn
-        return conn.messages(pb.StageOutput)
+        return conn
 
     def _read(self, answers, who: str) -> None:
         try:
@@ -337,13 +351,15 @@ class PipelineStream:
         with self._lock:
             self.broken = self.broken or AgentError(why or f"the pipeline stream to {self.address} was closed",
                                                     "UNAVAILABLE")
+            self._closed = True
+            collect, conn = self._collect, self._collect_conn
         self._fail_waiters(self.broken)
         self._q.put(None)
         self._call.cancel()
-        if self._collect is not None:
-            self._collect.cancel()
-        if self._collect_conn is not None:
-            self._collect_conn.close()
+        if collect is not None:
+            collect.cancel()
+        if conn is not None:
+            conn.close()
         if self._last_channel is not None:
             self._last_channel.close()
         self._reader.join(timeout=10)

@@ -3,9 +3,12 @@ it between agents that have one, by gRPC to an agent that has none, and it refus
 checks refuse without harm to the agent."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import struct
 import threading
+import time
 
 import pytest
 
@@ -170,3 +173,32 @@ def test_prompts_through_the_writer_and_steps_sent_at_once_keep_each_session_rig
     finally:
         for a in agents:
             a.terminate()
+
+
+def test_a_pipeline_stream_is_made_at_once_while_its_last_agent_does_not_answer(tmp_path):
+    """The collector opens on a thread of its own: with the last agent frozen (SIGSTOP), a
+    stream is still made at once (the lookup of its data plane would wait 10 s), and closing
+    it ends the collector's thread without waiting for the frozen agent either."""
+    agents = [start_agent("f0", tmp_path), start_agent("f1", tmp_path)]
+    try:
+        os.kill(agents[1].pid, signal.SIGSTOP)
+        t = time.monotonic()
+        pipe = PipelineStream(agents[0].address, last=agents[1].address)
+        made = time.monotonic() - t
+        pipe.close()
+        closed = time.monotonic() - t
+        assert made < 5.0 and closed < 5.0, (made, closed)
+        assert _ends_soon("pipeline-collect")
+    finally:
+        os.kill(agents[1].pid, signal.SIGCONT)
+        for a in agents:
+            a.terminate()
+
+
+def _ends_soon(name: str, within_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not any(t.name == name and t.is_alive() for t in threading.enumerate()):
+            return True
+        time.sleep(0.05)
+    return False
