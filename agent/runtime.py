@@ -264,7 +264,7 @@ class Stage:
                 view = not keep and g_i == len(groups) - 1 and s_i == len(slices) - 1   # the last decode
                 out_rows.extend(self._decode(inputs[a:b], rows_pos[a:b], rows_seq[a:b], wanted[a:b], view))
             # split the output rows back into steps: a head's come one row each, a reader's in blocks
-            flat = out_rows[0] if len(out_rows) == 1 else None if self.has_head else np.concatenate(out_rows)
+            flat = None if self.has_head else out_rows[0] if len(out_rows) == 1 else np.concatenate(out_rows)
             k = 0
             for i in group:
                 n = steps[i].n_tokens if (not self.has_head or steps[i].all_logits) else 1

@@ -55,7 +55,7 @@ from proto import edgefleet_pb2_grpc as rpc
 from proto.security import Security
 
 log = logging.getLogger(__name__)
-DIRECT_BYTES = 64 * 1024   # a message up to this size leaves from the sender's thread (Downstream)
+DIRECT_BYTES = 64 * 1024   # a message up to this size leaves from the sender's thread (Outbox)
 PRUNE_EVERY = 1024      # steps a stream takes between looks for the sessions it names that ended elsewhere
 
 

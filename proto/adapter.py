@@ -13,7 +13,6 @@ import numpy as np
 from proto import edgefleet_pb2 as pb
 from solver.request import Options, PlacementRequest, Workload, check
 
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
 BEARER = "authorization"
 
 
@@ -29,7 +28,7 @@ _WIRE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}     # on the wi
 def tensor_pb(a: np.ndarray) -> pb.Tensor:
     # a step's tensor crosses here once per stage and token: dtype lookups by value, not by
     # numpy's `dtype.name` (Python code), and no copy where the array is already as sent
-    name = "float16" if a.dtype == np.float16 else "float32"
+    name = "float16" if a.dtype.type is np.float16 else "float32"
     return pb.Tensor(shape=a.shape, dtype=name, data=np.ascontiguousarray(a, _WIRE[name]).tobytes())
 
 
