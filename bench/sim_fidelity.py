@@ -25,6 +25,10 @@ Fleets (--fleet):
 
 The trace's times are multiplied by --time-scale and its lengths by --length-scale. Prints
 TTFT, TPOT and E2E (mean, p50, p90) of the real run and of the simulation, and each error.
+After the replay every node is profiled again as the deploy profiled it: the line "profiles
+at the deploy -> after the replay" gives each node's decode time per layer and step overhead
+both times, and the "(after)" columns the simulation with the second profiles (this
+machine's speed moves by tens of percent from minute to minute).
 Targets (issue 20): means within 15 %, p90 within 25 %.
 """
 from __future__ import annotations
@@ -66,15 +70,15 @@ SETUPS = {"reference": (256, 100, 6.0, 0.125), "smollm2-q8_0": (512, 60, 6.0, 0.
 TARGETS = {"mean": 0.15, "p90": 0.25}
 
 
-def simulated(state_path: Path, requests) -> tuple[list, dict, list]:
-    """The simulator on the fleet the controller measured and the plan it deployed: its
-    per-request outcomes, their summary and the plan's stages."""
+def simulated(state_path: Path, requests, profiles: dict[str, dict] | None = None) -> tuple[list, dict, list]:
+    """The simulator on the fleet the controller measured (or with these profiles instead)
+    and the plan it deployed: its per-request outcomes, their summary and the plan's stages."""
     st = State(state_path)
     try:
         dep = st.active()
         model = load_profile(dep.request)
         nodes = [n for n, _ in st.agents()]
-        profiles = {n.name: st.profile(n.name, model.sha256) for n in nodes}
+        profiles = profiles or {n.name: st.profile(n.name, model.sha256) for n in nodes}
         fleet = D.live_fleet(nodes, model, profiles, st.links())
         problem = problem_for(dep.request, model, fleet)
         plan = dep.plan
@@ -84,6 +88,32 @@ def simulated(state_path: Path, requests) -> tuple[list, dict, list]:
     outs = outcomes(result)
     return outs, summarize(outs, busy_s=result.busy_s, token_times=result.token_times), \
         [f"{s.node}[{s.first}:{s.last}]" for s in plan.stages]
+
+
+def profiled_again(state_path: Path, work: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(the profiles the deploy measured, each node's measured again now as the deploy did).
+    This machine's speed moves from minute to minute (a layer's decode time by up to ±30 %
+    between Profile calls a few seconds apart, docs/simulator.md), so the deploy's figures
+    may not be the replay's."""
+    st = State(state_path)
+    try:
+        dep = st.active()
+        model = load_profile(dep.request)
+        nodes = [n for n, _ in st.agents()]
+        before = {n.name: st.profile(n.name, model.sha256) for n in nodes}
+    finally:
+        st.close()
+    types = tuple(q for q in next(iter(before.values())) if q != D.STEP)
+    after = D.profile_agents(nodes, Path(dep.request.model), model.sha256, len(model.layers), types, work,
+                             Security(), lambda _: None, lambda *_: None, lambda *_: None)
+    return before, after
+
+
+def drift_text(before: dict[str, dict], after: dict[str, dict], types: str) -> str:
+    """Per node, a layer's decode time and the step overhead at the deploy and after the replay."""
+    q = types.split(",")[0] if types else next(k for k in next(iter(before.values())) if k != D.STEP)
+    return "; ".join(f"{n} {before[n][q][0] * 1e3:.3f} -> {after[n][q][0] * 1e3:.3f} ms/layer, step "
+                     f"{before[n][D.STEP][0] * 1e3:.2f} -> {after[n][D.STEP][0] * 1e3:.2f} ms" for n in sorted(before))
 
 
 @contextlib.contextmanager
@@ -156,8 +186,10 @@ def main() -> None:
             t0 = time.perf_counter()
             real_outs = replay(address, Security(), requests)
             print(f"replayed on the real fleet in {time.perf_counter() - t0:.0f} s")
-        state = Path(tmp) / "edgefleet.db"
+            state = Path(tmp) / "edgefleet.db"
+            before, after = profiled_again(state, Path(tmp))
         sim_outs, sim, stages = simulated(state, requests)
+        _, sim_after, _ = simulated(state, requests, after)
         if args.out:        # the measured fleet and both runs' requests, to simulate again and compare
             args.out.mkdir(parents=True, exist_ok=True)
             src, dst = sqlite3.connect(state), sqlite3.connect(args.out / "edgefleet.db")
@@ -169,16 +201,19 @@ def main() -> None:
     real = summarize(real_outs)
     print(f"fleet {where}; model {args.model}{', types ' + types if types else ''}")
     print(f"plan: {' -> '.join(stages)}; completed real {real['completed']}, simulated {sim['completed']}")
-    print(f"{'metric':<10}{'real':>10}{'simulated':>12}{'error':>9}  target")
+    print(f"profiles at the deploy -> after the replay: {drift_text(before, after, types)}")
+    print(f"{'metric':<10}{'real':>10}{'simulated':>12}{'error':>9}  target  {'(after)':>10}{'error':>9}")
     for key, name in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
         for stat in ("mean", "p50", "p90"):
-            r, s = real[key][stat], sim[key][stat]
+            r, s, a = real[key][stat], sim[key][stat], sim_after[key][stat]
             err = (s - r) / r
             target = TARGETS.get(stat)
             mark = "" if target is None else (f"<= {target:.0%} " + ("met" if abs(err) <= target else "NOT met"))
-            print(f"{name + ' ' + stat:<10}{r * 1e3:>8.0f}ms{s * 1e3:>10.0f}ms{err:>+9.1%}  {mark}")
+            print(f"{name + ' ' + stat:<10}{r * 1e3:>8.0f}ms{s * 1e3:>10.0f}ms{err:>+9.1%}  {mark:<12}"
+                  f"{a * 1e3:>8.0f}ms{(a - r) / r:>+9.1%}")
     print(json.dumps({"real": {k: real[k] for k in ("ttft_s", "tpot_s", "e2e_s", "throughput")},
-                      "simulated": {k: sim[k] for k in ("ttft_s", "tpot_s", "e2e_s", "throughput")}}))
+                      "simulated": {k: sim[k] for k in ("ttft_s", "tpot_s", "e2e_s", "throughput")},
+                      "simulated_after": {k: sim_after[k] for k in ("ttft_s", "tpot_s", "e2e_s", "throughput")}}))
 
 
 if __name__ == "__main__":

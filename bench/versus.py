@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -523,10 +524,13 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
         wall = CONCURRENT * OUTPUT / figs[run].concurrent_tps
         i = max(order, key=lambda k: busy[run][k] / nodes[k].cpu)
         least = busy[run][i] / nodes[i].cpu
+        # the nodes share this machine: all of them together run no faster than its cores
+        total, cores = sum(busy[run][k] for k in order), os.cpu_count() or 1
         prompts, decode = figs[run].phases
         return (f"{ours}/{run} with 8 requests, each node doing llama.cpp's work all at once: {wall / least:.2f} "
                 f"(llama.cpp's {run} took {wall:.1f} s, of which its busiest node, {nodes[i].name}, ran "
-                f"{busy[run][i]:.2f} s of CPU at {nodes[i].cpu:g} CPU = {least:.1f} s); measured "
+                f"{busy[run][i]:.2f} s of CPU at {nodes[i].cpu:g} CPU = {least:.1f} s), and on this machine's "
+                f"{cores} cores {wall / (total / cores):.2f} (its nodes ran {total:.2f} s of CPU in all); measured "
                 f"{figs[ours].concurrent_tps / figs[run].concurrent_tps:.2f}. llama.cpp's run: {prompts:.1f} s for "
                 f"the prompts, whose micro-batches its RPC backend already overlaps across the servers, and "
                 f"{decode:.1f} s for the decode steps, one stage at a time; with decode steps that took no "
