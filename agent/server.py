@@ -709,6 +709,7 @@ class AgentService(rpc.AgentServicer):
         finally:
             if not refusal:
                 self._close_collector(req.collector_id, out)
+                log.info("a collector closed on the data plane (%s)", req.collector_id)
 
     def _open_collector(self, cid: str, target) -> tuple[str, str] | None:
         """Open the controller's collector `cid` here, sending to target (a queue or an Outbox):

@@ -188,7 +188,7 @@ class PipelineStream:
         self._lock = threading.Lock()
         self.broken: AgentError | None = None
         self._call = rpc.AgentStub(self._channel).Forward(iter(self._q.get, None), metadata=security.metadata())
-        self._reader = threading.Thread(target=self._read, args=(self._call, f"first stage at {address}"),
+        self._reader = threading.Thread(target=self._read, args=(self._call, f"first stage at {address}", True),
                                         name="pipeline-read", daemon=True)
         self._reader.start()
         self._closed = False
@@ -222,7 +222,7 @@ class PipelineStream:
         or it cannot be reached there now (then the gRPC call serves, and reports what is wrong)."""
         try:
             where = dataplane.data_address(self._last_channel, security)
-        except grpc.RpcError:
+        except (grpc.RpcError, ValueError):     # ValueError: the stream ended and closed the channel first
             return None
         if not where:
             return None
@@ -245,7 +245,9 @@ class PipelineStream:
             return None
         return conn
 
-    def _read(self, answers, who: str) -> None:
+    def _read(self, answers, who: str, forward: bool = False) -> None:
+        """Read answers until their stream ends; the Forward stream's end (forward) also ends
+        the collector: no more steps go this way, so none will be answered there."""
         try:
             for m in answers:
                 for one in A.unbatched(m):
@@ -265,6 +267,8 @@ class PipelineStream:
             with self._lock:
                 self.broken = self.broken or AgentError(f"the pipeline stream to the {who} closed", "UNAVAILABLE")
             self._fail_waiters(self.broken)
+            if forward:
+                self._end_collector()
 
     def _answered(self, out: A.StepOut) -> None:
         """An answer off the wire: to its waiter, or kept for one (class doc)."""
@@ -351,16 +355,21 @@ class PipelineStream:
         with self._lock:
             self.broken = self.broken or AgentError(why or f"the pipeline stream to {self.address} was closed",
                                                     "UNAVAILABLE")
-            self._closed = True
-            collect, conn = self._collect, self._collect_conn
         self._fail_waiters(self.broken)
         self._q.put(None)
         self._call.cancel()
+        self._end_collector()
+        self._reader.join(timeout=10)
+        self._channel.close()
+
+    def _end_collector(self) -> None:
+        """End the collector, open or still opening (it then ends as soon as it opens)."""
+        with self._lock:
+            self._closed = True
+            collect, conn = self._collect, self._collect_conn
         if collect is not None:
             collect.cancel()
         if conn is not None:
             conn.close()
         if self._last_channel is not None:
             self._last_channel.close()
-        self._reader.join(timeout=10)
-        self._channel.close()

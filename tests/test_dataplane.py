@@ -14,7 +14,7 @@ import pytest
 
 from agent import dataplane
 from agent.pipeline import LocalPipeline
-from controller.agents import AgentClient, PipelineStream
+from controller.agents import AgentClient, AgentError, PipelineStream
 from controller.generate import generate
 from controller.local import deploy_chain, start_agent
 from controller.shards import file_sha256, write_shard
@@ -193,6 +193,34 @@ def test_a_pipeline_stream_is_made_at_once_while_its_last_agent_does_not_answer(
         os.kill(agents[1].pid, signal.SIGCONT)
         for a in agents:
             a.terminate()
+
+
+def test_a_stream_whose_first_agent_dies_ends_its_collector_on_the_last_agent(tmp_path):
+    """The stream breaks on its Forward side (the first agent is killed), and nobody calls
+    close(): the collector on the last agent's data plane ends too, and so does its thread
+    here; a step sent on the broken stream fails at once."""
+    agents = [start_agent("k0", tmp_path), start_agent("k1", tmp_path)]
+    try:
+        pipe = PipelineStream(agents[0].address, last=agents[1].address)
+        assert _logged(agents[1], "a collector opened on the data plane")
+        agents[0].kill()
+        assert _logged(agents[1], "a collector closed on the data plane")
+        assert _ends_soon("pipeline-collect") and _ends_soon("pipeline-read")
+        with pytest.raises(AgentError):
+            pipe.send(A.StepIn("s", 0, tokens=(1, 2)))
+        pipe.close()
+    finally:
+        for a in agents:
+            a.terminate()
+
+
+def _logged(agent, text: str, within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if text in agent.log_tail(20000):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _ends_soon(name: str, within_s: float = 5.0) -> bool:
