@@ -53,6 +53,7 @@ from bench.emulated import EmulatedFleet, Link, Node, cpu_check, cpu_spent, wait
 from controller.local import ServiceProcess, wait_alive  # noqa: E402
 from proto import edgefleet_pb2 as pb  # noqa: E402
 from proto import edgefleet_pb2_grpc as rpc  # noqa: E402
+from solver.plan import plan_from_dict  # noqa: E402
 
 MiB = 2 ** 20
 PROMPT, OUTPUT, CONCURRENT = 512, 64, 8
@@ -512,7 +513,8 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
         if f is not None:       # the cost model's prediction against what was measured
             pr = p["prediction"]
             text += (f"; predicted TTFT {pr['ttft_s'] * 1e3:.0f} ms, {1 / pr['tpot_s']:.1f} tok/s "
-                     f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f})")
+                     f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f}); decode steps in "
+                     f"{plan_from_dict(p).prediction.decode_groups()} groups")
         return text
 
     def ceiling(run: str, ours: str) -> str:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from solver import jsonio
 from solver import cost as C
-from solver.memory import decode_groups
+from solver.memory import decode_groups, group_batch
 from solver.problem import Problem
 
 
@@ -31,6 +31,7 @@ class StagePrediction:
     transfer_s: float              # this stage → next: the request's share of link time (0 for the last)
     memory: int                    # bytes used: weights + KV cache + runtime
     memory_available: int
+    group_steps_s: tuple[float, ...] = ()   # one decode step of a group of group_batch(concurrency, g) sessions, g = 1 .. stages
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,17 @@ class Prediction:
     dnll: float                    # predicted ΔNLL (sum of per-layer sensitivities)
     ppl_increase_pct: float
     stages: tuple[StagePrediction, ...]
+    links_s: float = 0.0           # a decode step's time on the links: the hops, and the last stage's step round to the first
 
     def objective(self, kind: str) -> float:
         return self.latency_s if kind == "latency" else self.bottleneck_s
 
     def decode_groups(self) -> int:
-        """Groups the sessions go round the stages in (solver/memory.py decode_groups)."""
-        return decode_groups([s.step_s for s in self.stages])
+        """Groups the sessions go round the stages in (solver/memory.py decode_groups); one per
+        stage for a prediction saved without its group steps."""
+        if not all(len(s.group_steps_s) == len(self.stages) for s in self.stages):
+            return max(1, len(self.stages))
+        return decode_groups([s.group_steps_s for s in self.stages], self.links_s)
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
     m, w, fleet = problem.model, problem.workload, problem.fleet
     net = C.Network(fleet)
     preds = []
-    ttft = tpot = 0.0
+    ttft = tpot = links = 0.0
     bottleneck = 0.0
     dnll = 0.0
     for i, st in enumerate(stages):
@@ -132,11 +137,17 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
         layers = list(zip(range(st.first, st.last), st.types))
         pre = sum(C.prefill_s(node, m.layers[l], q, w) for l, q in layers)
         dec = sum(C.decode_s(node, m.layers[l], q, w) for l, q in layers)
-        step = sum(C.decode_s(node, m.layers[l], q, w, w.concurrency) for l, q in layers) + node.step_overhead_s
-        if i == len(stages) - 1:   # the LM head: one row per request step (cost.head_s)
+        last = i == len(stages) - 1
+
+        def step_s(batch: int) -> float:       # one decode step of `batch` sessions (the head: a row each)
+            head = C.head_s(node, m, batch, decode=True) if last else 0.0
+            return sum(C.decode_s(node, m.layers[l], q, w, batch) for l, q in layers) + node.step_overhead_s + head
+
+        step = step_s(w.concurrency)
+        group_steps = tuple(step_s(group_batch(w.concurrency, g)) for g in range(1, len(stages) + 1))
+        if last:   # the LM head: one row per request step (cost.head_s)
             pre += C.head_s(node, m, 1)
             dec += C.head_s(node, m, 1)
-            step += C.head_s(node, m, w.concurrency, decode=True)
         dnll += sum(m.layers[l].sensitivity[q] for l, q in layers)
         mem = stage_memory(problem, st, first=i == 0, last=i == len(stages) - 1)
         transfer = 0.0
@@ -152,16 +163,19 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
             hop_tpot = C.hop_next_s(net, m, w, st.node, nxt)
             ttft += hop_ttft
             tpot += hop_tpot
+            links += hop_tpot
             transfer = hop_ttft + (w.output_tokens - 1) * hop_tpot
             bottleneck = max(bottleneck, C.hop_busy_s(net, m, w, st.node, nxt))
-        preds.append(StagePrediction(st.node, pre, dec, step, transfer, mem, node.memory))
+        preds.append(StagePrediction(st.node, pre, dec, step, transfer, mem, node.memory, group_steps))
     if stages:
         ttft += C.controller_first_s(net, w, stages[0].node) + C.reply_s(net, stages[-1].node)
-        tpot += C.ring_s(net, stages[-1].node, stages[0].node)
+        ring = C.ring_s(net, stages[-1].node, stages[0].node)
+        tpot += ring
+        links += ring
     latency = ttft + (w.output_tokens - 1) * tpot
     return Prediction(ttft_s=ttft, tpot_s=tpot, latency_s=latency, bottleneck_s=bottleneck,
                       tokens_per_s=w.output_tokens / bottleneck if bottleneck > 0 else math.inf, dnll=dnll,
-                      ppl_increase_pct=100.0 * math.expm1(dnll), stages=tuple(preds))
+                      ppl_increase_pct=100.0 * math.expm1(dnll), stages=tuple(preds), links_s=links)
 
 
 def stage_memory(problem: Problem, st: Stage, first: bool, last: bool) -> int:

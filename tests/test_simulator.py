@@ -24,7 +24,7 @@ from simulations.engine import SimOptions, WhatIf, simulate
 from simulations.workload import Request, read_trace, scale_lengths, select, spike, synthetic, write_jsonl
 from simulations.whatif import Spike, parse
 from solver import cost as C
-from solver.plan import Plan, Stage, evaluate, stage_memory
+from solver.plan import Plan, Stage, evaluate, plan_from_dict, stage_memory
 from solver.problem import Fleet, LayerProfile, Link, ModelProfile, Node, Problem, TypeSpeed, Workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,16 +122,26 @@ def test_decode_steps_go_round_in_as_many_groups_as_there_are_stages():
 
 
 def test_a_chain_with_a_small_stage_goes_round_in_fewer_groups_than_stages():
-    # 3 stages, the middle one 10 times slower than the others: the other two take 0.2 of its
-    # time, so 2 groups keep it busy (solver/memory.py decode_groups, as the controller tells
-    # the agents), and 6 sessions' decode steps go round 3 at a time, not ceil(6 / 3) = 2
+    # 3 stages of a layer whose step costs each session its own time (10 ms of FLOPs, more
+    # than its weights' 10 ms read from 2 sessions on), the middle one 10 times slower than
+    # the others: 2 groups keep it busy as 3 would, in a round of 600 ms (one group: 720), so
+    # 2 (solver/memory.py decode_groups, as the controller tells the agents), and 6 sessions'
+    # decode steps go round 3 at a time, not ceil(6 / 3) = 2
     p = toy(concurrency=6, nodes=("n0", "n1", "n2"))
-    p = replace(p, model=replace(p.model, layers=(p.model.layers[0],) * 3))
+    p = replace(p, model=replace(p.model, layers=(replace(p.model.layers[0], flops=1e7),) * 3))
     slow = replace(p.fleet.nodes[1], speed={"F16": TypeSpeed(1e8 / 10, 1e9 / 10)})
     p = replace(p, fleet=replace(p.fleet, nodes=(p.fleet.nodes[0], slow, p.fleet.nodes[2])))
     plan = Plan((Stage("n0", 0, 1, ("F16",)), Stage("n1", 1, 2, ("F16",)), Stage("n2", 2, 3, ("F16",))),
                 "feasible", 0.0, 0.0, 0.0, 0.0, "test")
-    assert evaluate(p, plan.stages).decode_groups() == 2
+    pred = evaluate(p, plan.stages)
+    assert pred.decode_groups() == 2
+    assert [s.group_steps_s[0] for s in pred.stages] == [s.step_s for s in pred.stages]   # one group: all 6
+    # a plan's JSON keeps the groups; one saved before the group steps goes one group per stage
+    saved = json.loads(replace(plan, prediction=pred).to_json())
+    assert plan_from_dict(saved).prediction.decode_groups() == 2
+    for st in saved["prediction"]["stages"]:
+        del st["group_steps_s"]
+    assert plan_from_dict(saved).prediction.decode_groups() == 3
     result = simulate(p, plan, [Request(i, 0.0, 20, 12) for i in range(6)])
     assert [r.status for r in result.records] == ["ok"] * 6
     assert max(n for _, n in result.token_times) == 3

@@ -15,7 +15,7 @@ from solver import ilp
 from solver.baselines import SPLITS, baseline, naive_ilp, split
 from solver.catalog import model_profile, random_fleet
 from solver.fast import least_dnll, solve, solve_ilp, sorted_types
-from solver.memory import MAX_BATCH, decode_group, decode_groups
+from solver.memory import MAX_BATCH, decode_group, decode_groups, group_batch
 from solver.plan import evaluate, violations
 from solver.devices import GiB
 from solver.problem import (Fleet, LayerProfile, Link, ModelProfile, Node, Options, Problem, TypeSpeed,
@@ -322,19 +322,28 @@ def test_a_fleet_file_gives_measured_speeds_with_their_optional_rates():
         node_from_dict(d, "fleet")
 
 
-def test_the_sessions_go_round_in_as_many_groups_as_keep_the_slowest_stage_busy():
-    # equal stages: one group per stage, each of ceil(sessions / groups) sessions
-    assert decode_groups([0.03, 0.03, 0.03]) == 3
+def test_the_sessions_go_round_in_the_fewest_groups_that_make_the_shortest_round():
     assert [decode_group(8, g) for g in (1, 2, 3, 4)] == [MAX_BATCH, 4, 3, 2]
-    # the cost model's decode steps (s) of the 4 emulated nodes' split slow 1 -> fast 19 ->
-    # mid 10 layers (bench/versus.py): the others take 0.84 of mid's time, so while mid
-    # computes one group the other gets round: two groups of 4, not three of 3, 3 and 2
-    assert decode_groups([0.00463, 0.04192, 0.05573]) == 2
-    # two equal stages and a third that is nearly nothing: the other two take just over the
-    # slowest's time, so three groups; never more groups than stages
-    assert decode_groups([0.002, 0.05, 0.049]) == 3
-    assert decode_groups([0.001, 0.05, 0.03]) == 2
-    assert decode_groups([0.05, 0.01]) == 2     # one group would leave the slow stage waiting
-    assert decode_groups([0.05]) == 1
+    assert [group_batch(8, g) for g in (1, 2, 3, 4)] == [8, 4, 3, 2]
+
+    def steps(*stages: tuple[float, float], sessions: int = 8) -> list[list[float]]:
+        """Each stage's step for one group of g = 1 .. stages: fixed + per session x batch (s)."""
+        return [[f + u * group_batch(sessions, g) for g in range(1, len(stages) + 1)] for f, u in stages]
+
+    # a step that costs each session its own time (no gain in a batch): one group per stage,
+    # every stage busy (3 x 3 sessions a round, against 8 x 3 for one group going round)
+    assert decode_groups(steps((0, 1e-3), (0, 1e-3), (0, 1e-3))) == 3
+    # a step that costs the same for any batch: one group of all 8 takes one step per stage
+    assert decode_groups(steps((5e-3, 0), (5e-3, 0), (5e-3, 0))) == 1
+    # Q8_0 on the emulated 0.6- and 1-CPU nodes, 15 layers each: a step of 8 costs 1.34 x a
+    # step of 4, the fast node 0.6 x the mid one: one group would take 2.14 of mid's 4-step,
+    # two groups 2 (mid computes both while the other goes round): two
+    assert decode_groups([[1.34, 1.0], [0.6 * 1.34, 0.6]]) == 2
+    # one stage far slower than the rest, whose batch costs little more than one session:
+    # more groups would only queue at it
+    assert decode_groups(steps((40e-3, 1e-3), (2e-3, 1e-3), (3e-3, 1e-3))) == 1
+    # where groups tie, the fewest
+    assert decode_groups([[2.0, 1.0], [0.0, 0.0]]) == 1
+    assert decode_groups([[0.05]]) == 1
     assert decode_groups([]) == 1
-    assert decode_groups([0.01, 0.01]) == 2
+    assert decode_groups([[0.0, 0.0], [0.0, 0.0]]) == 2      # nothing predicted: one group per stage
