@@ -514,7 +514,9 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
             pr = p["prediction"]
             text += (f"; predicted TTFT {pr['ttft_s'] * 1e3:.0f} ms, {1 / pr['tpot_s']:.1f} tok/s "
                      f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f}); decode steps in "
-                     f"{plan_from_dict(p).prediction.decode_groups()} groups")
+                     f"{plan_from_dict(p).prediction.decode_groups()} groups (a round of every session in "
+                     + ", ".join(f"{g}: {r * 1e3:.0f} ms" for g, r in
+                                 enumerate(plan_from_dict(p).prediction.group_rounds(), start=1)) + ")")
         return text
 
     def ceiling(run: str, ours: str) -> str:

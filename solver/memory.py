@@ -79,18 +79,22 @@ def decode_groups(group_steps: Sequence[Sequence[float]], links_s: float = 0.0) 
     in bench/versus.py. One group: 1.33, two: 1.53 (docs/runtime.md). This rule gives two
     there, and keeps two on the 2-stage Q8_0 plans of those nodes (mid 10 → fast 20, mid 15
     → fast 15), where one group made the real fleet's decode steps 26 % slower."""
-    n = len(group_steps)
-    if n == 0:
-        return 1
-    best, best_round = n, math.inf
-    for g in range(1, n + 1):
-        steps = [s[g - 1] for s in group_steps]
-        if max(steps) <= 0:
-            continue
-        round_s = max(g * max(steps), sum(steps) + links_s)
+    rounds = group_rounds(group_steps, links_s)
+    best, best_round = len(group_steps) or 1, math.inf
+    for g, round_s in enumerate(rounds, start=1):
         if round_s < best_round * (1 - 1e-9):
             best, best_round = g, round_s
     return best
+
+
+def group_rounds(group_steps: Sequence[Sequence[float]], links_s: float = 0.0) -> list[float]:
+    """Seconds of a round (every session one token) in g = 1 .. stages groups (decode_groups);
+    inf where no stage's step is predicted."""
+    rounds = []
+    for g in range(1, len(group_steps) + 1):
+        steps = [s[g - 1] for s in group_steps]
+        rounds.append(max(g * max(steps), sum(steps) + links_s) if max(steps) > 0 else math.inf)
+    return rounds
 
 
 def batch_tokens(prompt_tokens: int, concurrency: int) -> int:

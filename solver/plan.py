@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from solver import jsonio
 from solver import cost as C
-from solver.memory import decode_groups, group_batch
+from solver.memory import decode_groups, group_batch, group_rounds
 from solver.problem import Problem
 
 
@@ -53,9 +53,17 @@ class Prediction:
     def decode_groups(self) -> int:
         """Groups the sessions go round the stages in (solver/memory.py decode_groups); one per
         stage for a prediction saved without its group steps."""
-        if not all(len(s.group_steps_s) == len(self.stages) for s in self.stages):
+        if not self.has_group_steps:
             return max(1, len(self.stages))
         return decode_groups([s.group_steps_s for s in self.stages], self.links_s)
+
+    def group_rounds(self) -> list[float]:
+        """A round's seconds in 1 .. stages groups (solver/memory.py group_rounds); [] without group steps."""
+        return group_rounds([s.group_steps_s for s in self.stages], self.links_s) if self.has_group_steps else []
+
+    @property
+    def has_group_steps(self) -> bool:
+        return all(len(s.group_steps_s) == len(self.stages) for s in self.stages)
 
 
 @dataclass(frozen=True)
