@@ -70,20 +70,26 @@ SETUPS = {"reference": (256, 100, 6.0, 0.125), "smollm2-q8_0": (512, 60, 6.0, 0.
 TARGETS = {"mean": 0.15, "p90": 0.25}
 
 
-def simulated(state_path: Path, requests, profiles: dict[str, dict] | None = None) -> tuple[list, dict, list]:
-    """The simulator on the fleet the controller measured (or with these profiles instead)
-    and the plan it deployed: its per-request outcomes, their summary and the plan's stages."""
+def measured(state_path: Path):
+    """What the controller kept: (its active deployment, the model's profile, the agents, each
+    agent's profile for the model, the links)."""
     st = State(state_path)
     try:
         dep = st.active()
         model = load_profile(dep.request)
         nodes = [n for n, _ in st.agents()]
-        profiles = profiles or {n.name: st.profile(n.name, model.sha256) for n in nodes}
-        fleet = D.live_fleet(nodes, model, profiles, st.links())
-        problem = problem_for(dep.request, model, fleet)
-        plan = dep.plan
+        return dep, model, nodes, {n.name: st.profile(n.name, model.sha256) for n in nodes}, st.links()
     finally:
         st.close()
+
+
+def simulated(state_path: Path, requests, profiles: dict[str, dict] | None = None) -> tuple[list, dict, list]:
+    """The simulator on the fleet the controller measured (or with these profiles instead)
+    and the plan it deployed: its per-request outcomes, their summary and the plan's stages."""
+    dep, model, nodes, kept, links = measured(state_path)
+    fleet = D.live_fleet(nodes, model, profiles or kept, links)
+    problem = problem_for(dep.request, model, fleet)
+    plan = dep.plan
     result = simulate(problem, plan, requests)
     outs = outcomes(result)
     return outs, summarize(outs, busy_s=result.busy_s, token_times=result.token_times), \
@@ -95,14 +101,7 @@ def profiled_again(state_path: Path, work: Path) -> tuple[dict[str, dict], dict[
     This machine's speed moves from minute to minute (a layer's decode time by up to ±30 %
     between Profile calls a few seconds apart, docs/simulator.md), so the deploy's figures
     may not be the replay's."""
-    st = State(state_path)
-    try:
-        dep = st.active()
-        model = load_profile(dep.request)
-        nodes = [n for n, _ in st.agents()]
-        before = {n.name: st.profile(n.name, model.sha256) for n in nodes}
-    finally:
-        st.close()
+    dep, model, nodes, before, _ = measured(state_path)
     types = tuple(q for q in next(iter(before.values())) if q != D.STEP)
     after = D.profile_agents(nodes, Path(dep.request.model), model.sha256, len(model.layers), types, work,
                              Security(), lambda _: None, lambda *_: None, lambda *_: None)

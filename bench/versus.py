@@ -511,12 +511,12 @@ def run_fleet(name: str, nodes: list[Node], link: Link, model_name: str, runs: i
     def describe(p: dict, f: Figures | None = None) -> str:
         text = split_text(p)
         if f is not None:       # the cost model's prediction against what was measured
-            pr = p["prediction"]
+            pr, prediction = p["prediction"], plan_from_dict(p).prediction
             text += (f"; predicted TTFT {pr['ttft_s'] * 1e3:.0f} ms, {1 / pr['tpot_s']:.1f} tok/s "
                      f"(measured {f.ttft_s * 1e3:.0f} ms, {f.decode_tps:.1f}); decode steps in "
-                     f"{plan_from_dict(p).prediction.decode_groups()} groups (a round of every session in "
-                     + ", ".join(f"{g}: {r * 1e3:.0f} ms" for g, r in
-                                 enumerate(plan_from_dict(p).prediction.group_rounds(), start=1)) + ")")
+                     f"{prediction.decode_groups()} groups (a round of every session in "
+                     + ", ".join(f"{g}: {r * 1e3:.0f} ms" for g, r in enumerate(prediction.group_rounds(), start=1))
+                     + ")")
         return text
 
     def ceiling(run: str, ours: str) -> str:

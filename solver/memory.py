@@ -54,7 +54,7 @@ def decode_group(sessions: int, groups: int) -> int:
     group there is nothing to keep apart: MAX_BATCH."""
     if groups <= 1:
         return MAX_BATCH
-    return max(1, min(MAX_BATCH, -(-sessions // groups)))
+    return min(MAX_BATCH, group_batch(sessions, groups))
 
 
 def group_batch(sessions: int, groups: int) -> int:

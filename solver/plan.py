@@ -157,7 +157,7 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
             pre += C.head_s(node, m, 1)
             dec += C.head_s(node, m, 1)
         dnll += sum(m.layers[l].sensitivity[q] for l, q in layers)
-        mem = stage_memory(problem, st, first=i == 0, last=i == len(stages) - 1)
+        mem = stage_memory(problem, st, first=i == 0, last=last)
         transfer = 0.0
         ttft += pre + node.step_overhead_s
         tpot += dec + node.step_overhead_s
