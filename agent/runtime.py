@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,79 @@ def release_freed_memory() -> None:
     device's memory limit counts it): what a node offers stays what it has."""
     if libc := _glibc():
         libc.malloc_trim(0)
+
+
+MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25     # linux/mman.h (MADV_COLLAPSE: Linux 6.1 and later)
+HUGE_PAGE_SIZE = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+
+
+def anonymous_ranges(maps: str, huge: int) -> list[tuple[int, int]]:
+    """[start, end) of the private, writable, anonymous mappings (the heap's too) of a
+    /proc/PID/maps text that hold at least one whole huge page (`huge` bytes), trimmed to
+    whole huge pages."""
+    out = []
+    for line in maps.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) < 5 or parts[1][:2] != "rw" or parts[1][3] != "p" or parts[4] != "0":
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        lo, hi = -(-lo // huge) * huge, hi // huge * huge
+        if hi > lo:
+            out.append((lo, hi))
+    return out
+
+
+def filled_blocks(lo: int, present: np.ndarray, huge: int, page: int = mmap.PAGESIZE) -> list[tuple[int, int]]:
+    """[start, end) of the runs of huge-page blocks from the aligned address lo whose every
+    page is present (present: one bool per page, for whole blocks of `huge` bytes)."""
+    full = present.reshape(-1, huge // page).all(axis=1)
+    out: list[tuple[int, int]] = []
+    for i in np.flatnonzero(full):
+        a = lo + int(i) * huge
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], a + huge)
+        else:
+            out.append((a, a + huge))
+    return out
+
+
+def use_huge_pages() -> int:
+    """Back this process's filled anonymous memory with transparent huge pages: each huge-page
+    block (2 MiB on x86-64) of a private anonymous mapping whose pages are all present is
+    collapsed into one huge page (MADV_COLLAPSE). A block with pages missing (a thread's
+    stack, an arena's reserve) stays as it is, so no memory is added. Returns the bytes
+    collapsed; 0 where the system offers no huge pages (nothing changes then).
+
+    A stage's weights, KV cache and compute buffers are such blocks: llama.cpp fills them
+    when it makes them. A decode step streams all its weights, with 4 KiB pages a TLB miss
+    every 4 KiB (23,000 for 13 layers of SmolLM2 F16); in huge pages the step took 5-13 %
+    less CPU (docs/runtime.md, Huge pages)."""
+    libc = _glibc()
+    try:
+        huge = int(HUGE_PAGE_SIZE.read_text())
+        ranges = anonymous_ranges(Path("/proc/self/maps").read_text(), huge)
+        pagemap = open("/proc/self/pagemap", "rb")
+    except (OSError, ValueError):
+        return 0
+    if libc is None or not hasattr(libc, "madvise") or huge % mmap.PAGESIZE:
+        pagemap.close()
+        return 0
+    done = 0
+    with pagemap:
+        for lo, hi in ranges:
+            pages = (hi - lo) // mmap.PAGESIZE
+            try:
+                pagemap.seek(lo // mmap.PAGESIZE * 8)
+                entries = np.frombuffer(pagemap.read(pages * 8), dtype="<u8")
+            except OSError:       # unmapped meanwhile by another thread
+                continue
+            if len(entries) != pages:
+                continue
+            for a, b in filled_blocks(lo, (entries >> np.uint64(63)).astype(bool), huge):   # bit 63: present
+                if libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_HUGEPAGE) == 0 and \
+                        libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_COLLAPSE) == 0:
+                    done += b - a
+    return done
 
 
 @functools.cache
@@ -199,9 +273,10 @@ class Stage:
         self._seq_set = [-1] * cap                     # what each batch row's seq_id[0] holds now
         self._held: dict[int, int] = {}                # seq -> positions it holds
         self._logits_row = ctypes.c_float * self.n_vocab
-        log.info("loaded layers [%d, %d) of %s: %d sessions x %d positions, batch %d, %d threads",
-                 self.first, self.last, self.path.name, settings.sessions, settings.context,
-                 settings.batch_tokens, settings.threads)
+        huge = use_huge_pages()     # the weights, KV cache and compute buffers llama.cpp just filled
+        log.info("loaded layers [%d, %d) of %s: %d sessions x %d positions, batch %d, %d threads; "
+                 "%d MiB in huge pages", self.first, self.last, self.path.name, settings.sessions, settings.context,
+                 settings.batch_tokens, settings.threads, huge >> 20)
 
     @property
     def takes_tokens(self) -> bool:

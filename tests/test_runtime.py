@@ -3,11 +3,15 @@ running the whole model (llama-cpp-python's Llama on the same GGUF, same context
 on the reference model and on SmolLM2-135M; batching, replay, fallback types, bad input."""
 from __future__ import annotations
 
+import ctypes
+import mmap
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from agent.pipeline import LocalPipeline, split_evenly
-from agent.runtime import Settings, Stage, Step
+from agent.runtime import HUGE_PAGE_SIZE, Settings, Stage, Step, anonymous_ranges, filled_blocks, use_huge_pages
 from agent.tokenizer import Tokenizer
 from agent import weights as W
 from controller.shards import file_sha256, parse_types, write_shard
@@ -299,3 +303,75 @@ def test_bad_files_give_one_clear_sentence(tmp_path, reference_model):
     shard = shards_of(reference_model, ["F16"] * 8, [(0, 3)], tmp_path)[0]
     with pytest.raises(ValueError, match="is a shard"):
         write_shard(shard, tmp_path / "x.gguf", ["F16"] * 8)
+
+
+# ------------------------------------------------------------------ huge pages
+
+def test_anonymous_ranges_keep_whole_huge_pages_of_private_anonymous_mappings():
+    mib2 = 2 << 20
+    maps = "\n".join([
+        f"{mib2 * 3 + 4096:x}-{mib2 * 8 + 8192:x} rw-p 00000000 00:00 0 ",          # trimmed to [4, 8) MiB-blocks
+        f"{mib2 * 10:x}-{mib2 * 12:x} rw-p 00000000 00:00 0                          [heap]",
+        f"{mib2 * 20:x}-{mib2 * 24:x} r--p 00000000 00:00 0 ",                       # not writable
+        f"{mib2 * 30:x}-{mib2 * 34:x} rw-s 00000000 00:01 77                         /dev/zero (deleted)",
+        f"{mib2 * 40:x}-{mib2 * 44:x} rw-p 00001000 fe:00 123                        /lib/x.so",
+        f"{mib2 * 50 + 4096:x}-{mib2 * 51 + 4096:x} rw-p 00000000 00:00 0 ",          # no whole block inside
+    ])
+    assert anonymous_ranges(maps, mib2) == [(mib2 * 4, mib2 * 8), (mib2 * 10, mib2 * 12)]
+
+
+def test_filled_blocks_take_only_blocks_whose_every_page_is_present():
+    page, huge = 4096, 4 * 4096
+    present = np.array([1, 1, 1, 1,  1, 1, 1, 1,  1, 0, 1, 1,  1, 1, 1, 1,  0, 0, 0, 0], bool)
+    assert filled_blocks(1 << 30, present, huge, page) == [(1 << 30, (1 << 30) + 2 * huge),
+                                                          ((1 << 30) + 3 * huge, (1 << 30) + 4 * huge)]
+
+
+def _present(addr: int, size: int) -> int:
+    """Pages of [addr, addr + size) present in memory (/proc/self/pagemap, bit 63)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // mmap.PAGESIZE * 8)
+        entries = np.frombuffer(f.read(size // mmap.PAGESIZE * 8), dtype="<u8")
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+
+
+def _huge_kb(addr: int) -> int:
+    """AnonHugePages (kB) of the mapping holding addr (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            inside = lo <= addr < hi
+        elif inside and head[0] == "AnonHugePages:":
+            return int(head[1])
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+def test_huge_pages_back_filled_memory_and_add_none():
+    huge = int(HUGE_PAGE_SIZE.read_text())       # this project's machines: 2 MiB (x86-64, Linux 6.18)
+    size = 8 * huge
+    anonymous = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    filled = mmap.mmap(-1, size, flags=anonymous)
+    filled.write(b"\x01" * size)                 # every page written
+    sparse = mmap.mmap(-1, size, flags=anonymous)
+    for i in range(0, size, huge):                # as a thread's stack: a page written in each block
+        sparse[i] = 1
+    a = ctypes.addressof(ctypes.c_char.from_buffer(filled))
+    b = ctypes.addressof(ctypes.c_char.from_buffer(sparse))
+    assert _present(b, size) == 8
+    assert use_huge_pages() >= size - huge        # at least the filled mapping's aligned blocks
+    assert _huge_kb(a) * 1024 >= size - huge
+    assert _present(b, size) == 8                 # nothing added where pages were missing
+    assert filled[:size] == b"\x01" * size        # the same contents, in fewer, larger pages
+
+
+def test_a_loaded_stage_holds_its_weights_in_huge_pages(reference_model):
+    stage = Stage(reference_model, Settings(sessions=2, context=64, batch_tokens=32, threads=THREADS))
+    try:
+        rollup = Path("/proc/self/smaps_rollup").read_text()
+        held = int(next(line.split()[1] for line in rollup.splitlines() if line.startswith("AnonHugePages:")))
+        weights = reference_model.stat().st_size
+        assert held * 1024 >= weights // 2     # the reference model's 16 MB: most of it in 2 MiB blocks
+    finally:
+        stage.close()
