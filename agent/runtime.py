@@ -20,6 +20,7 @@ import ctypes
 import functools
 import logging
 import mmap
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,8 +84,11 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-MADV_HUGEPAGE, MADV_COLLAPSE = 14, 25     # linux/mman.h (MADV_COLLAPSE: Linux 6.1 and later)
+MADV_COLLAPSE = 25      # linux/mman.h, Linux 6.1 and later
 HUGE_PAGE_SIZE = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+PRESENT, EXCLUSIVE = 1 << 63, 1 << 56     # /proc/PID/pagemap: the page is in memory; mapped here only
+                                          # (not the shared zero page, KSM or a fork's shared page)
+PAGEMAP_CHUNK = 1 << 17                   # pagemap entries read at once (512 MiB of addresses)
 
 
 def anonymous_ranges(maps: str, huge: int) -> list[tuple[int, int]]:
@@ -103,26 +107,23 @@ def anonymous_ranges(maps: str, huge: int) -> list[tuple[int, int]]:
     return out
 
 
-def filled_blocks(lo: int, present: np.ndarray, huge: int, page: int = mmap.PAGESIZE) -> list[tuple[int, int]]:
-    """[start, end) of the runs of huge-page blocks from the aligned address lo whose every
-    page is present (present: one bool per page, for whole blocks of `huge` bytes)."""
-    full = present.reshape(-1, huge // page).all(axis=1)
-    out: list[tuple[int, int]] = []
-    for i in np.flatnonzero(full):
-        a = lo + int(i) * huge
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], a + huge)
-        else:
-            out.append((a, a + huge))
-    return out
+def filled_blocks(lo: int, entries: np.ndarray, huge: int, page: int = mmap.PAGESIZE) -> list[int]:
+    """Start addresses of the huge-page blocks, from the aligned address lo, whose every page
+    is in memory and this mapping's own (entries: /proc/PID/pagemap's, one per page, for
+    whole blocks of `huge` bytes)."""
+    owned = (entries & np.uint64(PRESENT | EXCLUSIVE)) == np.uint64(PRESENT | EXCLUSIVE)
+    full = owned.reshape(-1, huge // page).all(axis=1)
+    return [lo + int(i) * huge for i in np.flatnonzero(full)]
 
 
 def use_huge_pages() -> int:
     """Back this process's filled anonymous memory with transparent huge pages: each huge-page
-    block (2 MiB on x86-64) of a private anonymous mapping whose pages are all present is
-    collapsed into one huge page (MADV_COLLAPSE). A block with pages missing (a thread's
-    stack, an arena's reserve) stays as it is, so no memory is added. Returns the bytes
-    collapsed; 0 where the system offers no huge pages (nothing changes then).
+    block (2 MiB on x86-64) of a private anonymous mapping whose pages are all in memory and
+    its own is collapsed into one huge page (MADV_COLLAPSE), one block at a time, its pages
+    read again just before. A block with a page missing or shared (a thread's stack, an
+    arena's reserve, the zero page) stays as it is, and nothing is asked of later pages, so
+    the process holds no more memory than before. Returns the bytes in blocks collapsed now
+    or before; 0 where the system has no huge pages (nothing changes then).
 
     A stage's weights, KV cache and compute buffers are such blocks: llama.cpp fills them
     when it makes them. A decode step streams all its weights, with 4 KiB pages a TLB miss
@@ -132,27 +133,31 @@ def use_huge_pages() -> int:
     try:
         huge = int(HUGE_PAGE_SIZE.read_text())
         ranges = anonymous_ranges(Path("/proc/self/maps").read_text(), huge)
-        pagemap = open("/proc/self/pagemap", "rb")
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     except (OSError, ValueError):
         return 0
-    if libc is None or not hasattr(libc, "madvise") or huge % mmap.PAGESIZE:
-        pagemap.close()
+    page = mmap.PAGESIZE
+    per_block = huge // page
+    if libc is None or not hasattr(libc, "madvise") or huge % page:
+        os.close(fd)
         return 0
+
+    def entries(a: int, pages: int) -> np.ndarray:
+        data = os.pread(fd, pages * 8, a // page * 8)
+        return np.frombuffer(data, dtype="<u8") if len(data) == pages * 8 else np.zeros(pages, "<u8")
+
     done = 0
-    with pagemap:
+    try:
         for lo, hi in ranges:
-            pages = (hi - lo) // mmap.PAGESIZE
-            try:
-                pagemap.seek(lo // mmap.PAGESIZE * 8)
-                entries = np.frombuffer(pagemap.read(pages * 8), dtype="<u8")
-            except OSError:       # unmapped meanwhile by another thread
-                continue
-            if len(entries) != pages:
-                continue
-            for a, b in filled_blocks(lo, (entries >> np.uint64(63)).astype(bool), huge):   # bit 63: present
-                if libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_HUGEPAGE) == 0 and \
-                        libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_COLLAPSE) == 0:
-                    done += b - a
+            for a in range(lo, hi, PAGEMAP_CHUNK * page):
+                n = min(PAGEMAP_CHUNK, (hi - a) // page)
+                for b in filled_blocks(a, entries(a, n), huge, page):
+                    # read again: another thread may have unmapped it and mapped something else since
+                    if filled_blocks(b, entries(b, per_block), huge, page) and \
+                            libc.madvise(ctypes.c_void_p(b), ctypes.c_size_t(huge), MADV_COLLAPSE) == 0:
+                        done += huge
+    finally:
+        os.close(fd)
     return done
 
 
@@ -275,7 +280,7 @@ class Stage:
         self._logits_row = ctypes.c_float * self.n_vocab
         huge = use_huge_pages()     # the weights, KV cache and compute buffers llama.cpp just filled
         log.info("loaded layers [%d, %d) of %s: %d sessions x %d positions, batch %d, %d threads; "
-                 "%d MiB in huge pages", self.first, self.last, self.path.name, settings.sessions, settings.context,
+                 "the process has %d MiB in huge pages", self.first, self.last, self.path.name, settings.sessions, settings.context,
                  settings.batch_tokens, settings.threads, huge >> 20)
 
     @property

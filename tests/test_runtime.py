@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from agent.pipeline import LocalPipeline, split_evenly
-from agent.runtime import HUGE_PAGE_SIZE, Settings, Stage, Step, anonymous_ranges, filled_blocks, use_huge_pages
+from agent.runtime import (EXCLUSIVE, HUGE_PAGE_SIZE, PRESENT, Settings, Stage, Step, anonymous_ranges,
+                           filled_blocks, use_huge_pages)
 from agent.tokenizer import Tokenizer
 from agent import weights as W
 from controller.shards import file_sha256, parse_types, write_shard
@@ -320,32 +321,39 @@ def test_anonymous_ranges_keep_whole_huge_pages_of_private_anonymous_mappings():
     assert anonymous_ranges(maps, mib2) == [(mib2 * 4, mib2 * 8), (mib2 * 10, mib2 * 12)]
 
 
-def test_filled_blocks_take_only_blocks_whose_every_page_is_present():
+def test_filled_blocks_take_only_blocks_whose_every_page_is_present_and_owned():
     page, huge = 4096, 4 * 4096
-    present = np.array([1, 1, 1, 1,  1, 1, 1, 1,  1, 0, 1, 1,  1, 1, 1, 1,  0, 0, 0, 0], bool)
-    assert filled_blocks(1 << 30, present, huge, page) == [(1 << 30, (1 << 30) + 2 * huge),
-                                                          ((1 << 30) + 3 * huge, (1 << 30) + 4 * huge)]
+    own, absent, zero = PRESENT | EXCLUSIVE, 0, PRESENT     # the shared zero page: present, not exclusive
+    entries = np.array([own, own, own, own,  own, own, own, own,  own, absent, own, own,
+                        own, own, zero, own,  own, own, own, own], dtype=np.uint64)
+    base = 1 << 30
+    assert filled_blocks(base, entries, huge, page) == [base, base + huge, base + 4 * huge]
 
 
-def _present(addr: int, size: int) -> int:
-    """Pages of [addr, addr + size) present in memory (/proc/self/pagemap, bit 63)."""
+def _owned(addr: int, size: int) -> int:
+    """Pages of [addr, addr + size) in memory and this mapping's own (/proc/self/pagemap)."""
     with open("/proc/self/pagemap", "rb") as f:
         f.seek(addr // mmap.PAGESIZE * 8)
         entries = np.frombuffer(f.read(size // mmap.PAGESIZE * 8), dtype="<u8")
-    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+    return int(((entries & np.uint64(PRESENT | EXCLUSIVE)) == np.uint64(PRESENT | EXCLUSIVE)).sum())
 
 
-def _huge_kb(addr: int) -> int:
-    """AnonHugePages (kB) of the mapping holding addr (/proc/self/smaps)."""
-    inside = False
+def _huge_kb(lo: int, hi: int) -> int:
+    """AnonHugePages (kB) of the mappings that overlap [lo, hi) (/proc/self/smaps)."""
+    total, inside = 0, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()
         if "-" in head[0] and len(head) >= 5:
-            lo, hi = (int(x, 16) for x in head[0].split("-"))
-            inside = lo <= addr < hi
+            a, b = (int(x, 16) for x in head[0].split("-"))
+            inside = a < hi and lo < b
         elif inside and head[0] == "AnonHugePages:":
-            return int(head[1])
-    raise AssertionError(f"no mapping holds {addr:#x}")
+            total += int(head[1])
+    return total
+
+
+def _process_huge_kb() -> int:
+    rollup = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    return int(next(line.split()[1] for line in rollup if line.startswith("AnonHugePages:")))
 
 
 def test_huge_pages_back_filled_memory_and_add_none():
@@ -357,21 +365,24 @@ def test_huge_pages_back_filled_memory_and_add_none():
     sparse = mmap.mmap(-1, size, flags=anonymous)
     for i in range(0, size, huge):                # as a thread's stack: a page written in each block
         sparse[i] = 1
+    read_only = mmap.mmap(-1, size, flags=anonymous)
+    assert read_only[:size] == bytes(size)        # every page read, none written: the shared zero page
     a = ctypes.addressof(ctypes.c_char.from_buffer(filled))
     b = ctypes.addressof(ctypes.c_char.from_buffer(sparse))
-    assert _present(b, size) == 8
+    c = ctypes.addressof(ctypes.c_char.from_buffer(read_only))
+    before = _owned(b, size), _owned(c, size)
+    assert before == (8, 0)
     assert use_huge_pages() >= size - huge        # at least the filled mapping's aligned blocks
-    assert _huge_kb(a) * 1024 >= size - huge
-    assert _present(b, size) == 8                 # nothing added where pages were missing
+    assert _huge_kb(a, a + size) * 1024 >= size - huge
+    assert (_owned(b, size), _owned(c, size)) == before      # nothing added where pages were missing or shared
     assert filled[:size] == b"\x01" * size        # the same contents, in fewer, larger pages
 
 
 def test_a_loaded_stage_holds_its_weights_in_huge_pages(reference_model):
+    before = _process_huge_kb()
     stage = Stage(reference_model, Settings(sessions=2, context=64, batch_tokens=32, threads=THREADS))
     try:
-        rollup = Path("/proc/self/smaps_rollup").read_text()
-        held = int(next(line.split()[1] for line in rollup.splitlines() if line.startswith("AnonHugePages:")))
         weights = reference_model.stat().st_size
-        assert held * 1024 >= weights // 2     # the reference model's 16 MB: most of it in 2 MiB blocks
+        assert (_process_huge_kb() - before) * 1024 >= weights // 2   # the reference model's 16 MB: most of it
     finally:
         stage.close()
