@@ -127,7 +127,7 @@ def use_huge_pages() -> int:
 
     A stage's weights, KV cache and compute buffers are such blocks: llama.cpp fills them
     when it makes them. A decode step streams all its weights, with 4 KiB pages a TLB miss
-    every 4 KiB (23,000 for 13 layers of SmolLM2 F16); in huge pages the step took 5-13 %
+    every 4 KiB (23,000 for 13 layers of SmolLM2 F16); in huge pages the step took 5-21 %
     less CPU (docs/runtime.md, Huge pages)."""
     libc = _glibc()
     try:
