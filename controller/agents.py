@@ -187,12 +187,13 @@ class PipelineStream:
         self._going: set[str] = set()      # sessions sent with continue_tokens whose stages may still go on
         self._lock = threading.Lock()
         self.broken: AgentError | None = None
+        # set before the reader starts: a Forward call that ends at once ends the collector (_end_collector)
+        self._closed = False
+        self.collector, self._collect, self._collect_conn, self._last_channel = "", None, None, None
         self._call = rpc.AgentStub(self._channel).Forward(iter(self._q.get, None), metadata=security.metadata())
         self._reader = threading.Thread(target=self._read, args=(self._call, f"first stage at {address}", True),
                                         name="pipeline-read", daemon=True)
         self._reader.start()
-        self._closed = False
-        self.collector, self._collect, self._collect_conn, self._last_channel = "", None, None, None
         if last and last != address:
             self.collector = uuid.uuid4().hex
             self._last_channel = security.channel(last)
@@ -211,9 +212,10 @@ class PipelineStream:
             elif not closed:
                 self._collect = rpc.AgentStub(self._last_channel).Collect(
                     pb.CollectRequest(collector_id=self.collector), metadata=security.metadata())
-        if closed:      # close() came first: it found nothing of this to end
+        if closed:      # close() or the Forward call's end came first: it found nothing of this to end
             if conn is not None:
                 conn.close()
+            self._last_channel.close()
             return
         self._read(conn.messages(pb.StageOutput) if conn is not None else self._collect, who)
 
