@@ -129,18 +129,18 @@ def use_huge_pages() -> int:
     when it makes them. A decode step streams all its weights, with 4 KiB pages a TLB miss
     every 4 KiB (23,000 for 13 layers of SmolLM2 F16); in huge pages the step took 5-21 %
     less CPU (docs/runtime.md, Huge pages)."""
-    libc = _glibc()
+    libc, page = _glibc(), mmap.PAGESIZE
+    if libc is None or not hasattr(libc, "madvise"):
+        return 0
     try:
         huge = int(HUGE_PAGE_SIZE.read_text())
+        if huge % page:
+            return 0
         ranges = anonymous_ranges(Path("/proc/self/maps").read_text(), huge)
         fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     except (OSError, ValueError):
         return 0
-    page = mmap.PAGESIZE
     per_block = huge // page
-    if libc is None or not hasattr(libc, "madvise") or huge % page:
-        os.close(fd)
-        return 0
 
     def entries(a: int, pages: int) -> np.ndarray:
         data = os.pread(fd, pages * 8, a // page * 8)
@@ -280,8 +280,8 @@ class Stage:
         self._logits_row = ctypes.c_float * self.n_vocab
         huge = use_huge_pages()     # the weights, KV cache and compute buffers llama.cpp just filled
         log.info("loaded layers [%d, %d) of %s: %d sessions x %d positions, batch %d, %d threads; "
-                 "the process has %d MiB in huge pages", self.first, self.last, self.path.name, settings.sessions, settings.context,
-                 settings.batch_tokens, settings.threads, huge >> 20)
+                 "the process has %d MiB in huge pages", self.first, self.last, self.path.name,
+                 settings.sessions, settings.context, settings.batch_tokens, settings.threads, huge >> 20)
 
     @property
     def takes_tokens(self) -> bool:

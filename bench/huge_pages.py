@@ -67,6 +67,7 @@ def main() -> None:
     if a.measure:
         print(json.dumps(measure(a.measure[0], a.measure[1] == "1")))
         return
+    from agent import weights as W
     from controller.shards import write_shard
     from models import smollm2
 
@@ -76,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="huge-pages-") as d:
         for qtype in ("F16", "Q8_0"):
             master = smollm2.path(qtype)
-            n_layer = 30
+            n_layer = W.read_config(W.open_master(master)).n_layer
             for first, last in STAGES:
                 shard = Path(d) / f"{qtype}-{first}-{last}.gguf"
                 write_shard(master, shard, [qtype] * n_layer, first, last)
