@@ -58,7 +58,10 @@ from solver.plan import plan_from_dict  # noqa: E402
 MiB = 2 ** 20
 PROMPT, OUTPUT, CONCURRENT = 512, 64, 8
 SHORT = 8       # tokens of the breakdown's short request (Edgefleet.breakdown)
-BREAKDOWN_REPEATS = 3   # pairs of requests the breakdown takes the median of
+# pairs of requests the breakdown takes the median of: one 512 + 64 request's decode took
+# 18.0 to 24.9 ms a token on the same deployment minutes apart, and two breakdowns of 3 pairs
+# there gave 1.14 and 0.04 ms per crossing (their pairs ran from -0.01 to 2.50)
+BREAKDOWN_REPEATS = 5
 RPC = "rpc"     # the RPC servers' cgroups on every node (edgefleet's agents keep the nodes' own)
 CONTROLLER_PORT, PUBLIC_PORT, INNER_PORT = 50061, 50052, 40052
 PUBLIC_DATA, INNER_DATA = PUBLIC_PORT + 2, INNER_PORT + 2     # the agents' data plane (llama.cpp's servers take +1)

@@ -598,7 +598,7 @@ def deploy(model_path, controller_addr, token, tls_cert, tls_key, tls_ca, **kw) 
         for ev in call.stream("Deploy", req):
             log.info("deploy %s: %s", ev.phase, ev.message)
             progress(ev.phase, ev.done, ev.total or 1)
-            if ev.phase in ("plan", "done"):
+            if ev.phase in ("plan", "done") or (ev.phase == "calibrate" and ev.total and ev.done == ev.total):
                 err_console.print(f"{ev.phase}: {ev.message}", highlight=False)
             plan_json = ev.plan_json or plan_json
             dep_id = ev.deployment_id or dep_id

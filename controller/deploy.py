@@ -29,7 +29,24 @@ MEMORY_HEADROOM = 0.98      # plan with 2 % less than offered: norms, allocator 
 PROBE_BYTES = 256 * 1024    # bandwidth probe between agents
 
 
-STEP = "step"   # a node's measured step overhead (Profile's step_overhead_seconds), kept with its timings as [s, 0]
+# a node's step overhead, kept with its timings as [s, Profile's step_overhead_seconds]: the
+# first is what the cost model prices, the Profile RPC's figure or, once a deployment on the
+# node was calibrated (controller/calibrate.py), its share of the measured overhead if larger
+STEP = "step"
+
+
+def profiled_overhead(timings: dict) -> float:
+    """The Profile RPC's step overhead in a node's timings (profiles kept before calibration
+    held it first, and 0 second)."""
+    step = timings[STEP]
+    return step[1] if len(step) > 1 and step[1] > 0 else step[0]
+
+
+def calibrated(timings: dict, per_stage_s: float) -> dict:
+    """The node's timings with a calibration's share of the overhead priced, never below the
+    Profile RPC's figure."""
+    profiled = profiled_overhead(timings)
+    return {**timings, STEP: (max(profiled, per_stage_s), profiled)}
 
 
 def probe_layers(n_layer: int) -> tuple[int, int]:
@@ -73,7 +90,8 @@ def profile_agents(nodes: list[NodeInfo], model: Path, model_sha: str, n_layer: 
                                  t.decode_attention_seconds_per_position, t.prefill_attention_seconds_per_position,
                                  t.batch_fixed_seconds_per_layer)
                    for t in res.timings}
-        timings[STEP] = (res.step_overhead_seconds or Node.step_overhead_s, 0.0)
+        overhead = res.step_overhead_seconds or Node.step_overhead_s
+        timings[STEP] = (overhead, overhead)
         return n.name, timings
 
     # one agent at a time: agents sharing a machine (a one-machine fleet) would slow each other

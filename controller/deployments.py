@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from controller import calibrate
 from controller import deploy as D
 from controller.agents import AgentClient, AgentError
 from controller.errors import NoDeployment, Refused
@@ -138,8 +139,32 @@ class Deployments:
             self.state.event(f"{reason}-failed", f"{exc}; the previous deployment stays active")
             raise Refused(f"{reason} failed and was rolled back ({exc}); the previous deployment stays active") \
                 from None
-        self._activate(dep, reason)
+        calibration = self._calibrate(dep, report) if reason == "deploy" else None
+        self._activate(dep, reason, calibration)
         return self.active
+
+    def _calibrate(self, dep: Deployment, report: Report) -> calibrate.Calibration | None:
+        """Time one request through the new stages (controller/calibrate.py) and price each
+        stage node's share of the overhead from now on; a calibration that fails leaves the
+        profiled overhead and the deploy goes on."""
+        report("calibrate", "timing one request through the stages", 0, 1)
+        pred = dep.plan.prediction
+        try:
+            c = calibrate.run(dep.stages[0].address, dep.stages[-1].address, dep.id, pred.links_s if pred else 0.0,
+                              len(dep.stages), dep.request.workload.ctx, self.security)
+        except Exception as exc:    # AgentError, or anything else: the deployment still serves
+            log.warning("deployment %s: the calibration request failed: %s", dep.id, exc)
+            self.state.event("calibrate-failed", f"deployment {dep.id}: the calibration request failed ({exc}); "
+                                                 "plans keep the profiled step overhead")
+            return None
+        if c is None:
+            return None
+        for node in set(dep.nodes):
+            timings = self.state.profile(node, dep.model_sha)
+            if timings is not None and D.STEP in timings:
+                self.state.save_profile(node, dep.model_sha, D.calibrated(timings, c.per_stage_s))
+        report("calibrate", c.text(), 1, 1)
+        return c
 
     def _push(self, request: PlacementRequest, problem: Problem, plan: Plan, nodes: list[A.NodeInfo],
               report: Report) -> list:
@@ -169,7 +194,7 @@ class Deployments:
             D.push_all(targets, self.security, report)
             D.switch(dep.id, targets, request.workload, self.security, report, groups)
 
-    def _activate(self, dep: Deployment, reason: str) -> None:
+    def _activate(self, dep: Deployment, reason: str, calibration: calibrate.Calibration | None = None) -> None:
         """The new deployment serves from now; the old one is unloaded where it still is."""
         previous = self.active
         self.metrics.deploys.labels(reason, "ok").inc()
@@ -184,7 +209,7 @@ class Deployments:
         pred = dep.plan.prediction
         self.state.event(reason, f"deployment {dep.id}: {Path(dep.model_path).name} on {' -> '.join(dep.nodes)}, "
                                  f"predicted {pred.tpot_s * 1e3:.1f} ms/token, perplexity "
-                                 f"+{pred.ppl_increase_pct:.2f} %")
+                                 f"+{pred.ppl_increase_pct:.2f} %" + (f"; {calibration.text()}" if calibration else ""))
 
     def undeploy(self) -> str:
         with self._lock:

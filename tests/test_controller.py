@@ -30,6 +30,7 @@ def fleet(tmp_path_factory, reference_model):
         r = cli("deploy", str(reference_model), "--context", "256", "--concurrency", "4", "--prompt-tokens", "64",
                 controller=f.controller.address)
         assert r.returncode == 0, r.stderr
+        f.deploy_stderr = r.stderr
         yield f
     finally:
         f.stop()
@@ -58,6 +59,62 @@ def test_deploy_splits_the_model_and_generation_matches_one_process(fleet, refer
         assert got == list(ref.generate(PROMPT, 32))
     finally:
         ref.close()
+
+
+CALIBRATED = re.compile(r"a calibration request took ([\d.]+) ms a decode token: the stages' compute ([\d.]+), "
+                        r"links ([\d.]+) \(predicted\) and the rest (-?[\d.]+), ([\d.]+) ms a stage \((\d+) tokens\)")
+
+
+def test_the_deploy_times_a_request_through_its_stages_and_prices_their_overhead(fleet):
+    """controller/calibrate.py: before the deployment serves, one request goes through its
+    stages; the rest of a decode token's time beyond its stages' compute and the links,
+    shared by the stages, becomes each stage node's step overhead (never below the Profile
+    RPC's), and the CLI and the event log say what was measured."""
+    m = CALIBRATED.search(fleet.deploy_stderr)
+    assert m, fleet.deploy_stderr
+    token, compute, links, rest, share = map(float, m.groups()[:5])
+    plan = json.loads(fleet.status().plan_json)
+    stages = [s["node"] for s in plan["stages"]]
+    assert int(m.group(6)) == 24 and token > compute > 0 and links >= 0
+    assert share == pytest.approx(max(0.0, rest) / len(stages), abs=0.006)
+    with sqlite3.connect(fleet.work / "edgefleet.db") as db:
+        steps = {agent: json.loads(t)["step"] for agent, t in db.execute("SELECT agent, timings FROM profiles")}
+    assert set(stages) <= set(steps), steps
+    for node, (priced, profiled) in steps.items():
+        assert 0 < profiled < 0.05, steps       # the Profile RPC's data-plane round trip
+        if node in stages:
+            assert priced == pytest.approx(max(profiled, share / 1e3), abs=6e-6), (node, steps, share)
+        else:
+            assert priced == profiled, (node, steps)
+    r = cli("events", controller=fleet.controller.address)
+    assert r.returncode == 0 and CALIBRATED.search(r.stdout), r.stdout
+
+
+def test_a_calibration_leaves_out_its_first_tokens_and_takes_medians():
+    from controller.calibrate import measure
+
+    # the prompt's token at 0, then decode tokens 10 ms apart but the first two (warm-up) 50 ms,
+    # and one 40 ms outlier among the timed ones; each token's stages computed 6 ms
+    gaps = [0.05, 0.05] + [0.01] * 5 + [0.04] + [0.01] * 5
+    arrivals = list(np.cumsum([0.0] + gaps))
+    c = measure(arrivals, [0.006] * len(arrivals), links_s=0.002, stages=2, warmup=2)
+    assert c.tokens == 11 and c.token_s == pytest.approx(0.01) and c.compute_s == pytest.approx(0.006)
+    assert c.rest_s == pytest.approx(0.002) and c.per_stage_s == pytest.approx(0.001)
+    # links that the model overprices give a negative rest: no overhead, never a negative one
+    assert measure(arrivals, [0.006] * len(arrivals), links_s=0.01, stages=2, warmup=2).per_stage_s == 0.0
+    assert measure(arrivals[:3], [0.006] * 3, 0.002, 2, warmup=2) is None      # nothing left to time
+    with pytest.raises(ValueError):
+        measure(arrivals, [0.006], 0.002, 2)
+
+
+def test_a_calibrated_overhead_is_priced_only_above_the_profiled_one():
+    from controller.deploy import STEP, calibrated, profiled_overhead
+
+    t = {"Q8_0": (1e-4, 2e-6, 0.0, 0.0, 0.0), STEP: (5e-5, 5e-5)}
+    assert calibrated(t, 8e-4)[STEP] == (8e-4, 5e-5) and calibrated(t, 1e-5)[STEP] == (5e-5, 5e-5)
+    again = calibrated(calibrated(t, 8e-4), 3e-4)       # a later calibration replaces an earlier one
+    assert again[STEP] == (3e-4, 5e-5) and again["Q8_0"] == t["Q8_0"]
+    assert profiled_overhead({STEP: (7e-5, 0.0)}) == 7e-5      # a profile kept before calibration
 
 
 def test_concurrent_requests_are_pipelined_and_each_is_right(fleet, reference_model, tmp_path):

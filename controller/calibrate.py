@@ -1,0 +1,88 @@
+"""A deployment's step overhead, measured on its own stages before it serves.
+
+The cost model prices a stage's decode step as its layers' compute (the Profile RPC's probe)
+plus the node's step overhead. The Profile RPC's overhead is one hidden state's round trip
+on the agent's own data plane, back to back: 0.03-0.1 ms. A decode step of a deployment also
+takes the step's Python, the hand-off from the stream's reader to the compute thread, and a
+stage that idled while the token went round the others: bench/versus.py's breakdown measured
+0.35-1.5 ms a crossing beyond the stages' compute and the links, and the simulator read
+every TPOT 10-20 % short (docs/simulator.md).
+
+So once the stages are loaded, one request goes through them before the deployment serves
+(`run`): a short prompt, then one token at a time. Each decode token's time at the
+controller, less its stages' compute (the stage times its answer carries) and the plan's
+predicted link time, is what that step cost besides (`measure`). The median over the tokens,
+shared by the stages alike, is the step overhead of each stage's node from then on
+(Deployments keeps it with the node's profile), never below the Profile RPC's figure: later
+plans, failovers and simulations price it.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from agent.sampling import Sampling
+from controller.agents import PipelineStream
+from controller.generate import generate
+from proto.security import Security
+
+PROMPT_TOKENS = 16      # the calibration request's prompt
+DECODE_TOKENS = 24      # its decode tokens that are timed
+WARMUP_TOKENS = 4       # decode tokens before those: the stages' first steps, the collector still opening
+TIMEOUT_S = 60.0        # a step that takes longer fails the calibration (not the deploy)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    tokens: int             # decode tokens timed
+    token_s: float          # the median decode token's time at the controller
+    compute_s: float        # the median of a decode token's stage compute, summed over the stages
+    links_s: float          # the plan's predicted link time of a decode step (the hops and the ring)
+    rest_s: float           # the median of (token − compute − links): the steps' overhead, all stages
+    stages: int
+
+    @property
+    def per_stage_s(self) -> float:
+        """Each stage's share of the rest (0 where it came out negative: noise)."""
+        return max(0.0, self.rest_s) / max(1, self.stages)
+
+    def text(self) -> str:
+        return (f"a calibration request took {self.token_s * 1e3:.2f} ms a decode token: the stages' compute "
+                f"{self.compute_s * 1e3:.2f}, links {self.links_s * 1e3:.2f} (predicted) and the rest "
+                f"{self.rest_s * 1e3:.2f}, {self.per_stage_s * 1e3:.2f} ms a stage ({self.tokens} tokens)")
+
+
+def measure(arrivals: Sequence[float], computes: Sequence[float], links_s: float, stages: int,
+            warmup: int = WARMUP_TOKENS) -> Calibration | None:
+    """The calibration from one request's token arrival times (the first is the prompt's
+    token) and each token's stage compute seconds, its first `warmup` decode tokens left out;
+    None without a decode token to time."""
+    if len(arrivals) != len(computes):
+        raise ValueError("one compute figure per token")
+    gaps = [(b - a, c) for a, b, c in zip(arrivals, arrivals[1:], computes[1:])][warmup:]
+    if not gaps:
+        return None
+    return Calibration(len(gaps), statistics.median(g for g, _ in gaps), statistics.median(c for _, c in gaps),
+                       links_s, statistics.median(g - c - links_s for g, c in gaps), stages)
+
+
+def run(first: str, last: str, deployment_id: str, links_s: float, stages: int, context: int,
+        security: Security = Security(), clock: Callable[[], float] = time.perf_counter) -> Calibration | None:
+    """One request through a deployment's stages (first and last stage's addresses), timed;
+    None where its context holds too few tokens. AgentError where a step fails."""
+    prompt_tokens = min(PROMPT_TOKENS, context // 4)
+    n = min(WARMUP_TOKENS + DECODE_TOKENS, context - prompt_tokens) + 1     # the prompt's token and the decode tokens
+    if prompt_tokens < 1 or n < WARMUP_TOKENS + 3:
+        return None
+    stream = PipelineStream(first, security, deployment_id, last=last)
+    arrivals, computes = [], []
+    try:
+        for token in generate(lambda: stream, list(range(1, prompt_tokens + 1)), n, Sampling(), eos=None,
+                              timeout_s=TIMEOUT_S):
+            arrivals.append(clock())
+            computes.append(sum(t.compute_seconds for t in token.stage_times))
+    finally:
+        stream.close()
+    return measure(arrivals, computes, links_s, stages)
