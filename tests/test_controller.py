@@ -76,7 +76,7 @@ def test_the_deploy_times_a_request_through_its_stages_and_prices_their_overhead
     plan = json.loads(fleet.status().plan_json)
     stages = [s["node"] for s in plan["stages"]]
     assert int(m.group(6)) == 24 and token > compute > 0 and links >= 0
-    assert share == pytest.approx(max(0.0, rest) / len(stages), abs=0.006)
+    assert share == pytest.approx(max(0.0, rest) / len(stages), abs=0.01)      # both printed to 0.01 ms
     with sqlite3.connect(fleet.work / "edgefleet.db") as db:
         steps = {agent: json.loads(t)["step"] for agent, t in db.execute("SELECT agent, timings FROM profiles")}
     assert set(stages) <= set(steps), steps
