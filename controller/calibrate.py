@@ -11,10 +11,13 @@ every TPOT 10-20 % short (docs/simulator.md).
 So once the stages are loaded, one request goes through them before the deployment serves
 (`run`): a short prompt, then one token at a time. Each decode token's time at the
 controller, less its stages' compute (the stage times its answer carries) and the plan's
-predicted link time, is what that step cost besides (`measure`). The median over the tokens,
-shared by the stages alike, is the step overhead of each stage's node from then on
-(Deployments keeps it with the node's profile), never below the Profile RPC's figure: later
-plans, failovers and simulations price it.
+predicted link time, is what that step cost besides (`measure`); the rest is its median
+over the tokens. That work is the agents' own, done at each node's speed, as the Profile
+RPC's round trip is: so the rest over the sum of the stage nodes' profiled overheads is a
+factor (`factor`), and every node of the fleet is priced that many times its profiled
+overhead from then on, never less than it (Deployments keeps it with each node's profile).
+Pricing only the deployment's nodes would make the others look cheaper than they are to
+the next plan. Later plans, failovers and simulations price it.
 """
 from __future__ import annotations
 
@@ -43,15 +46,17 @@ class Calibration:
     rest_s: float           # the median of (token − compute − links): the steps' overhead, all stages
     stages: int
 
-    @property
-    def per_stage_s(self) -> float:
-        """Each stage's share of the rest (0 where it came out negative: noise)."""
-        return max(0.0, self.rest_s) / max(1, self.stages)
+    def factor(self, profiled_s: float) -> float:
+        """The rest over the stage nodes' profiled step overheads (their sum, profiled_s): what
+        every node's profiled overhead is multiplied by (0 where the rest came out negative:
+        noise, or no profiled figure)."""
+        return max(0.0, self.rest_s) / profiled_s if profiled_s > 0 else 0.0
 
-    def text(self) -> str:
+    def text(self, factor: float | None = None) -> str:
+        priced = f", {factor:.2f} × the stages' profiled step overheads" if factor is not None else ""
         return (f"a calibration request took {self.token_s * 1e3:.2f} ms a decode token: the stages' compute "
                 f"{self.compute_s * 1e3:.2f}, links {self.links_s * 1e3:.2f} (predicted) and the rest "
-                f"{self.rest_s * 1e3:.2f}, {self.per_stage_s * 1e3:.2f} ms a stage ({self.tokens} tokens)")
+                f"{self.rest_s * 1e3:.2f}{priced} ({self.tokens} tokens, {self.stages} stages)")
 
 
 def measure(arrivals: Sequence[float], computes: Sequence[float], links_s: float, stages: int,

@@ -30,8 +30,8 @@ PROBE_BYTES = 256 * 1024    # bandwidth probe between agents
 
 
 # a node's step overhead, kept with its timings as [s, Profile's step_overhead_seconds]: the
-# first is what the cost model prices, the Profile RPC's figure or, once a deployment on the
-# node was calibrated (controller/calibrate.py), its share of the measured overhead if larger
+# first is what the cost model prices, the Profile RPC's figure or, once a deployment was
+# calibrated (controller/calibrate.py), that figure times the calibration's factor if larger
 STEP = "step"
 
 
@@ -42,11 +42,10 @@ def profiled_overhead(timings: dict) -> float:
     return step[1] if len(step) > 1 and step[1] > 0 else step[0]
 
 
-def calibrated(timings: dict, per_stage_s: float) -> dict:
-    """The node's timings with a calibration's share of the overhead priced, never below the
-    Profile RPC's figure."""
+def calibrated(timings: dict, factor: float) -> dict:
+    """The node's timings with its profiled step overhead priced `factor` times, never less."""
     profiled = profiled_overhead(timings)
-    return {**timings, STEP: (max(profiled, per_stage_s), profiled)}
+    return {**timings, STEP: (max(profiled, factor * profiled), profiled)}
 
 
 def probe_layers(n_layer: int) -> tuple[int, int]:

@@ -139,14 +139,14 @@ class Deployments:
             self.state.event(f"{reason}-failed", f"{exc}; the previous deployment stays active")
             raise Refused(f"{reason} failed and was rolled back ({exc}); the previous deployment stays active") \
                 from None
-        calibration = self._calibrate(dep, report) if reason == "deploy" else None
+        calibration = self._calibrate(dep, report) if reason == "deploy" else ""
         self._activate(dep, reason, calibration)
         return self.active
 
-    def _calibrate(self, dep: Deployment, report: Report) -> calibrate.Calibration | None:
-        """Time one request through the new stages (controller/calibrate.py) and price each
-        stage node's share of the overhead from now on; a calibration that fails leaves the
-        profiled overhead and the deploy goes on."""
+    def _calibrate(self, dep: Deployment, report: Report) -> str:
+        """Time one request through the new stages (controller/calibrate.py) and price every
+        node's step overhead by what it found; a calibration that fails leaves the profiled
+        overheads and the deploy goes on. What was measured, in words ("" if nothing)."""
         report("calibrate", "timing one request through the stages", 0, 1)
         pred = dep.plan.prediction
         try:
@@ -155,16 +155,17 @@ class Deployments:
         except Exception as exc:    # AgentError, or anything else: the deployment still serves
             log.warning("deployment %s: the calibration request failed: %s", dep.id, exc)
             self.state.event("calibrate-failed", f"deployment {dep.id}: the calibration request failed ({exc}); "
-                                                 "plans keep the profiled step overhead")
-            return None
+                                                 "plans keep the profiled step overheads")
+            return ""
         if c is None:
-            return None
-        for node in set(dep.nodes):
-            timings = self.state.profile(node, dep.model_sha)
-            if timings is not None and D.STEP in timings:
-                self.state.save_profile(node, dep.model_sha, D.calibrated(timings, c.per_stage_s))
-        report("calibrate", c.text(), 1, 1)
-        return c
+            return ""
+        profiles = {n.name: t for n, _ in self.state.agents()
+                    if (t := self.state.profile(n.name, dep.model_sha)) is not None and D.STEP in t}
+        factor = c.factor(sum(D.profiled_overhead(profiles[n]) for n in dep.nodes if n in profiles))
+        for name, timings in profiles.items():
+            self.state.save_profile(name, dep.model_sha, D.calibrated(timings, factor))
+        report("calibrate", c.text(factor), 1, 1)
+        return c.text(factor)
 
     def _push(self, request: PlacementRequest, problem: Problem, plan: Plan, nodes: list[A.NodeInfo],
               report: Report) -> list:
@@ -194,7 +195,7 @@ class Deployments:
             D.push_all(targets, self.security, report)
             D.switch(dep.id, targets, request.workload, self.security, report, groups)
 
-    def _activate(self, dep: Deployment, reason: str, calibration: calibrate.Calibration | None = None) -> None:
+    def _activate(self, dep: Deployment, reason: str, calibration: str = "") -> None:
         """The new deployment serves from now; the old one is unloaded where it still is."""
         previous = self.active
         self.metrics.deploys.labels(reason, "ok").inc()
@@ -209,7 +210,7 @@ class Deployments:
         pred = dep.plan.prediction
         self.state.event(reason, f"deployment {dep.id}: {Path(dep.model_path).name} on {' -> '.join(dep.nodes)}, "
                                  f"predicted {pred.tpot_s * 1e3:.1f} ms/token, perplexity "
-                                 f"+{pred.ppl_increase_pct:.2f} %" + (f"; {calibration.text()}" if calibration else ""))
+                                 f"+{pred.ppl_increase_pct:.2f} %" + (f"; {calibration}" if calibration else ""))
 
     def undeploy(self) -> str:
         with self._lock:

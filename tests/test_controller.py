@@ -62,30 +62,30 @@ def test_deploy_splits_the_model_and_generation_matches_one_process(fleet, refer
 
 
 CALIBRATED = re.compile(r"a calibration request took ([\d.]+) ms a decode token: the stages' compute ([\d.]+), "
-                        r"links ([\d.]+) \(predicted\) and the rest (-?[\d.]+), ([\d.]+) ms a stage \((\d+) tokens\)")
+                        r"links ([\d.]+) \(predicted\) and the rest (-?[\d.]+), ([\d.]+) × the stages' profiled "
+                        r"step overheads \((\d+) tokens, (\d+) stages\)")
 
 
-def test_the_deploy_times_a_request_through_its_stages_and_prices_their_overhead(fleet):
+def test_the_deploy_times_a_request_through_its_stages_and_prices_every_nodes_overhead(fleet):
     """controller/calibrate.py: before the deployment serves, one request goes through its
-    stages; the rest of a decode token's time beyond its stages' compute and the links,
-    shared by the stages, becomes each stage node's step overhead (never below the Profile
-    RPC's), and the CLI and the event log say what was measured."""
+    stages; the rest of a decode token's time beyond its stages' compute and the links, over
+    the stage nodes' profiled step overheads, is a factor that every node's overhead is priced
+    at (never below the Profile RPC's), and the CLI and the event log say what was measured."""
     m = CALIBRATED.search(fleet.deploy_stderr)
     assert m, fleet.deploy_stderr
-    token, compute, links, rest, share = map(float, m.groups()[:5])
+    token, compute, links, rest, factor = map(float, m.groups()[:5])
     plan = json.loads(fleet.status().plan_json)
     stages = [s["node"] for s in plan["stages"]]
-    assert int(m.group(6)) == 24 and token > compute > 0 and links >= 0
-    assert share == pytest.approx(max(0.0, rest) / len(stages), abs=0.01)      # both printed to 0.01 ms
+    assert int(m.group(6)) == 24 and int(m.group(7)) == len(stages)
+    assert token > compute > 0 and links >= 0 and factor >= 0
     with sqlite3.connect(fleet.work / "edgefleet.db") as db:
         steps = {agent: json.loads(t)["step"] for agent, t in db.execute("SELECT agent, timings FROM profiles")}
-    assert set(stages) <= set(steps), steps
-    for node, (priced, profiled) in steps.items():
-        assert 0 < profiled < 0.05, steps       # the Profile RPC's data-plane round trip
-        if node in stages:
-            assert priced == pytest.approx(max(profiled, share / 1e3), abs=6e-6), (node, steps, share)
-        else:
-            assert priced == profiled, (node, steps)
+    assert set(stages) <= set(steps) and len(steps) == len(AGENTS), steps
+    profiled = sum(steps[n][1] for n in stages)
+    assert factor == pytest.approx(max(0.0, rest) / (profiled * 1e3), abs=0.01 + 0.006 / (profiled * 1e3)), steps
+    for node, (priced, own) in steps.items():
+        assert 0 < own < 0.05, steps       # the Profile RPC's data-plane round trip
+        assert priced == pytest.approx(max(own, factor * own), rel=0.01), (node, steps, factor)
     r = cli("events", controller=fleet.controller.address)
     assert r.returncode == 0 and CALIBRATED.search(r.stdout), r.stdout
 
@@ -99,9 +99,10 @@ def test_a_calibration_leaves_out_its_first_tokens_and_takes_medians():
     arrivals = list(np.cumsum([0.0] + gaps))
     c = measure(arrivals, [0.006] * len(arrivals), links_s=0.002, stages=2, warmup=2)
     assert c.tokens == 11 and c.token_s == pytest.approx(0.01) and c.compute_s == pytest.approx(0.006)
-    assert c.rest_s == pytest.approx(0.002) and c.per_stage_s == pytest.approx(0.001)
-    # links that the model overprices give a negative rest: no overhead, never a negative one
-    assert measure(arrivals, [0.006] * len(arrivals), links_s=0.01, stages=2, warmup=2).per_stage_s == 0.0
+    assert c.rest_s == pytest.approx(0.002) and c.factor(0.0005) == pytest.approx(4.0)
+    # links that the model overprices give a negative rest: no factor, never a negative one
+    assert measure(arrivals, [0.006] * len(arrivals), links_s=0.01, stages=2, warmup=2).factor(0.0005) == 0.0
+    assert c.factor(0.0) == 0.0
     assert measure(arrivals[:3], [0.006] * 3, 0.002, 2, warmup=2) is None      # nothing left to time
     with pytest.raises(ValueError):
         measure(arrivals, [0.006], 0.002, 2)
@@ -111,9 +112,9 @@ def test_a_calibrated_overhead_is_priced_only_above_the_profiled_one():
     from controller.deploy import STEP, calibrated, profiled_overhead
 
     t = {"Q8_0": (1e-4, 2e-6, 0.0, 0.0, 0.0), STEP: (5e-5, 5e-5)}
-    assert calibrated(t, 8e-4)[STEP] == (8e-4, 5e-5) and calibrated(t, 1e-5)[STEP] == (5e-5, 5e-5)
-    again = calibrated(calibrated(t, 8e-4), 3e-4)       # a later calibration replaces an earlier one
-    assert again[STEP] == (3e-4, 5e-5) and again["Q8_0"] == t["Q8_0"]
+    assert calibrated(t, 4.0)[STEP] == (2e-4, 5e-5) and calibrated(t, 0.5)[STEP] == (5e-5, 5e-5)
+    again = calibrated(calibrated(t, 4.0), 3.0)       # a later calibration replaces an earlier one
+    assert again[STEP] == pytest.approx((1.5e-4, 5e-5)) and again["Q8_0"] == t["Q8_0"]
     assert profiled_overhead({STEP: (7e-5, 0.0)}) == 7e-5      # a profile kept before calibration
 
 
