@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from agent.sampling import Sampling
@@ -74,7 +74,7 @@ def measure(arrivals: Sequence[float], computes: Sequence[float], links_s: float
 
 
 def run(first: str, last: str, deployment_id: str, links_s: float, stages: int, context: int,
-        security: Security = Security(), clock: Callable[[], float] = time.perf_counter) -> Calibration | None:
+        security: Security = Security()) -> Calibration | None:
     """One request through a deployment's stages (first and last stage's addresses), timed;
     None where its context holds too few tokens. AgentError where a step fails."""
     prompt_tokens = min(PROMPT_TOKENS, context // 4)
@@ -86,7 +86,7 @@ def run(first: str, last: str, deployment_id: str, links_s: float, stages: int, 
     try:
         for token in generate(lambda: stream, list(range(1, prompt_tokens + 1)), n, Sampling(), eos=None,
                               timeout_s=TIMEOUT_S):
-            arrivals.append(clock())
+            arrivals.append(time.perf_counter())
             computes.append(sum(t.compute_seconds for t in token.stage_times))
     finally:
         stream.close()

@@ -164,8 +164,9 @@ class Deployments:
         factor = c.factor(sum(D.profiled_overhead(profiles[n]) for n in dep.nodes if n in profiles))
         for name, timings in profiles.items():
             self.state.save_profile(name, dep.model_sha, D.calibrated(timings, factor))
-        report("calibrate", c.text(factor), 1, 1)
-        return c.text(factor)
+        text = c.text(factor)
+        report("calibrate", text, 1, 1)
+        return text
 
     def _push(self, request: PlacementRequest, problem: Problem, plan: Plan, nodes: list[A.NodeInfo],
               report: Report) -> list:
