@@ -21,6 +21,7 @@ import functools
 import logging
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +169,50 @@ def init_llama() -> None:
     L.llama_backend_init()
 
 
+def model_params():
+    """llama.cpp's model parameters for a stage: on the CPU, every weight in the CPU backend's
+    plain buffers, none in its extra buffer types (`use_extra_bufts`), which hand a weight to
+    other kernels where the CPU has them: AMX, or repacked layouts.
+
+    Why: on an AMX machine (a Xeon with amx_int8, this project's dev machine since session 30)
+    llama.cpp's AMX kernels crashed the process on Q8_0, Q4_1 and Q4_K_M weights (a
+    segmentation fault in the first decode; its llama-bench: an illegal instruction), and
+    decoded F16 at 33 tok/s against 41 in plain buffers (SmolLM2, one thread). Plain buffers
+    are also what llama.cpp's RPC servers hold their weights in, so a stage runs the kernels
+    they run (bench/versus.py)."""
+    mp = L.llama_model_default_params()
+    mp.n_gpu_layers = 0
+    mp.use_extra_bufts = False
+    return mp
+
+
+_llama_lock = threading.Lock()
+
+
+def whole_model(path: str | Path, **kwargs):
+    """llama-cpp-python's `Llama` on a whole GGUF, its weights in plain buffers as a stage's
+    (`model_params`): the reference that tests and benches compare stages with. `Llama` takes
+    llama.cpp's default model parameters and has no argument for the buffers, so its default
+    is replaced while it loads."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    init_llama()
+    with _llama_lock:
+        default = low.llama_model_default_params
+
+        def plain():
+            mp = default()
+            mp.use_extra_bufts = False
+            return mp
+
+        low.llama_model_default_params = plain
+        try:
+            return llama_cpp.Llama(str(path), **kwargs)
+        finally:
+            low.llama_model_default_params = default
+
+
 # ------------------------------------------------------------------ settings and steps
 
 @dataclass(frozen=True)
@@ -225,14 +270,12 @@ class Stage:
         self._feeds_tokens = self.has_embedding and self.has_head    # a whole model reads token ids itself
         del reader
 
-        mp = L.llama_model_default_params()
-        mp.n_gpu_layers = 0
+        mp = model_params()
         # llama.cpp reads the shard into memory with direct I/O (no page cache) rather than
-        # mapping it: where it repacks weights for its CPU kernels (Q4_0 here) a map holds them
-        # twice, the repacked copy and the mapped pages it was made from, and under a device's
-        # memory limit those pages push the stage's own out (docs/fleet.md, Memory). A last
-        # stage of an untied model keeps the map, so that its token_embd (required, never read)
-        # stays on disk.
+        # mapping it: a map's pages are page cache, which a device's memory limit reclaims
+        # under pressure, and where llama.cpp repacked weights the map held them twice
+        # (docs/fleet.md, Memory). A last stage of an untied model keeps the map, so that its
+        # token_embd (required, never read) stays on disk.
         cold_embedding = self.has_head and not self.has_embedding and not self.cfg.tied_embeddings
         mp.load_mode = L.LLAMA_LOAD_MODE_MMAP if cold_embedding else L.LLAMA_LOAD_MODE_DIRECT_IO
         self._model = L.llama_model_load_from_file(str(path).encode(), mp)

@@ -58,8 +58,9 @@ if engine == "ours":
         t = time.perf_counter(); st.forward([Step(0, 0, tokens=np.array(long))]); return len(long) / (time.perf_counter() - t)
 else:
     import agent, llama_cpp
-    llm = llama_cpp.Llama(path, n_ctx=640, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
-                          flash_attn=True, verbose=False)
+    from agent.runtime import whole_model
+    llm = whole_model(path, n_ctx=640, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+                      flash_attn=True, verbose=False)
     rss = proc.memory_info().rss
     def last_logits():
         ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.runtime import Settings
+from agent.runtime import Settings, whole_model
 
 CTX, BATCH, THREADS = 512, 512, 2
 SETTINGS = Settings(sessions=1, context=CTX, batch_tokens=BATCH, threads=THREADS)
@@ -14,13 +14,11 @@ class LlamaCpp:
     """llama-cpp-python's Llama on the whole GGUF, with SETTINGS' context, batch and threads."""
 
     def __init__(self, path, logits_all: bool):
-        import llama_cpp
-
         # logits_all decides which rows llama.cpp's last layer computes (all, or the last
         # token's), and so which kernel shapes run there: compare like with like
-        self.llm = llama_cpp.Llama(str(path), n_ctx=CTX, n_batch=BATCH, n_ubatch=BATCH, n_threads=THREADS,
-                                   n_threads_batch=THREADS, flash_attn=SETTINGS.flash_attn, logits_all=logits_all,
-                                   verbose=False)
+        self.llm = whole_model(path, n_ctx=CTX, n_batch=BATCH, n_ubatch=BATCH, n_threads=THREADS,
+                               n_threads_batch=THREADS, flash_attn=SETTINGS.flash_attn, logits_all=logits_all,
+                               verbose=False)
 
     def greedy(self, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
         """Greedy tokens and the logits each was chosen from (one eval per token, as we decode)."""

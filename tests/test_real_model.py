@@ -11,6 +11,7 @@ import re
 import openai
 import pytest
 
+from agent.runtime import whole_model
 from controller.shards import write_shard
 from fleet import Fleet, cli
 from llama_ref import BATCH, CTX, THREADS, LlamaCpp
@@ -86,14 +87,12 @@ def test_the_fleet_generates_what_llama_cpp_does_on_the_same_types(deployed, tmp
 
 
 def test_a_chat_completion_is_llama_cpp_python_s(deployed, tmp_path):
-    import llama_cpp
-
     kind, master, plan, f = deployed
     client = openai.OpenAI(base_url="http://" + f.controller.info["http"] + "/v1", api_key="x", max_retries=0,
                            timeout=300)
     ours = client.chat.completions.create(model=master.stem, messages=QUESTION, max_tokens=32, temperature=0)
-    llm = llama_cpp.Llama(str(whole_gguf(master, plan, tmp_path)), n_ctx=CTX, n_batch=BATCH, n_ubatch=BATCH,
-                          n_threads=THREADS, n_threads_batch=THREADS, flash_attn=True, verbose=False)
+    llm = whole_model(whole_gguf(master, plan, tmp_path), n_ctx=CTX, n_batch=BATCH, n_ubatch=BATCH,
+                      n_threads=THREADS, n_threads_batch=THREADS, flash_attn=True, verbose=False)
     try:
         theirs = llm.create_chat_completion(QUESTION, max_tokens=32, temperature=0)
     finally:
@@ -106,8 +105,6 @@ def test_the_demo_answers_as_llama_cpp_python_does_on_the_same_types(tmp_path):
     llama-cpp-python's on one GGUF of the plan's per-layer types."""
     import subprocess
     import sys
-
-    import llama_cpp
 
     from controller.demo import QUESTION as DEMO_QUESTION
     from controller.state import State
@@ -129,8 +126,8 @@ def test_the_demo_answers_as_llama_cpp_python_does_on_the_same_types(tmp_path):
     assert len(dep.stages) >= 3
     master = smollm2.path("Q4_1")
     whole = write_shard(master, tmp_path / "whole.gguf", list(dep.types)).path
-    llm = llama_cpp.Llama(str(whole), n_ctx=CTX, n_batch=BATCH, n_ubatch=BATCH, n_threads=THREADS,
-                          n_threads_batch=THREADS, flash_attn=True, verbose=False)
+    llm = whole_model(whole, n_ctx=CTX, n_batch=BATCH, n_ubatch=BATCH, n_threads=THREADS,
+                      n_threads_batch=THREADS, flash_attn=True, verbose=False)
     try:
         theirs = llm.create_chat_completion([{"role": "user", "content": DEMO_QUESTION}], max_tokens=48,
                                             temperature=0)["choices"][0]["message"]["content"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import re
 import subprocess
 import sys
 import textwrap
@@ -394,3 +395,26 @@ def test_a_loaded_stage_holds_its_weights_in_huge_pages(reference_model):
                          cwd=Path(__file__).resolve().parent.parent)
     before, after = map(int, out.stdout.split()[-2:])
     assert (after - before) * 1024 >= reference_model.stat().st_size // 2    # the reference model's 16 MB: most of it
+
+
+def test_stages_and_the_reference_hold_weights_in_plain_cpu_buffers(reference_model, tmp_path, caplog):
+    """No weight goes to llama.cpp's extra buffer types (AMX, repacked layouts): on an AMX CPU
+    their kernels crashed a Q8_0 stage, and llama.cpp's RPC servers hold plain buffers too
+    (agent/runtime.py, model_params). Q4_0 and Q8_0 are types that both AMX and x86's
+    repacking take where the CPU has them."""
+    import logging
+
+    from agent.runtime import whole_model
+
+    whole = write_shard(reference_model, tmp_path / "mixed.gguf", parse_types("0-3:Q4_0,4-7:Q8_0", 8)).path
+    caplog.set_level(logging.DEBUG, logger="llama.cpp")
+    st = Stage(whole, SETTINGS)
+    try:
+        row = st.forward([Step(0, 0, tokens=np.arange(1, 9, dtype=np.int32))])[0][-1]
+    finally:
+        st.close()
+    llm = whole_model(whole, n_ctx=64, n_batch=64, n_ubatch=64, n_threads=1, verbose=False)
+    llm.close()
+    buffers = re.findall(r"(\S+) model buffer size", caplog.text)
+    assert len(buffers) >= 2 and set(buffers) <= {"CPU", "CPU_Mapped"}, buffers
+    assert np.isfinite(row).all()
