@@ -175,8 +175,8 @@ def model_params():
     other kernels where the CPU has them: AMX, or repacked layouts.
 
     Why: on an AMX machine (a Xeon with amx_int8, this project's dev machine since session 30)
-    llama.cpp's AMX kernels crashed the process on Q8_0, Q4_1 and Q4_K_M weights (a
-    segmentation fault in the first decode; its llama-bench: an illegal instruction), and
+    llama.cpp's AMX kernels crashed the process on Q8_0 and Q4_1 weights (a segmentation
+    fault in the first decode; its llama-bench on Q8_0: an illegal instruction), and
     decoded F16 at 33 tok/s against 41 in plain buffers (SmolLM2, one thread). Plain buffers
     are also what llama.cpp's RPC servers hold their weights in, so a stage runs the kernels
     they run (bench/versus.py)."""

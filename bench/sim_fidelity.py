@@ -100,13 +100,15 @@ def profiled_again(state_path: Path, work: Path) -> tuple[dict[str, dict], dict[
     """(the profiles the deploy measured, each node's measured again now as the deploy did).
     This machine's speed moves from minute to minute (a layer's decode time by up to ±30 %
     between Profile calls a few seconds apart, docs/simulator.md), so the deploy's figures
-    may not be the replay's. Each node's new Profile overhead is priced with the factor the
-    deploy's calibration request gave it (controller/calibrate.py), as the deploy priced it."""
+    may not be the replay's. Each node's new Profile overhead and decode times are priced
+    with the factors the deploy's calibration request gave it (controller/calibrate.py), as
+    the deploy priced them."""
     dep, model, nodes, before, _ = measured(state_path)
     types = tuple(q for q in next(iter(before.values())) if q != D.STEP)
     after = D.profile_agents(nodes, Path(dep.request.model), model.sha256, len(model.layers), types, work,
                              Security(), lambda _: None, lambda *_: None, lambda *_: None)
-    return before, {n: D.calibrated(t, before[n][D.STEP][0] / D.profiled_overhead(before[n])) if n in before else t
+    return before, {n: D.calibrated(t, before[n][D.STEP][0] / D.profiled_overhead(before[n]),
+                                    D.decode_factor(before[n])) if n in before else t
                     for n, t in after.items()}
 
 

@@ -29,9 +29,10 @@ MEMORY_HEADROOM = 0.98      # plan with 2 % less than offered: norms, allocator 
 PROBE_BYTES = 256 * 1024    # bandwidth probe between agents
 
 
-# a node's step overhead, kept with its timings as [s, Profile's step_overhead_seconds]: the
-# first is what the cost model prices, the Profile RPC's figure or, once a deployment was
-# calibrated (controller/calibrate.py), that figure times the calibration's factor if larger
+# a node's step overhead, kept with its timings as [s, Profile's step_overhead_seconds, decode
+# factor]: the first is what the cost model prices, the Profile RPC's figure or, once a
+# deployment was calibrated (controller/calibrate.py), that figure times the calibration's
+# factor if larger; the third (1 where absent) multiplies the node's profiled decode times
 STEP = "step"
 
 
@@ -42,10 +43,24 @@ def profiled_overhead(timings: dict) -> float:
     return step[1] if len(step) > 1 and step[1] > 0 else step[0]
 
 
-def calibrated(timings: dict, factor: float) -> dict:
-    """The node's timings with its profiled step overhead priced `factor` times, never less."""
+def decode_factor(timings: dict) -> float:
+    """What the node's profiled decode times are priced at, times (1: not calibrated)."""
+    step = timings.get(STEP, ())
+    return step[2] if len(step) > 2 else 1.0
+
+
+def calibrated(timings: dict, factor: float, decode: float = 1.0) -> dict:
+    """The node's timings with its profiled step overhead priced `factor` times and its
+    profiled decode times `decode` times, each never less than profiled."""
     profiled = profiled_overhead(timings)
-    return {**timings, STEP: (max(profiled, factor * profiled), profiled)}
+    return {**timings, STEP: (max(profiled, factor * profiled), profiled, max(1.0, decode))}
+
+
+def priced(t: tuple, decode: float) -> tuple:
+    """A type's profiled timings (decode s/layer, prefill s/layer-token, decode attention
+    s/position, prefill attention s/position, several-token step's fixed part s/layer) with
+    the decode ones `decode` times (controller/calibrate.py)."""
+    return tuple(x * decode if i in (0, 2, 4) else x for i, x in enumerate(t))
 
 
 def probe_layers(n_layer: int) -> tuple[int, int]:
@@ -130,7 +145,9 @@ def live_fleet(nodes: list[NodeInfo], model: ModelProfile, profiles: dict[str, d
     layer = model.layers[first]
     fleet_nodes = []
     for n in nodes:
-        speed = {q: measured_speed(layer, q, *t) for q, t in profiles[n.name].items() if q in n.gguf_types}
+        decode = decode_factor(profiles[n.name])
+        speed = {q: measured_speed(layer, q, *priced(t, decode)) for q, t in profiles[n.name].items()
+                 if q in n.gguf_types}
         overhead = profiles[n.name].get(STEP, (Node.step_overhead_s,))[0]
         fleet_nodes.append(Node(n.name, int(n.memory_bytes * MEMORY_HEADROOM), speed, step_overhead_s=overhead,
                                 address=n.address))

@@ -145,13 +145,17 @@ class Deployments:
 
     def _calibrate(self, dep: Deployment, report: Report) -> str:
         """Time one request through the new stages (controller/calibrate.py) and price every
-        node's step overhead by what it found; a calibration that fails leaves the profiled
-        overheads and the deploy goes on. What was measured, in words ("" if nothing)."""
+        node's step overhead and decode times by what it found; a calibration that fails leaves
+        the profiled figures and the deploy goes on. What was measured, in words ("" if nothing)."""
         report("calibrate", "timing one request through the stages", 0, 1)
         pred = dep.plan.prediction
+        profiles = {n.name: t for n, _ in self.state.agents()
+                    if (t := self.state.profile(n.name, dep.model_sha)) is not None and D.STEP in t}
+        # the plan priced each stage's decode at its node's decode factor then: its profiled compute is that much less
+        predicted = sum(s.decode_s / D.decode_factor(profiles.get(s.node, {})) for s in pred.stages) if pred else 0.0
         try:
             c = calibrate.run(dep.stages[0].address, dep.stages[-1].address, dep.id, pred.links_s if pred else 0.0,
-                              len(dep.stages), dep.request.workload.ctx, self.security)
+                              len(dep.stages), dep.request.workload.ctx, self.security, predicted)
         except Exception as exc:    # AgentError, or anything else: the deployment still serves
             log.warning("deployment %s: the calibration request failed: %s", dep.id, exc)
             self.state.event("calibrate-failed", f"deployment {dep.id}: the calibration request failed ({exc}); "
@@ -159,11 +163,9 @@ class Deployments:
             return ""
         if c is None:
             return ""
-        profiles = {n.name: t for n, _ in self.state.agents()
-                    if (t := self.state.profile(n.name, dep.model_sha)) is not None and D.STEP in t}
         factor = c.factor(sum(D.profiled_overhead(profiles[n]) for n in dep.nodes if n in profiles))
         for name, timings in profiles.items():
-            self.state.save_profile(name, dep.model_sha, D.calibrated(timings, factor))
+            self.state.save_profile(name, dep.model_sha, D.calibrated(timings, factor, c.compute_factor))
         text = c.text(factor)
         report("calibrate", text, 1, 1)
         return text

@@ -61,9 +61,9 @@ def test_deploy_splits_the_model_and_generation_matches_one_process(fleet, refer
         ref.close()
 
 
-CALIBRATED = re.compile(r"a calibration request took ([\d.]+) ms a decode token: the stages' compute ([\d.]+), "
-                        r"links ([\d.]+) \(predicted\) and the rest (-?[\d.]+), ([\d.]+) × the stages' profiled "
-                        r"step overheads \((\d+) tokens, (\d+) stages\)")
+CALIBRATED = re.compile(r"a calibration request took ([\d.]+) ms a decode token: the stages' compute ([\d.]+) "
+                        r"\(([\d.]+) × the ([\d.]+) predicted\), links ([\d.]+) \(predicted\) and the rest (-?[\d.]+), "
+                        r"([\d.]+) × the stages' profiled step overheads \((\d+) tokens, (\d+) stages\)")
 
 
 def test_the_deploy_times_a_request_through_its_stages_and_prices_every_nodes_overhead(fleet):
@@ -73,19 +73,23 @@ def test_the_deploy_times_a_request_through_its_stages_and_prices_every_nodes_ov
     at (never below the Profile RPC's), and the CLI and the event log say what was measured."""
     m = CALIBRATED.search(fleet.deploy_stderr)
     assert m, fleet.deploy_stderr
-    token, compute, links, rest, factor = map(float, m.groups()[:5])
+    token, compute, times, predicted, links, rest, factor = map(float, m.groups()[:7])
     plan = json.loads(fleet.status().plan_json)
     stages = [s["node"] for s in plan["stages"]]
-    assert int(m.group(6)) == 24 and int(m.group(7)) == len(stages)
+    assert int(m.group(8)) == 24 and int(m.group(9)) == len(stages)
     assert token > compute > 0 and links >= 0 and factor >= 0
+    # the first deploy's plan priced the profiled decode times: its prediction is theirs
+    assert predicted == pytest.approx(sum(s["decode_s"] for s in plan["prediction"]["stages"]) * 1e3, abs=0.006)
+    assert times == pytest.approx(compute / predicted, abs=0.006 + 0.01 * times)
     with sqlite3.connect(fleet.work / "edgefleet.db") as db:
         steps = {agent: json.loads(t)["step"] for agent, t in db.execute("SELECT agent, timings FROM profiles")}
     assert set(stages) <= set(steps) and len(steps) == len(AGENTS), steps
     profiled = sum(steps[n][1] for n in stages)
     assert factor == pytest.approx(max(0.0, rest) / (profiled * 1e3), abs=0.01 + 0.006 / (profiled * 1e3)), steps
-    for node, (priced, own) in steps.items():
+    for node, (priced, own, decode) in steps.items():
         assert 0 < own < 0.05, steps       # the Profile RPC's data-plane round trip
         assert priced == pytest.approx(max(own, factor * own), rel=0.01), (node, steps, factor)
+        assert decode == pytest.approx(max(1.0, times), abs=0.006 + 0.01 * times), (node, steps, times)
     r = cli("events", controller=fleet.controller.address)
     assert r.returncode == 0 and CALIBRATED.search(r.stdout), r.stdout
 
@@ -109,13 +113,42 @@ def test_a_calibration_leaves_out_its_first_tokens_and_takes_medians():
 
 
 def test_a_calibrated_overhead_is_priced_only_above_the_profiled_one():
-    from controller.deploy import STEP, calibrated, profiled_overhead
+    from controller.deploy import STEP, calibrated, decode_factor, profiled_overhead
 
     t = {"Q8_0": (1e-4, 2e-6, 0.0, 0.0, 0.0), STEP: (5e-5, 5e-5)}
-    assert calibrated(t, 4.0)[STEP] == (2e-4, 5e-5) and calibrated(t, 0.5)[STEP] == (5e-5, 5e-5)
-    again = calibrated(calibrated(t, 4.0), 3.0)       # a later calibration replaces an earlier one
-    assert again[STEP] == pytest.approx((1.5e-4, 5e-5)) and again["Q8_0"] == t["Q8_0"]
+    assert calibrated(t, 4.0)[STEP] == (2e-4, 5e-5, 1.0) and calibrated(t, 0.5)[STEP] == (5e-5, 5e-5, 1.0)
+    again = calibrated(calibrated(t, 4.0, 1.5), 3.0, 1.2)       # a later calibration replaces an earlier one
+    assert again[STEP] == pytest.approx((1.5e-4, 5e-5, 1.2)) and again["Q8_0"] == t["Q8_0"]
     assert profiled_overhead({STEP: (7e-5, 0.0)}) == 7e-5      # a profile kept before calibration
+    assert decode_factor(t) == 1.0 and decode_factor(calibrated(t, 1.0, 0.7)) == 1.0     # never below profiled
+    assert decode_factor({}) == 1.0
+
+
+def test_a_calibration_prices_decode_compute_by_the_plans_prediction_of_it():
+    """controller/calibrate.py: the stages' measured decode compute over the plan's prediction
+    is a factor on every node's decode times (per layer, attention, a several-token step's
+    fixed part), never on its prefill times, and never below 1."""
+    from controller.calibrate import measure
+    from controller.deploy import STEP, calibrated, live_fleet
+    from proto.adapter import NodeInfo
+    from solver.catalog import model_profile
+    from solver.ggml_types import TYPE_ORDER
+    from solver.problem import measured_speed
+
+    arrivals = [0.0, 0.02, 0.04, 0.06, 0.08]
+    c = measure(arrivals, [0.012] * 5, links_s=0.002, stages=2, warmup=1, predicted_compute_s=0.008)
+    assert c.compute_factor == pytest.approx(1.5) and "(1.50 × the 8.00 predicted)" in c.text(1.0)
+    assert measure(arrivals, [0.006] * 5, 0.002, 2, warmup=1, predicted_compute_s=0.008).compute_factor == 1.0
+    assert measure(arrivals, [0.006] * 5, 0.002, 2, warmup=1).compute_factor == 1.0      # no prediction known
+    model = model_profile("llama-3.2-1b")
+    q = next(t for t in TYPE_ORDER if t in model.layers[1].bytes)
+    timing = (1e-4, 2e-6, 1e-7, 3e-8, 5e-5)
+    node = NodeInfo("n", "127.0.0.1:1", 1 << 33, (q,), 1)
+    plain = {"n": {q: timing, STEP: (5e-5, 5e-5)}}
+    fleet = live_fleet([node], model, {"n": calibrated(plain["n"], 1.0, 2.0)}, {})
+    want = measured_speed(model.layers[1], q, 2e-4, 2e-6, 2e-7, 3e-8, 1e-4)
+    assert fleet.nodes[0].speed[q] == want
+    assert live_fleet([node], model, plain, {}).nodes[0].speed[q] == measured_speed(model.layers[1], q, *timing)
 
 
 def test_concurrent_requests_are_pipelined_and_each_is_right(fleet, reference_model, tmp_path):
