@@ -200,13 +200,7 @@ def whole_model(path: str | Path, **kwargs):
     init_llama()
     with _llama_lock:
         default = low.llama_model_default_params
-
-        def plain():
-            mp = default()
-            mp.use_extra_bufts = False
-            return mp
-
-        low.llama_model_default_params = plain
+        low.llama_model_default_params = model_params   # which calls the package's own default, not this name
         try:
             return llama_cpp.Llama(str(path), **kwargs)
         finally:
