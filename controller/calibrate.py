@@ -19,14 +19,21 @@ overhead from then on, never less than it (Deployments keeps it with each node's
 Pricing only the deployment's nodes would make the others look cheaper than they are to
 the next plan. Later plans, failovers and simulations price it.
 
-The same request times the stages' decode compute against the plan's prediction of it
+The same request times the stages' decode compute against the plan's cost model
 (`compute_factor`). The Profile RPC times one layer's decode back to back, its weights in
 the CPU's cache; in a pipeline each stage's weights are cold again at every step, since the
 other stages read theirs in between. On session 30's machine (a large last-level cache) the
-stages' decode compute ran 1.2-1.9 times the profiled figure and the simulator's TPOT was
-short by 45 %. Every node's decode times (per layer, attention, a several-token step's fixed
-part) are priced that many times from then on, never less; its prefill times are not
-(a prefill reads each weight once for hundreds of tokens).
+stages' decode compute ran 1.2-2.1 times the profiled figure and the simulator's TPOT was
+short by 45 %. The cost model's decode step at the request's own span (the positions its
+timed steps attend, `Calibration.span`) is a part for the weights and the LM head, and a
+part for attention; the measured compute less the attention part, over the weights part,
+is the factor. Every node's decode weight times (per layer, and a several-token step's fixed
+part) are priced that many times from then on, never less; its decode attention and prefill
+times are not. Attention reads the session's own cache, not the weights, and the probe's
+per-position figure already ran above the pipeline's: on the emulated 4 nodes (session 31,
+Q8_0, one request at a time) TPOT grew by 0.031 ms a position where the profiles priced
+0.045 unscaled, and scaling attention too put the simulator's TPOT 20-30 % short at spans
+of tens of positions and 10-17 % over at 500 (docs/cost-model.md).
 """
 from __future__ import annotations
 
@@ -54,13 +61,13 @@ class Calibration:
     links_s: float          # the plan's predicted link time of a decode step (the hops and the ring)
     rest_s: float           # the median of (token − compute − links): the steps' overhead, all stages
     stages: int
-    predicted_compute_s: float = 0.0    # the plan's decode compute of the stages, one step (0: not known)
+    span: float = 0.0       # positions the timed steps attend, on average (their prompt and tokens before)
 
-    @property
-    def compute_factor(self) -> float:
-        """The stages' measured decode compute over the plan's prediction of it, never below 1
-        (1 where no prediction is known)."""
-        return max(1.0, self.compute_s / self.predicted_compute_s) if self.predicted_compute_s > 0 else 1.0
+    def compute_factor(self, weights_s: float, attention_s: float) -> float:
+        """The stages' measured decode compute less the cost model's attention part at `span`
+        (attention_s), over its part for the weights and the LM head (weights_s), as the
+        deploy priced them unscaled: never below 1 (1 where no prediction is known)."""
+        return max(1.0, (self.compute_s - attention_s) / weights_s) if weights_s > 0 else 1.0
 
     def factor(self, profiled_s: float) -> float:
         """The rest over the stage nodes' profiled step overheads (their sum, profiled_s): what
@@ -68,32 +75,34 @@ class Calibration:
         noise, or no profiled figure)."""
         return max(0.0, self.rest_s) / profiled_s if profiled_s > 0 else 0.0
 
-    def text(self, factor: float | None = None) -> str:
+    def text(self, factor: float | None = None, weights_s: float = 0.0, attention_s: float = 0.0) -> str:
         priced = f", {factor:.2f} × the stages' profiled step overheads" if factor is not None else ""
-        predicted = (f" ({self.compute_s / self.predicted_compute_s:.2f} × the {self.predicted_compute_s * 1e3:.2f} "
-                     "predicted)" if self.predicted_compute_s > 0 else "")
+        predicted = (f" ({self.compute_factor(weights_s, attention_s):.2f} × the {weights_s * 1e3:.2f} predicted "
+                     f"for the weights, + {attention_s * 1e3:.2f} for attention at {self.span:.1f} positions)"
+                     if weights_s > 0 else "")
         return (f"a calibration request took {self.token_s * 1e3:.2f} ms a decode token: the stages' compute "
                 f"{self.compute_s * 1e3:.2f}{predicted}, links {self.links_s * 1e3:.2f} (predicted) and the rest "
                 f"{self.rest_s * 1e3:.2f}{priced} ({self.tokens} tokens, {self.stages} stages)")
 
 
 def measure(arrivals: Sequence[float], computes: Sequence[float], links_s: float, stages: int,
-            warmup: int = WARMUP_TOKENS, predicted_compute_s: float = 0.0) -> Calibration | None:
+            warmup: int = WARMUP_TOKENS, prompt_tokens: int = 0) -> Calibration | None:
     """The calibration from one request's token arrival times (the first is the prompt's
-    token) and each token's stage compute seconds, its first `warmup` decode tokens left out;
-    None without a decode token to time. predicted_compute_s: the plan's decode compute of
-    the stages, one step."""
+    token, after a prompt of `prompt_tokens`) and each token's stage compute seconds, its
+    first `warmup` decode tokens left out; None without a decode token to time. The step
+    that brings token k (k ≥ 1) attends prompt_tokens + k positions."""
     if len(arrivals) != len(computes):
         raise ValueError("one compute figure per token")
     gaps = [(b - a, c) for a, b, c in zip(arrivals, arrivals[1:], computes[1:])][warmup:]
     if not gaps:
         return None
+    span = prompt_tokens + statistics.mean(range(warmup + 1, len(arrivals)))
     return Calibration(len(gaps), statistics.median(g for g, _ in gaps), statistics.median(c for _, c in gaps),
-                       links_s, statistics.median(g - c - links_s for g, c in gaps), stages, predicted_compute_s)
+                       links_s, statistics.median(g - c - links_s for g, c in gaps), stages, span)
 
 
 def run(first: str, last: str, deployment_id: str, links_s: float, stages: int, context: int,
-        security: Security = Security(), predicted_compute_s: float = 0.0) -> Calibration | None:
+        security: Security = Security()) -> Calibration | None:
     """One request through a deployment's stages (first and last stage's addresses), timed;
     None where its context holds too few tokens. AgentError where a step fails."""
     prompt_tokens = min(PROMPT_TOKENS, context // 4)
@@ -109,4 +118,4 @@ def run(first: str, last: str, deployment_id: str, links_s: float, stages: int, 
             computes.append(sum(t.compute_seconds for t in token.stage_times))
     finally:
         stream.close()
-    return measure(arrivals, computes, links_s, stages, predicted_compute_s=predicted_compute_s)
+    return measure(arrivals, computes, links_s, stages, prompt_tokens=prompt_tokens)

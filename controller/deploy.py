@@ -51,7 +51,7 @@ def decode_factor(timings: dict) -> float:
 
 def calibrated(timings: dict, factor: float, decode: float = 1.0) -> dict:
     """The node's timings with its profiled step overhead priced `factor` times and its
-    profiled decode times `decode` times, each never less than profiled."""
+    profiled decode weight times `decode` times (priced), each never less than profiled."""
     profiled = profiled_overhead(timings)
     return {**timings, STEP: (max(profiled, factor * profiled), profiled, max(1.0, decode))}
 
@@ -59,8 +59,9 @@ def calibrated(timings: dict, factor: float, decode: float = 1.0) -> dict:
 def priced(t: tuple, decode: float) -> tuple:
     """A type's profiled timings (decode s/layer, prefill s/layer-token, decode attention
     s/position, prefill attention s/position, several-token step's fixed part s/layer) with
-    the decode ones `decode` times (controller/calibrate.py)."""
-    return tuple(x * decode if i in (0, 2, 4) else x for i, x in enumerate(t))
+    the decode step's weight times (a layer's decode, the fixed part) `decode` times; not
+    attention (controller/calibrate.py)."""
+    return tuple(x * decode if i in (0, 4) else x for i, x in enumerate(t))
 
 
 def probe_layers(n_layer: int) -> tuple[int, int]:

@@ -26,7 +26,7 @@ from controller.state import Deployment, StageRef, State
 from proto import adapter as A
 from proto.security import Security
 from solver.fast import solve
-from solver.plan import Plan
+from solver.plan import Plan, stage_decode_s
 from solver.problem import Problem, problem_for
 from solver.request import PlacementRequest
 
@@ -139,23 +139,22 @@ class Deployments:
             self.state.event(f"{reason}-failed", f"{exc}; the previous deployment stays active")
             raise Refused(f"{reason} failed and was rolled back ({exc}); the previous deployment stays active") \
                 from None
-        calibration = self._calibrate(dep, report) if reason == "deploy" else ""
+        calibration = self._calibrate(dep, problem, report) if reason == "deploy" else ""
         self._activate(dep, reason, calibration)
         return self.active
 
-    def _calibrate(self, dep: Deployment, report: Report) -> str:
+    def _calibrate(self, dep: Deployment, problem: Problem, report: Report) -> str:
         """Time one request through the new stages (controller/calibrate.py) and price every
-        node's step overhead and decode times by what it found; a calibration that fails leaves
-        the profiled figures and the deploy goes on. What was measured, in words ("" if nothing)."""
+        node's step overhead and decode weight times by what it found; a calibration that
+        fails leaves the profiled figures and the deploy goes on. What was measured, in words
+        ("" if nothing)."""
         report("calibrate", "timing one request through the stages", 0, 1)
-        pred = dep.plan.prediction
         profiles = {n.name: t for n, _ in self.state.agents()
                     if (t := self.state.profile(n.name, dep.model_sha)) is not None and D.STEP in t}
-        # the plan priced each stage's decode at its node's decode factor then: its profiled compute is that much less
-        predicted = sum(s.decode_s / D.decode_factor(profiles.get(s.node, {})) for s in pred.stages) if pred else 0.0
+        pred = dep.plan.prediction
         try:
             c = calibrate.run(dep.stages[0].address, dep.stages[-1].address, dep.id, pred.links_s if pred else 0.0,
-                              len(dep.stages), dep.request.workload.ctx, self.security, predicted)
+                              len(dep.stages), dep.request.workload.ctx, self.security)
         except Exception as exc:    # AgentError, or anything else: the deployment still serves
             log.warning("deployment %s: the calibration request failed: %s", dep.id, exc)
             self.state.event("calibrate-failed", f"deployment {dep.id}: the calibration request failed ({exc}); "
@@ -163,12 +162,27 @@ class Deployments:
             return ""
         if c is None:
             return ""
+        weights, attention = self._predicted_decode(dep, problem, profiles, c.span)
         factor = c.factor(sum(D.profiled_overhead(profiles[n]) for n in dep.nodes if n in profiles))
         for name, timings in profiles.items():
-            self.state.save_profile(name, dep.model_sha, D.calibrated(timings, factor, c.compute_factor))
-        text = c.text(factor)
+            self.state.save_profile(name, dep.model_sha, D.calibrated(timings, factor,
+                                                                      c.compute_factor(weights, attention)))
+        text = c.text(factor, weights, attention)
         report("calibrate", text, 1, 1)
         return text
+
+    @staticmethod
+    def _predicted_decode(dep: Deployment, problem: Problem, profiles: dict[str, dict],
+                          span: float) -> tuple[float, float]:
+        """The cost model's decode step of the deployment's stages at `span` positions, summed:
+        (the weights' and the LM head's part as profiled, attention's part). The plan priced
+        each node's weight times at its decode factor then: the profiled part is that much less."""
+        stages, weights, attention = dep.plan.stages, 0.0, 0.0
+        for i, st in enumerate(stages):
+            none = stage_decode_s(problem, st, i == len(stages) - 1, 0.0)
+            weights += none / D.decode_factor(profiles.get(st.node, {}))
+            attention += stage_decode_s(problem, st, i == len(stages) - 1, span) - none
+        return weights, attention
 
     def _push(self, request: PlacementRequest, problem: Problem, plan: Plan, nodes: list[A.NodeInfo],
               report: Report) -> list:

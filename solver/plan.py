@@ -144,8 +144,8 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
         node = fleet.node(st.node)
         layers = list(zip(range(st.first, st.last), st.types))
         pre = sum(C.prefill_s(node, m.layers[l], q, w) for l, q in layers)
-        dec = sum(C.decode_s(node, m.layers[l], q, w) for l, q in layers)
         last = i == len(stages) - 1
+        dec = stage_decode_s(problem, st, last, w.prompt_tokens + w.output_tokens / 2)
 
         def step_s(batch: int) -> float:       # one decode step of `batch` sessions (the head: a row each)
             head = C.head_s(node, m, batch, decode=True) if last else 0.0
@@ -155,7 +155,6 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
         group_steps = tuple(step_s(group_batch(w.concurrency, g)) for g in range(1, len(stages) + 1))
         if last:   # the LM head: one row per request step (cost.head_s)
             pre += C.head_s(node, m, 1)
-            dec += C.head_s(node, m, 1)
         dnll += sum(m.layers[l].sensitivity[q] for l, q in layers)
         mem = stage_memory(problem, st, first=i == 0, last=last)
         transfer = 0.0
@@ -184,6 +183,17 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
     return Prediction(ttft_s=ttft, tpot_s=tpot, latency_s=latency, bottleneck_s=bottleneck,
                       tokens_per_s=w.output_tokens / bottleneck if bottleneck > 0 else math.inf, dnll=dnll,
                       ppl_increase_pct=100.0 * math.expm1(dnll), stages=tuple(preds), links_s=links)
+
+
+def stage_decode_s(problem: Problem, st: Stage, last: bool, ctx: float) -> float:
+    """The stage's compute for one session's decode step whose attention spans `ctx` positions:
+    its layers (cost.layer_step_s), and the LM head's row on the last stage. A plan's
+    prediction takes it at the workload's mean span (prompt + output / 2); the deploy's
+    calibration at its own request's (controller/calibrate.py)."""
+    node = problem.fleet.node(st.node)
+    layers = sum(C.layer_step_s(node, problem.model.layers[l], q, 1, ctx, decode=True)
+                 for l, q in zip(range(st.first, st.last), st.types))
+    return layers + (C.head_s(node, problem.model, 1) if last else 0.0)
 
 
 def stage_memory(problem: Problem, st: Stage, first: bool, last: bool) -> int:

@@ -62,7 +62,8 @@ def test_deploy_splits_the_model_and_generation_matches_one_process(fleet, refer
 
 
 CALIBRATED = re.compile(r"a calibration request took ([\d.]+) ms a decode token: the stages' compute ([\d.]+) "
-                        r"\(([\d.]+) × the ([\d.]+) predicted\), links ([\d.]+) \(predicted\) and the rest (-?[\d.]+), "
+                        r"\(([\d.]+) × the ([\d.]+) predicted for the weights, \+ ([\d.]+) for attention at ([\d.]+) "
+                        r"positions\), links ([\d.]+) \(predicted\) and the rest (-?[\d.]+), "
                         r"([\d.]+) × the stages' profiled step overheads \((\d+) tokens, (\d+) stages\)")
 
 
@@ -73,14 +74,19 @@ def test_the_deploy_times_a_request_through_its_stages_and_prices_every_nodes_ov
     at (never below the Profile RPC's), and the CLI and the event log say what was measured."""
     m = CALIBRATED.search(fleet.deploy_stderr)
     assert m, fleet.deploy_stderr
-    token, compute, times, predicted, links, rest, factor = map(float, m.groups()[:7])
+    token, compute, times, weights, attention, span, links, rest, factor = map(float, m.groups()[:9])
     plan = json.loads(fleet.status().plan_json)
     stages = [s["node"] for s in plan["stages"]]
-    assert int(m.group(8)) == 24 and int(m.group(9)) == len(stages)
+    assert int(m.group(10)) == 24 and int(m.group(11)) == len(stages)
     assert token > compute > 0 and links >= 0 and factor >= 0
-    # the first deploy's plan priced the profiled decode times: its prediction is theirs
-    assert predicted == pytest.approx(sum(s["decode_s"] for s in plan["prediction"]["stages"]) * 1e3, abs=0.006)
-    assert times == pytest.approx(compute / predicted, abs=0.006 + 0.01 * times)
+    # a 16-token prompt, 4 tokens of warm-up, then 24 timed: the steps attend 21 .. 44 positions
+    assert span == 32.5
+    # the first deploy's plan priced the profiled decode times: its prediction at the workload's
+    # mean span is theirs, and the calibration's at its own span is no more than that (it
+    # attends fewer positions)
+    planned = sum(s["decode_s"] for s in plan["prediction"]["stages"]) * 1e3
+    assert 0 < weights and 0 <= attention and weights + attention <= planned + 0.006
+    assert times == pytest.approx(max(1.0, (compute - attention) / weights), abs=0.006 + 0.01 * times)
     with sqlite3.connect(fleet.work / "edgefleet.db") as db:
         steps = {agent: json.loads(t)["step"] for agent, t in db.execute("SELECT agent, timings FROM profiles")}
     assert set(stages) <= set(steps) and len(steps) == len(AGENTS), steps
@@ -124,10 +130,11 @@ def test_a_calibrated_overhead_is_priced_only_above_the_profiled_one():
     assert decode_factor({}) == 1.0
 
 
-def test_a_calibration_prices_decode_compute_by_the_plans_prediction_of_it():
-    """controller/calibrate.py: the stages' measured decode compute over the plan's prediction
-    is a factor on every node's decode times (per layer, attention, a several-token step's
-    fixed part), never on its prefill times, and never below 1."""
+def test_a_calibration_prices_decode_weight_times_by_the_plans_prediction_of_them():
+    """controller/calibrate.py: the stages' measured decode compute, less the cost model's
+    attention at the request's own span, over its part for the weights, is a factor on every
+    node's decode weight times (per layer, a several-token step's fixed part), never on its
+    attention or prefill times, and never below 1."""
     from controller.calibrate import measure
     from controller.deploy import STEP, calibrated, live_fleet
     from proto.adapter import NodeInfo
@@ -136,17 +143,19 @@ def test_a_calibration_prices_decode_compute_by_the_plans_prediction_of_it():
     from solver.problem import measured_speed
 
     arrivals = [0.0, 0.02, 0.04, 0.06, 0.08]
-    c = measure(arrivals, [0.012] * 5, links_s=0.002, stages=2, warmup=1, predicted_compute_s=0.008)
-    assert c.compute_factor == pytest.approx(1.5) and "(1.50 × the 8.00 predicted)" in c.text(1.0)
-    assert measure(arrivals, [0.006] * 5, 0.002, 2, warmup=1, predicted_compute_s=0.008).compute_factor == 1.0
-    assert measure(arrivals, [0.006] * 5, 0.002, 2, warmup=1).compute_factor == 1.0      # no prediction known
+    c = measure(arrivals, [0.012] * 5, links_s=0.002, stages=2, warmup=1, prompt_tokens=10)
+    assert c.span == pytest.approx(10 + 3)      # the timed steps bring tokens 2, 3, 4: 12, 13, 14 positions
+    assert c.compute_factor(0.008, 0.0) == pytest.approx(1.5) and c.compute_factor(0.005, 0.002) == pytest.approx(2.0)
+    assert "(2.00 × the 5.00 predicted for the weights, + 2.00 for attention at 13.0 positions)" in \
+        c.text(1.0, 0.005, 0.002)
+    assert c.compute_factor(0.016, 0.0) == 1.0 and c.compute_factor(0.0, 0.0) == 1.0     # never below 1; none known
     model = model_profile("llama-3.2-1b")
     q = next(t for t in TYPE_ORDER if t in model.layers[1].bytes)
     timing = (1e-4, 2e-6, 1e-7, 3e-8, 5e-5)
     node = NodeInfo("n", "127.0.0.1:1", 1 << 33, (q,), 1)
     plain = {"n": {q: timing, STEP: (5e-5, 5e-5)}}
     fleet = live_fleet([node], model, {"n": calibrated(plain["n"], 1.0, 2.0)}, {})
-    want = measured_speed(model.layers[1], q, 2e-4, 2e-6, 2e-7, 3e-8, 1e-4)
+    want = measured_speed(model.layers[1], q, 2e-4, 2e-6, 1e-7, 3e-8, 1e-4)
     assert fleet.nodes[0].speed[q] == want
     assert live_fleet([node], model, plain, {}).nodes[0].speed[q] == measured_speed(model.layers[1], q, *timing)
 
