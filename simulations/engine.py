@@ -99,7 +99,7 @@ class _Member:
 
 class _Cohort:
     """Requests whose steps move through the pipeline together."""
-    __slots__ = ("members", "cycle", "heap", "ntok", "ctxw", "decode_ctx", "fresh")
+    __slots__ = ("members", "cycle", "heap", "ntok", "ctxw", "tiled", "decode_ctx", "fresh")
 
     def __init__(self):
         self.members: dict[int, _Member] = {}
@@ -107,6 +107,7 @@ class _Cohort:
         self.heap: list[tuple[int, int]] = []     # (finish cycle, request id)
         self.ntok = 0                             # tokens in the current step
         self.ctxw = 0.0                           # Σ tokens × attention span of the current step
+        self.tiled = 0.0                          # the part of ctxw in prompts of FA_TILE_ROWS tokens or more
         self.decode_ctx = 0.0                     # Σ ctx of the members (a decode step's ctxw)
         self.fresh: list[_Member] = []
 
@@ -121,6 +122,8 @@ class _Cohort:
             self.fresh.append(m)
             self.ntok += m.fresh_tokens
             self.ctxw += m.fresh_tokens * m.fresh_tokens / 2
+            if m.fresh_tokens >= C.FA_TILE_ROWS:
+                self.tiled += m.fresh_tokens * m.fresh_tokens / 2
         else:
             self.ntok += 1
             self.ctxw += m.ctx
@@ -135,7 +138,7 @@ class _Cohort:
         self.heap = [e for e in self.heap if e[1] in self.members]
         heapq.heapify(self.heap)
         self.decode_ctx = sum(m.ctx for m in self.members.values())
-        self.ntok, self.ctxw = len(self.members), self.decode_ctx
+        self.ntok, self.ctxw, self.tiled = len(self.members), self.decode_ctx, 0.0
         return rest
 
     def absorb(self, other: "_Cohort") -> None:
@@ -162,24 +165,29 @@ class _StageState:
         self.kv_used = 0
         self.busy_s = 0.0
 
-    def batch_s(self, ntok: int, ctxw: float, rows: int) -> float:
-        """One batch of ntok tokens whose attention spans ctxw positions in all, with `rows`
-        output rows (one per request): each layer group's time (solver/cost.py:compute_s; its
-        attention at the decode rate when every row brings one token, else at the prompt's;
-        the fixed part of a step of several tokens where measured),
-        the LM head's on the last stage, and the node's step overhead. A decode batch costs
-        the cheaper of one step and one step per request, as the agent chooses
-        (agent/engine.py:_parts)."""
-        decode = ntok == rows
-        compute = self._compute_s(ntok, ctxw, rows, decode)
-        if decode and ntok > 1:
-            compute = min(compute, ntok * self._compute_s(1, ctxw / ntok, 1, True))
+    def batch_s(self, ntok: int, ctxw: float, rows: int, tiled: float = 0.0) -> float:
+        """One batch of ntok tokens whose attention spans ctxw positions in all, `tiled` of them
+        in prompts that llama.cpp's tiled attention kernel takes (solver/cost.py:FA_TILE_ROWS),
+        with `rows` output rows (one per request): each layer group's time
+        (solver/cost.py:compute_s; the tiled part of attention at the prompt's rate, the rest,
+        decode steps and short prompts, at the decode's; the fixed part of a step of several
+        tokens where measured), the LM head's on the last stage, and the node's step
+        overhead. A decode batch costs the cheaper of one step and one step per request, as
+        the agent chooses (agent/engine.py:_parts)."""
+        compute = self._compute_s(ntok, ctxw, rows, tiled)
+        if ntok == rows and ntok > 1:
+            compute = min(compute, ntok * self._compute_s(1, ctxw / ntok, 1, 0.0))
         return self.overhead + compute
 
-    def _compute_s(self, ntok: int, ctxw: float, rows: int, decode: bool) -> float:
+    def _compute_s(self, ntok: int, ctxw: float, rows: int, tiled: float) -> float:
         total = 0.0
         for n, read, flops, attn, pf, attn_pf, attn_dec, fixed in self.groups:
-            total += n * compute_s(read, ntok * flops, attn * ctxw, pf, attn_dec if decode else attn_pf, fixed, ntok)
+            if tiled <= 0 or tiled >= ctxw:     # one kernel for all of it (as solver/cost.py:layer_step_s)
+                t = compute_s(read, ntok * flops, attn * ctxw, pf, attn_pf if tiled > 0 else attn_dec, fixed, ntok)
+            else:
+                t = compute_s(read, ntok * flops, attn * tiled, pf, attn_pf, fixed, ntok) + \
+                    attn * (ctxw - tiled) / (attn_dec or pf)
+            total += n * t
         if self.head is not None:
             total += C.head_s(self.node, self.head, rows)
         return total
@@ -395,7 +403,7 @@ class Simulator:
             other = q.pop(0)
             cohort.absorb(other)
             self.cohorts.discard(other)
-        dt = stage.batch_s(cohort.ntok, cohort.ctxw, len(cohort.members))
+        dt = stage.batch_s(cohort.ntok, cohort.ctxw, len(cohort.members), cohort.tiled)
         stage.busy = True
         stage.busy_s += dt
         heapq.heappush(self.heap, (t + dt, next(self.seq), self.STAGE_DONE, self.epoch, (stage.index, cohort)))
@@ -431,7 +439,7 @@ class Simulator:
             self._push(seen, self.RELEASE, m.rec)     # the controller frees its slot when it has the last token
         if c.members:
             c.ntok = len(c.members)
-            c.ctxw = c.decode_ctx
+            c.ctxw, c.tiled = c.decode_ctx, 0.0
             self._push(t + self._small_s("ring", c.ntok), self.STAGE_IN, (0, c))
         else:
             self.cohorts.discard(c)

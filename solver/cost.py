@@ -15,6 +15,12 @@ from solver import memory as M
 from solver.devices import TypeSpeed
 from solver.problem import Fleet, LayerProfile, ModelProfile, Node, Workload
 
+# llama.cpp's flash attention on a CPU takes a sequence's rows of one llama_decode through its
+# tiled kernel from this many rows (GGML_FA_TILE_Q in ggml-cpu/common.h); fewer rows (a
+# decode step, a short prompt) go through the one-row kernel, position by position, at the
+# decode's rate per attended position: a 50-token slice at ~300 positions took ~350 ms more
+# on the emulated 4 nodes than the tiled rate priced (docs/cost-model.md)
+FA_TILE_ROWS = 64
 REPLY_BYTES = 16      # a sampled token (+ framing), from the last stage straight to the controller
 TOKEN_BYTES = 4       # a token id entering the first stage (from the controller, or round from the last)
 
@@ -50,17 +56,24 @@ def fixed_s(nbytes: float, s: TypeSpeed) -> float:
     return nbytes / s.batch_bytes_per_s if s.batch_bytes_per_s > 0 else 0.0
 
 
+def attention_rate(s: TypeSpeed, rows: int) -> float:
+    """Attention's FLOP/s for a sequence that brings `rows` rows to one llama_decode: the
+    prompt's (tiled kernel) from FA_TILE_ROWS rows, else the decode's (one-row kernel)."""
+    return s.attention_flops if rows >= FA_TILE_ROWS else s.decode_attention_flops
+
+
 def layer_step_s(node: Node, layer: LayerProfile, q: str, tokens: int, ctx: float, decode: bool = False) -> float:
     """Seconds for one layer at type q to process `tokens` tokens (a decode batch, one token
     per sequence, or a prompt) whose attention spans `ctx` positions on average: the weights
     and matrix products (a roofline, or a several-token step's fixed part plus its FLOPs),
-    plus attention (compute_s) at the node's measured or declared per-type speeds. A decode
-    batch costs at most one step per sequence: the agent runs it so where that is faster
+    plus attention (compute_s) at the node's measured or declared per-type speeds (a prompt
+    of fewer than FA_TILE_ROWS tokens at the decode's attention rate). A decode batch costs
+    at most one step per sequence: the agent runs it so where that is faster
     (agent/engine.py:_parts; it decides for the whole stage, this per layer)."""
     s = node.speed[q]
     together = compute_s(layer.bytes[q] / s.decode_bytes_per_s, tokens * layer.flops,
                          tokens * layer.attn_flops_per_ctx * ctx, s.prefill_flops,
-                         s.decode_attention_flops if decode else s.attention_flops, fixed_s(layer.bytes[q], s), tokens)
+                         attention_rate(s, 1 if decode else tokens), fixed_s(layer.bytes[q], s), tokens)
     if decode and tokens > 1:
         return min(together, tokens * layer_step_s(node, layer, q, 1, ctx, decode=True))
     return together

@@ -259,7 +259,9 @@ def test_a_head_stage_sized_for_few_outputs_makes_more_in_several_decodes(refere
     try:    # the decodes' row ranges: at most 4 outputs, at most 128 rows; nothing for no rows
         assert few._slices([1] * 10) == [(0, 4), (4, 8), (8, 10)]
         assert few._slices([0, 0, 1, 0, 0, 1, 0, 1, 0, 1, 0, 1]) == [(0, 11), (11, 12)]
-        assert few._slices([0] * 200 + [1]) == [(0, 128), (128, 201)]
+        assert few._slices([0] * 200 + [1]) == [(0, 101), (101, 201)]      # rows alone cut it: even slices
+        assert few._slices([0] * 256) == [(0, 128), (128, 256)]
+        assert few._slices([0] * 300) == [(0, 100), (100, 200), (200, 300)]   # not 128, 128 and 44
         assert few._slices([]) == []
     finally:
         few.close()

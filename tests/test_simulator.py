@@ -324,15 +324,22 @@ def test_plot_labels_never_overlap():
 def test_attention_priced_apart_by_hand():
     # the toy's layer attends at 1000 FLOPs per position: a prompt token's attention at
     # 1e8 FLOP/s, a decode step's at 5e7, on top of the roofline (solver/cost.py:compute_s).
-    # The 20-token prompt attends 20 × 10 positions: 2 ms more per stage; a decode step at
-    # the mean context 20 + 3/2 positions: 0.43 ms more.
+    # A prompt of fewer than 64 tokens goes through llama.cpp's one-row attention kernel, at
+    # the decode's rate (solver/cost.py:FA_TILE_ROWS): the 20-token prompt attends 20 × 10
+    # positions, 4 ms more per stage; a decode step at the mean context 20 + 3/2 positions:
+    # 0.43 ms more.
     p = toy()
     lp = replace(p.model.layers[0], attn_flops_per_ctx=1000.0)
     speed = {"F16": TypeSpeed(1e8, 1e9, 1e8, 5e7)}
     p = replace(p, model=replace(p.model, layers=(lp, lp)),
                 fleet=replace(p.fleet, nodes=tuple(replace(n, speed=speed) for n in p.fleet.nodes)))
+    node, bare = p.fleet.nodes[0], replace(lp, attn_flops_per_ctx=0.0)
+    for tokens, rate in ((63, 5e7), (64, 1e8), (200, 1e8)):   # the tiled kernel from 64 tokens
+        attention = C.layer_step_s(node, lp, "F16", tokens, tokens / 2) - \
+            C.layer_step_s(node, bare, "F16", tokens, tokens / 2)
+        assert attention == pytest.approx(tokens * tokens / 2 * 1000 / rate), tokens
     (first, done, status), = times(simulate(p, PLAN, [Request(0, 0.0, 20, 3)]))
-    prefill, decode = 0.020 + 0.002, 0.010 + 1000 * 21.5 / 5e7
+    prefill, decode = 0.020 + 0.004, 0.010 + 1000 * 21.5 / 5e7
     assert close(first, prefill + 0.025 + prefill + REPLY)
     assert close(done, first + 2 * (RING + decode + 0.006 + decode)) and status == "ok"
     # the cost model's prediction for one request is the same
