@@ -499,7 +499,10 @@ def test_a_corrupt_stored_shard_is_pushed_again(tmp_path, reference_model, damag
     roomy = Fleet(tmp_path, agents)
     try:
         addr = roomy.controller.address
-        assert cli("deploy", str(reference_model), "--context", "256", controller=addr).returncode == 0
+        # one stage of fixed types on `big`: the second deploy's plan is the first's, whatever
+        # the first deploy's calibration priced in between
+        fixed = ("--context", "256", "--pin", "big", "--max-stages", "1", "--types", "F16")
+        assert cli("deploy", str(reference_model), *fixed, controller=addr).returncode == 0
         want = [r.token for r in roomy.generate(8)]
         assert cli("undeploy", controller=addr).returncode == 0
         stored = sorted((tmp_path / "big" / "shards").glob("*.gguf")) + \
@@ -519,7 +522,7 @@ def test_a_corrupt_stored_shard_is_pushed_again(tmp_path, reference_model, damag
             while not any(n.node.address == roomy.agents[name].address and n.health == "alive"
                           for n in roomy.status().nodes) and time.monotonic() < deadline:
                 time.sleep(0.2)
-        r = cli("deploy", str(reference_model), "--context", "256", controller=addr)
+        r = cli("deploy", str(reference_model), *fixed, controller=addr)
         assert r.returncode == 0, r.stderr
         assert [r.token for r in roomy.generate(8)] == want
         assert victim.exists()      # pushed again, intact
