@@ -197,13 +197,14 @@ def test_client_errors_are_400_and_nothing_else_changes(fleet):
 
 
 def test_a_huge_prompt_is_tokenized_without_stalling_other_clients(fleet):
-    # 1.6 MB of text (under the 4 MiB body limit) takes seconds to tokenize; it happens on a
-    # worker thread, so /v1/models keeps answering meanwhile (it stalled ~25 s for 10 MB)
+    # 3.2 MB of text (under the 4 MiB body limit) takes seconds to tokenize (1.6 MB took 1.0 s
+    # on session 31's machine); it happens on a worker thread, so /v1/models keeps answering
+    # meanwhile (it stalled ~25 s for 10 MB)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     answer: list[httpx.Response] = []
     big = threading.Thread(target=lambda: answer.append(httpx.post(
         fleet.http + "/v1/completions", headers=headers, timeout=300,
-        json={"model": MODEL, "prompt": "the function returns " * 75_000, "max_tokens": 1})))
+        json={"model": MODEL, "prompt": "the function returns " * 150_000, "max_tokens": 1})))
     t0 = time.monotonic()
     big.start()
     waits = []
@@ -215,7 +216,7 @@ def test_a_huge_prompt_is_tokenized_without_stalling_other_clients(fleet):
     big.join()
     took = time.monotonic() - t0
     assert answer[0].status_code == 400 and "context" in answer[0].json()["error"]["message"]
-    assert took > 1.0 and len(waits) >= 5, (took, waits)     # it did take a while
+    assert len(waits) >= 5, (took, waits)     # it did take a while: five answers at least meanwhile
     assert max(waits) < 1.0, waits
 
 
