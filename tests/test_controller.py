@@ -85,8 +85,11 @@ def test_the_deploy_times_a_request_through_its_stages_and_prices_every_nodes_ov
     # mean span is theirs, and the calibration's at its own span is no more than that (it
     # attends fewer positions)
     planned = sum(s["decode_s"] for s in plan["prediction"]["stages"]) * 1e3
-    assert 0 < weights and 0 <= attention and weights + attention <= planned + 0.006
-    assert times == pytest.approx(max(1.0, (compute - attention) / weights), abs=0.006 + 0.01 * times)
+    assert 0 < weights and 0 <= attention and weights + attention <= planned + 0.011      # each printed to 0.01
+    # the figures are printed to 0.01 ms, and the reference model's are tenths of a ms: the
+    # ratio of the rounded ones is off by up to (0.01 + 0.005 × the ratio) / weights
+    assert times == pytest.approx(max(1.0, (compute - attention) / weights),
+                                  abs=0.006 + (0.01 + 0.005 * times) / weights)
     with sqlite3.connect(fleet.work / "edgefleet.db") as db:
         steps = {agent: json.loads(t)["step"] for agent, t in db.execute("SELECT agent, timings FROM profiles")}
     assert set(stages) <= set(steps) and len(steps) == len(AGENTS), steps
