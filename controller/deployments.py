@@ -149,8 +149,6 @@ class Deployments:
         fails leaves the profiled figures and the deploy goes on. What was measured, in words
         ("" if nothing)."""
         report("calibrate", "timing one request through the stages", 0, 1)
-        profiles = {n.name: t for n, _ in self.state.agents()
-                    if (t := self.state.profile(n.name, dep.model_sha)) is not None and D.STEP in t}
         pred = dep.plan.prediction
         try:
             c = calibrate.run(dep.stages[0].address, dep.stages[-1].address, dep.id, pred.links_s if pred else 0.0,
@@ -162,6 +160,8 @@ class Deployments:
             return ""
         if c is None:
             return ""
+        profiles = {n.name: t for n, _ in self.state.agents()
+                    if (t := self.state.profile(n.name, dep.model_sha)) is not None and D.STEP in t}
         weights, attention = self._predicted_decode(dep, problem, profiles, c.span)
         factor = c.factor(sum(D.profiled_overhead(profiles[n]) for n in dep.nodes if n in profiles))
         for name, timings in profiles.items():
@@ -179,9 +179,10 @@ class Deployments:
         each node's weight times at its decode factor then: the profiled part is that much less."""
         stages, weights, attention = dep.plan.stages, 0.0, 0.0
         for i, st in enumerate(stages):
-            none = stage_decode_s(problem, st, i == len(stages) - 1, 0.0)
+            last = i == len(stages) - 1
+            none = stage_decode_s(problem, st, last, 0.0)
             weights += none / D.decode_factor(profiles.get(st.node, {}))
-            attention += stage_decode_s(problem, st, i == len(stages) - 1, span) - none
+            attention += stage_decode_s(problem, st, last, span) - none
         return weights, attention
 
     def _push(self, request: PlacementRequest, problem: Problem, plan: Plan, nodes: list[A.NodeInfo],

@@ -148,8 +148,8 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
         dec = stage_decode_s(problem, st, last, w.prompt_tokens + w.output_tokens / 2)
 
         def step_s(batch: int) -> float:       # one decode step of `batch` sessions (the head: a row each)
-            head = C.head_s(node, m, batch, decode=True) if last else 0.0
-            return sum(C.decode_s(node, m.layers[l], q, w, batch) for l, q in layers) + node.step_overhead_s + head
+            return stage_decode_s(problem, st, last, w.prompt_tokens + w.output_tokens / 2, batch) + \
+                node.step_overhead_s
 
         step = step_s(w.concurrency)
         group_steps = tuple(step_s(group_batch(w.concurrency, g)) for g in range(1, len(stages) + 1))
@@ -185,15 +185,15 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
                       ppl_increase_pct=100.0 * math.expm1(dnll), stages=tuple(preds), links_s=links)
 
 
-def stage_decode_s(problem: Problem, st: Stage, last: bool, ctx: float) -> float:
-    """The stage's compute for one session's decode step whose attention spans `ctx` positions:
-    its layers (cost.layer_step_s), and the LM head's row on the last stage. A plan's
-    prediction takes it at the workload's mean span (prompt + output / 2); the deploy's
-    calibration at its own request's (controller/calibrate.py)."""
+def stage_decode_s(problem: Problem, st: Stage, last: bool, ctx: float, batch: int = 1) -> float:
+    """The stage's compute for a decode step of `batch` sessions whose attention spans `ctx`
+    positions: its layers (cost.layer_step_s), and the LM head's rows (a row each) on the last
+    stage. A plan's prediction takes it at the workload's mean span (prompt + output / 2);
+    the deploy's calibration at its own request's (controller/calibrate.py)."""
     node = problem.fleet.node(st.node)
-    layers = sum(C.layer_step_s(node, problem.model.layers[l], q, 1, ctx, decode=True)
+    layers = sum(C.layer_step_s(node, problem.model.layers[l], q, batch, ctx, decode=True)
                  for l, q in zip(range(st.first, st.last), st.types))
-    return layers + (C.head_s(node, problem.model, 1) if last else 0.0)
+    return layers + (C.head_s(node, problem.model, batch, decode=True) if last else 0.0)
 
 
 def stage_memory(problem: Problem, st: Stage, first: bool, last: bool) -> int:
