@@ -6,11 +6,16 @@ a delay proxy in front of every node's port, cgroup CPU and memory limits). On i
   (a) llama.cpp RPC, its default split (every RPC server reports the same free memory, so
       the layers are split evenly), the master's types;
   (b) llama.cpp RPC with edgefleet's split (from run c) as --tensor-split, the same types;
-  (c) edgefleet, its plan with every layer kept at the master's type (only the split chosen);
+  (c) edgefleet, its plan for one request's latency with every layer kept at the master's
+      type (only the split chosen);
   (d) edgefleet, its own plan: split and per-layer types under a 5 % perplexity budget;
-  (e) edgefleet, its plan for throughput (--objective throughput: the busiest stage's time
-      per request with 8 in flight), every layer at the master's type;
+  (e) edgefleet, its plan for 8 requests in flight (--objective throughput: the busiest
+      stage's time per request), every layer at the master's type;
   (f) llama.cpp RPC with (e)'s split.
+
+The targets are read each on the plan edgefleet makes for the workload measured, against
+llama.cpp on the same split and types: one request on (c) against (b), 8 requests on (e)
+against (f) (`targets`; (c)'s own 8-request figure is printed beside).
 
 Figures: single request, a 512-token prompt then 64 tokens: time to first token and decode
 tokens/s; and 8 requests of 512 + 64 started together: generated tokens per second of wall
@@ -584,6 +589,30 @@ def is_system(label: str) -> bool:
     return label[3:4] == " " and not any(w in label for w in ("per token", "CPU", "ceiling", "batches", "busy"))
 
 
+def targets(fig: dict[str, Figures]) -> list[str]:
+    """The issue's targets, each figure on the plan edgefleet makes for the workload it
+    measures, against llama.cpp on the same split and types: one request on (c), planned for
+    one request's latency; 8 requests on (e), planned for 8 in flight (--objective
+    throughput). (c)'s own 8-request figure is given beside (e)'s: a plan for one request
+    does not say where 8 will queue (docs/versus.md, The six runs)."""
+    out = []
+    c, b = fig.get("(c)"), fig.get("(b)")
+    if c is not None and b is not None:
+        one = statistics.median(c.paired) if c.paired else c.decode_tps / b.decode_tps
+        out.append(f"one request, tok/s, (c)/(b) >= 1.0: {one:.2f} {'met' if one >= 1.0 else 'not met'}")
+    e, f = fig.get("(e)"), fig.get("(f)")
+    if e is not None and f is not None:
+        many = e.concurrent_tps / f.concurrent_tps
+        out.append(f"8 requests, tok/s, (e)/(f) >= 1.5: {many:.2f} {'met' if many >= 1.5 else 'not met'}"
+                   + (f" (on the one-request plan, (c)/(b): {c.concurrent_tps / b.concurrent_tps:.2f})"
+                      if c is not None and b is not None else ""))
+    d, a = fig.get("(d)"), fig.get("(a)")
+    if d is not None and a is not None:
+        own = d.decode_tps / a.decode_tps
+        out.append(f"one request, tok/s, (d)/(a) >= 1.5: {own:.2f} {'met' if own >= 1.5 else 'not met'}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fleet", default="equal3,unequal4", help=f"comma-separated, of {', '.join(FLEETS)}")
@@ -630,6 +659,9 @@ def main() -> None:
                    else f"{n.decode_tps / d.decode_tps:.2f}")
             print(f"{num}/{den}: TTFT {d.ttft_s / n.ttft_s:.2f}x faster, tok/s {tps}, "
                   f"8 requests {n.concurrent_tps / d.concurrent_tps:.2f}")
+        print("the targets, each on the plan edgefleet makes for the workload measured:")
+        for line in targets(fig):
+            print(f"  {line}")
         for label, _, plan in rows:
             print(f"  {label[:3] if is_system(label) else label} {plan}")
 
