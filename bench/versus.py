@@ -589,27 +589,31 @@ def is_system(label: str) -> bool:
     return label[3:4] == " " and not any(w in label for w in ("per token", "CPU", "ceiling", "batches", "busy"))
 
 
+def decode_ratio(n: Figures, d: Figures) -> float:
+    """One request's decode tok/s of n against d: the median of the pairs' ratios where n's
+    requests ran by turns with d's (by_turns), else the ratio of the two speeds."""
+    return statistics.median(n.paired) if n.paired else n.decode_tps / d.decode_tps
+
+
 def targets(fig: dict[str, Figures]) -> list[str]:
     """The issue's targets, each figure on the plan edgefleet makes for the workload it
     measures, against llama.cpp on the same split and types: one request on (c), planned for
     one request's latency; 8 requests on (e), planned for 8 in flight (--objective
     throughput). (c)'s own 8-request figure is given beside (e)'s: a plan for one request
     does not say where 8 will queue (docs/versus.md, The six runs)."""
+    def verdict(what: str, value: float, bound: float) -> str:
+        return f"{what} >= {bound}: {value:.2f} {'met' if value >= bound else 'not met'}"
+
     out = []
-    c, b = fig.get("(c)"), fig.get("(b)")
+    a, b, c, d, e, f = (fig.get(k) for k in ("(a)", "(b)", "(c)", "(d)", "(e)", "(f)"))
     if c is not None and b is not None:
-        one = statistics.median(c.paired) if c.paired else c.decode_tps / b.decode_tps
-        out.append(f"one request, tok/s, (c)/(b) >= 1.0: {one:.2f} {'met' if one >= 1.0 else 'not met'}")
-    e, f = fig.get("(e)"), fig.get("(f)")
+        out.append(verdict("one request, tok/s, (c)/(b)", decode_ratio(c, b), 1.0))
     if e is not None and f is not None:
-        many = e.concurrent_tps / f.concurrent_tps
-        out.append(f"8 requests, tok/s, (e)/(f) >= 1.5: {many:.2f} {'met' if many >= 1.5 else 'not met'}"
+        out.append(verdict("8 requests, tok/s, (e)/(f)", e.concurrent_tps / f.concurrent_tps, 1.5)
                    + (f" (on the one-request plan, (c)/(b): {c.concurrent_tps / b.concurrent_tps:.2f})"
                       if c is not None and b is not None else ""))
-    d, a = fig.get("(d)"), fig.get("(a)")
     if d is not None and a is not None:
-        own = d.decode_tps / a.decode_tps
-        out.append(f"one request, tok/s, (d)/(a) >= 1.5: {own:.2f} {'met' if own >= 1.5 else 'not met'}")
+        out.append(verdict("one request, tok/s, (d)/(a)", decode_ratio(d, a), 1.5))
     return out
 
 
@@ -655,8 +659,7 @@ def main() -> None:
             if num not in fig or den not in fig:
                 continue
             n, d = fig[num], fig[den]
-            tps = (f"{statistics.median(n.paired):.2f} (by turns)" if num == "(c)" and n.paired
-                   else f"{n.decode_tps / d.decode_tps:.2f}")
+            tps = f"{decode_ratio(n, d):.2f}" + (" (by turns)" if n.paired else "")
             print(f"{num}/{den}: TTFT {d.ttft_s / n.ttft_s:.2f}x faster, tok/s {tps}, "
                   f"8 requests {n.concurrent_tps / d.concurrent_tps:.2f}")
         print("the targets, each on the plan edgefleet makes for the workload measured:")
