@@ -84,9 +84,15 @@ def prefill_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:
     return layer_step_s(node, layer, q, w.prompt_tokens, w.prompt_tokens / 2)
 
 
+def decode_span(w: Workload) -> float:
+    """The positions a decode step attends, on average over the generation: the prompt and
+    half the output."""
+    return w.prompt_tokens + w.output_tokens / 2
+
+
 def decode_s(node: Node, layer: LayerProfile, q: str, w: Workload, batch: int = 1) -> float:
     """One layer, one decode step of `batch` sequences at the mean context of the generation."""
-    return layer_step_s(node, layer, q, batch, w.prompt_tokens + w.output_tokens / 2, decode=True)
+    return layer_step_s(node, layer, q, batch, decode_span(w), decode=True)
 
 
 def layer_latency_s(node: Node, layer: LayerProfile, q: str, w: Workload) -> float:

@@ -140,16 +140,16 @@ def evaluate(problem: Problem, stages: tuple[Stage, ...] | list[Stage]) -> Predi
     ttft = tpot = links = 0.0
     bottleneck = 0.0
     dnll = 0.0
+    span = C.decode_span(w)
     for i, st in enumerate(stages):
         node = fleet.node(st.node)
         layers = list(zip(range(st.first, st.last), st.types))
         pre = sum(C.prefill_s(node, m.layers[l], q, w) for l, q in layers)
         last = i == len(stages) - 1
-        dec = stage_decode_s(problem, st, last, w.prompt_tokens + w.output_tokens / 2)
+        dec = stage_decode_s(problem, st, last, span)
 
         def step_s(batch: int) -> float:       # one decode step of `batch` sessions (the head: a row each)
-            return stage_decode_s(problem, st, last, w.prompt_tokens + w.output_tokens / 2, batch) + \
-                node.step_overhead_s
+            return stage_decode_s(problem, st, last, span, batch) + node.step_overhead_s
 
         step = step_s(w.concurrency)
         group_steps = tuple(step_s(group_batch(w.concurrency, g)) for g in range(1, len(stages) + 1))
